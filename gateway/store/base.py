@@ -1,0 +1,97 @@
+"""The receipt store: one interface, several backends (SQLite embedded, Redis shared).
+
+The store claims the *money*, not the request. A key names one payment, normalised from decoded fields
+(``exact:<chain_id>:<asset>:<from>:<nonce>`` or ``tx:<chain_id>:<tx_hash>:<log_index>``, lowercase hex), and
+every state change is one atomic operation in shared storage, so two gateway processes cannot both win.
+
+Life of a claim::
+
+    (absent) --claim--> PENDING --mark_paid--> PAID --finish(served=True)--> CONSUMED (final)
+                           |                     '---finish(served=False)--> UNSERVED --claim--> PAID (resumed)
+                           '--release--> (absent)      (money moved, request failed: retry without paying again)
+
+* ``PENDING``: claimed by ``owner``; the money has not been seen to move. ``record_tx`` stores the settlement
+  transaction hash *before* it is broadcast, so a crash can always be reconciled by hash and nothing is ever
+  broadcast twice.
+* ``PAID``: the money is on chain; ``owner`` is serving a request with it.
+* ``UNSERVED``: the money is on chain but the request it paid for failed (upstream 5xx, unreachable); the next
+  presentation of the same payment resumes it without paying again (THREATS 11).
+* ``CONSUMED``: one request succeeded with it; every later presentation is a replay.
+
+A PENDING or PAID claim whose ``lease_until`` has passed belongs to a gateway that died; ``claim`` hands it to
+the new owner with ``resumed=True`` and its state unchanged, and the caller reconciles (by ``tx_hash``).
+
+Fail closed: any backend failure raises :class:`gateway.errors.StoreUnavailable`; a store that cannot answer
+cannot tell a first presentation from a replay.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class ClaimState(enum.StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    UNSERVED = "unserved"
+    CONSUMED = "consumed"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRecord:
+    key: str
+    state: ClaimState
+    owner: str
+    tx_hash: str | None
+    lease_until: float
+    expires_at: float | None  # epoch seconds; None keeps the record for ever
+    updated_at: float
+    resumed: bool = False  # set on the record ``claim`` returns when it took over an existing claim
+
+
+@runtime_checkable
+class ReceiptStore(Protocol):
+    """Atomic claims on payments. Every method raises ``StoreUnavailable`` when the backend cannot answer."""
+
+    async def claim(
+        self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None
+    ) -> ClaimRecord:
+        """Claim ``key`` for ``owner``.
+
+        absent (or expired) -> PENDING(owner); UNSERVED -> PAID(owner, resumed); PENDING/PAID with a lapsed
+        lease -> same state, new owner, resumed. Raises ``PaymentReplayed`` for CONSUMED and
+        ``PaymentInFlight`` for a PENDING/PAID claim whose lease is live.
+        """
+        ...
+
+    async def record_tx(self, key: str, owner: str, tx_hash: str, *, now: float, lease: float) -> None:
+        """Store the settlement tx hash on ``owner``'s PENDING claim (before broadcasting it) and renew the
+        lease. Raises ``PaymentInFlight`` if ``owner`` no longer holds the claim."""
+        ...
+
+    async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
+        """PENDING(owner) -> PAID(owner). Raises ``PaymentInFlight`` if ``owner`` lost the claim."""
+        ...
+
+    async def finish(
+        self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None
+    ) -> None:
+        """PAID(owner) -> CONSUMED when ``served`` else UNSERVED; ``expires_at`` replaces the record's expiry
+        (None: keep for ever). A lost claim is not an error here: the caller has nothing left to undo."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None:
+        """Delete ``owner``'s PENDING claim: the money did not move. No-op if ``owner`` lost it."""
+        ...
+
+    async def get(self, key: str, *, now: float) -> ClaimRecord | None:
+        """The live record for ``key`` (None if absent or expired)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the backend answers."""
+        ...
+
+    async def aclose(self) -> None: ...
