@@ -30,9 +30,7 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def send_json(
-    send: Send, status: int, body: Any, headers: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
+async def send_json(send: Send, status: int, body: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     payload = dumps(body)
     raw: RawHeaders = [
         (b"content-type", b"application/json"),

@@ -55,9 +55,7 @@ class ClaimRecord:
 class ReceiptStore(Protocol):
     """Atomic claims on payments. Every method raises ``StoreUnavailable`` when the backend cannot answer."""
 
-    async def claim(
-        self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None
-    ) -> ClaimRecord:
+    async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
         """Claim ``key`` for ``owner``.
 
         absent (or expired) -> PENDING(owner); UNSERVED -> PAID(owner, resumed); PENDING/PAID with a lapsed
@@ -75,9 +73,7 @@ class ReceiptStore(Protocol):
         """PENDING(owner) -> PAID(owner). Raises ``PaymentInFlight`` if ``owner`` lost the claim."""
         ...
 
-    async def finish(
-        self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None
-    ) -> None:
+    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
         """PAID(owner) -> CONSUMED when ``served`` else UNSERVED; ``expires_at`` replaces the record's expiry
         (None: keep for ever). A lost claim is not an error here: the caller has nothing left to undo."""
         ...
