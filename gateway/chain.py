@@ -1,0 +1,159 @@
+"""Async JSON-RPC access to one EVM network, over the gateway's pooled aiohttp session.
+
+Why not ``web3.AsyncWeb3``: the gateway needs a handful of calls on the hot path, batched into one HTTP round
+trip (nonce state + balance + simulation), with failover between several endpoints and errors that never echo
+an RPC URL (those embed API keys). Encoding comes from ``eth_abi`` (web3's codec) via :mod:`gateway.abi`.
+Raw JSON-RPC also reads Polygon's proof-of-authority blocks as they are, so no POA middleware is needed.
+
+A JSON-RPC *error answer* (a revert, "nonce too low") is a real answer and raises :class:`RpcError`; no
+answer at all raises :class:`~gateway.errors.ChainUnavailable` (503, fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from .config import Secret
+from .errors import ChainUnavailable
+
+log = logging.getLogger("gateway.chain")
+
+
+class RpcError(Exception):
+    """The node answered with a JSON-RPC error (e.g. execution reverted)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+def hex_int(value: Any) -> int:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise ValueError(f"expected a hex quantity, got {type(value).__name__}")
+    return int(value, 16)
+
+
+class ChainRpc:
+    """JSON-RPC to one chain through one or more endpoints (tried in order; a dead one is skipped)."""
+
+    def __init__(
+        self, name: str, chain_id: int, urls: Sequence[Secret], *, timeout: float = 10.0
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one RPC URL is required")
+        self.name = name
+        self.chain_id = chain_id
+        self._urls = tuple(urls)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._ids = itertools.count(1)
+        self._preferred = 0
+
+    def __repr__(self) -> str:
+        return f"ChainRpc({self.name!r}, chain_id={self.chain_id}, urls={list(self._urls)!r})"
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def verify_chain_id(self) -> None:
+        """Every endpoint must serve the chain it is configured for (THREATS 7: other-chain answers)."""
+        for i, url in enumerate(self._urls):
+            answer = await self._post(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, i)
+            got = hex_int(answer.get("result"))
+            if got != self.chain_id:
+                raise ChainUnavailable(
+                    f"RPC endpoint {url!r} of network {self.name} serves chain {got}, not {self.chain_id}",
+                    reason="chain_id_mismatch",
+                )
+
+    async def _post(self, url: Secret, body: Any, index: int) -> Any:
+        if self._session is None:
+            raise ChainUnavailable(f"network {self.name}: RPC client not started")
+        try:
+            async with self._session.post(url.reveal(), json=body, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise ChainUnavailable(f"network {self.name}: RPC endpoint {index} answered HTTP {resp.status}")
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            # The exception text may contain the URL (and its key): log only the type.
+            raise ChainUnavailable(
+                f"network {self.name}: RPC endpoint {index} did not answer ({type(exc).__name__})"
+            ) from None
+
+    async def _send(self, body: Any) -> Any:
+        last: ChainUnavailable | None = None
+        n = len(self._urls)
+        for step in range(n):
+            index = (self._preferred + step) % n
+            try:
+                answer = await self._post(self._urls[index], body, index)
+            except ChainUnavailable as exc:
+                last = exc
+                log.warning("rpc endpoint failed", extra={"network": self.name, "endpoint": index})
+                continue
+            self._preferred = index
+            return answer
+        assert last is not None
+        raise last
+
+    async def request(self, method: str, params: list[Any]) -> Any:
+        answer = await self._send({"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params})
+        return _result(answer)
+
+    async def batch(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        """One HTTP round trip for several calls; each item is the result or an :class:`RpcError` instance."""
+        if not calls:
+            return []
+        first = next(self._ids)
+        ids = list(range(first, first + len(calls)))
+        for _ in range(len(calls) - 1):
+            next(self._ids)
+        body = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in zip(ids, calls, strict=True)]
+        answer = await self._send(body)
+        if not isinstance(answer, list):
+            # Some endpoints refuse batches with a single error object: fall back to one call each.
+            return [await _settle_one(self.request(m, p)) for m, p in calls]
+        by_id = {item.get("id"): item for item in answer if isinstance(item, dict)}
+        out: list[Any] = []
+        for i in ids:
+            item = by_id.get(i)
+            if item is None:
+                raise ChainUnavailable(f"network {self.name}: RPC batch answer is missing an item")
+            try:
+                out.append(_result(item))
+            except RpcError as exc:
+                out.append(exc)
+        return out
+
+    async def eth_call(self, to: str, data: bytes, block: str = "latest") -> bytes:
+        result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
+        return bytes.fromhex(str(result)[2:])
+
+
+async def _settle_one(coro: Any) -> Any:
+    try:
+        return await coro
+    except RpcError as exc:
+        return exc
+
+
+def _result(answer: Any) -> Any:
+    if not isinstance(answer, dict):
+        raise ChainUnavailable("RPC answer is not a JSON object")
+    if "error" in answer and answer["error"] is not None:
+        err = answer["error"]
+        if not isinstance(err, dict):
+            raise RpcError(-1, str(err)[:200])
+        return_code = err.get("code", -1)
+        raise RpcError(return_code if isinstance(return_code, int) else -1, str(err.get("message", ""))[:500], err.get("data"))
+    if "result" not in answer:
+        raise ChainUnavailable("RPC answer has neither result nor error")
+    return answer["result"]

@@ -1,0 +1,86 @@
+"""``x402-gateway``: serve, check a config, run the demo.
+
+Exit codes: 0 success, 1 failure at run time, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import GatewayConfig, load_config
+from .errors import ConfigError
+
+
+def _load(path: str) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"x402-gateway: config error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    config = _load(args.config)
+    host = args.host or config.server.listen_host
+    port = args.port or config.server.listen_port
+    uvicorn.run(
+        build_app(config),
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        lifespan="on",
+        proxy_headers=False,  # forwarded headers are trusted only through server.trust_forwarded_headers
+        server_header=False,
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"ok: {len(config.routes)} priced route(s), networks: {', '.join(config.networks)}")
+    for route in config.routes:
+        print(f"  {route.route}  {route.price} atomic units  on {', '.join(route.networks)}  settle {route.settlement}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-gateway", description="x402 pay-per-request gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway in front of the configured upstream")
+    serve.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    serve.add_argument("--host", help="override server.listen's host")
+    serve.add_argument("--port", type=int, help="override server.listen's port")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate a configuration file without serving")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+    demo = sub.add_parser("demo", help="one real payment end to end on a local chain")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,411 @@
+"""Configuration: a TOML file validated into frozen objects, every value with a default.
+
+``gateway.example.toml`` documents each key. A bad file fails at start with a :class:`ConfigError` naming the
+key (``routes[2].price: ...``); the CLI turns that into exit code 2. Secrets (relayer key, upstream header
+values, RPC URLs that embed API keys) are held in :class:`Secret` so that no ``repr`` or log line shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .money import parse_usd
+from .networks import KNOWN_NETWORKS
+from .routes import RoutePattern
+
+Settlement = Literal["before", "after"]
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str``; call :meth:`reveal` where it is really used."""
+
+    __slots__ = ("_label", "_value")
+
+    def __init__(self, value: str, label: str = "***") -> None:
+        self._value = value
+        self._label = label
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self._label})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact_url(url: str) -> str:
+    """``https://user:pw@host:8545/v2/KEY?x=1`` -> ``https://host:8545/…``: keys hide in userinfo, path and query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    tail = "/…" if (parts.path not in ("", "/") or parts.query) else ""
+    return f"{parts.scheme}://{host}{port}{tail}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8402
+    public_url: str | None = None
+    trust_forwarded_headers: bool = False
+    unpriced: Literal["pass", "refuse"] = "pass"
+    max_body_bytes: int = 10 * 1024 * 1024
+    body_read_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:9000"
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_connections: int = 256
+    headers: tuple[tuple[str, Secret], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: Secret = field(default_factory=lambda: Secret("sqlite:///x402-gateway.db", "sqlite:///x402-gateway.db"))
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    name: str
+    chain_id: int
+    rpc_urls: tuple[Secret, ...]
+    usdc: str
+    eip712_name: str
+    eip712_version: str
+    confirmations: int = 1
+    receipt_poll_interval: float = 0.1
+    rpc_timeout: float = 10.0
+
+    @property
+    def caip2(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentConfig:
+    pay_to: str
+    relayer_key: Secret | None
+    max_timeout_seconds: int = 300
+    min_validity_seconds: int = 6
+    clock_skew_seconds: int = 60
+    settle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    pattern: RoutePattern
+    price: int  # atomic USDC units
+    networks: tuple[str, ...]
+    description: str = ""
+    mime_type: str = "application/json"
+    settlement: Settlement = "after"
+    max_timeout_seconds: int = 300
+
+    @property
+    def route(self) -> str:
+        return self.pattern.text
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    payment: PaymentConfig
+    networks: Mapping[str, NetworkConfig]
+    routes: tuple[RouteConfig, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+class _Table:
+    """A TOML table read key by key, so that every error names its dotted path and unknown keys are refused."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a table")
+        self.data: dict[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _as_tuple(kind))
+        if not ok:
+            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def require(self, name: str, kind: type | tuple[type, ...]) -> Any:
+        if name not in self.data:
+            raise ConfigError(self.key(name), "is required")
+        return self.get(name, kind, None)
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = float(self.get(name, (int, float), default))
+        if value < minimum:
+            raise ConfigError(self.key(name), f"must be >= {minimum}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value: int = self.get(name, int, default)
+        if value < minimum:
+            raise ConfigError(self.key(name), f"must be >= {minimum}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _expand_env(value: str, key: str, env: Mapping[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _address(value: str, key: str) -> str:
+    if not _ADDRESS.match(value):
+        raise ConfigError(key, "must be a 0x-prefixed 20-byte hex address")
+    return value
+
+
+def _http_url(value: str, key: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, "must be an absolute http(s) URL")
+    return value
+
+
+def _server(t: _Table) -> ServerConfig:
+    listen = t.get("listen", str, "127.0.0.1:8402")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(t.key("listen"), "must be HOST:PORT")
+    public_url = t.get("public_url", str, "") or None
+    if public_url:
+        _http_url(public_url, t.key("public_url"))
+        public_url = public_url.rstrip("/")
+    unpriced = t.get("unpriced", str, "pass")
+    if unpriced not in ("pass", "refuse"):
+        raise ConfigError(t.key("unpriced"), 'must be "pass" or "refuse"')
+    cfg = ServerConfig(
+        listen_host=host.strip("[]"),
+        listen_port=int(port),
+        public_url=public_url,
+        trust_forwarded_headers=t.get("trust_forwarded_headers", bool, False),
+        unpriced=unpriced,
+        max_body_bytes=t.integer("max_body_bytes", 10 * 1024 * 1024, minimum=1),
+        body_read_timeout=t.number("body_read_timeout", 30.0, minimum=0.1),
+    )
+    t.done()
+    return cfg
+
+
+def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
+    url = _http_url(t.require("url", str), t.key("url")).rstrip("/")
+    headers_table = _Table(t.get("headers", dict, {}), t.key("headers"))
+    headers: list[tuple[str, Secret]] = []
+    for name in list(headers_table.data):
+        raw = headers_table.get(name, str, "")
+        headers.append((name, Secret(_expand_env(raw, headers_table.key(name), env), f"{name}=***")))
+    headers_table.done()
+    cfg = UpstreamConfig(
+        url=url,
+        connect_timeout=t.number("connect_timeout", 5.0, minimum=0.01),
+        read_timeout=t.number("read_timeout", 60.0, minimum=0.01),
+        max_connections=t.integer("max_connections", 256, minimum=1),
+        headers=tuple(headers),
+    )
+    t.done()
+    return cfg
+
+
+def _store(t: _Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig:
+    url = _expand_env(t.get("url", str, "sqlite:///x402-gateway.db"), t.key("url"), env)
+    scheme = url.partition("://")[0]
+    if scheme == "sqlite":
+        rel = url.removeprefix("sqlite:///")
+        if not rel.startswith("/") and rel != ":memory:":
+            url = f"sqlite:///{(base_dir / rel).resolve()}"
+        label = url
+    elif scheme in ("redis", "rediss", "unix"):
+        label = redact_url(url) if "@" in url else url
+    else:
+        raise ConfigError(t.key("url"), "must start with sqlite:///, redis://, rediss:// or unix://")
+    cfg = StoreConfig(url=Secret(url, label), lease_seconds=t.number("lease_seconds", 120.0, minimum=1.0))
+    t.done()
+    return cfg
+
+
+def _network(name: str, t: _Table, env: Mapping[str, str]) -> NetworkConfig:
+    known = KNOWN_NETWORKS.get(name)
+    raw_urls = t.require("rpc_urls", list)
+    if not raw_urls:
+        raise ConfigError(t.key("rpc_urls"), "needs at least one URL")
+    urls = []
+    for i, raw in enumerate(raw_urls):
+        key = f"{t.key('rpc_urls')}[{i}]"
+        if not isinstance(raw, str):
+            raise ConfigError(key, "expected a string")
+        url = _http_url(_expand_env(raw, key, env), key)
+        urls.append(Secret(url, redact_url(url)))
+    chain_id = t.get("chain_id", int, known.chain_id if known else None)
+    usdc = t.get("usdc", str, known.usdc if known else None)
+    eip712_name = t.get("eip712_name", str, known.eip712_name if known else None)
+    eip712_version = t.get("eip712_version", str, known.eip712_version if known else None)
+    for key, value in (("chain_id", chain_id), ("usdc", usdc), ("eip712_name", eip712_name)):
+        if value is None:
+            raise ConfigError(t.key(key), f"is required for a network the gateway does not know ({name!r})")
+    cfg = NetworkConfig(
+        name=name,
+        chain_id=chain_id,
+        rpc_urls=tuple(urls),
+        usdc=_address(usdc, t.key("usdc")),
+        eip712_name=eip712_name,
+        eip712_version=eip712_version or "2",
+        confirmations=t.integer("confirmations", 1, minimum=0),
+        receipt_poll_interval=t.number("receipt_poll_interval", 0.1, minimum=0.01),
+        rpc_timeout=t.number("rpc_timeout", 10.0, minimum=0.1),
+    )
+    t.done()
+    return cfg
+
+
+def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentConfig) -> RouteConfig:
+    text = t.require("route", str)
+    try:
+        pattern = RoutePattern.parse(text)
+    except ValueError as exc:
+        raise ConfigError(t.key("route"), str(exc)) from None
+    raw_price = t.require("price", (str, int))
+    try:
+        price = parse_usd(raw_price)
+    except ValueError as exc:
+        raise ConfigError(t.key("price"), str(exc)) from None
+    if price <= 0:
+        raise ConfigError(t.key("price"), "must be greater than zero (leave free routes out of [[routes]])")
+    names = t.get("networks", list, list(networks))
+    for i, n in enumerate(names):
+        if n not in networks:
+            raise ConfigError(f"{t.key('networks')}[{i}]", f"network {n!r} is not configured under [networks]")
+    if not names:
+        raise ConfigError(t.key("networks"), "needs at least one network")
+    settlement = t.get("settlement", str, "after")
+    if settlement not in ("before", "after"):
+        raise ConfigError(t.key("settlement"), 'must be "before" or "after"')
+    cfg = RouteConfig(
+        pattern=pattern,
+        price=price,
+        networks=tuple(names),
+        description=t.get("description", str, ""),
+        mime_type=t.get("mime_type", str, "application/json"),
+        settlement=settlement,
+        max_timeout_seconds=t.integer("max_timeout_seconds", payment.max_timeout_seconds, minimum=10),
+    )
+    t.done()
+    return cfg
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> GatewayConfig:
+    """Validate a parsed TOML document. ``env`` defaults to ``os.environ``; relative SQLite paths resolve
+    against ``base_dir`` (the config file's folder)."""
+    env = os.environ if env is None else env
+    base_dir = base_dir or Path.cwd()
+    root = _Table(dict(data), "")
+    server = _server(_Table(root.get("server", dict, {}), "server"))
+    upstream = _upstream(_Table(root.require("upstream", dict), "upstream"), env)
+    store = _store(_Table(root.get("store", dict, {}), "store"), env, base_dir)
+
+    pt = _Table(root.require("payment", dict), "payment")
+    pay_to = _address(pt.require("pay_to", str), pt.key("pay_to"))
+    key_env = pt.get("relayer_key_env", str, "X402_RELAYER_KEY")
+    raw_key = env.get(key_env)
+    relayer_key = None
+    if raw_key:
+        if not re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", raw_key.strip()):
+            raise ConfigError(pt.key("relayer_key_env"), f"environment variable {key_env} is not a 32-byte hex key")
+        relayer_key = Secret(raw_key.strip(), f"${key_env}")
+    payment = PaymentConfig(
+        pay_to=pay_to,
+        relayer_key=relayer_key,
+        max_timeout_seconds=pt.integer("max_timeout_seconds", 300, minimum=10),
+        min_validity_seconds=pt.integer("min_validity_seconds", 6, minimum=0),
+        clock_skew_seconds=pt.integer("clock_skew_seconds", 60, minimum=0),
+        settle_timeout=pt.number("settle_timeout", 60.0, minimum=1.0),
+    )
+    pt.done()
+
+    nt = _Table(root.require("networks", dict), "networks")
+    networks = {name: _network(name, _Table(nt.get(name, dict, {}), nt.key(name)), env) for name in list(nt.data)}
+    nt.done()
+    if not networks:
+        raise ConfigError("networks", "configure at least one network")
+    chain_ids = [n.chain_id for n in networks.values()]
+    if len(set(chain_ids)) != len(chain_ids):
+        raise ConfigError("networks", "two networks share one chain_id")
+    if payment.relayer_key is None:
+        raise ConfigError(
+            "payment.relayer_key_env", f"environment variable {key_env} must hold the relayer's private key"
+        )
+
+    raw_routes = root.get("routes", list, [])
+    routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
+    root.done()
+    return GatewayConfig(payment=payment, networks=networks, routes=routes, server=server, upstream=upstream, store=store)
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    return parse_config(data, env=env, base_dir=p.resolve().parent)

@@ -1,0 +1,225 @@
+"""``PaymentMiddleware``: pure ASGI, usable in any Starlette/FastAPI app and the heart of the reverse proxy.
+
+For a priced route: no payment -> 402 challenge; a payment -> claim and verify it, then settle before calling the
+app (``settlement = "before"``) or after the app's status line says it succeeded (``"after"``). The response
+start is held until the payment outcome is known, then the body streams through untouched (never buffered),
+as Starlette's own GZipMiddleware holds ``http.response.start``. Guarantees:
+
+* nothing is served unless its payment settled (a failed settlement swallows the app's body and answers 402,
+  or 503 if the outcome is unknown);
+* nothing is charged for a failed request (status >= 400 under ``after``: no settlement; under ``before``: the
+  paid payment stays usable for a retry until one request succeeds with it);
+* a fault of ours (store, chain) is a 5xx, never a 402.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
+from .config import GatewayConfig
+from .errors import GatewayError, PaymentRequired, SettlementFailed, StoreUnavailable
+from .payments import PaidRequest, PaymentEngine, PricedRoute
+from .protocol import reasons
+from .protocol.challenge import EXPOSE_HEADERS, Challenge
+from .protocol.payload import HeaderName
+from .routes import normalise_path
+from .store import open_store
+
+log = logging.getLogger("gateway.middleware")
+
+
+class PaymentMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, config: GatewayConfig | None = None, engine: PaymentEngine | None = None
+    ) -> None:
+        if engine is None:
+            if config is None:
+                raise TypeError("PaymentMiddleware needs config= or engine=")
+            engine = PaymentEngine(config, open_store(config.store.url.reveal()))
+        self.app = app
+        self.engine = engine
+        self.config = engine.config
+        self._session: aiohttp.ClientSession | None = None
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+            await self.engine.start(self._session)
+            self._started = True
+
+    async def shutdown(self) -> None:
+        await self.engine.aclose()
+        if self._session is not None:
+            await self._session.close()
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        matched = self.engine.routes.match(scope["method"], normalise_path(scope["path"]))
+        if matched is None:
+            if self.config.server.unpriced == "refuse":
+                exc = GatewayError("no priced route matches this request", reason="route_not_found")
+                exc.status = 404  # type: ignore[misc]
+                await send_error(send, exc)
+                return
+            await self.app(scope, receive, send)
+            return
+        await self._priced(matched[0], scope, receive, send)
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+            return message
+
+        return wrapped
+
+    # ----------------------------------------------------------------------------------------------- requests
+
+    def resource_url(self, scope: Scope) -> str:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string", b"")
+        tail = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        server = self.config.server
+        if server.public_url:
+            return server.public_url + tail
+        scheme = scope.get("scheme", "http")
+        host = (header(scope, b"host") or b"localhost").decode("latin-1")
+        if server.trust_forwarded_headers:
+            # Behind a TLS-terminating proxy the scheme we see is http; only a trusted proxy may say otherwise.
+            scheme = (header(scope, b"x-forwarded-proto") or scheme.encode()).decode("latin-1").split(",")[0].strip()
+            host = (header(scope, b"x-forwarded-host") or host.encode()).decode("latin-1").split(",")[0].strip()
+        return f"{scheme}://{host}{tail}"
+
+    async def _send_challenge(self, send: Send, challenge: Challenge, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+        await send({"type": "http.response.start", "status": challenge.status, "headers": challenge.headers + list(extra)})
+        await send({"type": "http.response.body", "body": challenge.body})
+
+    async def _refuse(
+        self, send: Send, route: PricedRoute, scope: Scope, exc: GatewayError, paid: PaidRequest | None = None
+    ) -> None:
+        """402s carry the full challenge (so the client can pay again); every other status a JSON error."""
+        extra: list[tuple[bytes, bytes]] = []
+        if paid is not None and isinstance(exc, SettlementFailed):
+            extra.append(paid.receipt(success=False, reason=exc.reason))
+        if exc.status == 402:
+            challenge = self.engine.challenge(route, self.resource_url(scope), exc.reason, exc.message)
+            await self._send_challenge(send, challenge, extra)
+        else:
+            await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
+
+    async def _priced(self, route: PricedRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        found = _payment_header(scope)
+        if found is None:
+            await self._send_challenge(send, self.engine.challenge(route, self.resource_url(scope)))
+            return
+        name, value = found
+        try:
+            paid = await self.engine.begin(route, name, value)
+        except GatewayError as exc:
+            await self._refuse(send, route, scope, exc)
+            return
+        if route.config.settlement == "before" and not paid.paid:
+            try:
+                await paid.settle()
+            except GatewayError as exc:
+                await paid.release_quietly()
+                await self._refuse(send, route, scope, exc, paid)
+                return
+        await self._serve(route, paid, scope, receive, send)
+
+    async def _serve(self, route: PricedRoute, paid: PaidRequest, scope: Scope, receive: Receive, send: Send) -> None:
+        state: dict[str, Any] = {"started": False, "swallow": False, "finished": False}
+        scope.setdefault("state", {})["x402"] = {"payer": paid.payer, "network": paid.requirement.network}
+
+        async def finish(served: bool) -> None:
+            state["finished"] = True
+            if paid.paid:
+                await paid.finish(served=served)
+            else:
+                await paid.release_quietly()
+
+        async def wrapped_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ok = message["status"] < 400
+                try:
+                    if ok and not paid.paid:
+                        await paid.settle(simulate_again=True)
+                    await finish(ok)
+                except GatewayError as exc:
+                    # Settlement failed or the store cannot record the outcome: the client gets the refusal,
+                    # never the content (fail closed).
+                    if not paid.paid:
+                        await paid.release_quietly()
+                    state["swallow"] = True
+                    state["started"] = True
+                    log.warning("refusing a paid response", extra={"reason": exc.reason})
+                    await self._refuse(send, route, scope, exc, paid)
+                    return
+                headers = list(message.get("headers", ()))
+                if ok and paid.paid:
+                    headers.append(paid.receipt())
+                    headers.append((b"access-control-expose-headers", EXPOSE_HEADERS))
+                state["started"] = True
+                await send({**message, "headers": headers})
+                return
+            if state["swallow"]:
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped_send)
+        except Exception:
+            log.exception("application error on a paid route")
+            if not state["finished"]:
+                await _quietly(finish(False))
+            if not state["started"]:
+                await send_error(send, GatewayError("the application failed", reason="internal_error"))
+                return
+            raise
+        if not state["finished"]:
+            # The app returned without a response: nothing was served.
+            await _quietly(finish(False))
+            if not state["started"]:
+                await send_error(send, GatewayError("the application sent no response", reason="internal_error"))
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except (GatewayError, StoreUnavailable):
+        log.warning("could not record a failed request's outcome; the claim lapses with its lease")
+
+
+def _payment_header(scope: Scope) -> tuple[HeaderName, bytes] | None:
+    v2 = header(scope, b"payment-signature")
+    if v2 is not None:
+        return "payment-signature", v2
+    v1 = header(scope, b"x-payment")
+    if v1 is not None:
+        return "x-payment", v1
+    return None
+
+
+__all__ = ["PaymentMiddleware", "PaymentRequired", "reasons"]

@@ -1,0 +1,36 @@
+"""Money is an ``int`` of atomic units (USDC has 6 decimals) from the config file to the chain.
+
+``Decimal`` is used only to read prices written by people; floats never touch an amount
+(``int(0.0157 * 10**6)`` is 15699).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from .networks import USDC_DECIMALS
+
+
+def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
+    """``"0.10"`` / ``"$0.10"`` -> 100000 atomic units. Refuses floats, negatives, and sub-unit precision."""
+    if isinstance(text, float):  # type: ignore[unreachable]
+        raise ValueError("prices must be strings or integers, not floats (write price = \"0.10\")")
+    raw = str(text).strip().removeprefix("$").strip()
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError(f"not a decimal amount: {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"not a non-negative amount: {raw!r}")
+    atomic = value.scaleb(decimals)
+    if atomic != atomic.to_integral_value():
+        raise ValueError(f"{raw!r} has more than {decimals} decimal places")
+    return int(atomic)
+
+
+def format_usd(atomic: int, *, decimals: int = USDC_DECIMALS) -> str:
+    """100000 -> ``"0.10"``: at least two decimals, no trailing noise, exact."""
+    value = Decimal(atomic).scaleb(-decimals)
+    text = format(value.normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"

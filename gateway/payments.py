@@ -1,0 +1,288 @@
+"""The payment engine: from a payment header to money that is verifiably ours, exactly once.
+
+``begin`` parses and checks the payment (sans-IO first, so garbage costs no I/O), claims the money in the store
+(one atomic write: the point where concurrent presentations are decided), then asks the chain. The returned
+:class:`PaidRequest` is then ``settle``-d (before or after the upstream answers, per route) and ``finish``-ed
+with whether the request was served. Adapters (middleware, CLI) never touch the store or chain directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .chain import ChainRpc, RpcError
+from .config import GatewayConfig, NetworkConfig, RouteConfig
+from .errors import GatewayError, PaymentInFlight, PaymentRequired, SettlementFailed
+from .protocol import reasons
+from .protocol.challenge import Challenge, Requirement, build_challenge
+from .protocol.payload import ExactPayment, HeaderName, parse_exact_payment
+from .protocol.receipt import receipt_header
+from .routes import RouteTable
+from .settle import ReceiptWatcher, Relayer
+from .store.base import ClaimState, ReceiptStore
+from .verify.exact import SignatureKind, check_exact, payment_key, select_requirement
+from .verify.onchain import find_prior_settlement, preflight_exact, settlement_calldata, transfer_in_receipt
+
+log = logging.getLogger("gateway.payments")
+
+# How long a consumed EIP-3009 record outlives its validBefore: after that the authorization cannot execute on
+# chain any more, so nobody can present it again successfully; the margin absorbs clock skew between machines.
+EXPIRY_MARGIN = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PricedRoute:
+    config: RouteConfig
+    requirements: tuple[Requirement, ...]
+
+
+@dataclass(slots=True)
+class Network:
+    config: NetworkConfig
+    rpc: ChainRpc
+    relayer: Relayer
+    watcher: ReceiptWatcher
+
+
+def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Requirement, ...]:
+    out = []
+    for name in route.networks:
+        n = config.networks[name]
+        out.append(
+            Requirement(
+                network=n.name,
+                chain_id=n.chain_id,
+                asset=n.usdc,
+                amount=route.price,
+                pay_to=config.payment.pay_to,
+                max_timeout_seconds=route.max_timeout_seconds,
+                eip712_name=n.eip712_name,
+                eip712_version=n.eip712_version,
+            )
+        )
+    return tuple(out)
+
+
+class PaymentEngine:
+    def __init__(self, config: GatewayConfig, store: ReceiptStore) -> None:
+        self.config = config
+        self.store = store
+        self.routes: RouteTable[PricedRoute] = RouteTable(
+            [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
+        )
+        key = config.payment.relayer_key
+        if key is None:
+            raise ValueError("local settlement needs payment.relayer_key_env")
+        self.networks: dict[str, Network] = {}
+        for n in config.networks.values():
+            rpc = ChainRpc(n.name, n.chain_id, n.rpc_urls, timeout=n.rpc_timeout)
+            self.networks[n.name] = Network(n, rpc, Relayer(rpc, key), ReceiptWatcher(rpc, interval=n.receipt_poll_interval))
+        pay = config.payment
+        # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
+        # a shorter lease would let a second presentation resume a payment that is still being served.
+        self.lease = max(config.store.lease_seconds, pay.settle_timeout + config.upstream.read_timeout + 30.0)
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        for net in self.networks.values():
+            await net.rpc.start(session)
+            await net.rpc.verify_chain_id()
+        await self.store.ping()
+
+    async def aclose(self) -> None:
+        for net in self.networks.values():
+            await net.watcher.aclose()
+        await self.store.aclose()
+
+    def challenge(
+        self, route: PricedRoute, resource: str, reason: str = reasons.PAYMENT_REQUIRED, message: str = ""
+    ) -> Challenge:
+        return build_challenge(
+            route.requirements,
+            resource=resource,
+            description=route.config.description,
+            mime_type=route.config.mime_type,
+            reason=reason,
+            message=message,
+        )
+
+    async def begin(self, route: PricedRoute, header: HeaderName, value: bytes) -> PaidRequest:
+        payment = parse_exact_payment(value, header)
+        req = select_requirement(payment, route.requirements)
+        pay = self.config.payment
+        now = time.time()
+        kind = check_exact(
+            payment,
+            req,
+            now=int(now),
+            min_validity_seconds=pay.min_validity_seconds,
+            clock_skew_seconds=pay.clock_skew_seconds,
+        )
+        net = self.networks[req.network]
+        key = payment_key(req, payment.authorization)
+        owner = uuid.uuid4().hex
+        expires_at = payment.authorization.valid_before + EXPIRY_MARGIN
+        record = await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
+        paid = PaidRequest(self, net, route, req, payment, key, owner, expires_at)
+        try:
+            if record.state is ClaimState.PAID:
+                # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
+                if kind is SignatureKind.CONTRACT:
+                    await preflight_exact(net.rpc, req, payment, kind, net.relayer.address)
+                paid.mark_resumed(record.tx_hash)
+                return paid
+            if record.resumed and record.tx_hash and await paid.reconcile(record.tx_hash):
+                return paid
+            await paid.preflight(kind)
+        except BaseException:
+            await paid.release_quietly()
+            raise
+        return paid
+
+
+class PaidRequest:
+    """One claimed payment on its way to being settled and served."""
+
+    def __init__(
+        self,
+        engine: PaymentEngine,
+        net: Network,
+        route: PricedRoute,
+        req: Requirement,
+        payment: ExactPayment,
+        key: str,
+        owner: str,
+        expires_at: float,
+    ) -> None:
+        self._engine = engine
+        self._net = net
+        self.route = route
+        self.requirement = req
+        self.payment = payment
+        self.key = key
+        self._owner = owner
+        self._expires_at = expires_at
+        self._gas = 0
+        self._broadcast = False
+        self.paid = False
+        self.resumed = False
+        self.tx_hash: str | None = None
+
+    @property
+    def payer(self) -> str:
+        return self.payment.payer
+
+    def mark_resumed(self, tx_hash: str | None) -> None:
+        self.paid = True
+        self.resumed = True
+        self.tx_hash = tx_hash
+
+    async def _mark_paid(self, tx_hash: str) -> None:
+        await self._engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=self._engine.lease)
+        self.paid = True
+        self.tx_hash = tx_hash
+
+    async def reconcile(self, tx_hash: str) -> bool:
+        """A lapsed claim left a settlement hash behind: find out what happened to it (never re-broadcast)."""
+        rpc = self._net.rpc
+        receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
+        if isinstance(receipt, dict):
+            if transfer_in_receipt(receipt, self.requirement, self.payment.authorization):
+                await self._mark_paid(tx_hash)
+                return True
+            return False  # it reverted: verify afresh below (maybe someone else settled first)
+        known = await rpc.request("eth_getTransactionByHash", [tx_hash])
+        if known is not None:
+            self._broadcast = True  # still in the mempool: keep the claim, tell the client to come back
+            raise PaymentInFlight("this payment's settlement is still pending", reason=reasons.SETTLEMENT_PENDING)
+        return False  # never reached the network: safe to settle afresh
+
+    async def preflight(self, kind: SignatureKind) -> None:
+        net, req, auth = self._net, self.requirement, self.payment.authorization
+        result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address)
+        if result.nonce_used:
+            prior = await find_prior_settlement(net.rpc, req, auth)
+            if prior is None:
+                raise PaymentRequired(
+                    "this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED
+                )
+            log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
+            await self._mark_paid(prior)
+            return
+        self._gas = result.gas
+
+    async def settle(self, *, simulate_again: bool = False) -> str:
+        """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
+        if self.paid:
+            assert self.tx_hash is not None or self.resumed
+            return self.tx_hash or ""
+        net, req, auth = self._net, self.requirement, self.payment.authorization
+        engine = self._engine
+        if simulate_again:
+            # THREATS 10: the payer may have drained the balance while the upstream worked.
+            await self.preflight(SignatureKind.EOA)
+            if self.paid:
+                return self.tx_hash or ""
+
+        async def record(tx_hash: str) -> None:
+            await engine.store.record_tx(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+            self._broadcast = True
+
+        gas = self._gas * 5 // 4 + 10_000
+        tx_hash = await net.relayer.submit(req.asset, settlement_calldata(self.payment), gas, record)
+        try:
+            receipt = await net.watcher.wait(
+                tx_hash, timeout=engine.config.payment.settle_timeout, confirmations=net.config.confirmations
+            )
+        except TimeoutError:
+            raise SettlementFailed(
+                "settlement is broadcast but not confirmed yet", reason=reasons.SETTLEMENT_PENDING, unknown=True
+            ) from None
+        if transfer_in_receipt(receipt, req, auth):
+            await self._mark_paid(tx_hash)
+            return tx_hash
+        # Reverted: if someone else executed the same authorization to us first, the money still arrived.
+        prior = await find_prior_settlement(net.rpc, req, auth)
+        if prior is not None:
+            await self._mark_paid(prior)
+            return prior
+        self._broadcast = False  # our transaction failed and moved nothing: the claim may be released
+        raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
+
+    async def finish(self, *, served: bool) -> None:
+        """Record the outcome: a served request consumes the payment for ever (until the authorization could
+        not execute anyway); a failed one leaves it paid-but-unserved for a free retry."""
+        await self._engine.store.finish(
+            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+        )
+
+    async def release_quietly(self) -> None:
+        """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
+        if self.paid or self._broadcast:
+            return
+        try:
+            await self._engine.store.release(self.key, self._owner)
+        except GatewayError:
+            log.warning("could not release a claim; it lapses with its lease", extra={"key": self.key})
+
+    def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
+        return receipt_header(
+            self.payment.version,
+            self.requirement,
+            success=success,
+            transaction=self.tx_hash or "",
+            payer=self.payer,
+            reason=reason,
+        )
+
+
+def describe(obj: Any) -> str:  # pragma: no cover - debugging aid
+    return f"<{type(obj).__name__}>"
+
+
+__all__ = ["Network", "PaidRequest", "PaymentEngine", "PricedRoute", "RpcError", "requirements_for"]

@@ -1,0 +1,127 @@
+"""The chain's side of verifying an ``exact`` payment, and of recognising its settlement.
+
+One batched round trip answers: is the nonce unused (``authorizationState``), does the payer hold the money
+(``balanceOf``), would ``transferWithAuthorization`` succeed right now (``eth_estimateGas`` from the relayer,
+which simulates and prices it at once), and, for a contract wallet, does ``isValidSignature`` vouch for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import abi
+from ..chain import ChainRpc, RpcError, hex_int
+from ..errors import ChainUnavailable, PaymentRequired
+from ..protocol import reasons
+from ..protocol.challenge import Requirement
+from ..protocol.payload import Authorization, ExactPayment
+from .exact import SignatureKind, authorization_digest, split_signature
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    gas: int  # estimated gas of the settlement call (0 when the nonce is already used)
+    nonce_used: bool  # the authorization was already executed on chain (by someone, maybe not us)
+
+
+def settlement_calldata(payment: ExactPayment) -> bytes:
+    a = payment.authorization
+    args = (a.from_, a.to, a.value, a.valid_after, a.valid_before, a.nonce)
+    parts = split_signature(payment.signature)
+    if parts is not None:
+        # The (v, r, s) overload exists on every USDC deployment; the bytes one only on FiatToken v2.2+.
+        v, r, s = parts
+        return abi.TRANSFER_WITH_AUTHORIZATION_VRS.encode(*args, v, r, s)
+    return abi.TRANSFER_WITH_AUTHORIZATION_BYTES.encode(*args, payment.signature)
+
+
+def _word_bool(result: Any) -> bool:
+    return isinstance(result, str) and len(result) >= 66 and int(result[2:66], 16) != 0
+
+
+async def preflight_exact(
+    rpc: ChainRpc, req: Requirement, payment: ExactPayment, kind: SignatureKind, relayer: str
+) -> Preflight:
+    auth = payment.authorization
+    calldata = settlement_calldata(payment)
+    calls: list[tuple[str, list[Any]]] = [
+        ("eth_call", [{"to": req.asset, "data": "0x" + abi.AUTHORIZATION_STATE.encode(auth.from_, auth.nonce).hex()}, "latest"]),
+        ("eth_call", [{"to": req.asset, "data": "0x" + abi.BALANCE_OF.encode(auth.from_).hex()}, "latest"]),
+        ("eth_estimateGas", [{"from": relayer, "to": req.asset, "data": "0x" + calldata.hex()}]),
+    ]
+    if kind is SignatureKind.CONTRACT:
+        digest = authorization_digest(req, auth)
+        data = abi.IS_VALID_SIGNATURE.encode(digest, payment.signature)
+        calls.append(("eth_call", [{"to": auth.from_, "data": "0x" + data.hex()}, "latest"]))
+    results = await rpc.batch(calls)
+    state, balance, gas = results[0], results[1], results[2]
+    if isinstance(state, RpcError) or isinstance(balance, RpcError):
+        # The asset answered an error to a view call: it is not the token we think it is, or the node is sick.
+        raise ChainUnavailable(f"network {rpc.name}: the USDC contract did not answer a view call")
+    if kind is SignatureKind.CONTRACT:
+        verdict = results[3]
+        magic_ok = isinstance(verdict, str) and verdict[2:10].lower() == abi.ERC1271_MAGIC.hex()
+        if not magic_ok:
+            raise PaymentRequired("the signature is not by the payer", reason=reasons.INVALID_SIGNATURE)
+    if _word_bool(state):
+        return Preflight(gas=0, nonce_used=True)
+    if int(str(balance)[2:66] or "0", 16) < auth.value:
+        raise PaymentRequired("the payer's balance is below the price", reason=reasons.INSUFFICIENT_BALANCE)
+    if isinstance(gas, RpcError):
+        raise PaymentRequired(
+            "transferWithAuthorization would revert", reason=reasons.SIMULATION_FAILED
+        )
+    return Preflight(gas=hex_int(gas), nonce_used=False)
+
+
+def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> bool:
+    """Did this (successful) transaction move exactly the authorised amount from the payer to us, as logged by
+    the USDC contract itself? Logs of any other contract are ignored: a fake token emits identical events."""
+    if hex_int(receipt.get("status", "0x0")) != 1:
+        return False
+    payer = bytes(12) + bytes.fromhex(auth.from_[2:])
+    pay_to = bytes(12) + bytes.fromhex(req.pay_to[2:].lower())
+    for entry in receipt.get("logs") or ():
+        if str(entry.get("address", "")).lower() != req.asset.lower():
+            continue
+        topics = [bytes.fromhex(str(t)[2:]) for t in entry.get("topics") or ()]
+        if len(topics) != 3 or topics[0] != abi.TRANSFER_TOPIC:
+            continue
+        if topics[1] == payer and topics[2] == pay_to and int(str(entry.get("data", "0x0"))[2:] or "0", 16) == auth.value:
+            return True
+    return False
+
+
+async def find_prior_settlement(
+    rpc: ChainRpc, req: Requirement, auth: Authorization, *, lookback_blocks: int = 10_000
+) -> str | None:
+    """If someone else already executed this authorization *to us*, the hash of that transaction.
+
+    THREATS 9: a watcher (or the payer's own facilitator) may front-run our settlement; the money still
+    arrived, so the payment counts. Found through the token's ``AuthorizationUsed(from, nonce)`` event.
+    """
+    head = hex_int(await rpc.request("eth_blockNumber", []))
+    logs = await rpc.request(
+        "eth_getLogs",
+        [
+            {
+                "address": req.asset,
+                "fromBlock": hex(max(0, head - lookback_blocks)),
+                "toBlock": "latest",
+                "topics": [
+                    "0x" + abi.AUTHORIZATION_USED_TOPIC.hex(),
+                    "0x" + (bytes(12) + bytes.fromhex(auth.from_[2:])).hex(),
+                    "0x" + auth.nonce.hex(),
+                ],
+            }
+        ],
+    )
+    for entry in logs or ():
+        tx_hash = entry.get("transactionHash")
+        if not isinstance(tx_hash, str):
+            continue
+        receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
+        if isinstance(receipt, dict) and transfer_in_receipt(receipt, req, auth):
+            return tx_hash
+    return None
