@@ -10,7 +10,7 @@ import enum
 from functools import lru_cache
 
 from coincurve import PublicKey
-from eth_utils import keccak
+from eth_utils.crypto import keccak
 
 from ..errors import PaymentRequired
 from ..protocol import reasons

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the local-chain toolchain into <repo>/.tools (git-ignored): the anvil binary (foundry's npm platform
+# package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs.
+# Idempotent: returns at once when the pinned versions are already there.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+SOLC_VERSION="0.8.28"
+ANVIL_PKG="@foundry-rs/anvil-linux-amd64"
+ANVIL_BIN="$TOOLS/node_modules/$ANVIL_PKG/bin/anvil"
+SOLC_PKG_JSON="$TOOLS/node_modules/solc/package.json"
+
+have_solc() {
+    [ -f "$SOLC_PKG_JSON" ] && grep -q "\"version\": \"$SOLC_VERSION\"" "$SOLC_PKG_JSON"
+}
+
+if [ -x "$ANVIL_BIN" ] && have_solc; then
+    echo "tools already installed in $TOOLS"
+    exit 0
+fi
+
+command -v npm >/dev/null || { echo "npm is required (install Node.js >= 18)" >&2; exit 1; }
+mkdir -p "$TOOLS"
+# A package.json of its own keeps npm from walking up and touching anything else in the repo.
+[ -f "$TOOLS/package.json" ] || echo '{"name": "x402-gateway-tools", "private": true}' > "$TOOLS/package.json"
+npm install --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund "$ANVIL_PKG" "solc@$SOLC_VERSION"
+chmod +x "$ANVIL_BIN"
+"$ANVIL_BIN" --version | head -n 1
