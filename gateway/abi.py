@@ -39,8 +39,11 @@ def _signature(entry: dict[str, Any]) -> str:
 class Function:
     def __init__(self, abi_name: str, name: str, input_types: tuple[str, ...]) -> None:
         for entry in load_abi(abi_name):
-            if entry.get("type") == "function" and entry["name"] == name:
-                if tuple(i["type"] for i in entry["inputs"]) == input_types:
+            if (
+                entry.get("type") == "function"
+                and entry["name"] == name
+                and tuple(i["type"] for i in entry["inputs"]) == input_types
+            ):
                     self.signature = _signature(entry)
                     self.selector = keccak(text=self.signature)[:4]
                     self.input_types = list(input_types)

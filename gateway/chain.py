@@ -11,7 +11,6 @@ answer at all raises :class:`~gateway.errors.ChainUnavailable` (503, fail closed
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 from collections.abc import Sequence
@@ -44,9 +43,7 @@ def hex_int(value: Any) -> int:
 class ChainRpc:
     """JSON-RPC to one chain through one or more endpoints (tried in order; a dead one is skipped)."""
 
-    def __init__(
-        self, name: str, chain_id: int, urls: Sequence[Secret], *, timeout: float = 10.0
-    ) -> None:
+    def __init__(self, name: str, chain_id: int, urls: Sequence[Secret], *, timeout: float = 10.0) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
         self.name = name
@@ -82,7 +79,7 @@ class ChainRpc:
                 if resp.status != 200:
                     raise ChainUnavailable(f"network {self.name}: RPC endpoint {index} answered HTTP {resp.status}")
                 return await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # The exception text may contain the URL (and its key): log only the type.
             raise ChainUnavailable(
                 f"network {self.name}: RPC endpoint {index} did not answer ({type(exc).__name__})"
@@ -153,7 +150,9 @@ def _result(answer: Any) -> Any:
         if not isinstance(err, dict):
             raise RpcError(-1, str(err)[:200])
         return_code = err.get("code", -1)
-        raise RpcError(return_code if isinstance(return_code, int) else -1, str(err.get("message", ""))[:500], err.get("data"))
+        raise RpcError(
+            return_code if isinstance(return_code, int) else -1, str(err.get("message", ""))[:500], err.get("data")
+        )
     if "result" not in answer:
         raise ChainUnavailable("RPC answer has neither result nor error")
     return answer["result"]

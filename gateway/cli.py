@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .config import GatewayConfig, load_config
 from .errors import ConfigError
+from .money import format_usd
 
 
 def _load(path: str) -> GatewayConfig:
@@ -46,7 +47,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(f"ok: {len(config.routes)} priced route(s), networks: {', '.join(config.networks)}")
     for route in config.routes:
-        print(f"  {route.route}  {route.price} atomic units  on {', '.join(route.networks)}  settle {route.settlement}")
+        price = f"${format_usd(route.price)} ({route.price} atomic units)"
+        print(f"  {route.route}  {price}  on {', '.join(route.networks)}  settle {route.settlement}")
     return 0
 
 

@@ -351,7 +351,9 @@ def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentCon
     return cfg
 
 
-def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> GatewayConfig:
+def parse_config(
+    data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> GatewayConfig:
     """Validate a parsed TOML document. ``env`` defaults to ``os.environ``; relative SQLite paths resolve
     against ``base_dir`` (the config file's folder)."""
     env = os.environ if env is None else env
@@ -396,7 +398,9 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     raw_routes = root.get("routes", list, [])
     routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
     root.done()
-    return GatewayConfig(payment=payment, networks=networks, routes=routes, server=server, upstream=upstream, store=store)
+    return GatewayConfig(
+        payment=payment, networks=networks, routes=routes, server=server, upstream=upstream, store=store
+    )
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -24,8 +24,8 @@ import uvicorn
 from .app import build_app
 from .client.exact import choose_requirement, parse_challenge, sign_exact_payment
 from .config import parse_config
-from .devchain import DEV_KEYS, start_dev_chain
 from .demo_upstream import create_app
+from .devchain import DEV_KEYS, start_dev_chain
 from .money import format_usd
 from .protocol.codec import decode_header
 

@@ -130,7 +130,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
     # atexit does not run when the parent is SIGKILLed (e.g. a CI timeout); PR_SET_PDEATHSIG covers that case on
     # Linux. It fires when the *thread* that forked dies, hence only used when spawning from the main thread.
     try:
-        import ctypes  # noqa: PLC0415 - only needed in the child
+        import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1

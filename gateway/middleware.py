@@ -22,9 +22,8 @@ import aiohttp
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
 from .config import GatewayConfig
-from .errors import GatewayError, PaymentRequired, SettlementFailed, StoreUnavailable
+from .errors import GatewayError, SettlementFailed, StoreUnavailable
 from .payments import PaidRequest, PaymentEngine, PricedRoute
-from .protocol import reasons
 from .protocol.challenge import EXPOSE_HEADERS, Challenge
 from .protocol.payload import HeaderName
 from .routes import normalise_path
@@ -98,13 +97,13 @@ class PaymentMiddleware:
     # ----------------------------------------------------------------------------------------------- requests
 
     def resource_url(self, scope: Scope) -> str:
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        query = scope.get("query_string", b"")
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
         tail = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
         server = self.config.server
         if server.public_url:
             return server.public_url + tail
-        scheme = scope.get("scheme", "http")
+        scheme = str(scope.get("scheme", "http"))
         host = (header(scope, b"host") or b"localhost").decode("latin-1")
         if server.trust_forwarded_headers:
             # Behind a TLS-terminating proxy the scheme we see is http; only a trusted proxy may say otherwise.
@@ -113,7 +112,9 @@ class PaymentMiddleware:
         return f"{scheme}://{host}{tail}"
 
     async def _send_challenge(self, send: Send, challenge: Challenge, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-        await send({"type": "http.response.start", "status": challenge.status, "headers": challenge.headers + list(extra)})
+        await send(
+            {"type": "http.response.start", "status": challenge.status, "headers": challenge.headers + list(extra)}
+        )
         await send({"type": "http.response.body", "body": challenge.body})
 
     async def _refuse(
@@ -222,4 +223,4 @@ def _payment_header(scope: Scope) -> tuple[HeaderName, bytes] | None:
     return None
 
 
-__all__ = ["PaymentMiddleware", "PaymentRequired", "reasons"]
+__all__ = ["PaymentMiddleware"]

@@ -13,8 +13,8 @@ from .networks import USDC_DECIMALS
 
 def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
     """``"0.10"`` / ``"$0.10"`` -> 100000 atomic units. Refuses floats, negatives, and sub-unit precision."""
-    if isinstance(text, float):  # type: ignore[unreachable]
-        raise ValueError("prices must be strings or integers, not floats (write price = \"0.10\")")
+    if isinstance(text, float):
+        raise ValueError('prices must be strings or integers, not floats (write price = "0.10")')
     raw = str(text).strip().removeprefix("$").strip()
     try:
         value = Decimal(raw)

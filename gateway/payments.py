@@ -12,11 +12,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
-from .chain import ChainRpc, RpcError
+from .chain import ChainRpc
 from .config import GatewayConfig, NetworkConfig, RouteConfig
 from .errors import GatewayError, PaymentInFlight, PaymentRequired, SettlementFailed
 from .protocol import reasons
@@ -82,7 +81,9 @@ class PaymentEngine:
         self.networks: dict[str, Network] = {}
         for n in config.networks.values():
             rpc = ChainRpc(n.name, n.chain_id, n.rpc_urls, timeout=n.rpc_timeout)
-            self.networks[n.name] = Network(n, rpc, Relayer(rpc, key), ReceiptWatcher(rpc, interval=n.receipt_poll_interval))
+            self.networks[n.name] = Network(
+                n, rpc, Relayer(rpc, key), ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
+            )
         pay = config.payment
         # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
         # a shorter lease would let a second presentation resume a payment that is still being served.
@@ -208,9 +209,7 @@ class PaidRequest:
         if result.nonce_used:
             prior = await find_prior_settlement(net.rpc, req, auth)
             if prior is None:
-                raise PaymentRequired(
-                    "this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED
-                )
+                raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
             log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
             await self._mark_paid(prior)
             return
@@ -281,8 +280,4 @@ class PaidRequest:
         )
 
 
-def describe(obj: Any) -> str:  # pragma: no cover - debugging aid
-    return f"<{type(obj).__name__}>"
-
-
-__all__ = ["Network", "PaidRequest", "PaymentEngine", "PricedRoute", "RpcError", "requirements_for"]
+__all__ = ["Network", "PaidRequest", "PaymentEngine", "PricedRoute", "requirements_for"]

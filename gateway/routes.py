@@ -73,9 +73,12 @@ class RoutePattern:
         return cls(text=text.strip(), methods=methods, regex=regex, params=tuple(params))
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
-        if self.methods is not None and method not in self.methods:
-            if not (method == "HEAD" and "GET" in self.methods):
-                return None
+        if (
+            self.methods is not None
+            and method not in self.methods
+            and not (method == "HEAD" and "GET" in self.methods)
+        ):
+            return None
         m = self.regex.match(path)
         return m.groupdict() if m else None
 

@@ -53,9 +53,7 @@ class Relayer:
             self._fees = (now, price * 2 + priority, priority)
         return self._fees[1], self._fees[2]
 
-    async def submit(
-        self, to: str, data: bytes, gas: int, before_broadcast: Callable[[str], Awaitable[None]]
-    ) -> str:
+    async def submit(self, to: str, data: bytes, gas: int, before_broadcast: Callable[[str], Awaitable[None]]) -> str:
         """Sign, record (``before_broadcast``), broadcast; return the tx hash.
 
         Raises ``SettlementFailed`` when the node refuses the transaction (nothing was sent) and
@@ -65,9 +63,7 @@ class Relayer:
         async with self._lock:
             for attempt in range(2):
                 if self._nonce is None:
-                    self._nonce = hex_int(
-                        await self._rpc.request("eth_getTransactionCount", [self.address, "pending"])
-                    )
+                    self._nonce = hex_int(await self._rpc.request("eth_getTransactionCount", [self.address, "pending"]))
                 tx = {
                     "type": 2,
                     "chainId": self._rpc.chain_id,
