@@ -7,6 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
 SOLC_VERSION="0.8.28"
+ANVIL_VERSION="1.7.1"
 ANVIL_PKG="@foundry-rs/anvil-linux-amd64"
 ANVIL_BIN="$TOOLS/node_modules/$ANVIL_PKG/bin/anvil"
 SOLC_PKG_JSON="$TOOLS/node_modules/solc/package.json"
@@ -14,6 +15,15 @@ SOLC_PKG_JSON="$TOOLS/node_modules/solc/package.json"
 have_solc() {
     [ -f "$SOLC_PKG_JSON" ] && grep -q "\"version\": \"$SOLC_VERSION\"" "$SOLC_PKG_JSON"
 }
+
+# The tests start their own redis-server on a free port; Debian ships it (apt does not start it).
+if ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "redis-server is required: sudo apt-get install redis-server" >&2; exit 1
+    fi
+fi
 
 if [ -x "$ANVIL_BIN" ] && have_solc; then
     echo "tools already installed in $TOOLS"
@@ -24,6 +34,6 @@ command -v npm >/dev/null || { echo "npm is required (install Node.js >= 18)" >&
 mkdir -p "$TOOLS"
 # A package.json of its own keeps npm from walking up and touching anything else in the repo.
 [ -f "$TOOLS/package.json" ] || echo '{"name": "x402-gateway-tools", "private": true}' > "$TOOLS/package.json"
-npm install --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund "$ANVIL_PKG" "solc@$SOLC_VERSION"
+npm install --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund "$ANVIL_PKG@$ANVIL_VERSION" "solc@$SOLC_VERSION"
 chmod +x "$ANVIL_BIN"
 "$ANVIL_BIN" --version | head -n 1

@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+ANVIL  := .tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+
+.PHONY: setup demo test lint token bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+$(ANVIL): scripts/install-tools.sh
+	bash scripts/install-tools.sh
+
+setup: $(STAMP) $(ANVIL)   ## Python venv with the package and test deps; anvil + solcjs in .tools/; redis-server
+
+demo: setup                ## one real payment end to end: local chain, SQLite store, demo upstream
+	$(BIN)/x402-gateway demo
+
+test: setup                ## the whole test suite (real anvil, real redis-server, real sockets)
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+token: setup               ## rebuild contracts_abi/ from contracts/*.sol (byte-identical to the committed artifacts)
+	node contracts/build.mjs
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
