@@ -106,4 +106,6 @@ def sign_exact_payment(
         if option.resource:
             doc["resource"] = option.resource
         return "PAYMENT-SIGNATURE", encode_header(doc)
-    return "X-PAYMENT", encode_header({"x402Version": 1, "scheme": "exact", "network": req["network"], "payload": inner})
+    return "X-PAYMENT", encode_header(
+        {"x402Version": 1, "scheme": "exact", "network": req["network"], "payload": inner}
+    )

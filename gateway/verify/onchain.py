@@ -46,7 +46,10 @@ async def preflight_exact(
     auth = payment.authorization
     calldata = settlement_calldata(payment)
     calls: list[tuple[str, list[Any]]] = [
-        ("eth_call", [{"to": req.asset, "data": "0x" + abi.AUTHORIZATION_STATE.encode(auth.from_, auth.nonce).hex()}, "latest"]),
+        (
+            "eth_call",
+            [{"to": req.asset, "data": "0x" + abi.AUTHORIZATION_STATE.encode(auth.from_, auth.nonce).hex()}, "latest"],
+        ),
         ("eth_call", [{"to": req.asset, "data": "0x" + abi.BALANCE_OF.encode(auth.from_).hex()}, "latest"]),
         ("eth_estimateGas", [{"from": relayer, "to": req.asset, "data": "0x" + calldata.hex()}]),
     ]
@@ -69,9 +72,7 @@ async def preflight_exact(
     if int(str(balance)[2:66] or "0", 16) < auth.value:
         raise PaymentRequired("the payer's balance is below the price", reason=reasons.INSUFFICIENT_BALANCE)
     if isinstance(gas, RpcError):
-        raise PaymentRequired(
-            "transferWithAuthorization would revert", reason=reasons.SIMULATION_FAILED
-        )
+        raise PaymentRequired("transferWithAuthorization would revert", reason=reasons.SIMULATION_FAILED)
     return Preflight(gas=hex_int(gas), nonce_used=False)
 
 
@@ -88,7 +89,11 @@ def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authori
         topics = [bytes.fromhex(str(t)[2:]) for t in entry.get("topics") or ()]
         if len(topics) != 3 or topics[0] != abi.TRANSFER_TOPIC:
             continue
-        if topics[1] == payer and topics[2] == pay_to and int(str(entry.get("data", "0x0"))[2:] or "0", 16) == auth.value:
+        if (
+            topics[1] == payer
+            and topics[2] == pay_to
+            and int(str(entry.get("data", "0x0"))[2:] or "0", 16) == auth.value
+        ):
             return True
     return False
 
