@@ -11,9 +11,10 @@ answer at all raises :class:`~gateway.errors.ChainUnavailable` (503, fail closed
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -129,6 +130,29 @@ class ChainRpc:
             except RpcError as exc:
                 out.append(exc)
         return out
+
+    async def request_agreed(self, method: str, params: list[Any], project: Callable[[Any], Any] = lambda x: x) -> Any:
+        """Ask every endpoint; a majority must answer and every answer must agree (THREATS 18: one lying or
+        lagging RPC cannot make a payment count). With a single endpoint this is :meth:`request`."""
+        if len(self._urls) == 1:
+            return await self.request(method, params)
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        answers = await asyncio.gather(
+            *(self._post(url, body, i) for i, url in enumerate(self._urls)), return_exceptions=True
+        )
+        results: list[Any] = []
+        for answer in answers:
+            if isinstance(answer, ChainUnavailable):
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            results.append(_result(answer))
+        if len(results) < len(self._urls) // 2 + 1:
+            raise ChainUnavailable(f"network {self.name}: too few RPC endpoints answered", reason="rpc_no_quorum")
+        first = project(results[0])
+        if any(project(r) != first for r in results[1:]):
+            raise ChainUnavailable(f"network {self.name}: RPC endpoints disagree", reason="rpc_disagreement")
+        return results[0]
 
     async def eth_call(self, to: str, data: bytes, block: str = "latest") -> bytes:
         result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])

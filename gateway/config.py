@@ -99,6 +99,7 @@ class NetworkConfig:
     confirmations: int = 1
     receipt_poll_interval: float = 0.1
     rpc_timeout: float = 10.0
+    finality: Literal["latest", "safe", "finalized"] = "latest"  # tx-hash proofs: block tag they must be under
 
     @property
     def caip2(self) -> str:
@@ -113,6 +114,7 @@ class PaymentConfig:
     min_validity_seconds: int = 6
     clock_skew_seconds: int = 60
     settle_timeout: float = 60.0
+    tx_max_age_seconds: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class RouteConfig:
     mime_type: str = "application/json"
     settlement: Settlement = "after"
     max_timeout_seconds: int = 300
+    tx_hash: bool = True  # also accept tx-hash proofs (x-payment: 0x<hash> + x-payment-network)
 
     @property
     def route(self) -> str:
@@ -196,6 +199,13 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a table"}
     return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _choice(t: _Table, name: str, allowed: tuple[str, ...], default: str) -> Any:
+    value = t.get(name, str, default)
+    if value not in allowed:
+        raise ConfigError(t.key(name), "must be one of " + ", ".join(f'"{a}"' for a in allowed))
+    return value
 
 
 def _expand_env(value: str, key: str, env: Mapping[str, str]) -> str:
@@ -311,6 +321,7 @@ def _network(name: str, t: _Table, env: Mapping[str, str]) -> NetworkConfig:
         confirmations=t.integer("confirmations", 1, minimum=0),
         receipt_poll_interval=t.number("receipt_poll_interval", 0.1, minimum=0.01),
         rpc_timeout=t.number("rpc_timeout", 10.0, minimum=0.1),
+        finality=_choice(t, "finality", ("latest", "safe", "finalized"), "latest"),
     )
     t.done()
     return cfg
@@ -346,6 +357,7 @@ def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentCon
         mime_type=t.get("mime_type", str, "application/json"),
         settlement=settlement,
         max_timeout_seconds=t.integer("max_timeout_seconds", payment.max_timeout_seconds, minimum=10),
+        tx_hash=t.get("tx_hash", bool, True),
     )
     t.done()
     return cfg
@@ -379,6 +391,7 @@ def parse_config(
         min_validity_seconds=pt.integer("min_validity_seconds", 6, minimum=0),
         clock_skew_seconds=pt.integer("clock_skew_seconds", 60, minimum=0),
         settle_timeout=pt.number("settle_timeout", 60.0, minimum=1.0),
+        tx_max_age_seconds=pt.integer("tx_max_age_seconds", 3600, minimum=10),
     )
     pt.done()
 

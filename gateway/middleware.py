@@ -28,6 +28,7 @@ from .protocol.challenge import EXPOSE_HEADERS, Challenge
 from .protocol.payload import HeaderName
 from .routes import normalise_path
 from .store import open_store
+from .verify.txhash import looks_like_tx_hash, parse_tx_proof
 
 log = logging.getLogger("gateway.middleware")
 
@@ -125,7 +126,9 @@ class PaymentMiddleware:
         if paid is not None and isinstance(exc, SettlementFailed):
             extra.append(paid.receipt(success=False, reason=exc.reason))
         if exc.status == 402:
-            challenge = self.engine.challenge(route, self.resource_url(scope), exc.reason, exc.message)
+            challenge = self.engine.challenge(
+                route, self.resource_url(scope), exc.reason, exc.message, method=scope["method"]
+            )
             await self._send_challenge(send, challenge, extra)
         else:
             await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
@@ -133,11 +136,17 @@ class PaymentMiddleware:
     async def _priced(self, route: PricedRoute, scope: Scope, receive: Receive, send: Send) -> None:
         found = _payment_header(scope)
         if found is None:
-            await self._send_challenge(send, self.engine.challenge(route, self.resource_url(scope)))
+            challenge = self.engine.challenge(route, self.resource_url(scope), method=scope["method"])
+            await self._send_challenge(send, challenge)
             return
         name, value = found
+        paid: PaidRequest
         try:
-            paid = await self.engine.begin(route, name, value)
+            if name == "x-payment" and looks_like_tx_hash(value.strip()):
+                proof = parse_tx_proof(value, header(scope, b"x-payment-network"), header(scope, b"x-payment-binding"))
+                paid = await self.engine.begin_tx(route, proof, scope["method"], self.resource_url(scope))
+            else:
+                paid = await self.engine.begin(route, name, value)
         except GatewayError as exc:
             await self._refuse(send, route, scope, exc)
             return

@@ -12,12 +12,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
-from .chain import ChainRpc
+from . import abi
+from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
-from .errors import GatewayError, PaymentInFlight, PaymentRequired, SettlementFailed
+from .errors import ChainUnavailable, GatewayError, PaymentInFlight, PaymentRequired, SettlementFailed
 from .protocol import reasons
 from .protocol.challenge import Challenge, Requirement, build_challenge
 from .protocol.payload import ExactPayment, HeaderName, parse_exact_payment
@@ -25,8 +27,10 @@ from .protocol.receipt import receipt_header
 from .routes import RouteTable
 from .settle import ReceiptWatcher, Relayer
 from .store.base import ClaimState, ReceiptStore
+from .verify import txhash
 from .verify.exact import SignatureKind, check_exact, payment_key, select_requirement
 from .verify.onchain import find_prior_settlement, preflight_exact, settlement_calldata, transfer_in_receipt
+from .verify.txhash import TxProof, tx_option
 
 log = logging.getLogger("gateway.payments")
 
@@ -101,8 +105,15 @@ class PaymentEngine:
         await self.store.aclose()
 
     def challenge(
-        self, route: PricedRoute, resource: str, reason: str = reasons.PAYMENT_REQUIRED, message: str = ""
+        self,
+        route: PricedRoute,
+        resource: str,
+        reason: str = reasons.PAYMENT_REQUIRED,
+        message: str = "",
+        *,
+        method: str = "GET",
     ) -> Challenge:
+        tx_options = [tx_option(r, resource, method) for r in route.requirements] if route.config.tx_hash else None
         return build_challenge(
             route.requirements,
             resource=resource,
@@ -110,9 +121,11 @@ class PaymentEngine:
             mime_type=route.config.mime_type,
             reason=reason,
             message=message,
+            tx_options=tx_options,
         )
 
-    async def begin(self, route: PricedRoute, header: HeaderName, value: bytes) -> PaidRequest:
+    async def begin(self, route: PricedRoute, header: HeaderName, value: bytes) -> ExactRequest:
+        """An x402 ``exact`` payment: checks, claim, chain preflight."""
         payment = parse_exact_payment(value, header)
         req = select_requirement(payment, route.requirements)
         pay = self.config.payment
@@ -129,7 +142,7 @@ class PaymentEngine:
         owner = uuid.uuid4().hex
         expires_at = payment.authorization.valid_before + EXPIRY_MARGIN
         record = await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
-        paid = PaidRequest(self, net, route, req, payment, key, owner, expires_at)
+        paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment)
         try:
             if record.state is ClaimState.PAID:
                 # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
@@ -145,6 +158,89 @@ class PaymentEngine:
             raise
         return paid
 
+    async def begin_tx(self, route: PricedRoute, proof: TxProof, method: str, resource: str) -> TxHashRequest:
+        """A tx-hash proof: the money is already on chain; prove it is ours, final, fresh and the caller's."""
+        if not route.config.tx_hash:
+            raise PaymentRequired("this route accepts x402 payments only", reason=reasons.UNSUPPORTED_PAYMENT_KIND)
+        for req in route.requirements:
+            if req.matches_network(proof.network):
+                break
+        else:
+            raise PaymentRequired(
+                f"network {proof.network!r} is not accepted on this route", reason=reasons.NETWORK_MISMATCH
+            )
+        net = self.networks[req.network]
+        rpc = net.rpc
+        receipt = await rpc.request_agreed("eth_getTransactionReceipt", [proof.tx_hash], project=_receipt_view)
+        if not isinstance(receipt, dict):
+            raise PaymentRequired("no such transaction on this network (yet)", reason=txhash.TX_NOT_FOUND)
+        found = txhash.find_transfer(receipt, req)
+        signer = txhash.binding_signer(proof, method, resource)
+        digest = txhash.binding_digest(txhash.binding_message(proof.tx_hash, proof.network, method, resource))
+        if signer != found.payer and not await _contract_vouches(rpc, found.payer, digest, proof.binding):
+            raise PaymentRequired(
+                "the payment binding is not signed by the transfer's sender", reason=txhash.BINDING_MISMATCH
+            )
+        await self._check_final_and_fresh(net, receipt, found)
+        key = txhash.tx_payment_key(req.chain_id, proof.tx_hash, found.log_index)
+        owner = uuid.uuid4().hex
+        record = await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=None)
+        paid = TxHashRequest(self, net, route, req, key, owner, None, payer=found.payer, version=1)
+        if record.state is ClaimState.PAID:
+            paid.mark_resumed(proof.tx_hash)
+        else:
+            # A Base transaction never expires: the record is kept for ever (expires_at None).
+            await paid.mark_paid(proof.tx_hash)
+        return paid
+
+    async def _check_final_and_fresh(self, net: Network, receipt: dict[str, Any], found: txhash.FoundTransfer) -> None:
+        calls: list[tuple[str, list[Any]]] = [
+            ("eth_getBlockByNumber", [hex(found.block_number), False]),
+            ("eth_blockNumber", []),
+        ]
+        if net.config.finality != "latest":
+            calls.append(("eth_getBlockByNumber", [net.config.finality, False]))
+        results = await net.rpc.batch(calls)
+        block, head = results[0], results[1]
+        if not isinstance(block, dict) or isinstance(head, RpcError):
+            raise ChainUnavailable(f"network {net.config.name}: could not read the transfer's block")
+        if str(block.get("hash", "")).lower() != str(receipt.get("blockHash", "")).lower():
+            raise PaymentRequired("the transfer's block was reorganised away", reason=txhash.TX_NOT_FINAL)
+        depth = hex_int(head) - found.block_number + 1
+        if depth < max(net.config.confirmations, 1):
+            raise PaymentRequired(
+                f"the transfer has {depth} of {net.config.confirmations} confirmations", reason=txhash.TX_NOT_FINAL
+            )
+        if net.config.finality != "latest":
+            tagged = results[2]
+            if not isinstance(tagged, dict) or hex_int(tagged.get("number")) < found.block_number:
+                raise PaymentRequired(f"the transfer is not {net.config.finality} yet", reason=txhash.TX_NOT_FINAL)
+        age = time.time() - hex_int(block.get("timestamp"))
+        if age > self.config.payment.tx_max_age_seconds:
+            raise PaymentRequired(
+                f"the transfer is older than {self.config.payment.tx_max_age_seconds} s", reason=txhash.TX_TOO_OLD
+            )
+
+
+def _receipt_view(receipt: Any) -> Any:
+    """What several RPC endpoints must agree on about a receipt."""
+    if not isinstance(receipt, dict):
+        return receipt
+    logs = [
+        (str(e.get("address", "")).lower(), [str(t).lower() for t in e.get("topics") or ()], str(e.get("data", "")))
+        for e in receipt.get("logs") or ()
+    ]
+    return (receipt.get("status"), str(receipt.get("blockHash", "")).lower(), logs)
+
+
+async def _contract_vouches(rpc: ChainRpc, address: str, digest: bytes, signature: bytes) -> bool:
+    """ERC-1271: a contract wallet at ``address`` says the signature is its own."""
+    try:
+        out = await rpc.eth_call(address, abi.IS_VALID_SIGNATURE.encode(digest, signature))
+    except RpcError:
+        return False
+    return out[:4] == abi.ERC1271_MAGIC
+
 
 class PaidRequest:
     """One claimed payment on its way to being settled and served."""
@@ -155,38 +251,92 @@ class PaidRequest:
         net: Network,
         route: PricedRoute,
         req: Requirement,
-        payment: ExactPayment,
         key: str,
         owner: str,
-        expires_at: float,
+        expires_at: float | None,
+        *,
+        payer: str,
+        version: int,
     ) -> None:
         self._engine = engine
         self._net = net
         self.route = route
         self.requirement = req
-        self.payment = payment
         self.key = key
         self._owner = owner
         self._expires_at = expires_at
-        self._gas = 0
+        self.payer = payer
+        self.version = version
         self._broadcast = False
         self.paid = False
         self.resumed = False
         self.tx_hash: str | None = None
-
-    @property
-    def payer(self) -> str:
-        return self.payment.payer
 
     def mark_resumed(self, tx_hash: str | None) -> None:
         self.paid = True
         self.resumed = True
         self.tx_hash = tx_hash
 
-    async def _mark_paid(self, tx_hash: str) -> None:
+    async def mark_paid(self, tx_hash: str) -> None:
         await self._engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=self._engine.lease)
         self.paid = True
         self.tx_hash = tx_hash
+
+    async def settle(self, *, simulate_again: bool = False) -> str:
+        """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
+        raise NotImplementedError
+
+    async def finish(self, *, served: bool) -> None:
+        """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not
+        execute anyway); a failed one leaves it paid-but-unserved for a free retry (THREATS 11)."""
+        await self._engine.store.finish(
+            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+        )
+
+    async def release_quietly(self) -> None:
+        """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
+        if self.paid or self._broadcast:
+            return
+        try:
+            await self._engine.store.release(self.key, self._owner)
+        except GatewayError:
+            log.warning("could not release a claim; it lapses with its lease", extra={"key": self.key})
+
+    def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
+        return receipt_header(
+            self.version,
+            self.requirement,
+            success=success,
+            transaction=self.tx_hash or "",
+            payer=self.payer,
+            reason=reason,
+        )
+
+
+class TxHashRequest(PaidRequest):
+    """A tx-hash proof: paid before it arrived; nothing to settle."""
+
+    async def settle(self, *, simulate_again: bool = False) -> str:
+        return self.tx_hash or ""
+
+
+class ExactRequest(PaidRequest):
+    """An EIP-3009 authorization this gateway settles itself."""
+
+    def __init__(
+        self,
+        engine: PaymentEngine,
+        net: Network,
+        route: PricedRoute,
+        req: Requirement,
+        key: str,
+        owner: str,
+        expires_at: float,
+        payment: ExactPayment,
+    ) -> None:
+        super().__init__(engine, net, route, req, key, owner, expires_at, payer=payment.payer, version=payment.version)
+        self.payment = payment
+        self._gas = 0
 
     async def reconcile(self, tx_hash: str) -> bool:
         """A lapsed claim left a settlement hash behind: find out what happened to it (never re-broadcast)."""
@@ -194,7 +344,7 @@ class PaidRequest:
         receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
         if isinstance(receipt, dict):
             if transfer_in_receipt(receipt, self.requirement, self.payment.authorization):
-                await self._mark_paid(tx_hash)
+                await self.mark_paid(tx_hash)
                 return True
             return False  # it reverted: verify afresh below (maybe someone else settled first)
         known = await rpc.request("eth_getTransactionByHash", [tx_hash])
@@ -211,7 +361,7 @@ class PaidRequest:
             if prior is None:
                 raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
             log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
-            await self._mark_paid(prior)
+            await self.mark_paid(prior)
             return
         self._gas = result.gas
 
@@ -243,41 +393,23 @@ class PaidRequest:
                 "settlement is broadcast but not confirmed yet", reason=reasons.SETTLEMENT_PENDING, unknown=True
             ) from None
         if transfer_in_receipt(receipt, req, auth):
-            await self._mark_paid(tx_hash)
+            await self.mark_paid(tx_hash)
             return tx_hash
         # Reverted: if someone else executed the same authorization to us first, the money still arrived.
         prior = await find_prior_settlement(net.rpc, req, auth)
         if prior is not None:
-            await self._mark_paid(prior)
+            await self.mark_paid(prior)
             return prior
         self._broadcast = False  # our transaction failed and moved nothing: the claim may be released
         raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
 
-    async def finish(self, *, served: bool) -> None:
-        """Record the outcome: a served request consumes the payment for ever (until the authorization could
-        not execute anyway); a failed one leaves it paid-but-unserved for a free retry."""
-        await self._engine.store.finish(
-            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
-        )
 
-    async def release_quietly(self) -> None:
-        """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
-        if self.paid or self._broadcast:
-            return
-        try:
-            await self._engine.store.release(self.key, self._owner)
-        except GatewayError:
-            log.warning("could not release a claim; it lapses with its lease", extra={"key": self.key})
-
-    def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
-        return receipt_header(
-            self.payment.version,
-            self.requirement,
-            success=success,
-            transaction=self.tx_hash or "",
-            payer=self.payer,
-            reason=reason,
-        )
-
-
-__all__ = ["Network", "PaidRequest", "PaymentEngine", "PricedRoute", "requirements_for"]
+__all__ = [
+    "ExactRequest",
+    "Network",
+    "PaidRequest",
+    "PaymentEngine",
+    "PricedRoute",
+    "TxHashRequest",
+    "requirements_for",
+]

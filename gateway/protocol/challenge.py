@@ -85,6 +85,7 @@ def build_challenge(
     message: str = "",
     status: int = 402,
     extensions: dict[str, Any] | None = None,
+    tx_options: list[dict[str, Any]] | None = None,
 ) -> Challenge:
     v2: dict[str, Any] = {
         "x402Version": 2,
@@ -92,6 +93,9 @@ def build_challenge(
         "resource": {"url": resource, "description": description, "mimeType": mime_type},
         "accepts": [r.v2() for r in requirements],
     }
+    extensions = dict(extensions or {})
+    if tx_options:
+        extensions["txhash"] = {"options": tx_options}
     if extensions:
         v2["extensions"] = extensions
     # v1 clients read only accepts from the body; ``message`` is extra context for people and is ignored by the
@@ -103,6 +107,9 @@ def build_challenge(
     }
     if message:
         v1["message"] = message
+    if tx_options:
+        # Seed 004's clients read ``payment[0].recipient/amount/network``; the legacy x402 schema ignores it.
+        v1["payment"] = tx_options
     body = dumps(v1)
     headers: RawHeaders = [
         (b"content-type", b"application/json"),

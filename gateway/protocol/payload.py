@@ -48,6 +48,7 @@ class ExactPayment:
     accepted: dict[str, Any] | None  # the v2 client's echo of the requirement it chose (never trusted)
     authorization: Authorization
     signature: bytes
+    raw: dict[str, Any]  # the decoded document, forwarded as-is to a facilitator
 
     @property
     def payer(self) -> str:
@@ -148,4 +149,5 @@ def parse_exact_payment(value: bytes, header: HeaderName) -> ExactPayment:
         accepted=accepted,
         authorization=parse_authorization(payload.get("authorization")),
         signature=signature,
+        raw=doc,
     )
