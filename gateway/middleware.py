@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import aiohttp
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
 from .config import GatewayConfig
 from .errors import GatewayError, SettlementFailed, StoreUnavailable
+from .events import Limiter, Observer, RequestRecord
 from .payments import PaidRequest, PaymentEngine, PricedRoute
 from .protocol.challenge import EXPOSE_HEADERS, Challenge
 from .protocol.payload import HeaderName
@@ -35,7 +40,13 @@ log = logging.getLogger("gateway.middleware")
 
 class PaymentMiddleware:
     def __init__(
-        self, app: ASGIApp, *, config: GatewayConfig | None = None, engine: PaymentEngine | None = None
+        self,
+        app: ASGIApp,
+        *,
+        config: GatewayConfig | None = None,
+        engine: PaymentEngine | None = None,
+        observers: Sequence[Observer] = (),
+        limiter: Limiter | None = None,
     ) -> None:
         if engine is None:
             if config is None:
@@ -43,6 +54,8 @@ class PaymentMiddleware:
             engine = PaymentEngine(config, open_store(config.store.url.reveal()))
         self.app = app
         self.engine = engine
+        self.observers = list(observers)
+        self.limiter = limiter
         self.config = engine.config
         self._session: aiohttp.ClientSession | None = None
         self._started = False
@@ -73,16 +86,44 @@ class PaymentMiddleware:
             return
         if not self._started:
             await self.startup()
+        client = scope.get("client")
+        record = RequestRecord(
+            request_id=_request_id(scope),
+            method=scope["method"],
+            path=scope["path"],
+            client=client[0] if client else None,
+        )
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self._http(record, scope, receive, observed_send)
+        finally:
+            record.total_seconds = time.perf_counter() - record.started
+            for observer in self.observers:
+                try:
+                    observer.request_done(record)
+                except Exception:
+                    log.exception("observer failed")
+
+    async def _http(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
         matched = self.engine.routes.match(scope["method"], normalise_path(scope["path"]))
         if matched is None:
             if self.config.server.unpriced == "refuse":
                 exc = GatewayError("no priced route matches this request", reason="route_not_found")
                 exc.status = 404  # type: ignore[misc]
+                record.outcome, record.reason = "refused", exc.reason
                 await send_error(send, exc)
                 return
+            record.outcome = "free"
             await self.app(scope, receive, send)
             return
-        await self._priced(matched[0], scope, receive, send)
+        route = matched[0]
+        record.route = route.config.route
+        await self._priced(record, route, scope, receive, send)
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def wrapped() -> Message:
@@ -133,34 +174,68 @@ class PaymentMiddleware:
         else:
             await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
 
-    async def _priced(self, route: PricedRoute, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _limited(self, record: RequestRecord, kind: Literal["challenge", "paid"], key: str, send: Send) -> bool:
+        if self.limiter is None or record.route is None:
+            return False
+        wait = await self.limiter.retry_after(kind, key, record.route)
+        if wait is None:
+            return False
+        record.outcome, record.reason = "limited", "rate_limited"
+        exc = GatewayError("too many requests; slow down", reason="rate_limited")
+        exc.status = 429  # type: ignore[misc]
+        await send_error(send, exc, [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+        return True
+
+    async def _priced(
+        self, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         found = _payment_header(scope)
         if found is None:
+            if await self._limited(record, "challenge", record.client or "?", send):
+                return
+            record.outcome, record.reason = "challenge", "payment_required"
             challenge = self.engine.challenge(route, self.resource_url(scope), method=scope["method"])
             await self._send_challenge(send, challenge)
             return
         name, value = found
         paid: PaidRequest
+        t0 = time.perf_counter()
         try:
             if name == "x-payment" and looks_like_tx_hash(value.strip()):
+                record.kind = "txhash"
                 proof = parse_tx_proof(value, header(scope, b"x-payment-network"), header(scope, b"x-payment-binding"))
                 paid = await self.engine.begin_tx(route, proof, scope["method"], self.resource_url(scope))
             else:
+                record.kind = "exact"
                 paid = await self.engine.begin(route, name, value)
         except GatewayError as exc:
+            record.verify_seconds = time.perf_counter() - t0
+            record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
             await self._refuse(send, route, scope, exc)
             return
+        record.verify_seconds = time.perf_counter() - t0
+        record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
+        if await self._limited(record, "paid", paid.payer, send):
+            await paid.release_quietly()
+            return
         if route.config.settlement == "before" and not paid.paid:
+            t0 = time.perf_counter()
             try:
                 await paid.settle()
             except GatewayError as exc:
+                record.settle_seconds = time.perf_counter() - t0
+                record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
                 await paid.release_quietly()
                 await self._refuse(send, route, scope, exc, paid)
                 return
-        await self._serve(route, paid, scope, receive, send)
+            record.settle_seconds = time.perf_counter() - t0
+        await self._serve(record, route, paid, scope, receive, send)
 
-    async def _serve(self, route: PricedRoute, paid: PaidRequest, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(
+        self, record: RequestRecord, route: PricedRoute, paid: PaidRequest, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         state: dict[str, Any] = {"started": False, "swallow": False, "finished": False}
+        upstream_t0 = time.perf_counter()
         scope.setdefault("state", {})["x402"] = {"payer": paid.payer, "network": paid.requirement.network}
 
         async def finish(served: bool) -> None:
@@ -172,12 +247,18 @@ class PaymentMiddleware:
 
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                record.upstream_seconds = time.perf_counter() - upstream_t0
                 ok = message["status"] < 400
                 try:
                     if ok and not paid.paid:
-                        await paid.settle(simulate_again=True)
+                        t0 = time.perf_counter()
+                        try:
+                            await paid.settle(simulate_again=True)
+                        finally:
+                            record.settle_seconds = time.perf_counter() - t0
                     await finish(ok)
                 except GatewayError as exc:
+                    record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
                     # Settlement failed or the store cannot record the outcome: the client gets the refusal,
                     # never the content (fail closed).
                     if not paid.paid:
@@ -188,7 +269,9 @@ class PaymentMiddleware:
                     await self._refuse(send, route, scope, exc, paid)
                     return
                 headers = list(message.get("headers", ()))
+                record.tx_hash = paid.tx_hash
                 if ok and paid.paid:
+                    record.outcome = "paid"
                     headers.append(paid.receipt())
                     headers.append((b"access-control-expose-headers", EXPOSE_HEADERS))
                 state["started"] = True
@@ -198,6 +281,16 @@ class PaymentMiddleware:
                 return
             await send(message)
 
+        try:
+            await self._call_app(scope, receive, wrapped_send, state, finish, send)
+        finally:
+            if paid.paid and not paid.resumed:
+                record.amount = paid.requirement.amount  # revenue: the money moved during this request
+            record.tx_hash = paid.tx_hash
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, wrapped_send: Send, state: dict[str, Any], finish: Any, send: Send
+    ) -> None:
         try:
             await self.app(scope, receive, wrapped_send)
         except Exception:
@@ -220,6 +313,13 @@ async def _quietly(coro: Any) -> None:
         await coro
     except (GatewayError, StoreUnavailable):
         log.warning("could not record a failed request's outcome; the claim lapses with its lease")
+
+
+def _request_id(scope: Scope) -> str:
+    given = header(scope, b"x-request-id")
+    if given and len(given) <= 64 and given.replace(b"-", b"").replace(b"_", b"").isalnum():
+        return given.decode("ascii")
+    return uuid.uuid4().hex
 
 
 def _payment_header(scope: Scope) -> tuple[HeaderName, bytes] | None:

@@ -1,0 +1,49 @@
+"""Seams for operations code: what the middleware reports about each request, and the hooks it consults.
+
+The middleware fills one :class:`RequestRecord` per HTTP request and hands it to every :class:`Observer` when
+the request ends (metrics, structured logs). It never contains a secret or a raw payment header: only decoded,
+public facts (payer address, network, tx hash, reason).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Outcome = Literal["free", "challenge", "paid", "refused", "error", "limited"]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    client: str | None
+    route: str | None = None  # the priced route's pattern, None for unpriced requests
+    status: int = 0
+    outcome: Outcome = "free"
+    reason: str | None = None  # machine-readable reason of a refusal
+    kind: Literal["exact", "txhash"] | None = None
+    payer: str | None = None
+    network: str | None = None
+    amount: int = 0  # atomic units actually collected (0 unless paid and served)
+    tx_hash: str | None = None
+    resumed: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    verify_seconds: float = 0.0
+    settle_seconds: float = 0.0
+    upstream_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class Observer(Protocol):
+    def request_done(self, record: RequestRecord) -> None:
+        """Called once per HTTP request, after the response was sent. Must not raise or block."""
+        ...
+
+
+class Limiter(Protocol):
+    async def retry_after(self, kind: Literal["challenge", "paid"], key: str, route: str) -> float | None:
+        """None to let the request through, else the seconds the client should wait (429 Retry-After)."""
+        ...
