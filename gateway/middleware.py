@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -47,6 +47,7 @@ class PaymentMiddleware:
         engine: PaymentEngine | None = None,
         observers: Sequence[Observer] = (),
         limiter: Limiter | None = None,
+        paywall: Callable[[Scope, PricedRoute, Challenge], bytes | None] | None = None,
     ) -> None:
         if engine is None:
             if config is None:
@@ -56,6 +57,7 @@ class PaymentMiddleware:
         self.engine = engine
         self.observers = list(observers)
         self.limiter = limiter
+        self.paywall = paywall
         self.config = engine.config
         self._session: aiohttp.ClientSession | None = None
         self._started = False
@@ -153,11 +155,28 @@ class PaymentMiddleware:
             host = (header(scope, b"x-forwarded-host") or host.encode()).decode("latin-1").split(",")[0].strip()
         return f"{scheme}://{host}{tail}"
 
-    async def _send_challenge(self, send: Send, challenge: Challenge, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-        await send(
-            {"type": "http.response.start", "status": challenge.status, "headers": challenge.headers + list(extra)}
-        )
-        await send({"type": "http.response.body", "body": challenge.body})
+    async def _send_challenge(
+        self,
+        scope: Scope,
+        route: PricedRoute,
+        send: Send,
+        challenge: Challenge,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        headers, body = challenge.headers + list(extra), challenge.body
+        accept = header(scope, b"accept") or b""
+        if self.paywall is not None and b"text/html" in accept:
+            # A person in a browser: same status and x402 headers, but a page they can pay from.
+            html = self.paywall(scope, route, challenge)
+            if html is not None:
+                body = html
+                headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+                headers += [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+        await send({"type": "http.response.start", "status": challenge.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _refuse(
         self, send: Send, route: PricedRoute, scope: Scope, exc: GatewayError, paid: PaidRequest | None = None
@@ -170,7 +189,7 @@ class PaymentMiddleware:
             challenge = self.engine.challenge(
                 route, self.resource_url(scope), exc.reason, exc.message, method=scope["method"]
             )
-            await self._send_challenge(send, challenge, extra)
+            await self._send_challenge(scope, route, send, challenge, extra)
         else:
             await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
 
@@ -195,7 +214,7 @@ class PaymentMiddleware:
                 return
             record.outcome, record.reason = "challenge", "payment_required"
             challenge = self.engine.challenge(route, self.resource_url(scope), method=scope["method"])
-            await self._send_challenge(send, challenge)
+            await self._send_challenge(scope, route, send, challenge)
             return
         name, value = found
         paid: PaidRequest
