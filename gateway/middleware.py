@@ -255,7 +255,17 @@ class PaymentMiddleware:
     ) -> None:
         state: dict[str, Any] = {"started": False, "swallow": False, "finished": False}
         upstream_t0 = time.perf_counter()
-        scope.setdefault("state", {})["x402"] = {"payer": paid.payer, "network": paid.requirement.network}
+        # What the app learns about the payment. ``on_paid`` hooks (async, no arguments) run after a successful
+        # response's payment is settled and before its headers leave, e.g. to record job -> payer; if one fails the
+        # payment is left unserved (free retry) and the client gets a 5xx.
+        info: dict[str, Any] = {
+            "payer": paid.payer,
+            "network": paid.requirement.network,
+            "amount": paid.requirement.amount,
+            "tx_hash": paid.tx_hash,
+            "on_paid": [],
+        }
+        scope.setdefault("state", {})["x402"] = info
 
         async def finish(served: bool) -> None:
             state["finished"] = True
@@ -275,6 +285,14 @@ class PaymentMiddleware:
                             await paid.settle(simulate_again=True)
                         finally:
                             record.settle_seconds = time.perf_counter() - t0
+                    if ok:
+                        info["tx_hash"] = paid.tx_hash
+                        try:
+                            for hook in info["on_paid"]:
+                                await hook()
+                        except GatewayError:
+                            await finish(False)
+                            raise
                     await finish(ok)
                 except GatewayError as exc:
                     record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
