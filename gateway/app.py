@@ -35,7 +35,11 @@ class Gateway:
 
     async def startup(self) -> None:
         await self.proxy.start()
-        await self.payments.startup()
+        try:
+            await self.payments.startup()
+        except BaseException:
+            await self.proxy.aclose()
+            raise
 
     async def shutdown(self) -> None:
         await self.payments.shutdown()

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from limits import parse_many
+
 from .errors import ConfigError
 from .money import parse_usd
 from .networks import KNOWN_NETWORKS
@@ -71,6 +73,11 @@ class ServerConfig:
     unpriced: Literal["pass", "refuse"] = "pass"
     max_body_bytes: int = 10 * 1024 * 1024
     body_read_timeout: float = 30.0
+    max_header_bytes: int = 16 * 1024  # request line path + all header names and values; above -> 431
+    health_path: str = "/healthz"  # "" disables; answered before route matching, never priced
+    ready_path: str = "/readyz"
+    metrics_path: str = "/metrics"
+    ready_timeout: float = 2.0  # seconds each readiness check may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +87,32 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     max_connections: int = 256
     headers: tuple[tuple[str, Secret], ...] = ()
+    health_path: str | None = None  # readiness: GET this path (< 500 is up); None: a TCP connect to the origin
 
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: Secret = field(default_factory=lambda: Secret("sqlite:///x402-gateway.db", "sqlite:///x402-gateway.db"))
     lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``limits`` rate strings ("60/minute", "10/second;500/hour"), validated at load time."""
+
+    enabled: bool = True
+    challenge: str = "60/minute"  # per client IP and route: unpaid requests answered with a 402 challenge
+    paid: str = "600/minute"  # per payer address and route: requests carrying a verified payment
+    storage_url: Secret = field(default_factory=lambda: Secret("memory://", "memory://"))
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorConfig:
+    url: Secret
+    timeout: float = 30.0  # a facilitator's /settle waits for the receipt: allow for a block or two
+    auth: Literal["none", "cdp"] = "none"
+    cdp_key_id_env: str = "CDP_API_KEY_ID"
+    cdp_key_secret_env: str = "CDP_API_KEY_SECRET"  # noqa: S105 - the NAME of an environment variable
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +127,8 @@ class NetworkConfig:
     receipt_poll_interval: float = 0.1
     rpc_timeout: float = 10.0
     finality: Literal["latest", "safe", "finalized"] = "latest"  # tx-hash proofs: block tag they must be under
+    verifier: Literal["local", "facilitator"] = "local"  # who verifies and settles x402 exact payments
+    facilitator: FacilitatorConfig | None = None
 
     @property
     def caip2(self) -> str:
@@ -127,6 +156,8 @@ class RouteConfig:
     settlement: Settlement = "after"
     max_timeout_seconds: int = 300
     tx_hash: bool = True  # also accept tx-hash proofs (x-payment: 0x<hash> + x-payment-network)
+    rate_limit_challenge: str | None = None  # None: rate_limits.challenge
+    rate_limit_paid: str | None = None  # None: rate_limits.paid
 
     @property
     def route(self) -> str:
@@ -141,6 +172,7 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -231,6 +263,28 @@ def _http_url(value: str, key: str) -> str:
     return value
 
 
+def _local_path(t: _Table, name: str, default: str) -> str:
+    """A path the gateway answers itself ("" turns it off)."""
+    value: str = t.get(name, str, default)
+    if value and (not value.startswith("/") or "?" in value or "#" in value):
+        raise ConfigError(t.key(name), 'must be an absolute path such as "/healthz", or "" to turn it off')
+    return value
+
+
+def _rate(t: _Table, name: str, default: str | None) -> str | None:
+    """A ``limits`` rate string; a typo here would otherwise surface as a crash on the first request."""
+    value: str | None = t.get(name, str, default)
+    if value is None:
+        return None
+    try:
+        parsed = parse_many(value)
+    except ValueError:
+        parsed = []
+    if not parsed or any(item.amount < 1 for item in parsed):
+        raise ConfigError(t.key(name), 'must be a rate such as "60/minute" or "10/second;500/hour"')
+    return value
+
+
 def _server(t: _Table) -> ServerConfig:
     listen = t.get("listen", str, "127.0.0.1:8402")
     host, sep, port = listen.rpartition(":")
@@ -251,7 +305,15 @@ def _server(t: _Table) -> ServerConfig:
         unpriced=unpriced,
         max_body_bytes=t.integer("max_body_bytes", 10 * 1024 * 1024, minimum=1),
         body_read_timeout=t.number("body_read_timeout", 30.0, minimum=0.1),
+        max_header_bytes=t.integer("max_header_bytes", 16 * 1024, minimum=1024),
+        health_path=_local_path(t, "health_path", "/healthz"),
+        ready_path=_local_path(t, "ready_path", "/readyz"),
+        metrics_path=_local_path(t, "metrics_path", "/metrics"),
+        ready_timeout=t.number("ready_timeout", 2.0, minimum=0.05),
     )
+    paths = [p for p in (cfg.health_path, cfg.ready_path, cfg.metrics_path) if p]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(t.key("health_path"), "health_path, ready_path and metrics_path must differ")
     t.done()
     return cfg
 
@@ -270,6 +332,7 @@ def _upstream(t: _Table, env: Mapping[str, str]) -> UpstreamConfig:
         read_timeout=t.number("read_timeout", 60.0, minimum=0.01),
         max_connections=t.integer("max_connections", 256, minimum=1),
         headers=tuple(headers),
+        health_path=_local_path(t, "health_path", "") or None,
     )
     t.done()
     return cfg
@@ -288,6 +351,21 @@ def _store(t: _Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig:
     else:
         raise ConfigError(t.key("url"), "must start with sqlite:///, redis://, rediss:// or unix://")
     cfg = StoreConfig(url=Secret(url, label), lease_seconds=t.number("lease_seconds", 120.0, minimum=1.0))
+    t.done()
+    return cfg
+
+
+def _rate_limits(t: _Table, env: Mapping[str, str]) -> RateLimitConfig:
+    url = _expand_env(t.get("storage_url", str, "memory://"), t.key("storage_url"), env)
+    scheme = url.partition("://")[0]
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise ConfigError(t.key("storage_url"), "must be memory://, redis://, rediss:// or unix://")
+    cfg = RateLimitConfig(
+        enabled=t.get("enabled", bool, True),
+        challenge=_rate(t, "challenge", "60/minute") or "60/minute",
+        paid=_rate(t, "paid", "600/minute") or "600/minute",
+        storage_url=Secret(url, redact_url(url) if "@" in url else url),
+    )
     t.done()
     return cfg
 
@@ -322,6 +400,27 @@ def _network(name: str, t: _Table, env: Mapping[str, str]) -> NetworkConfig:
         receipt_poll_interval=t.number("receipt_poll_interval", 0.1, minimum=0.01),
         rpc_timeout=t.number("rpc_timeout", 10.0, minimum=0.1),
         finality=_choice(t, "finality", ("latest", "safe", "finalized"), "latest"),
+        verifier=_choice(t, "verifier", ("local", "facilitator"), "local"),
+        facilitator=_facilitator(t, env),
+    )
+    if cfg.verifier == "facilitator" and cfg.facilitator is None:
+        raise ConfigError(t.key("facilitator"), 'verifier = "facilitator" needs a [networks.NAME.facilitator] table')
+    t.done()
+    return cfg
+
+
+def _facilitator(parent: _Table, env: Mapping[str, str]) -> FacilitatorConfig | None:
+    raw = parent.get("facilitator", dict, None)
+    if raw is None:
+        return None
+    t = _Table(raw, parent.key("facilitator"))
+    url = _http_url(_expand_env(t.require("url", str), t.key("url"), env), t.key("url")).rstrip("/")
+    cfg = FacilitatorConfig(
+        url=Secret(url, redact_url(url)),
+        timeout=t.number("timeout", 30.0, minimum=0.5),
+        auth=_choice(t, "auth", ("none", "cdp"), "none"),
+        cdp_key_id_env=t.get("cdp_key_id_env", str, "CDP_API_KEY_ID"),
+        cdp_key_secret_env=t.get("cdp_key_secret_env", str, "CDP_API_KEY_SECRET"),
     )
     t.done()
     return cfg
@@ -358,6 +457,8 @@ def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentCon
         settlement=settlement,
         max_timeout_seconds=t.integer("max_timeout_seconds", payment.max_timeout_seconds, minimum=10),
         tx_hash=t.get("tx_hash", bool, True),
+        rate_limit_challenge=_rate(t, "rate_limit_challenge", None),
+        rate_limit_paid=_rate(t, "rate_limit_paid", None),
     )
     t.done()
     return cfg
@@ -374,6 +475,7 @@ def parse_config(
     server = _server(_Table(root.get("server", dict, {}), "server"))
     upstream = _upstream(_Table(root.require("upstream", dict), "upstream"), env)
     store = _store(_Table(root.get("store", dict, {}), "store"), env, base_dir)
+    rate_limits = _rate_limits(_Table(root.get("rate_limits", dict, {}), "rate_limits"), env)
 
     pt = _Table(root.require("payment", dict), "payment")
     pay_to = _address(pt.require("pay_to", str), pt.key("pay_to"))
@@ -403,7 +505,7 @@ def parse_config(
     chain_ids = [n.chain_id for n in networks.values()]
     if len(set(chain_ids)) != len(chain_ids):
         raise ConfigError("networks", "two networks share one chain_id")
-    if payment.relayer_key is None:
+    if payment.relayer_key is None and any(n.verifier == "local" for n in networks.values()):
         raise ConfigError(
             "payment.relayer_key_env", f"environment variable {key_env} must hold the relayer's private key"
         )
@@ -412,7 +514,13 @@ def parse_config(
     routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
     root.done()
     return GatewayConfig(
-        payment=payment, networks=networks, routes=routes, server=server, upstream=upstream, store=store
+        payment=payment,
+        networks=networks,
+        routes=routes,
+        server=server,
+        upstream=upstream,
+        store=store,
+        rate_limits=rate_limits,
     )
 
 

@@ -70,7 +70,11 @@ class PaymentMiddleware:
             if self._started:
                 return
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
-            await self.engine.start(self._session)
+            try:
+                await self.engine.start(self._session)
+            except BaseException:
+                await self.shutdown()
+                raise
             self._started = True
 
     async def shutdown(self) -> None:

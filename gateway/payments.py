@@ -19,7 +19,16 @@ import aiohttp
 from . import abi
 from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
-from .errors import ChainUnavailable, GatewayError, PaymentInFlight, PaymentRequired, SettlementFailed
+from .errors import (
+    BadGateway,
+    ChainUnavailable,
+    ConfigError,
+    GatewayError,
+    PaymentInFlight,
+    PaymentRequired,
+    SettlementFailed,
+)
+from .facilitator import CdpAuth, FacilitatorClient, FacilitatorUnavailable
 from .protocol import reasons
 from .protocol.challenge import Challenge, Requirement, build_challenge
 from .protocol.payload import ExactPayment, HeaderName, parse_exact_payment
@@ -49,8 +58,9 @@ class PricedRoute:
 class Network:
     config: NetworkConfig
     rpc: ChainRpc
-    relayer: Relayer
     watcher: ReceiptWatcher
+    relayer: Relayer | None  # local verification and settlement
+    facilitator: FacilitatorClient | None  # or a remote x402 facilitator does both
 
 
 def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Requirement, ...]:
@@ -80,14 +90,21 @@ class PaymentEngine:
             [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
         )
         key = config.payment.relayer_key
-        if key is None:
-            raise ValueError("local settlement needs payment.relayer_key_env")
         self.networks: dict[str, Network] = {}
         for n in config.networks.values():
             rpc = ChainRpc(n.name, n.chain_id, n.rpc_urls, timeout=n.rpc_timeout)
-            self.networks[n.name] = Network(
-                n, rpc, Relayer(rpc, key), ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
-            )
+            relayer = facilitator = None
+            if n.verifier == "facilitator":
+                assert n.facilitator is not None
+                f = n.facilitator
+                auth = CdpAuth(f.cdp_key_id_env, f.cdp_key_secret_env) if f.auth == "cdp" else None
+                facilitator = FacilitatorClient(f.url, timeout=f.timeout, auth=auth, name=f"{n.name} facilitator")
+            else:
+                if key is None:
+                    raise ValueError("local settlement needs payment.relayer_key_env")
+                relayer = Relayer(rpc, key)
+            watcher = ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
+            self.networks[n.name] = Network(n, rpc, watcher, relayer, facilitator)
         pay = config.payment
         # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
         # a shorter lease would let a second presentation resume a payment that is still being served.
@@ -97,7 +114,22 @@ class PaymentEngine:
         for net in self.networks.values():
             await net.rpc.start(session)
             await net.rpc.verify_chain_id()
+            if net.facilitator is not None:
+                await net.facilitator.start(session)
+                await self._check_facilitator(net)
         await self.store.ping()
+
+    async def _check_facilitator(self, net: Network) -> None:
+        """Every route on a facilitator network must be one the facilitator says it supports (fail at start)."""
+        assert net.facilitator is not None
+        kinds = await net.facilitator.supported()
+        if not FacilitatorClient.supports(kinds, version=2, scheme="exact", network=net.config.caip2):
+            routes = [r.route for r in self.config.routes if net.config.name in r.networks]
+            raise ConfigError(
+                f"networks.{net.config.name}.facilitator",
+                f"the facilitator does not support x402 v2 exact payments on {net.config.caip2} "
+                f"(needed by {', '.join(routes) or 'no route'})",
+            )
 
     async def aclose(self) -> None:
         for net in self.networks.values():
@@ -147,7 +179,7 @@ class PaymentEngine:
             if record.state is ClaimState.PAID:
                 # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
                 if kind is SignatureKind.CONTRACT:
-                    await preflight_exact(net.rpc, req, payment, kind, net.relayer.address)
+                    await paid.preflight(kind)
                 paid.mark_resumed(record.tx_hash)
                 return paid
             if record.resumed and record.tx_hash and await paid.reconcile(record.tx_hash):
@@ -353,17 +385,79 @@ class ExactRequest(PaidRequest):
             raise PaymentInFlight("this payment's settlement is still pending", reason=reasons.SETTLEMENT_PENDING)
         return False  # never reached the network: safe to settle afresh
 
-    async def preflight(self, kind: SignatureKind) -> None:
+    def _facilitator_payload(self) -> dict[str, Any]:
+        """The payment as x402 v2, whatever version the client spoke: the authorization and signature are the
+        same, and ``accepted`` is the server's own requirement (never the client's echo)."""
+        doc: dict[str, Any] = {
+            "x402Version": 2,
+            "accepted": self.requirement.v2(),
+            "payload": self.payment.raw["payload"],
+        }
+        return doc
+
+    async def _paid_by_someone_else(self) -> bool:
         net, req, auth = self._net, self.requirement, self.payment.authorization
+        prior = await find_prior_settlement(net.rpc, req, auth)
+        if prior is None:
+            return False
+        log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
+        await self.mark_paid(prior)
+        return True
+
+    async def preflight(self, kind: SignatureKind) -> None:
+        net, req = self._net, self.requirement
+        if net.facilitator is not None:
+            verdict = await net.facilitator.verify(2, self._facilitator_payload(), req.v2())
+            if verdict.is_valid:
+                return
+            if verdict.invalid_reason == reasons.NONCE_ALREADY_USED and await self._paid_by_someone_else():
+                return
+            raise PaymentRequired(
+                "the facilitator refused this payment", reason=verdict.invalid_reason or "facilitator_rejected"
+            )
+        assert net.relayer is not None
         result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address)
         if result.nonce_used:
-            prior = await find_prior_settlement(net.rpc, req, auth)
-            if prior is None:
-                raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
-            log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
-            await self.mark_paid(prior)
-            return
+            if await self._paid_by_someone_else():
+                return
+            raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
         self._gas = result.gas
+
+    async def _settle_remotely(self, facilitator: FacilitatorClient) -> str:
+        net, req, auth = self._net, self.requirement, self.payment.authorization
+        engine = self._engine
+        try:
+            result = await facilitator.settle(2, self._facilitator_payload(), req.v2())
+        except FacilitatorUnavailable as exc:
+            if exc.request_sent:
+                self._broadcast = True  # it may have broadcast: keep the claim, reconcile on chain later
+                raise SettlementFailed(
+                    "the facilitator did not confirm the settlement", reason=reasons.SETTLEMENT_PENDING, unknown=True
+                ) from None
+            raise
+        except BadGateway:
+            self._broadcast = True
+            raise
+        if result.success or result.pending:
+            tx_hash = result.transaction
+            await engine.store.record_tx(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+            self._broadcast = True
+            try:
+                # Trust, but verify: the money must show up as a Transfer to us on our own RPC.
+                receipt = await net.watcher.wait(
+                    tx_hash, timeout=engine.config.payment.settle_timeout, confirmations=net.config.confirmations
+                )
+            except TimeoutError:
+                raise SettlementFailed(
+                    "settlement is broadcast but not confirmed yet", reason=reasons.SETTLEMENT_PENDING, unknown=True
+                ) from None
+            if transfer_in_receipt(receipt, req, auth):
+                await self.mark_paid(tx_hash)
+                return tx_hash
+        if await self._paid_by_someone_else():
+            return self.tx_hash or ""
+        self._broadcast = False
+        raise SettlementFailed("the facilitator could not settle this payment", reason=result.error_reason)
 
     async def settle(self, *, simulate_again: bool = False) -> str:
         """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
@@ -374,14 +468,18 @@ class ExactRequest(PaidRequest):
         engine = self._engine
         if simulate_again:
             # THREATS 10: the payer may have drained the balance while the upstream worked.
-            await self.preflight(SignatureKind.EOA)
+            await self.preflight(SignatureKind.EOA)  # the signature kind was settled at begin()
             if self.paid:
                 return self.tx_hash or ""
+
+        if net.facilitator is not None:
+            return await self._settle_remotely(net.facilitator)
 
         async def record(tx_hash: str) -> None:
             await engine.store.record_tx(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
             self._broadcast = True
 
+        assert net.relayer is not None
         gas = self._gas * 5 // 4 + 10_000
         tx_hash = await net.relayer.submit(req.asset, settlement_calldata(self.payment), gas, record)
         try:
