@@ -44,11 +44,11 @@ class Function:
                 and entry["name"] == name
                 and tuple(i["type"] for i in entry["inputs"]) == input_types
             ):
-                    self.signature = _signature(entry)
-                    self.selector = keccak(text=self.signature)[:4]
-                    self.input_types = list(input_types)
-                    self.output_types = [o["type"] for o in entry.get("outputs", [])]
-                    return
+                self.signature = _signature(entry)
+                self.selector = keccak(text=self.signature)[:4]
+                self.input_types = list(input_types)
+                self.output_types = [o["type"] for o in entry.get("outputs", [])]
+                return
         raise LookupError(f"{name}{input_types} is not in contracts_abi/{abi_name}.json")
 
     def encode(self, *args: Any) -> bytes:

@@ -131,11 +131,8 @@ class ChainRpc:
                 out.append(exc)
         return out
 
-    async def request_agreed(self, method: str, params: list[Any], project: Callable[[Any], Any] = lambda x: x) -> Any:
-        """Ask every endpoint; a majority must answer and every answer must agree (THREATS 18: one lying or
-        lagging RPC cannot make a payment count). With a single endpoint this is :meth:`request`."""
-        if len(self._urls) == 1:
-            return await self.request(method, params)
+    async def request_all(self, method: str, params: list[Any]) -> list[Any]:
+        """The answers of every endpoint that answered; a majority must answer (quorum), else ChainUnavailable."""
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         answers = await asyncio.gather(
             *(self._post(url, body, i) for i, url in enumerate(self._urls)), return_exceptions=True
@@ -149,6 +146,14 @@ class ChainRpc:
             results.append(_result(answer))
         if len(results) < len(self._urls) // 2 + 1:
             raise ChainUnavailable(f"network {self.name}: too few RPC endpoints answered", reason="rpc_no_quorum")
+        return results
+
+    async def request_agreed(self, method: str, params: list[Any], project: Callable[[Any], Any] = lambda x: x) -> Any:
+        """Ask every endpoint; a majority must answer and every answer must agree (THREATS 18: one lying or
+        lagging RPC cannot make a payment count). With a single endpoint this is :meth:`request`."""
+        if len(self._urls) == 1:
+            return await self.request(method, params)
+        results = await self.request_all(method, params)
         first = project(results[0])
         if any(project(r) != first for r in results[1:]):
             raise ChainUnavailable(f"network {self.name}: RPC endpoints disagree", reason="rpc_disagreement")

@@ -21,7 +21,6 @@ from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
 from .errors import (
     BadGateway,
-    ChainUnavailable,
     ConfigError,
     GatewayError,
     PaymentInFlight,
@@ -37,7 +36,7 @@ from .routes import RouteTable
 from .settle import ReceiptWatcher, Relayer
 from .store.base import ClaimState, ReceiptStore
 from .verify import txhash
-from .verify.exact import SignatureKind, check_exact, payment_key, select_requirement
+from .verify.exact import SignatureKind, check_exact, check_window, payment_key, select_requirement
 from .verify.onchain import find_prior_settlement, preflight_exact, settlement_calldata, transfer_in_receipt
 from .verify.txhash import TxProof, tx_option
 
@@ -162,13 +161,7 @@ class PaymentEngine:
         req = select_requirement(payment, route.requirements)
         pay = self.config.payment
         now = time.time()
-        kind = check_exact(
-            payment,
-            req,
-            now=int(now),
-            min_validity_seconds=pay.min_validity_seconds,
-            clock_skew_seconds=pay.clock_skew_seconds,
-        )
+        kind = check_exact(payment, req)
         net = self.networks[req.network]
         key = payment_key(req, payment.authorization)
         owner = uuid.uuid4().hex
@@ -184,6 +177,19 @@ class PaymentEngine:
                 return paid
             if record.resumed and record.tx_hash and await paid.reconcile(record.tx_hash):
                 return paid
+            try:
+                check_window(
+                    payment,
+                    req,
+                    now=int(now),
+                    min_validity_seconds=pay.min_validity_seconds,
+                    clock_skew_seconds=pay.clock_skew_seconds,
+                )
+            except PaymentRequired as exc:
+                # An expired authorization may still have been executed to us by someone else (THREATS 9).
+                if exc.reason == reasons.VALID_BEFORE_EXPIRED and await paid.paid_by_someone_else():
+                    return paid
+                raise
             await paid.preflight(kind)
         except BaseException:
             await paid.release_quietly()
@@ -226,32 +232,35 @@ class PaymentEngine:
         return paid
 
     async def _check_final_and_fresh(self, net: Network, receipt: dict[str, Any], found: txhash.FoundTransfer) -> None:
-        calls: list[tuple[str, list[Any]]] = [
-            ("eth_getBlockByNumber", [hex(found.block_number), False]),
-            ("eth_blockNumber", []),
-        ]
-        if net.config.finality != "latest":
-            calls.append(("eth_getBlockByNumber", [net.config.finality, False]))
-        results = await net.rpc.batch(calls)
-        block, head = results[0], results[1]
-        if not isinstance(block, dict) or isinstance(head, RpcError):
-            raise ChainUnavailable(f"network {net.config.name}: could not read the transfer's block")
+        """Confirmations, finality tag, reorg and age, each read so that one lying RPC cannot fake them: with
+        several endpoints the block must be agreed on and the head/tag is the *lowest* any of them reports."""
+        rpc = net.rpc
+        block = await rpc.request_agreed(
+            "eth_getBlockByNumber",
+            [hex(found.block_number), False],
+            project=lambda b: (b.get("hash"), b.get("timestamp")) if isinstance(b, dict) else b,
+        )
+        if not isinstance(block, dict):
+            raise PaymentRequired("the transfer's block is not on this chain", reason=txhash.TX_NOT_FINAL)
         if str(block.get("hash", "")).lower() != str(receipt.get("blockHash", "")).lower():
             raise PaymentRequired("the transfer's block was reorganised away", reason=txhash.TX_NOT_FINAL)
-        depth = hex_int(head) - found.block_number + 1
+        heads = await rpc.request_all("eth_blockNumber", [])
+        depth = min(hex_int(h) for h in heads) - found.block_number + 1
         if depth < max(net.config.confirmations, 1):
             raise PaymentRequired(
                 f"the transfer has {depth} of {net.config.confirmations} confirmations", reason=txhash.TX_NOT_FINAL
             )
         if net.config.finality != "latest":
-            tagged = results[2]
-            if not isinstance(tagged, dict) or hex_int(tagged.get("number")) < found.block_number:
+            tagged = await rpc.request_all("eth_getBlockByNumber", [net.config.finality, False])
+            lowest = min(hex_int(t.get("number")) if isinstance(t, dict) else -1 for t in tagged)
+            if lowest < found.block_number:
                 raise PaymentRequired(f"the transfer is not {net.config.finality} yet", reason=txhash.TX_NOT_FINAL)
+        pay = self.config.payment
         age = time.time() - hex_int(block.get("timestamp"))
-        if age > self.config.payment.tx_max_age_seconds:
-            raise PaymentRequired(
-                f"the transfer is older than {self.config.payment.tx_max_age_seconds} s", reason=txhash.TX_TOO_OLD
-            )
+        if age < -pay.clock_skew_seconds:
+            raise PaymentRequired("the transfer's block is dated in the future", reason=txhash.TX_IN_FUTURE)
+        if age > pay.tx_max_age_seconds:
+            raise PaymentRequired(f"the transfer is older than {pay.tx_max_age_seconds} s", reason=txhash.TX_TOO_OLD)
 
 
 def _receipt_view(receipt: Any) -> Any:
@@ -395,7 +404,7 @@ class ExactRequest(PaidRequest):
         }
         return doc
 
-    async def _paid_by_someone_else(self) -> bool:
+    async def paid_by_someone_else(self) -> bool:
         net, req, auth = self._net, self.requirement, self.payment.authorization
         prior = await find_prior_settlement(net.rpc, req, auth)
         if prior is None:
@@ -410,7 +419,7 @@ class ExactRequest(PaidRequest):
             verdict = await net.facilitator.verify(2, self._facilitator_payload(), req.v2())
             if verdict.is_valid:
                 return
-            if verdict.invalid_reason == reasons.NONCE_ALREADY_USED and await self._paid_by_someone_else():
+            if verdict.invalid_reason == reasons.NONCE_ALREADY_USED and await self.paid_by_someone_else():
                 return
             raise PaymentRequired(
                 "the facilitator refused this payment", reason=verdict.invalid_reason or "facilitator_rejected"
@@ -418,7 +427,7 @@ class ExactRequest(PaidRequest):
         assert net.relayer is not None
         result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address)
         if result.nonce_used:
-            if await self._paid_by_someone_else():
+            if await self.paid_by_someone_else():
                 return
             raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
         self._gas = result.gas
@@ -454,7 +463,7 @@ class ExactRequest(PaidRequest):
             if transfer_in_receipt(receipt, req, auth):
                 await self.mark_paid(tx_hash)
                 return tx_hash
-        if await self._paid_by_someone_else():
+        if await self.paid_by_someone_else():
             return self.tx_hash or ""
         self._broadcast = False
         raise SettlementFailed("the facilitator could not settle this payment", reason=result.error_reason)

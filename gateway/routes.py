@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-_METHOD = re.compile(r"^[A-Z]+$")
-_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_METHOD = re.compile(r"^[A-Z]+\Z")
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 
 
 def normalise_path(path: str) -> str:
@@ -69,15 +69,11 @@ class RoutePattern:
             else:
                 parts.append("/" + re.escape(seg))
         body = "".join(parts) or ""
-        regex = re.compile("^" + body + ("/?" if body else "/") + "$")
+        regex = re.compile("^" + body + ("/?" if body else "/") + r"\Z")
         return cls(text=text.strip(), methods=methods, regex=regex, params=tuple(params))
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
-        if (
-            self.methods is not None
-            and method not in self.methods
-            and not (method == "HEAD" and "GET" in self.methods)
-        ):
+        if self.methods is not None and method not in self.methods and not (method == "HEAD" and "GET" in self.methods):
             return None
         m = self.regex.match(path)
         return m.groupdict() if m else None

@@ -19,10 +19,10 @@ from .codec import decode_header
 MAX_HEADER_BYTES = 16 * 1024
 MAX_SIGNATURE_BYTES = 4096  # ERC-6492 wrapped signatures carry factory calldata; EOAs send 65 bytes
 UINT256_MAX = 2**256 - 1
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
-_UINT = re.compile(r"^[0-9]{1,78}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})+\Z")
+_UINT = re.compile(r"^[0-9]{1,78}\Z")
 
 HeaderName = Literal["x-payment", "payment-signature"]
 
@@ -123,7 +123,7 @@ def parse_exact_payment(value: bytes, header: HeaderName) -> ExactPayment:
         raise _bad(f"payment header is not base64-encoded JSON ({exc})") from None
     doc = _obj(doc, "payment header")
     version = doc.get("x402Version")
-    if isinstance(version, bool) or version not in (1, 2):
+    if type(version) is not int or version not in (1, 2):
         raise PaymentRequired("x402Version must be 1 or 2", reason=reasons.UNSUPPORTED_VERSION)
     accepted: dict[str, Any] | None = None
     if version == 1:

@@ -119,12 +119,10 @@ def select_requirement(payment: ExactPayment, requirements: tuple[Requirement, .
 def check_exact(
     payment: ExactPayment,
     req: Requirement,
-    *,
-    now: int,
-    min_validity_seconds: int,
-    clock_skew_seconds: int,
 ) -> SignatureKind:
-    """Every check that needs no chain. Returns how the signature must be confirmed; raises PaymentRequired."""
+    """Every check that needs neither chain nor clock. Returns how the signature must be confirmed; raises
+    PaymentRequired. The validity window is :func:`check_window`: a payment already paid (settled earlier, its
+    request failed) stays usable for its free retry even after its authorization window closed."""
     auth = payment.authorization
     if auth.to != req.pay_to.lower():
         raise PaymentRequired("the authorization pays someone else", reason=reasons.RECIPIENT_MISMATCH)
@@ -133,6 +131,23 @@ def check_exact(
             f"the authorization moves {auth.value} units; this route costs exactly {req.amount}",
             reason=reasons.VALUE_MISMATCH,
         )
+    if payment.signature.endswith(ERC6492_MAGIC):
+        raise PaymentRequired(
+            "signatures of undeployed smart wallets (ERC-6492) are not accepted; deploy the wallet first",
+            reason=reasons.UNDEPLOYED_SMART_WALLET,
+        )
+    signer = recover_signer(authorization_digest(req, auth), payment.signature)
+    if signer == auth.from_:
+        return SignatureKind.EOA
+    # Not an EOA signature by ``from``: only a contract wallet at ``from`` can still vouch for it (ERC-1271).
+    return SignatureKind.CONTRACT
+
+
+def check_window(
+    payment: ExactPayment, req: Requirement, *, now: int, min_validity_seconds: int, clock_skew_seconds: int
+) -> None:
+    """x402-notes §2 / THREATS 8: validAfter <= now, validBefore >= now + grace and <= now + maxTimeoutSeconds."""
+    auth = payment.authorization
     if auth.valid_after > now:
         raise PaymentRequired("the authorization is not valid yet", reason=reasons.VALID_AFTER_FUTURE)
     if auth.valid_before < now + min_validity_seconds:
@@ -146,16 +161,6 @@ def check_exact(
             f"validBefore is more than maxTimeoutSeconds ({req.max_timeout_seconds}) ahead",
             reason=reasons.VALID_BEFORE_TOO_FAR,
         )
-    if payment.signature.endswith(ERC6492_MAGIC):
-        raise PaymentRequired(
-            "signatures of undeployed smart wallets (ERC-6492) are not accepted; deploy the wallet first",
-            reason=reasons.UNDEPLOYED_SMART_WALLET,
-        )
-    signer = recover_signer(authorization_digest(req, auth), payment.signature)
-    if signer == auth.from_:
-        return SignatureKind.EOA
-    # Not an EOA signature by ``from``: only a contract wallet at ``from`` can still vouch for it (ERC-1271).
-    return SignatureKind.CONTRACT
 
 
 def payment_key(req: Requirement, auth: Authorization) -> str:

@@ -35,8 +35,8 @@ from ..errors import BadRequest, PaymentRequired
 from ..protocol.challenge import Requirement
 from .exact import recover_signer
 
-TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
+TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})+\Z")
 BINDING_HEADER = "X-PAYMENT-BINDING"
 NETWORK_HEADER = "X-PAYMENT-NETWORK"
 
@@ -44,6 +44,7 @@ TX_NOT_FOUND = "transaction_not_found"
 TX_REVERTED = "transaction_reverted"
 TX_NOT_FINAL = "transaction_not_final"
 TX_TOO_OLD = "transaction_too_old"
+TX_IN_FUTURE = "transaction_in_future"
 TRANSFER_NOT_FOUND = "transfer_not_found"
 AMOUNT_TOO_LOW = "transfer_amount_too_low"
 BINDING_REQUIRED = "payment_binding_required"

@@ -126,7 +126,7 @@ def running_gateway(
                 config=config,
                 upstream=upstream,
                 chains={network_name(c): c for c in chain_list},
-                pay_to=pay_to,
+                pay_to=config.payment.pay_to,
                 app=app,
             )
 
