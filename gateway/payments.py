@@ -25,6 +25,7 @@ from .errors import (
     GatewayError,
     PaymentInFlight,
     PaymentRequired,
+    ServiceUnavailable,
     SettlementFailed,
 )
 from .facilitator import CdpAuth, FacilitatorClient, FacilitatorUnavailable
@@ -490,7 +491,11 @@ class ExactRequest(PaidRequest):
 
         assert net.relayer is not None
         gas = self._gas * 5 // 4 + 10_000
-        tx_hash = await net.relayer.submit(req.asset, settlement_calldata(self.payment), gas, record)
+        try:
+            tx_hash = await net.relayer.submit(req.asset, settlement_calldata(self.payment), gas, record)
+        except ServiceUnavailable:
+            self._broadcast = False  # refused before it left: the money did not move, the claim may go
+            raise
         try:
             receipt = await net.watcher.wait(
                 tx_hash, timeout=engine.config.payment.settle_timeout, confirmations=net.config.confirmations

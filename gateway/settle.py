@@ -20,7 +20,7 @@ from eth_account import Account
 
 from .chain import ChainRpc, RpcError, hex_int
 from .config import Secret
-from .errors import ChainUnavailable, SettlementFailed
+from .errors import ChainUnavailable, ServiceUnavailable, SettlementFailed
 from .protocol import reasons
 
 log = logging.getLogger("gateway.settle")
@@ -88,8 +88,11 @@ class Relayer:
                     if "nonce too low" in text and attempt == 0:
                         self._nonce = None  # someone else used this key: resynchronise and sign again
                         continue
-                    raise SettlementFailed(
-                        "the network refused the settlement transaction", reason=reasons.TRANSACTION_FAILED
+                    # Refused outright (e.g. the relayer has no gas money): nothing was broadcast, and it is
+                    # our fault, not the payer's, so a 503 and not a 402.
+                    log.error("settlement broadcast refused", extra={"network": self._rpc.name, "code": exc.code})
+                    raise ServiceUnavailable(
+                        "the network refused the settlement transaction", reason="relayer_refused"
                     ) from None
                 except ChainUnavailable:
                     # The node may or may not have it: re-read the nonce next time, reconcile this one by hash.
