@@ -1,58 +1,168 @@
-"""``build_app(config)``: the standalone gateway — health endpoints, then the payment middleware, then the proxy.
+"""``build_app(config)``: the standalone gateway — size caps, operations endpoints, payment middleware, proxy.
 
-Composition is plain ASGI: ``Health -> PaymentMiddleware -> UpstreamProxy``. Health paths are answered before
-any route matching, so they can never be priced or proxied.
+Composition is plain ASGI::
+
+    Gateway: 431 header cap -> client address -> /healthz /readyz /metrics -> early 413 -> PaymentMiddleware
+             -> UpstreamProxy
+
+The operations paths are answered before any route matching, so they can never be priced or proxied. The early
+413 looks at ``Content-Length`` before the payment layer, so an oversized request is refused before its payment
+is verified or claimed (THREATS 16) and the payment stays usable. A chunked body has no declared size: the proxy
+enforces the cap while streaming, and then the request fails without being charged (``settlement = "after"``)
+or leaves its payment paid-but-unserved for a retry (``"before"``).
 """
 
 from __future__ import annotations
 
-from .asgi import ASGIApp, Message, Receive, Scope, Send, send_json
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .asgi import ASGIApp, Message, Receive, Scope, Send, send_error, send_json
 from .config import GatewayConfig
+from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
+from .events import Observer, RequestRecord
+from .health import Readiness
+from .jobs import build_jobs
+from .logs import AccessLog, install_redaction
+from .metrics import PrometheusMetrics
 from .middleware import PaymentMiddleware
 from .proxy import UpstreamProxy
+from .ratelimit import RateLimiter
+from .routes import normalise_path
 
-HEALTH_PATH = "/healthz"
+log = logging.getLogger("gateway.app")
 
 
 class Gateway:
     """The standalone reverse proxy as one ASGI app (``uvicorn gateway.app:...`` via ``x402-gateway serve``)."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, observers: tuple[Observer, ...] = ()) -> None:
         self.config = config
-        up = config.upstream
+        up, server = config.upstream, config.server
         self.proxy = UpstreamProxy(
             up.url,
             inject_headers={name: value.reveal() for name, value in up.headers},
             connect_timeout=up.connect_timeout,
             read_timeout=up.read_timeout,
             max_connections=up.max_connections,
-            max_body_bytes=config.server.max_body_bytes,
-            body_read_timeout=config.server.body_read_timeout,
-            public_scheme=_scheme(config.server.public_url),
+            max_body_bytes=server.max_body_bytes,
+            body_read_timeout=server.body_read_timeout,
+            public_scheme=_scheme(server.public_url),
         )
-        self.payments = PaymentMiddleware(self.proxy, config=config)
-        self._app: ASGIApp = self.payments
+        self.metrics = PrometheusMetrics()
+        self.observers: list[Observer] = [self.metrics, AccessLog(), *observers]
+        self.limiter = RateLimiter.from_config(config) if config.rate_limits.enabled else None
+        # [jobs] (issue 4): ``outer`` answers the free job calls before the payment layer, ``inner`` takes the paid
+        # submit after it (gateway/jobs/layer.py). Without [jobs] both are the identity.
+        self.jobs = build_jobs(config, self.proxy)
+        inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
+        self.payments = PaymentMiddleware(inner, config=config, observers=self.observers, limiter=self.limiter)
+        self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
+        self._app: ASGIApp = self.jobs.outer(self.payments) if self.jobs else self.payments
+        self._own_paths: dict[str, Callable[[Send], Any]] = {
+            path: handler
+            for path, handler in (
+                (server.health_path, self._health),
+                (server.ready_path, self._ready),
+                (server.metrics_path, self._metrics),
+            )
+            if path
+        }
+        self._undo_redaction: Callable[[], None] | None = None
 
     async def startup(self) -> None:
+        self._undo_redaction = install_redaction(self.config)
         await self.proxy.start()
-        try:
-            await self.payments.startup()
-        except BaseException:
-            await self.proxy.aclose()
-            raise
+        await self.payments.startup()
+        if self.jobs is not None:
+            await self.jobs.startup()
 
     async def shutdown(self) -> None:
+        if self.jobs is not None:  # first: running jobs still write their outcome to the job store
+            await self.jobs.shutdown()
         await self.payments.shutdown()
         await self.proxy.aclose()
+        await self.readiness.aclose()
+        if self.limiter is not None:
+            await self.limiter.aclose()
+        if self._undo_redaction is not None:
+            self._undo_redaction()
+            self._undo_redaction = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] == "http" and scope["path"] == HEALTH_PATH:
-            await send_json(send, 200, {"status": "ok"})
-            return
+        if kind == "http":
+            server = self.config.server
+            if _header_bytes(scope) > server.max_header_bytes:
+                await self._refuse(scope, send, HeadersTooLarge("request headers exceed the limit"))
+                return
+            if server.trust_forwarded_headers:
+                forwarded = _forwarded_client(scope)
+                if forwarded is not None:
+                    # Behind a load balancer every client would share its address, and so one rate-limit bucket.
+                    scope["client"] = (forwarded, 0)
+            own = self._own_paths.get(scope["path"])
+            if own is not None:
+                await own(send)
+                return
+            length = _declared_length(scope)
+            if length is not None and length > server.max_body_bytes:
+                await self._refuse(scope, send, PayloadTooLarge("request body exceeds the limit"))
+                return
         await self._app(scope, receive, send)
+
+    # ------------------------------------------------------------------------------------- own endpoints
+
+    async def _health(self, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"}, [(b"cache-control", b"no-store")])
+
+    async def _ready(self, send: Send) -> None:
+        checks = await self.readiness.check()
+        self.metrics.observe_ready(checks)
+        failing = sorted(name for name, result in checks.items() if result != "ok")
+        body: dict[str, Any] = {"status": "unready" if failing else "ready", "checks": checks}
+        if failing:
+            body["failing"] = failing
+        await send_json(send, 503 if failing else 200, body, [(b"cache-control", b"no-store")])
+
+    async def _metrics(self, send: Send) -> None:
+        payload, content_type = self.metrics.render()
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(payload)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _refuse(self, scope: Scope, send: Send, exc: GatewayError) -> None:
+        """Answer before the payment layer, and still tell the observers (a flood of 431s should show)."""
+        client = scope.get("client")
+        record = RequestRecord(
+            request_id=uuid.uuid4().hex,
+            method=scope["method"],
+            path=scope["path"],
+            client=client[0] if client else None,
+            status=exc.status,
+            outcome="refused",
+            reason=exc.reason,
+        )
+        matched = self.payments.engine.routes.match(scope["method"], normalise_path(scope["path"]))
+        record.route = matched[0].config.route if matched else None
+        await send_error(send, exc, [(b"connection", b"close")])
+        record.total_seconds = time.perf_counter() - record.started
+        for observer in self.observers:
+            try:
+                observer.request_done(record)
+            except Exception:
+                log.exception("observer failed")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -68,6 +178,33 @@ class Gateway:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _header_bytes(scope: Scope) -> int:
+    """The request line's target plus every header line, as received (``name: value\\r\\n``)."""
+    target = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b""))
+    return target + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+
+
+def _forwarded_client(scope: Scope) -> str | None:
+    """The address the trusted proxy saw: the LAST ``X-Forwarded-For`` entry, the one that proxy appended.
+    Earlier entries come from the client and can say anything (a fresh address per request: no rate limit)."""
+    values = [v for k, v in scope.get("headers", ()) if k == b"x-forwarded-for"]
+    if not values:
+        return None
+    last = values[-1].decode("latin-1").rsplit(",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """A well-formed single ``Content-Length``; anything odd is left to the proxy, which refuses it."""
+    values = [v for k, v in scope.get("headers", ()) if k == b"content-length"]
+    if len(values) != 1 or not values[0].strip().isdigit():
+        return None
+    return int(values[0])
 
 
 def _scheme(public_url: str | None) -> str | None:

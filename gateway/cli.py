@@ -27,8 +27,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import build_app
+    from .logs import configure_logging
 
     config = _load(args.config)
+    configure_logging(args.log_level, json=args.log_format == "json")
     host = args.host or config.server.listen_host
     port = args.port or config.server.listen_port
     uvicorn.run(
@@ -36,9 +38,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's records go through our handler (format, secret redaction)
+        access_log=False,  # gateway.access writes one richer line per request
         lifespan="on",
         proxy_headers=False,  # forwarded headers are trusted only through server.trust_forwarded_headers
         server_header=False,
+        date_header=False,  # the upstream's own Date header passes through; two would confuse clients
     )
     return 0
 
@@ -66,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.listen's host")
     serve.add_argument("--port", type=int, help="override server.listen's port")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default="json", choices=["json", "text"], help="log lines (default: json)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate a configuration file without serving")
     check.add_argument("-c", "--config", required=True)

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
@@ -23,8 +23,11 @@ from .money import parse_usd
 from .networks import KNOWN_NETWORKS
 from .routes import RoutePattern
 
+if TYPE_CHECKING:  # [jobs] (issue 4): defined in gateway/jobs/settings.py, parsed by _jobs below
+    from .jobs.settings import JobsConfig
+
 Settlement = Literal["before", "after"]
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -173,6 +176,7 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    jobs: JobsConfig | None = None  # [jobs]: job-aware billing / the built-in job runner (gateway.jobs)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -464,6 +468,14 @@ def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentCon
     return cfg
 
 
+def _jobs(root: _Table, routes: tuple[RouteConfig, ...]) -> JobsConfig | None:
+    """``[jobs]`` (issue 4), validated against the priced routes; None when the section is absent."""
+    from .jobs.settings import parse_jobs  # lazy: gateway.jobs imports this module
+
+    raw = root.get("jobs", dict, None)
+    return None if raw is None else parse_jobs(_Table(raw, "jobs"), routes)
+
+
 def parse_config(
     data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
 ) -> GatewayConfig:
@@ -512,6 +524,7 @@ def parse_config(
 
     raw_routes = root.get("routes", list, [])
     routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
+    jobs = _jobs(root, routes)
     root.done()
     return GatewayConfig(
         payment=payment,
@@ -521,6 +534,7 @@ def parse_config(
         upstream=upstream,
         store=store,
         rate_limits=rate_limits,
+        jobs=jobs,
     )
 
 

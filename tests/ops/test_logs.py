@@ -1,0 +1,213 @@
+"""Structured logs: one JSON line per request, and no secret in any log line (THREATS 19)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import gateway.health
+from gateway.devchain import DevChain
+from gateway.logs import (
+    REDACTOR,
+    JsonFormatter,
+    SecretRedactor,
+    TextFormatter,
+    config_secrets,
+    configure_logging,
+    install_redaction,
+)
+from tests.ops.support import RpcRelay, serve_gateway
+from tests.support.gateway import gateway_config, sqlite_url
+from tests.support.servers import Behaviour, serve_asgi
+
+API_KEY = "UPSTREAM-APIKEY-7f3a9c2e51"
+RPC_KEY = "SECRETRPCKEY"
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """Every record reaching the root logger, formatted as the served process would (JSON lines)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def test_a_full_payment_leaves_no_secret_and_no_payment_header_in_any_log(
+    base_chain: DevChain,
+    tmp_path: Path,
+    captured: io.StringIO,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(gateway.health, "CACHE_SECONDS", 0.0)
+    payer = base_chain.new_payer(1_000_000)
+    relay = RpcRelay(base_chain.url)
+    headers_sent: list[str] = []
+    with serve_asgi(relay) as relay_url:
+        networks = {"base": {"rpc_urls": [f"{relay_url}/v2/{RPC_KEY}"], "receipt_poll_interval": 0.02}}
+        with (
+            serve_gateway(
+                base_chain,
+                store_url=sqlite_url(tmp_path),
+                networks=networks,
+                upstream={"headers": {"X-API-Key": API_KEY}},
+            ) as gw,
+            gw.client() as c,
+        ):
+            assert c.get("/readyz").status_code == 200
+            challenge = c.post("/paid", json={"q": 1})
+            assert challenge.status_code == 402
+            name, header = gw.sign(payer, challenge)
+            headers_sent.append(header)
+            paid = c.post("/paid", json={"q": 1}, headers={name: header})
+            assert paid.status_code == 200, paid.text
+            assert gw.upstream.requests[-1].header("x-api-key") == API_KEY  # the key was really in use
+            assert c.post("/paid", json={"q": 1}, headers={name: header}).status_code == 402  # replay
+            assert c.post("/paid", headers={"X-PAYMENT": "eyJub3QiOiJ2YWxpZCJ9"}).status_code in (400, 402)
+            # An upstream failure and an RPC outage: the paths where errors (and their URLs) get logged.
+            gw.upstream.reset(Behaviour(status=502))
+            name2, header2 = gw.sign(payer, c.post("/paid", json={}))
+            headers_sent.append(header2)
+            assert c.post("/paid", json={}, headers={name2: header2}).status_code == 502
+            relay.mode = "down"
+            name3, header3 = gw.sign(payer, c.post("/paid", json={}))
+            headers_sent.append(header3)
+            assert c.post("/paid", json={}, headers={name3: header3}).status_code == 503
+            assert c.get("/readyz").status_code == 503
+            relay.mode = "forward"
+            relayer_key = gw.config.payment.relayer_key
+            assert relayer_key is not None
+
+    out, err = capfd.readouterr()
+    everything = "\n".join([captured.getvalue(), caplog.text, out, err, *(repr(r.__dict__) for r in caplog.records)])
+    assert relay.paths and all(p == f"/v2/{RPC_KEY}" for p in relay.paths)  # the credential path was used
+    key_hex = relayer_key.reveal().removeprefix("0x")
+    for secret in (key_hex, key_hex.lower(), key_hex.upper(), API_KEY, RPC_KEY):
+        assert secret not in everything
+    for header in headers_sent:
+        assert header not in everything
+        assert header[:48] not in everything  # not even a prefix of the base64 payment header
+
+    access = [json.loads(line) for line in captured.getvalue().splitlines() if '"logger":"gateway.access"' in line]
+    paid_line = next(a for a in access if a["outcome"] == "paid")
+    assert paid_line["status"] == 200
+    assert paid_line["route"] == "POST /paid"
+    assert paid_line["network"] == "base"
+    assert paid_line["payer"].lower() == payer.address.lower()
+    assert paid_line["tx_hash"].startswith("0x") and len(paid_line["tx_hash"]) == 66
+    assert paid_line["amount"] == 100_000
+    assert paid_line["settle_ms"] > 0 and paid_line["total_ms"] >= paid_line["settle_ms"]
+    assert len(paid_line["request_id"]) >= 16
+    outcomes = [a["outcome"] for a in access]
+    assert {"challenge", "paid", "refused", "unserved", "error"} <= set(outcomes)
+
+
+def test_the_redactor_masks_secrets_in_messages_arguments_extras_and_tracebacks(base_chain: DevChain) -> None:
+    config = gateway_config(
+        [base_chain],
+        upstream_url="http://user:upstream-pass-123@127.0.0.1:9000",
+        store_url="redis://:store-pass-456@127.0.0.1:6379/0",
+        pay_to="0x" + "11" * 20,
+        networks={"base": {"rpc_urls": ["https://base-mainnet.example.com/v2/ALCHEMYKEY123?apikey=querykey987"]}},
+        upstream={"headers": {"Authorization": "Bearer tok-abcdef-123456"}},
+    )
+    stream = io.StringIO()
+    logger = logging.getLogger("tests.ops.redaction")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    redactor = SecretRedactor()
+    handler.addFilter(redactor)
+    handle = redactor.add(config_secrets(config))
+    key = config.payment.relayer_key
+    assert key is not None
+    try:
+        logger.warning("rpc %s failed", "https://base-mainnet.example.com/v2/ALCHEMYKEY123?apikey=querykey987")
+        logger.warning("token %s and key %s", "tok-abcdef-123456", key.reveal())
+        logger.warning("nested", extra={"ctx": {"url": "redis://:store-pass-456@127.0.0.1:6379/0"}})
+        logger.warning("some other key: %s", "0x" + "cd" * 32)  # any 32-byte hex after a key-ish word
+        try:
+            raise ValueError("connect to http://user:upstream-pass-123@127.0.0.1:9000 failed (ALCHEMYKEY123)")
+        except ValueError:
+            logger.exception("boom")
+        logger.info("tx_hash=%s nonce=%s", "0x" + "ab" * 32, "0x" + "ef" * 32)  # public values stay readable
+    finally:
+        logger.removeHandler(handler)
+        redactor.remove(handle)
+    text = stream.getvalue()
+    for secret in (
+        "ALCHEMYKEY123",
+        "querykey987",
+        "tok-abcdef-123456",
+        key.reveal().removeprefix("0x"),
+        "store-pass-456",
+        "upstream-pass-123",
+        "cd" * 32,
+    ):
+        assert secret not in text, secret
+    assert "base-mainnet.example.com" not in text or "***" in text
+    assert "ab" * 32 in text and "ef" * 32 in text
+    assert text.count("***") >= 7
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert "exception" in lines[4] and "ValueError" in lines[4]["exception"]
+
+
+def test_install_redaction_reaches_handlers_that_already_exist_and_can_be_undone(base_chain: DevChain) -> None:
+    config = gateway_config(
+        [base_chain],
+        upstream_url="http://127.0.0.1:9000",
+        store_url="sqlite:///x.db",
+        pay_to="0x" + "11" * 20,
+        upstream={"headers": {"X-API-Key": "install-test-key-42"}},
+    )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        undo = install_redaction(config)
+        assert REDACTOR in handler.filters
+        logging.getLogger("tests.ops.install").error("key is %s", "install-test-key-42")
+        undo()
+        logging.getLogger("tests.ops.install").error("after undo %s", "install-test-key-42")
+    finally:
+        root.removeHandler(handler)
+        handler.removeFilter(REDACTOR)
+    first, second = stream.getvalue().splitlines()
+    assert "install-test-key-42" not in first
+    assert second.endswith("install-test-key-42")
+
+
+def test_text_format_puts_the_access_fields_after_the_message() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    handler = configure_logging("info", json=False, stream=stream)  # replaces the root's handlers
+    try:
+        assert root.handlers == [handler]
+        assert isinstance(handler.formatter, TextFormatter)
+        logging.getLogger("gateway.access").info("GET /x 402 challenge", extra={"access": {"status": 402}})
+    finally:
+        root.removeHandler(handler)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    assert stream.getvalue().rstrip().endswith("gateway.access GET /x 402 challenge status=402")

@@ -1,0 +1,167 @@
+"""Rate limits (THREATS 20): challenge flooding is cut off per client IP, paid hammering per payer, with 429 +
+Retry-After, bounded state, and nothing consumed by a limited request."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import redis
+
+from gateway.devchain import DevChain, RedisServer
+from gateway.ratelimit import RateLimiter
+from tests.ops.support import samples, value
+from tests.support.gateway import running_gateway, sqlite_url
+
+ROUTES = [
+    {"route": "GET /cheap", "price": "0.01"},
+    {"route": "GET /dear", "price": "1.00", "rate_limit_challenge": "2/minute"},
+    {"route": "POST /paid", "price": "0.10", "rate_limit_paid": "1/minute"},
+]
+
+
+def memory_keys(limiter: RateLimiter | None) -> int:
+    assert limiter is not None
+    return len(limiter.storage.storage)  # type: ignore[attr-defined]  # MemoryStorage's counters
+
+
+def test_a_burst_of_unpaid_requests_beyond_the_limit_gets_429_with_retry_after(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    limits = {"challenge": "5/minute"}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        statuses = [c.get("/cheap") for _ in range(20)]
+        assert [r.status_code for r in statuses] == [402] * 5 + [429] * 15
+        limited = statuses[-1]
+        assert limited.json()["error"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert "payment-required" not in limited.headers  # no challenge was built for it
+        keys_after_20 = memory_keys(gw.app.limiter)
+        for _ in range(200):
+            c.get("/cheap")
+        # No state per request: one client on one route is a couple of window counters, however many requests.
+        assert memory_keys(gw.app.limiter) == keys_after_20 <= 2
+        assert gw.upstream.requests == []
+        m = samples(c.get("/metrics").text)
+        assert value(m, "x402_gateway_rate_limited_total", route="GET /cheap", kind="challenge") == 215
+
+
+def test_a_route_override_sets_its_own_challenge_limit(base_chain: DevChain, tmp_path: Path) -> None:
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw, gw.client() as c:
+        assert [c.get("/dear").status_code for _ in range(3)] == [402, 402, 429]
+        assert c.get("/cheap").status_code == 402  # default 60/minute, and a bucket of its own
+
+
+def test_the_challenge_limit_is_per_client_ip(base_chain: DevChain, tmp_path: Path) -> None:
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw:
+        with gw.client() as a:
+            assert [a.get("/dear").status_code for _ in range(3)] == [402, 402, 429]
+        other_ip = httpx.HTTPTransport(local_address="127.0.0.2")  # another loopback address: another client
+        with gw.client(transport=other_ip) as b:
+            assert b.get("/dear").status_code == 402
+
+
+def test_paid_requests_are_limited_per_payer_and_a_limited_payment_is_not_consumed(
+    base_chain: DevChain, tmp_path: Path, redis_url: str
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    limits = {"storage_url": redis_url}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        before = gw.balance(payer.address)
+        first = gw.sign(payer, c.post("/paid"))
+        second = gw.sign(payer, c.post("/paid"))
+        assert c.post("/paid", headers=dict([first])).status_code == 200
+        limited = c.post("/paid", headers=dict([second]))
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert len(gw.upstream.requests) == 1
+        assert gw.balance(payer.address) == before - 100_000  # the limited payment was not settled
+        redis.Redis.from_url(redis_url).flushall()  # the window passes
+        assert c.post("/paid", headers=dict([second])).status_code == 200  # ... and the same payment still works
+        assert gw.balance(payer.address) == before - 200_000
+
+
+def test_a_redis_storage_shares_the_counters_between_gateway_instances(
+    base_chain: DevChain, tmp_path: Path, redis_url: str
+) -> None:
+    limits = {"storage_url": redis_url, "challenge": "3/minute"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path / "a"), routes=ROUTES, rate_limits=limits) as a,
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path / "b"), routes=ROUTES, rate_limits=limits) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
+        assert [ca.get("/cheap").status_code for _ in range(2)] == [402, 402]
+        assert [cb.get("/cheap").status_code for _ in range(2)] == [402, 429]
+
+
+def test_a_down_rate_limit_storage_lets_requests_through(
+    base_chain: DevChain, tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Rate limiting protects capacity, not money: its outage must not become the gateway's outage."""
+    limits = {"storage_url": redis_url, "challenge": "1/minute"}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        assert c.get("/cheap").status_code == 402
+        redis_server.stop()
+        try:
+            assert [c.get("/cheap").status_code for _ in range(3)] == [402] * 3
+        finally:
+            redis_server.start()
+
+
+def test_rate_limits_can_be_turned_off(base_chain: DevChain, tmp_path: Path) -> None:
+    limits = {"enabled": False, "challenge": "1/minute"}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        assert gw.app.limiter is None
+        assert [c.get("/dear").status_code for _ in range(5)] == [402] * 5
+
+
+def test_concurrent_burst_admits_exactly_the_limit(base_chain: DevChain, tmp_path: Path) -> None:
+    limits = {"challenge": "10/minute"}
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                return [r.status_code for r in await asyncio.gather(*(c.get("/cheap") for _ in range(40)))]
+
+        codes = asyncio.run(burst())
+        assert codes.count(402) == 10
+        assert codes.count(429) == 30
+
+
+def test_behind_a_trusted_proxy_the_limit_follows_the_address_the_proxy_appended(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    """One bucket per real client, not one for the whole load balancer; and entries a client prepends to
+    X-Forwarded-For (a fresh one per request) cannot open a fresh bucket."""
+    server = {"trust_forwarded_headers": True}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, server=server) as gw,
+        gw.client() as c,
+    ):
+        spoofed = [c.get("/dear", headers={"X-Forwarded-For": f"10.0.0.{i}, 203.0.113.7"}) for i in range(3)]
+        assert [r.status_code for r in spoofed] == [402, 402, 429]
+        assert c.get("/dear", headers={"X-Forwarded-For": "203.0.113.8"}).status_code == 402
+        assert gw.upstream.requests == []
+        c.get("/free", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.9"})
+        assert gw.upstream.requests[-1].header_values("x-forwarded-for") == ["203.0.113.9"]  # and the upstream too
+
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw, gw.client() as c:
+        # Not trusted: the header is ignored, every request is the socket's address.
+        codes = [c.get("/dear", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(3)]
+        assert codes == [402, 402, 429]

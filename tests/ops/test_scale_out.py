@@ -1,0 +1,161 @@
+"""Scaling out: several gateway PROCESSES sharing one Redis stay exactly-once (THREATS 1, 2).
+
+Three ``x402-gateway serve`` processes, each on its own port, one Redis (receipts and rate-limit counters), one
+chain, one upstream. One payment sent to all three at once is served exactly once; three different payments,
+one per instance, are each served once (the control: the shared store refuses only what it must).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from eth_account import Account
+
+from gateway.devchain import DevChain, set_eth_balance
+from tests.support.gateway import GatewayUnderTest
+from tests.support.servers import RecordingUpstream, serve_asgi
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTANCES = 3
+REQUESTS = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, upstream_url: str, redis_url: str, chain: DevChain, pay_to: str) -> None:
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:8402"
+
+[upstream]
+url = "{upstream_url}"
+read_timeout = 10.0
+
+[store]
+url = "{redis_url}"
+
+[rate_limits]
+storage_url = "{redis_url}"
+
+[payment]
+pay_to = "{pay_to}"
+relayer_key_env = "TEST_RELAYER_KEY"
+settle_timeout = 20.0
+
+[networks.base]
+rpc_urls = ["{chain.url}"]
+receipt_poll_interval = 0.02
+
+[[routes]]
+route = "POST /paid"
+price = "0.10"
+"""
+    )
+
+
+@contextlib.contextmanager
+def gateway_processes(config: Path, chain: DevChain, logs: Path, keys: list[str]) -> Iterator[list[str]]:
+    procs: list[tuple[subprocess.Popen[bytes], str, Path]] = []
+    try:
+        for i, key in enumerate(keys):
+            env = dict(os.environ, TEST_RELAYER_KEY=key, PYTHONPATH=str(ROOT))
+            port = free_port()
+            log = logs / f"gateway-{i}.log"
+            cmd = [sys.executable, "-m", "gateway.cli", "serve", "-c", str(config), "--port", str(port)]
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            procs.append((proc, f"http://127.0.0.1:{port}", log))
+        deadline = time.monotonic() + 40
+        for proc, url, log in procs:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"gateway never became ready:\n{log.read_text()[-3000:]}")
+                time.sleep(0.1)
+        yield [url for _, url, _ in procs]
+    finally:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+async def post_all(targets: list[tuple[str, dict[str, str]]]) -> list[int]:
+    """Every request released together (connections opened first, then one gather)."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(targets))) as client:
+        return [r.status_code for r in await asyncio.gather(*(client.post(u, headers=h) for u, h in targets))]
+
+
+def test_three_gateway_processes_on_one_redis_serve_one_payment_exactly_once(
+    base_chain: DevChain, redis_url: str, tmp_path: Path
+) -> None:
+    upstream = RecordingUpstream()
+    pay_to = Account.create().address
+    with serve_asgi(upstream) as upstream_url:
+        config = tmp_path / "gateway.toml"
+        write_config(config, upstream_url=upstream_url, redis_url=redis_url, chain=base_chain, pay_to=pay_to)
+        # One relayer key per instance, as the README recommends: each process keeps its own nonce sequence, so
+        # instances settling at the same moment never race for one nonce.
+        relayers = [Account.create() for _ in range(INSTANCES)]
+        for r in relayers:
+            set_eth_balance(base_chain.anvil, r.address, 10**19)
+        keys = [r.key.to_0x_hex() for r in relayers]
+        with gateway_processes(config, base_chain, tmp_path, keys) as urls:
+            # A signer for the challenge: our SDK helper, fed by one instance's real 402.
+            signer = GatewayUnderTest(url=urls[0], config=None, upstream=upstream, chains={}, pay_to=pay_to)  # type: ignore[arg-type]
+            payer = base_chain.new_payer(1_000_000)
+            before = (base_chain.balance(payer.address), base_chain.balance(pay_to))
+            challenge = httpx.post(urls[1] + "/paid")
+            assert challenge.status_code == 402
+            name, header = signer.sign(payer, challenge)
+
+            targets = [(urls[i % INSTANCES] + "/paid", {name: header}) for i in range(REQUESTS)]
+            codes = asyncio.run(post_all(targets))
+
+            assert sum(200 <= c < 300 for c in codes) == 1, codes
+            assert set(codes) <= {200, 402, 409}, codes  # refusals only: never a 5xx, never a second 2xx
+            assert len(upstream.requests) == 1
+            after = (base_chain.balance(payer.address), base_chain.balance(pay_to))
+            assert after == (before[0] - 100_000, before[1] + 100_000)  # debited once
+
+            # Control: three different payments, one per instance, all at once -> each served once.
+            payers = [base_chain.new_payer(1_000_000) for _ in range(INSTANCES)]
+            signed = [signer.sign(p, httpx.post(urls[0] + "/paid")) for p in payers]
+            codes = asyncio.run(post_all([(urls[i] + "/paid", dict([signed[i]])) for i in range(INSTANCES)]))
+            assert codes == [200] * INSTANCES
+            assert len(upstream.requests) == 1 + INSTANCES
+            assert base_chain.balance(pay_to) == before[1] + 100_000 * (1 + INSTANCES)
+
+    # The served processes logged JSON lines, with the paid request on one of them, and never the relayer key.
+    lines = [line for i in range(INSTANCES) for line in (tmp_path / f"gateway-{i}.log").read_text().splitlines()]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) == len(lines), [line for line in lines if not line.startswith("{")][:5]
+    paid = [r for r in records if r.get("logger") == "gateway.access" and r.get("outcome") == "paid"]
+    assert len(paid) == 1 + INSTANCES
+    for key in (k.removeprefix("0x") for k in keys):
+        assert all(key not in line.lower() for line in lines)
