@@ -1,0 +1,51 @@
+"""Idempotency fixtures: ``store_url`` runs a test once per backend (SQLite file, real Redis); ``idempotent_gateway``
+serves a real gateway (dev chain, recording upstream) wrapped in an :class:`IdempotencyLayer` on the same store URL."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import Gateway
+from gateway.devchain import DevChain
+from gateway.idempotency import IdempotencyLayer
+from gateway.routes import normalise_path
+from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
+
+PRICE = 100_000  # POST /paid and POST /paid-before (tests/support/gateway.py DEFAULT_ROUTES)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
+    return url
+
+
+def priced_by(app: Gateway) -> Any:
+    """The lead's wiring: priced iff the payment engine's route table matches the normalised path."""
+    routes = app.payments.engine.routes
+    return lambda method, path: routes.match(method, normalise_path(path)) is not None
+
+
+@contextlib.contextmanager
+def idempotent_gateway(
+    chain: DevChain, *, store_url: str, routes: list[dict[str, Any]] | None = None, upstream: Any = None, **layer: Any
+) -> Iterator[GatewayUnderTest]:
+    def wrap(app: Gateway) -> IdempotencyLayer:
+        return IdempotencyLayer(app, store=store_url, is_priced=priced_by(app), **layer)
+
+    with running_gateway(chain, store_url=store_url, routes=routes, upstream=upstream, wrap=wrap) as gw:
+        yield gw
+
+
+def pay(gw: GatewayUnderTest, payer: Any, path: str = "/paid") -> tuple[str, str]:
+    challenge = httpx.post(gw.url + path)
+    assert challenge.status_code == 402, challenge.text
+    return gw.sign(payer, challenge)
