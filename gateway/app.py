@@ -26,6 +26,7 @@ from .config import GatewayConfig
 from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
 from .events import Observer, RequestRecord
 from .health import Readiness
+from .idempotency import IdempotencyLayer
 from .jobs import build_jobs
 from .logs import AccessLog, install_redaction
 from .metrics import PrometheusMetrics
@@ -62,7 +63,22 @@ class Gateway:
         inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
         self.payments = PaymentMiddleware(inner, config=config, observers=self.observers, limiter=self.limiter)
         self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
-        self._app: ASGIApp = self.jobs.outer(self.payments) if self.jobs else self.payments
+        paid: ASGIApp = self.payments
+        self.idempotency: IdempotencyLayer | None = None
+        if config.idempotency.enabled:
+            idem, routes = config.idempotency, self.payments.engine.routes
+            self.idempotency = IdempotencyLayer(
+                self.payments,
+                store=(idem.store_url or config.store.url).reveal(),
+                is_priced=lambda method, path: routes.match(method, normalise_path(path)) is not None,
+                ttl=idem.ttl,
+                lease=idem.lease,
+                max_body_bytes=server.max_body_bytes,
+                max_stored_body_bytes=idem.max_stored_body_bytes,
+                body_read_timeout=server.body_read_timeout,
+            )
+            paid = self.idempotency
+        self._app: ASGIApp = self.jobs.outer(paid) if self.jobs else paid
         self._own_paths: dict[str, Callable[[Send], Any]] = {
             path: handler
             for path, handler in (
@@ -77,14 +93,22 @@ class Gateway:
     async def startup(self) -> None:
         self._undo_redaction = install_redaction(self.config)
         await self.proxy.start()
-        await self.payments.startup()
-        if self.jobs is not None:
-            await self.jobs.startup()
+        try:
+            await self.payments.startup()
+            if self.idempotency is not None:
+                await self.idempotency.startup()
+            if self.jobs is not None:
+                await self.jobs.startup()
+        except BaseException:
+            await self.shutdown()  # close what did start: no session or connection outlives a failed start
+            raise
 
     async def shutdown(self) -> None:
         if self.jobs is not None:  # first: running jobs still write their outcome to the job store
             await self.jobs.shutdown()
         await self.payments.shutdown()
+        if self.idempotency is not None:
+            await self.idempotency.aclose()
         await self.proxy.aclose()
         await self.readiness.aclose()
         if self.limiter is not None:

@@ -168,6 +168,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    """``Idempotency-Key`` on paid requests: a retry of a paid request whose answer was lost gets that answer."""
+
+    enabled: bool = True
+    store_url: Secret | None = None  # None: the receipt store's URL (separate table / key prefix)
+    ttl: float = 86_400.0
+    lease: float = 600.0
+    max_stored_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     payment: PaymentConfig
     networks: Mapping[str, NetworkConfig]
@@ -177,6 +188,7 @@ class GatewayConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     jobs: JobsConfig | None = None  # [jobs]: job-aware billing / the built-in job runner (gateway.jobs)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -359,6 +371,25 @@ def _store(t: _Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig:
     return cfg
 
 
+def _idempotency(t: _Table, env: Mapping[str, str], base_dir: Path, min_lease: float) -> IdempotencyConfig:
+    raw_url = t.get("store_url", str, "")
+    store_url = _store(_Table({"url": raw_url}, t.path), env, base_dir).url if raw_url else None
+    cfg = IdempotencyConfig(
+        enabled=t.get("enabled", bool, True),
+        store_url=store_url,
+        ttl=t.number("ttl", 86_400.0, minimum=1.0),
+        lease=t.number("lease", 600.0, minimum=1.0),
+        max_stored_body_bytes=t.integer("max_stored_body_bytes", 1024 * 1024, minimum=0),
+    )
+    if cfg.lease < min_lease:
+        # A retry must not take over a request that is still settling or waiting for the upstream.
+        raise ConfigError(
+            t.key("lease"), f"must be at least upstream.read_timeout + payment.settle_timeout ({min_lease:g})"
+        )
+    t.done()
+    return cfg
+
+
 def _rate_limits(t: _Table, env: Mapping[str, str]) -> RateLimitConfig:
     url = _expand_env(t.get("storage_url", str, "memory://"), t.key("storage_url"), env)
     scheme = url.partition("://")[0]
@@ -525,6 +556,12 @@ def parse_config(
     raw_routes = root.get("routes", list, [])
     routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
     jobs = _jobs(root, routes)
+    idempotency = _idempotency(
+        _Table(root.get("idempotency", dict, {}), "idempotency"),
+        env,
+        base_dir,
+        upstream.read_timeout + payment.settle_timeout,
+    )
     root.done()
     return GatewayConfig(
         payment=payment,
@@ -535,6 +572,7 @@ def parse_config(
         store=store,
         rate_limits=rate_limits,
         jobs=jobs,
+        idempotency=idempotency,
     )
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Outcome = Literal["free", "challenge", "paid", "refused", "error", "limited"]
+Outcome = Literal["free", "challenge", "paid", "unserved", "refused", "error", "limited"]
 
 
 @dataclass(slots=True)

@@ -221,6 +221,10 @@ class PaymentMiddleware:
             await self._send_challenge(scope, route, send, challenge)
             return
         name, value = found
+        # Verifying a payment costs a store claim and RPC calls before the payer is known: bound what one client
+        # address can make us do with made-up payments (THREATS 20), then per payer below.
+        if await self._limited(record, "paid", f"ip:{record.client or '?'}", send):
+            return
         paid: PaidRequest
         t0 = time.perf_counter()
         try:
@@ -325,6 +329,8 @@ class PaymentMiddleware:
         try:
             await self._call_app(scope, receive, wrapped_send, state, finish, send)
         finally:
+            if record.outcome == "free":
+                record.outcome = "unserved"  # verified, but the request failed: nothing charged or a free retry
             if paid.paid and not paid.resumed:
                 record.amount = paid.requirement.amount  # revenue: the money moved during this request
             record.tx_hash = paid.tx_hash
