@@ -69,7 +69,9 @@ class RoutePattern:
             else:
                 parts.append("/" + re.escape(seg))
         body = "".join(parts) or ""
-        regex = re.compile("^" + body + ("/?" if body else "/") + r"\Z")
+        # Case-insensitive on purpose: many upstreams (Express, IIS, ASP.NET) ignore path case, and a priced
+        # route must not be reachable for free as /AGENT/PROMPT. Matching more paths can only cost more, not less.
+        regex = re.compile("^" + body + ("/?" if body else "/") + r"\Z", re.IGNORECASE)
         return cls(text=text.strip(), methods=methods, regex=regex, params=tuple(params))
 
     def match(self, method: str, path: str) -> dict[str, str] | None:

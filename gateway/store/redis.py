@@ -23,7 +23,7 @@ import contextlib
 import re
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.store.base import ClaimRecord, ClaimState
 
-__all__ = ["GC_SLACK", "RedisReceiptStore", "redact_url"]
+__all__ = ["GC_SLACK", "RedisReceiptStore", "connect", "redact_url"]
 
 GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
 
@@ -148,6 +148,27 @@ return 0
 """
 
 
+POOL_SIZE = 64  # connections per store object; a burst beyond waits for one (up to connect_timeout)
+
+
+def connect(url: str, *, socket_timeout: float, connect_timeout: float, max_connections: int = POOL_SIZE) -> Redis:
+    """A client on a *blocking* pool. redis-py's default pool (100 connections) raises ``MaxConnectionsError`` at
+    once when a burst needs a 101st, which turned >100 concurrent paid requests into 503s; a blocking pool makes
+    the burst wait its turn and still fails closed (``ConnectionError``) if no connection frees up in time."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=connect_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        # At most one immediate retry, on a connection error only: replaces a connection the server
+        # closed; a server that is down fails after two refused connects, not after a back-off ladder.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        decode_responses=True,
+    )
+    return Redis.from_pool(pool)
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password hidden (``redis://user:***@host``, ``?password=***``), for logs and repr."""
     # Plain string surgery rather than urlsplit/urlunsplit, which would rewrite ``unix:///path`` as ``unix:/path``.
@@ -177,15 +198,7 @@ class RedisReceiptStore:
         self._redacted = redact_url(url)
         self._prefix = prefix
         try:
-            self._redis: Redis = Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                # At most one immediate retry, on a connection error only: replaces a connection the server
-                # closed; a server that is down fails after two refused connects, not after a back-off ladder.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                decode_responses=True,
-            )
+            self._redis: Redis = connect(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
         except (ValueError, RedisError) as exc:
             raise StoreUnavailable(f"invalid redis url {self._redacted!r}: {type(exc).__name__}") from exc
         self._claim = self._redis.register_script(_CLAIM)

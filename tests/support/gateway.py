@@ -62,10 +62,7 @@ class GatewayUnderTest:
         self, payer: LocalAccount, response: httpx.Response, *, version: int | None = None, **kw: Any
     ) -> tuple[str, str]:
         """Pay the 402 ``response`` with ``payer``: v2 by default (the header), or v1 from the body."""
-        if version == 1:
-            options = [Option(1, r, None) for r in response.json()["accepts"]]
-        else:
-            options = self.options(response)
+        options = [Option(1, r, None) for r in response.json()["accepts"]] if version == 1 else self.options(response)
         return sign_exact_payment(payer, choose_requirement(options), **kw)
 
     def balance(self, address: str, network: str | None = None) -> int:
@@ -94,6 +91,9 @@ def gateway_config(
         "networks": networks,
         "routes": routes if routes is not None else DEFAULT_ROUTES,
     }
+    # Rate limits are tested on purpose in tests/ops; elsewhere a storm or fuzz run must not trip them.
+    if "rate_limits" not in sections:
+        doc["rate_limits"] = {"enabled": False}
     for name, value in sections.items():
         doc.setdefault(name, {}).update(value)
     env = dict(os.environ, TEST_RELAYER_KEY=relayer_key or chains[0].relayer_key)
@@ -106,15 +106,20 @@ def running_gateway(
     *,
     store_url: str,
     routes: list[dict[str, Any]] | None = None,
-    upstream: RecordingUpstream | None = None,
+    upstream: RecordingUpstream | Any | None = None,
     wrap: Any = None,
+    upstream_settings: dict[str, Any] | None = None,
     **sections: Any,
 ) -> Iterator[GatewayUnderTest]:
-    """``wrap``: an optional function app -> app (e.g. to strip the v2 header and force v1 clients)."""
+    """``wrap``: an optional function app -> app (e.g. to strip the v2 header and force v1 clients).
+    ``upstream``: any ASGI app (default a RecordingUpstream); ``upstream_settings``: merged into ``[upstream]``
+    (e.g. ``{"headers": {"X-API-Key": ...}}``), since the ``upstream`` keyword names the app."""
     chain_list = [chains] if isinstance(chains, DevChain) else list(chains)
     upstream = upstream or RecordingUpstream()
     pay_to = Account.create().address
     with serve_asgi(upstream) as upstream_url:
+        if upstream_settings:
+            sections = {**sections, "upstream": upstream_settings}
         config = gateway_config(
             chain_list, upstream_url=upstream_url, store_url=store_url, pay_to=pay_to, routes=routes, **sections
         )

@@ -1,0 +1,55 @@
+"""Jobs: billing that follows the job, payer-bound job access, and the built-in job runner.
+
+Two modes (``[jobs].mode``), both in either API style of the seeds (``"agent"`` = style A, ``"messaging"`` =
+style B; ``"custom"`` templates for a fronted API)::
+
+    front    the upstream is a jobs API: submit is paid, status/cancel/list are free for the payer only
+             (gateway.jobs.front)
+    runner   the upstream answers synchronously (slowly): the gateway serves the job API itself and runs the
+             upstream call in the background (gateway.jobs.serve, gateway.jobs.runner)
+
+Modules: ``model`` (the record), ``wire`` (both styles' JSON), ``auth`` (how the payer proves it), ``api``
+(presets, matching), ``stream`` (the runner's upstream contract), ``store`` + ``store_sqlite`` + ``store_redis``,
+``settings`` (``[jobs]``), ``layer`` (shared ASGI plumbing).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .model import Job, JobStatus
+from .settings import JobsConfig
+from .store import JobStore, open_job_store
+
+if TYPE_CHECKING:
+    from ..asgi import ASGIApp
+    from ..config import GatewayConfig
+    from .layer import JobsLayer
+
+__all__ = ["Job", "JobStatus", "JobStore", "JobsConfig", "build_jobs", "open_job_store"]
+
+
+def build_jobs(config: GatewayConfig, proxy: ASGIApp) -> JobsLayer | None:
+    """The jobs layer for ``config`` (None without ``[jobs]``): wire ``outer`` before the payment middleware and
+    ``inner`` after it (see :mod:`gateway.jobs.layer`)."""
+    jobs = config.jobs
+    if jobs is None:
+        return None
+    store = open_job_store(config.store.url.reveal())
+    if jobs.mode == "front":
+        from .front import FrontJobs
+
+        return FrontJobs(jobs, store, proxy)
+    from .runner import JobRunner
+    from .serve import RunnerJobs
+
+    up = config.upstream
+    runner = JobRunner(
+        store,
+        jobs,
+        url=up.url.rstrip("/") + jobs.runner_upstream_path,
+        inject_headers={name: value.reveal() for name, value in up.headers},
+        connect_timeout=up.connect_timeout,
+        max_connections=up.max_connections,
+    )
+    return RunnerJobs(jobs, store, runner, body_timeout=config.server.body_read_timeout)

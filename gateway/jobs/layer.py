@@ -1,0 +1,201 @@
+"""What both jobs modes share: two ASGI faces around the payment middleware, the payer check, the sweeper.
+
+The gateway composes ``Health -> outer -> PaymentMiddleware -> inner -> UpstreamProxy``:
+
+* ``outer`` answers the free calls (status, cancel, list, health) *before* the payment middleware, so they can
+  never be priced and ``server.unpriced = "refuse"`` does not hide them;
+* ``inner`` takes the priced submit *after* the middleware has verified the payment, where
+  ``scope["state"]["x402"]`` says who paid and its ``on_paid`` hooks run once the payment settled.
+
+A path inside the job API that no template matches exactly (another letter case, another method, a sub-path of
+a job) gets a 404 from ``outer`` (:meth:`JobRoutes.shadowed`): it must not reach the upstream with its API key
+and without the payer check. Everything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ..asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
+from ..errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
+from .api import FREE_KINDS, Kind, Match
+from .auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
+from .model import Job, now_ms
+from .settings import JobsConfig
+from .store import JobStore
+from .wire import WireError, job_id_required, not_found
+
+log = logging.getLogger("gateway.jobs")
+
+_PAYER_AUTH = PAYER_AUTH_HEADER.lower().encode("latin-1")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class JobsLayer:
+    """Base of :class:`~gateway.jobs.front.FrontJobs` and :class:`~gateway.jobs.serve.RunnerJobs`."""
+
+    def __init__(self, config: JobsConfig, store: JobStore) -> None:
+        self.config = config
+        self.store = store
+        self.routes = config.routes
+        self._token_header = config.token_header.lower().encode("latin-1")
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------------------------------- ASGI faces
+
+    def outer(self, app: ASGIApp) -> ASGIApp:
+        async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+            match = self.routes.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
+            if match is None and scope["type"] == "http" and self.routes.shadowed(scope["path"]):
+                await send_json(send, 404, {"error": "Not found", "message": "This job API call is not offered"})
+                return
+            if match is None or match.kind not in FREE_KINDS:
+                await app(scope, receive, send)
+                return
+            await self._answer(self.free, match, scope, receive, send)
+
+        return outer
+
+    def inner(self, app: ASGIApp) -> ASGIApp:
+        async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+            match = self.routes.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
+            if match is None or match.kind != Kind.SUBMIT:
+                await app(scope, receive, send)
+                return
+            info = scope.get("state", {}).get("x402")
+            if not isinstance(info, dict) or "on_paid" not in info:
+                # Fail closed: a submit that reached us without a verified payment must not start a job.
+                log.error("jobs submit reached without a payment: is the submit route priced?")
+                await send_error(send, GatewayError("the job submit route is not priced", reason="internal_error"))
+                return
+            await self._answer(lambda m, s, r, se: self.submit(m, s, r, se, info), match, scope, receive, send)
+
+        return inner
+
+    async def _answer(self, handler: Any, match: Match, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            if match.kind in (Kind.STATUS, Kind.CANCEL) and not match.job_id:
+                raise job_id_required()
+            await handler(match, scope, receive, tracking_send)
+        except WireError as exc:
+            if not started:
+                await send_json(send, exc.status, exc.body)
+        except GatewayError as exc:
+            if started:
+                log.warning("jobs %s failed after its answer started: %s", match.kind.value, exc.reason)
+            else:
+                await send_error(send, exc)
+        except _ClientGone:
+            return
+
+    async def submit(self, match: Match, scope: Scope, receive: Receive, send: Send, info: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def free(self, match: Match, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- payer checks
+
+    def payer_proof(self, scope: Scope, match: Match) -> str | None:
+        """The address whose signature (X-Payer-Auth) this request carries, or None."""
+        return verify_payer_auth(
+            header(scope, _PAYER_AUTH),
+            scope["method"],
+            match.path,
+            now=int(time.time()),
+            max_skew=self.config.auth_max_skew_seconds,
+        )
+
+    def opens(self, job: Job, scope: Scope, match: Match) -> bool:
+        """Does this request prove it comes from ``job``'s payer (its token, or its wallet's signature)?"""
+        token = bearer_token(header(scope, b"authorization"), header(scope, self._token_header))
+        if token_matches(token, job.token_hash):
+            return True
+        return self.payer_proof(scope, match) == job.payer
+
+    async def owned_job(self, scope: Scope, match: Match) -> Job:
+        """The job named by the request if the caller proves it paid for it; else the upstream's own 404."""
+        assert match.job_id
+        job = await self.store.get(match.job_id)
+        if job is None or not self.opens(job, scope, match):
+            raise not_found(match.job_id)
+        return job
+
+    def proof_headers(self) -> frozenset[bytes]:
+        """Request headers that carry our proofs: never forwarded to the upstream."""
+        return frozenset({b"authorization", _PAYER_AUTH, self._token_header})
+
+    def token_headers(self, token: str) -> list[tuple[bytes, bytes]]:
+        name = self.config.token_header.encode("latin-1")
+        return [(name.lower(), token.encode("ascii")), (b"access-control-expose-headers", name)]
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="x402-jobs-sweeper")
+
+    async def shutdown(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        await self.store.aclose()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_seconds)
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("job sweep skipped: %s", exc.message)
+            except Exception:
+                log.exception("job sweep failed")
+
+    async def sweep(self) -> None:
+        """Delete the records whose ``purge_at`` passed (the runner also fails lost jobs first)."""
+        await self.store.purge(now_ms())
+
+
+async def read_body(receive: Receive, *, limit: int, chunk_timeout: float) -> bytes:
+    """The whole request body, at most ``limit`` bytes (413 beyond), each chunk within ``chunk_timeout``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(chunk_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout("request body not received in time") from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge("request body exceeds the limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def without_headers(scope: Scope, drop: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+    dropped = frozenset(drop)
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in dropped]

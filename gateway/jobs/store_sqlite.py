@@ -1,0 +1,270 @@
+"""The embedded job store: table ``jobs`` in the receipt store's SQLite file.
+
+Same discipline as :mod:`gateway.store.sqlite`: one worker thread owns the connection (the event loop never
+blocks on the file), every write is one ``BEGIN IMMEDIATE`` transaction (the write lock is taken before the row
+is read, so a compare-and-set cannot interleave with another process's), WAL mode, ``synchronous=FULL`` (a paid
+job's record must survive a power cut as its receipt does). The record is a JSON document; the columns beside it
+are the ones the queries filter and sort on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..errors import StoreUnavailable
+from .model import ACTIVE, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
+from .store import JobStats
+
+__all__ = ["SQLiteJobStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+    job_id        TEXT PRIMARY KEY,
+    payer         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    lease_until   INTEGER,
+    expires_at    INTEGER,
+    purge_at      INTEGER,
+    processing_ms INTEGER,
+    doc           TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_payer ON jobs (payer, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
+    "CREATE INDEX IF NOT EXISTS jobs_evictable ON jobs (created_at) WHERE purge_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS jobs_purge ON jobs (purge_at) WHERE purge_at IS NOT NULL",
+)
+# Every value goes through a parameter; status sets travel as one JSON array parameter (json_each).
+_INSERT = (
+    "INSERT INTO jobs (job_id, payer, status, created_at, lease_until, expires_at, purge_at, processing_ms, doc)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE = (
+    "UPDATE jobs SET payer = ?, status = ?, created_at = ?, lease_until = ?, expires_at = ?, purge_at = ?,"
+    " processing_ms = ?, doc = ? WHERE job_id = ?"
+)
+_GET = "SELECT doc FROM jobs WHERE job_id = ?"
+_COUNT = "SELECT COUNT(*) FROM jobs"
+_OLDEST_EVICTABLE = "SELECT job_id FROM jobs WHERE purge_at IS NOT NULL ORDER BY created_at, rowid LIMIT ?"
+_DELETE = "DELETE FROM jobs WHERE job_id = ?"
+_LIST = (
+    "SELECT doc FROM jobs WHERE payer = :payer AND (:any OR status IN (SELECT value FROM json_each(:statuses)))"
+    " ORDER BY created_at DESC, rowid DESC LIMIT :limit"
+)
+_COUNT_PAYER = "SELECT COUNT(*) FROM jobs WHERE payer = ?"
+_STALE = (
+    "SELECT doc FROM jobs WHERE status IN ('pending', 'processing') AND lease_until IS NOT NULL"
+    " AND (lease_until < :now OR (expires_at IS NOT NULL AND expires_at + :grace < :now)) LIMIT :limit"
+)
+_PURGE = "DELETE FROM jobs WHERE purge_at IS NOT NULL AND purge_at < ?"
+_STATS = "SELECT status, COUNT(*), COALESCE(SUM(processing_ms), 0) FROM jobs GROUP BY status"
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    doc = json.dumps(job.to_doc(), separators=(",", ":"), ensure_ascii=False)
+    return (
+        job.payer,
+        job.status.value,
+        job.created_at,
+        job.runner_lease_until,
+        job.expires_at,
+        job.purge_at,
+        job.processing_ms,
+        doc,
+    )
+
+
+def _job(doc: str) -> Job:
+    return Job.from_doc(json.loads(doc))
+
+
+class SQLiteJobStore:
+    """:class:`gateway.jobs.store.JobStore` on one SQLite file (see the module docstring)."""
+
+    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x402-sqlite-jobs")
+        self._conn: sqlite3.Connection | None = None  # created, used and closed on the worker thread only
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteJobStore(path={self._path!r})"
+
+    # -- worker-thread side ---------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            self._drop_connection()
+            raise
+        return result
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, job_id: str) -> Job | None:
+        row = conn.execute(_GET, (job_id,)).fetchone()
+        return None if row is None else _job(row[0])
+
+    @staticmethod
+    def _save(conn: sqlite3.Connection, job: Job) -> None:
+        conn.execute(_UPDATE, (*_row(job), job.job_id))
+
+    def _create(self, job: Job, max_jobs: int) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            if conn.execute(_GET, (job.job_id,)).fetchone() is not None:
+                raise JobExists("the upstream returned a job id that is already recorded")
+            (total,) = conn.execute(_COUNT).fetchone()
+            need = total - max_jobs + 1
+            if need > 0:
+                victims = [r[0] for r in conn.execute(_OLDEST_EVICTABLE, (need,)).fetchall()]
+                if len(victims) < need:
+                    raise JobStoreFull("the job store holds max_jobs live jobs; try again later")
+                conn.executemany(_DELETE, [(v,) for v in victims])
+            conn.execute(_INSERT, (job.job_id, *_row(job)))
+
+        self._transaction(body)
+
+    def _transition(
+        self, job_id: str, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]
+    ) -> tuple[bool, Job | None]:
+        def body(conn: sqlite3.Connection) -> tuple[bool, Job | None]:
+            job = self._load(conn, job_id)
+            if job is None or job.status not in when:
+                return False, job
+            new = job.changed(**changes) if to is None else job.changed(status=to, **changes)
+            self._save(conn, new)
+            return True, new
+
+        return self._transaction(body)
+
+    def _append(self, job_id: str, update: StatusUpdate, limit: int) -> bool:
+        def body(conn: sqlite3.Connection) -> bool:
+            job = self._load(conn, job_id)
+            if job is None or job.status not in ACTIVE or len(job.status_updates) >= limit:
+                return False
+            self._save(conn, job.changed(status_updates=(*job.status_updates, update)))
+            return True
+
+        return self._transaction(body)
+
+    def _get(self, job_id: str) -> Job | None:
+        return self._load(self._connection(), job_id)
+
+    def _list(self, payer: str, statuses: frozenset[JobStatus] | None, limit: int) -> tuple[list[Job], int]:
+        conn = self._connection()
+        wanted = json.dumps(sorted(s.value for s in statuses or ()))
+        rows = conn.execute(
+            _LIST, {"payer": payer, "any": statuses is None, "statuses": wanted, "limit": limit}
+        ).fetchall()
+        (total,) = conn.execute(_COUNT_PAYER, (payer,)).fetchone()
+        return [_job(r[0]) for r in rows], int(total)
+
+    def _stale(self, now: int, grace_ms: int, limit: int) -> list[Job]:
+        rows = self._connection().execute(_STALE, {"now": now, "grace": grace_ms, "limit": limit}).fetchall()
+        return [_job(r[0]) for r in rows]
+
+    def _purge(self, now: int) -> int:
+        return self._transaction(lambda conn: conn.execute(_PURGE, (now,)).rowcount)
+
+    def _stats(self) -> JobStats:
+        counts: dict[JobStatus, int] = {}
+        completed_ms = 0
+        for status, count, ms in self._connection().execute(_STATS).fetchall():
+            counts[JobStatus(status)] = int(count)
+            if status == JobStatus.COMPLETED:
+                completed_ms = int(ms)
+        return JobStats(counts=counts, completed_ms_total=completed_ms)
+
+    def _ping(self) -> None:
+        self._connection().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
+    # -- event-loop side ------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._closed:
+            raise StoreUnavailable("the job store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite job store: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:  # the executor was shut down under us
+            raise StoreUnavailable("the job store is closed") from exc
+
+    async def create(self, job: Job, *, max_jobs: int) -> None:
+        await self._run(self._create, job, max_jobs)
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._run(self._get, job_id)
+
+    async def transition(
+        self, job_id: str, *, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]
+    ) -> tuple[bool, Job | None]:
+        return await self._run(self._transition, job_id, when, to, dict(changes))
+
+    async def append_update(self, job_id: str, update: StatusUpdate, *, limit: int) -> bool:
+        return await self._run(self._append, job_id, update, limit)
+
+    async def list_for_payer(
+        self, payer: str, *, statuses: frozenset[JobStatus] | None, limit: int
+    ) -> tuple[list[Job], int]:
+        return await self._run(self._list, payer, statuses, limit)
+
+    async def stale(self, now: int, *, grace_ms: int, limit: int) -> list[Job]:
+        return await self._run(self._stale, now, grace_ms, limit)
+
+    async def purge(self, now: int) -> int:
+        return await self._run(self._purge, now)
+
+    async def stats(self) -> JobStats:
+        return await self._run(self._stats)
+
+    async def ping(self) -> None:
+        await self._run(self._ping)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._drop_connection)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=False)

@@ -1,0 +1,51 @@
+"""Fixtures for the jobs tests: job stores on each backend, and per-backend store URLs for gateways."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gateway.jobs.store import JobStore, open_job_store
+from tests.support.gateway import sqlite_url
+
+
+@dataclass
+class JobBackend:
+    """Makes job-store objects on one shared storage (a SQLite file or the session Redis)."""
+
+    name: str
+    url: str
+    opened: list[JobStore] = field(default_factory=list)
+
+    def make(self) -> JobStore:
+        store = open_job_store(self.url)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def job_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobBackend]:
+    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("redis_url")
+    backend = JobBackend(request.param, url)
+    try:
+        yield backend
+    finally:
+        for store in backend.opened:
+            await store.aclose()
+
+
+@pytest.fixture
+def job_store(job_backend: JobBackend) -> JobStore:
+    return job_backend.make()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A receipt/job store URL, once per backend."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    url: str = request.getfixturevalue("redis_url")
+    return url
