@@ -23,6 +23,7 @@ from typing import Any
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send, send_error, send_json
 from .config import GatewayConfig
+from .discovery import BazaarLayer, Discovery
 from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
 from .events import Observer, RequestRecord
 from .health import Readiness
@@ -31,6 +32,7 @@ from .jobs import build_jobs
 from .logs import AccessLog, install_redaction
 from .metrics import PrometheusMetrics
 from .middleware import PaymentMiddleware
+from .paywall import Paywall, PaywallHeaders
 from .proxy import UpstreamProxy
 from .ratelimit import RateLimiter
 from .routes import normalise_path
@@ -61,14 +63,28 @@ class Gateway:
         # submit after it (gateway/jobs/layer.py). Without [jobs] both are the identity.
         self.jobs = build_jobs(config, self.proxy)
         inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
-        self.payments = PaymentMiddleware(inner, config=config, observers=self.observers, limiter=self.limiter)
+        # Discovery and the browser paywall (issue 6): the HTML 402 is PaymentMiddleware's paywall hook; two thin
+        # layers add the bazaar extension to 402s and the CSP to HTML 402s; the documents are own paths (below).
+        self.paywall = Paywall(config) if config.paywall.enabled else None
+        self.discovery = Discovery(config) if config.discovery.enabled else None
+        self.payments = PaymentMiddleware(
+            inner,
+            config=config,
+            observers=self.observers,
+            limiter=self.limiter,
+            paywall=self.paywall.render if self.paywall else None,
+        )
         self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
         paid: ASGIApp = self.payments
+        if self.paywall is not None:
+            paid = PaywallHeaders(paid, self.paywall)
+        if self.discovery is not None:
+            paid = BazaarLayer(paid, config, self.payments.engine.routes)
         self.idempotency: IdempotencyLayer | None = None
         if config.idempotency.enabled:
             idem, routes = config.idempotency, self.payments.engine.routes
             self.idempotency = IdempotencyLayer(
-                self.payments,
+                paid,
                 store=(idem.store_url or config.store.url).reveal(),
                 is_priced=lambda method, path: routes.match(method, normalise_path(path)) is not None,
                 ttl=idem.ttl,
@@ -135,6 +151,9 @@ class Gateway:
             own = self._own_paths.get(scope["path"])
             if own is not None:
                 await own(send)
+                return
+            if self.discovery is not None and scope["path"] in self.discovery.paths:
+                await self.discovery.serve(scope, send)  # never priced, never proxied
                 return
             length = _declared_length(scope)
             if length is not None and length > server.max_body_bytes:

@@ -7,6 +7,7 @@ values, RPC URLs that embed API keys) are held in :class:`Secret` so that no ``r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -21,7 +22,7 @@ from limits import parse_many
 from .errors import ConfigError
 from .money import parse_usd
 from .networks import KNOWN_NETWORKS
-from .routes import RoutePattern
+from .routes import RoutePattern, normalise_path
 
 if TYPE_CHECKING:  # [jobs] (issue 4): defined in gateway/jobs/settings.py, parsed by _jobs below
     from .jobs.settings import JobsConfig
@@ -149,6 +150,25 @@ class PaymentConfig:
     tx_max_age_seconds: int = 3600
 
 
+BodyType = Literal["json", "form-data", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDocs:
+    """What discovery publishes about a priced route (issue 6: OpenAPI operation, bazaar extension, paywall).
+
+    Schemas are JSON Schema objects, loaded at start from inline TOML tables or JSON files; treat them as read-only.
+    """
+
+    input_schema: dict[str, Any] | None = field(default=None, compare=False)  # query params or request body
+    output_schema: dict[str, Any] | None = field(default=None, compare=False)  # the upstream's success answer
+    input_example: Any = field(default=None, compare=False)  # must validate against input_schema
+    output_example: Any = field(default=None, compare=False)
+    body_type: BodyType = "json"  # POST/PUT/PATCH bodies: how input_schema/input_example travel
+    example_path: str | None = None  # a concrete path of a parametrised route, listed in /.well-known/x402
+    discoverable: bool = True  # false: left out of /.well-known/x402, /openapi.json and the bazaar extension
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     pattern: RoutePattern
@@ -161,6 +181,7 @@ class RouteConfig:
     tx_hash: bool = True  # also accept tx-hash proofs (x-payment: 0x<hash> + x-payment-network)
     rate_limit_challenge: str | None = None  # None: rate_limits.challenge
     rate_limit_paid: str | None = None  # None: rate_limits.paid
+    docs: RouteDocs = field(default_factory=RouteDocs)  # discovery and paywall metadata (issue 6)
 
     @property
     def route(self) -> str:
@@ -179,6 +200,28 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """``[discovery]``: how x402scan, bazaar facilitators and agents find the priced routes (issue 6)."""
+
+    enabled: bool = True
+    well_known_path: str = "/.well-known/x402"  # "" turns it off; answered before route matching, never priced
+    openapi_path: str = "/openapi.json"
+    bazaar: bool = True  # put the v2 ``extensions.bazaar`` declaration into every 402 of a discoverable route
+    service_name: str = ""  # v2 resource.serviceName and OpenAPI info.title (<= 32 printable ASCII)
+    description: str = ""  # OpenAPI info.description
+    version: str = "1.0.0"  # OpenAPI info.version: the version of YOUR API
+    tags: tuple[str, ...] = ()  # v2 resource.tags (<= 5, each <= 32 printable ASCII)
+    icon_url: str = ""  # v2 resource.iconUrl: an absolute https URL on a public host name
+
+
+@dataclass(frozen=True, slots=True)
+class PaywallConfig:
+    """``[paywall]``: the HTML 402 page shown to browsers (Accept: text/html) (issue 6)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     payment: PaymentConfig
     networks: Mapping[str, NetworkConfig]
@@ -189,6 +232,8 @@ class GatewayConfig:
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     jobs: JobsConfig | None = None  # [jobs]: job-aware billing / the built-in job runner (gateway.jobs)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # issue 6
+    paywall: PaywallConfig = field(default_factory=PaywallConfig)  # issue 6
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -461,7 +506,7 @@ def _facilitator(parent: _Table, env: Mapping[str, str]) -> FacilitatorConfig | 
     return cfg
 
 
-def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentConfig) -> RouteConfig:
+def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentConfig, *, base_dir: Path) -> RouteConfig:
     text = t.require("route", str)
     try:
         pattern = RoutePattern.parse(text)
@@ -494,7 +539,109 @@ def _route(t: _Table, networks: Mapping[str, NetworkConfig], payment: PaymentCon
         tx_hash=t.get("tx_hash", bool, True),
         rate_limit_challenge=_rate(t, "rate_limit_challenge", None),
         rate_limit_paid=_rate(t, "rate_limit_paid", None),
+        docs=_route_docs(t, pattern, base_dir),
     )
+    t.done()
+    return cfg
+
+
+# ------------------------------------------------------------------------------ discovery and paywall (issue 6)
+
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]{1,32}\Z")
+
+
+def _route_docs(t: _Table, pattern: RoutePattern, base_dir: Path) -> RouteDocs:
+    """The per-route discovery keys of a ``[[routes]]`` entry."""
+    example_path = t.get("example_path", str, "") or None
+    if example_path is not None and not (
+        example_path.startswith("/") and pattern.regex.match(normalise_path(example_path))
+    ):
+        raise ConfigError(t.key("example_path"), f"must be a concrete path that {pattern.text!r} matches")
+    return RouteDocs(
+        input_schema=_json_schema(t, "input_schema", base_dir),
+        output_schema=_json_schema(t, "output_schema", base_dir),
+        input_example=t.get("input_example", (dict, list, str, int, float, bool), None),
+        output_example=t.get("output_example", (dict, list, str, int, float, bool), None),
+        body_type=_choice(t, "body_type", ("json", "form-data", "text"), "json"),
+        example_path=example_path,
+        discoverable=t.get("discoverable", bool, True),
+    )
+
+
+def _json_schema(t: _Table, name: str, base_dir: Path) -> dict[str, Any] | None:
+    """A JSON Schema as an inline table, or a path (relative to the config file) to a ``.json`` file."""
+    raw = t.get(name, (dict, str), None)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        path = base_dir / raw
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(t.key(name), f"cannot read {path}: {exc.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(t.key(name), f"{path} is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(t.key(name), f"{path} must hold a JSON object (a JSON Schema)")
+    if _external_reference(raw):
+        # Facilitators refuse schemas that point outside themselves (a $ref is a fetch: SSRF), and so would
+        # every listing built from them.
+        raise ConfigError(t.key(name), 'may only use same-document references ("$ref": "#/...")')
+    schema: dict[str, Any] = raw
+    return schema
+
+
+def _external_reference(node: Any) -> bool:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("$ref", "$id") and not (isinstance(value, str) and value.startswith("#")):
+                return True
+            if _external_reference(value):
+                return True
+    elif isinstance(node, list):
+        return any(_external_reference(item) for item in node)
+    return False
+
+
+def _discovery(t: _Table, server: ServerConfig) -> DiscoveryConfig:
+    service_name = t.get("service_name", str, "")
+    if service_name and not _PRINTABLE_ASCII.match(service_name):
+        raise ConfigError(t.key("service_name"), "must be 1 to 32 printable ASCII characters")
+    tags = t.get("tags", list, [])
+    if len(tags) > 5:
+        raise ConfigError(t.key("tags"), "at most 5 tags")
+    for i, tag in enumerate(tags):
+        if not isinstance(tag, str) or not _PRINTABLE_ASCII.match(tag):
+            raise ConfigError(f"{t.key('tags')}[{i}]", "must be 1 to 32 printable ASCII characters")
+    icon_url = t.get("icon_url", str, "")
+    if icon_url:
+        parts = urlsplit(icon_url)
+        # Facilitators drop icons on http, IP literals, localhost or with userinfo: say so at start instead.
+        if parts.scheme != "https" or not parts.hostname or "@" in parts.netloc or len(icon_url) > 2048:
+            raise ConfigError(t.key("icon_url"), "must be an absolute https:// URL without user info")
+    cfg = DiscoveryConfig(
+        enabled=t.get("enabled", bool, True),
+        well_known_path=_local_path(t, "well_known_path", "/.well-known/x402"),
+        openapi_path=_local_path(t, "openapi_path", "/openapi.json"),
+        bazaar=t.get("bazaar", bool, True),
+        service_name=service_name,
+        description=t.get("description", str, ""),
+        version=t.get("version", str, "1.0.0") or "1.0.0",
+        tags=tuple(tags),
+        icon_url=icon_url,
+    )
+    taken = {server.health_path, server.ready_path, server.metrics_path} - {""}
+    for name in ("well_known_path", "openapi_path"):
+        path = getattr(cfg, name)
+        if path and path in taken:
+            raise ConfigError(t.key(name), "must differ from the health, ready and metrics paths")
+        taken.add(path)
+    t.done()
+    return cfg
+
+
+def _paywall(t: _Table) -> PaywallConfig:
+    cfg = PaywallConfig(enabled=t.get("enabled", bool, True))
     t.done()
     return cfg
 
@@ -554,7 +701,9 @@ def parse_config(
         )
 
     raw_routes = root.get("routes", list, [])
-    routes = tuple(_route(_Table(r, f"routes[{i}]"), networks, payment) for i, r in enumerate(raw_routes))
+    routes = tuple(
+        _route(_Table(r, f"routes[{i}]"), networks, payment, base_dir=base_dir) for i, r in enumerate(raw_routes)
+    )
     jobs = _jobs(root, routes)
     idempotency = _idempotency(
         _Table(root.get("idempotency", dict, {}), "idempotency"),
@@ -562,6 +711,8 @@ def parse_config(
         base_dir,
         upstream.read_timeout + payment.settle_timeout,
     )
+    discovery = _discovery(_Table(root.get("discovery", dict, {}), "discovery"), server)
+    paywall = _paywall(_Table(root.get("paywall", dict, {}), "paywall"))
     root.done()
     return GatewayConfig(
         payment=payment,
@@ -573,6 +724,8 @@ def parse_config(
         rate_limits=rate_limits,
         jobs=jobs,
         idempotency=idempotency,
+        discovery=discovery,
+        paywall=paywall,
     )
 
 

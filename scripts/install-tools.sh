@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the local-chain toolchain into <repo>/.tools (git-ignored): the anvil binary (foundry's npm platform
-# package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs.
+# package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs; as root,
+# Debian's redis-server and chromium when missing.
 # Idempotent: returns at once when the pinned versions are already there.
 set -euo pipefail
 
@@ -22,6 +23,16 @@ if ! command -v redis-server >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
     else
         echo "redis-server is required: sudo apt-get install redis-server" >&2; exit 1
+    fi
+fi
+
+# The paywall tests drive Debian's headless Chromium over the DevTools protocol (tests/paywall/cdp.py): no driver,
+# no browser download at test time.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "chromium is required for the paywall tests: sudo apt-get install chromium" >&2; exit 1
     fi
 fi
 
