@@ -105,8 +105,11 @@ def test_facilitator_failures_map_to_their_status_and_charge_nothing(
 
 
 def test_unreachable_facilitator_fails_start_with_a_clear_message(base_chain: DevChain, tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), running_gateway(
-        base_chain, store_url=sqlite_url(tmp_path), networks=facilitator_networks(base_chain, refused_url())
+    with (
+        pytest.raises(RuntimeError),
+        running_gateway(
+            base_chain, store_url=sqlite_url(tmp_path), networks=facilitator_networks(base_chain, refused_url())
+        ),
     ):
         pass
 
@@ -117,7 +120,10 @@ def test_facilitator_without_support_for_the_network_fails_start(
     control.mode = "canned"  # type: ignore[assignment]
     control.canned = {"kinds": [{"x402Version": 2, "scheme": "exact", "network": "eip155:137"}]}
     control.status = 200
-    with pytest.raises(RuntimeError), running_gateway(
-        base_chain, store_url=sqlite_url(tmp_path), networks=facilitator_networks(base_chain, facilitator_url)
+    with (
+        pytest.raises(RuntimeError),
+        running_gateway(
+            base_chain, store_url=sqlite_url(tmp_path), networks=facilitator_networks(base_chain, facilitator_url)
+        ),
     ):
         pass

@@ -13,7 +13,6 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.devchain import DevChain
-from gateway.idempotency import IdempotencyLayer
 from gateway.routes import normalise_path
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 
@@ -36,12 +35,23 @@ def priced_by(app: Gateway) -> Any:
 
 @contextlib.contextmanager
 def idempotent_gateway(
-    chain: DevChain, *, store_url: str, routes: list[dict[str, Any]] | None = None, upstream: Any = None, **layer: Any
+    chain: DevChain,
+    *,
+    store_url: str,
+    routes: list[dict[str, Any]] | None = None,
+    upstream: Any = None,
+    max_body_bytes: int | None = None,
+    max_stored_body_bytes: int | None = None,
 ) -> Iterator[GatewayUnderTest]:
-    def wrap(app: Gateway) -> IdempotencyLayer:
-        return IdempotencyLayer(app, store=store_url, is_priced=priced_by(app), **layer)
-
-    with running_gateway(chain, store_url=store_url, routes=routes, upstream=upstream, wrap=wrap) as gw:
+    """The standalone gateway with its built-in ``[idempotency]`` layer on the receipt store's URL."""
+    idempotency: dict[str, Any] = {"enabled": True}
+    if max_stored_body_bytes is not None:
+        idempotency["max_stored_body_bytes"] = max_stored_body_bytes
+    sections: dict[str, Any] = {"idempotency": idempotency}
+    if max_body_bytes is not None:
+        sections["server"] = {"max_body_bytes": max_body_bytes}
+    with running_gateway(chain, store_url=store_url, routes=routes, upstream=upstream, **sections) as gw:
+        assert isinstance(gw.app, Gateway) and gw.app.idempotency is not None
         yield gw
 
 

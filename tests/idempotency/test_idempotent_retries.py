@@ -362,7 +362,7 @@ def test_requests_without_payment_or_on_free_routes_pass_through_untouched_and_s
 def test_without_the_layer_the_gateway_behaves_as_before(base_chain: DevChain, store_url: str) -> None:
     # Control: the same key does nothing without the layer (the retry is a replay refusal).
     payer = base_chain.new_payer(1_000_000)
-    with running_gateway(base_chain, store_url=store_url, routes=DEFAULT_ROUTES) as gw:
+    with running_gateway(base_chain, store_url=store_url, routes=DEFAULT_ROUTES, idempotency={"enabled": False}) as gw:
         name, value = pay(gw, payer)
         headers = {name: value, "Idempotency-Key": KEY}
         assert post(gw, "/paid", headers).status_code == 200

@@ -51,13 +51,18 @@ def test_a_burst_of_unpaid_requests_beyond_the_limit_gets_429_with_retry_after(
 
 
 def test_a_route_override_sets_its_own_challenge_limit(base_chain: DevChain, tmp_path: Path) -> None:
-    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw, gw.client() as c:
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits={"enabled": True}) as gw,
+        gw.client() as c,
+    ):
         assert [c.get("/dear").status_code for _ in range(3)] == [402, 402, 429]
         assert c.get("/cheap").status_code == 402  # default 60/minute, and a bucket of its own
 
 
 def test_the_challenge_limit_is_per_client_ip(base_chain: DevChain, tmp_path: Path) -> None:
-    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw:
+    with running_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits={"enabled": True}
+    ) as gw:
         with gw.client() as a:
             assert [a.get("/dear").status_code for _ in range(3)] == [402, 402, 429]
         other_ip = httpx.HTTPTransport(local_address="127.0.0.2")  # another loopback address: another client
@@ -151,7 +156,9 @@ def test_behind_a_trusted_proxy_the_limit_follows_the_address_the_proxy_appended
     X-Forwarded-For (a fresh one per request) cannot open a fresh bucket."""
     server = {"trust_forwarded_headers": True}
     with (
-        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, server=server) as gw,
+        running_gateway(
+            base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits={"enabled": True}, server=server
+        ) as gw,
         gw.client() as c,
     ):
         spoofed = [c.get("/dear", headers={"X-Forwarded-For": f"10.0.0.{i}, 203.0.113.7"}) for i in range(3)]
@@ -161,7 +168,10 @@ def test_behind_a_trusted_proxy_the_limit_follows_the_address_the_proxy_appended
         c.get("/free", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.9"})
         assert gw.upstream.requests[-1].header_values("x-forwarded-for") == ["203.0.113.9"]  # and the upstream too
 
-    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw, gw.client() as c:
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits={"enabled": True}) as gw,
+        gw.client() as c,
+    ):
         # Not trusted: the header is ignored, every request is the socket's address.
         codes = [c.get("/dear", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(3)]
         assert codes == [402, 402, 429]
