@@ -1,0 +1,345 @@
+"""The client commands of ``x402-gateway``: ``prompt``, ``status``, ``cancel``, ``jobs`` (wired in gateway/cli.py).
+
+Secrets: the wallet key comes from ``X402_WALLET_KEY`` or ``--key-file`` only, never from an argument value
+(argv is visible to every process on the machine and lands in shell history); no message ever echoes it.
+
+Job tokens: a paid submit's ``X-Job-Token`` is kept in a small JSON file (``$X402_GATEWAY_JOBS_FILE``, else
+``~/.config/x402-gateway/jobs.json``, mode 0600) so ``status`` and ``cancel`` in a later run can open the job
+without the wallet; for a job not in the file they sign with the wallet (``X-Payer-Auth``) instead.
+
+Exit codes: 0 completed (or the call succeeded), 1 the job failed / was cancelled / timed out or the server
+refused the call, 2 usage or configuration error, 3 payment refused (by the spend controls or the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TextIO
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from ..cli import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
+from ..money import format_usd
+from ._client import AsyncX402Client
+from ._config import TxHashPayments
+from ._errors import JobError, PaymentFailed, PaymentRefused, X402ClientError
+from ._models import Job, StatusUpdate, SubmitResult
+from ._spend import SpendControls
+from ._tokens import FileTokenStore
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PAYMENT", "EXIT_USAGE", "run_client_command"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAYMENT = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """A usage or configuration problem: exit 2 with this message."""
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def load_account(key_file: str | None, *, required: bool) -> LocalAccount | None:
+    if key_file:
+        try:
+            raw = Path(key_file).expanduser().read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the key file {key_file}: {type(exc).__name__}") from None
+        source = f"the key file {key_file}"
+    else:
+        raw = os.environ.get(KEY_ENV, "").strip()
+        source = f"${KEY_ENV}"
+        if not raw:
+            if required:
+                raise UsageError(f"no wallet: set {KEY_ENV} or pass --key-file PATH")
+            return None
+    try:
+        account: LocalAccount = Account.from_key(raw)
+    except Exception:  # eth_account raises several types; none of their messages may be shown (they hold the key)
+        raise UsageError(f"{source} does not hold a valid private key (64 hex digits)") from None
+    return account
+
+
+def _spend(args: argparse.Namespace) -> SpendControls:
+    if args.max_price is None:
+        max_price: Decimal | None = Decimal("1.00")
+    else:
+        try:
+            max_price = Decimal(args.max_price.strip().removeprefix("$"))
+        except InvalidOperation:
+            raise UsageError(f"--max-price must be a dollar amount such as 0.10, not {args.max_price!r}") from None
+        if not max_price.is_finite() or max_price < 0:
+            raise UsageError("--max-price must be a non-negative dollar amount")
+    try:
+        return SpendControls(max_per_payment=max_price, networks=args.network)
+    except ValueError as exc:
+        raise UsageError(f"--max-price: {exc}") from None
+
+
+def _tx_settings(args: argparse.Namespace) -> TxHashPayments | None:
+    urls = {
+        name.removeprefix(RPC_ENV_PREFIX).lower().replace("_", "-"): value
+        for name, value in os.environ.items()
+        if name.startswith(RPC_ENV_PREFIX) and value
+    }
+    if args.pay_with == "exact":
+        return None
+    if not urls:
+        raise UsageError(f"--pay-with {args.pay_with} needs RPC URLs: set {RPC_ENV_PREFIX}BASE=https://...")
+    return TxHashPayments(rpc_urls=urls, confirmations=args.confirmations)
+
+
+@contextlib.asynccontextmanager
+async def _client(args: argparse.Namespace, *, key_required: bool) -> AsyncIterator[AsyncX402Client]:
+    url = args.url or os.environ.get(URL_ENV)
+    if not url:
+        raise UsageError(f"no gateway URL: pass --url or set {URL_ENV}")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must be an http(s) URL, not {url!r}")
+    spend, tx_hash = _spend(args), _tx_settings(args)
+    client = AsyncX402Client(
+        url,
+        account=load_account(args.key_file, required=key_required),
+        spend=spend,
+        pay_with=args.pay_with,
+        tx_hash=tx_hash,
+        style=args.style,
+        tokens=FileTokenStore(),
+        user_id=getattr(args, "user_id", None),
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run ``args.command`` (prompt, status, cancel, jobs) and map its outcome to the exit code."""
+    commands: dict[str, Callable[[argparse.Namespace], Any]] = {
+        "prompt": cmd_prompt,
+        "status": cmd_status,
+        "cancel": cmd_cancel,
+        "jobs": cmd_jobs,
+    }
+    return _run(commands[args.command], args)
+
+
+def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    try:
+        code: int = asyncio.run(command(args))
+    except UsageError as exc:
+        print(f"x402-gateway: {redact_keys(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("x402-gateway: interrupted", file=sys.stderr)
+        return 130
+    except (PaymentRefused, PaymentFailed) as exc:
+        return _report(args, exc, EXIT_PAYMENT)
+    except JobError as exc:
+        return _report(args, exc, EXIT_FAILED, exc.job)
+    except X402ClientError as exc:
+        usage = exc.reason in ("job_credentials_missing", "wallet_required", "not_supported")
+        return _report(args, exc, EXIT_USAGE if usage else EXIT_FAILED)
+    return code
+
+
+def _report(args: argparse.Namespace, exc: X402ClientError, code: int, job: Job | None = None) -> int:
+    label = {EXIT_PAYMENT: "payment refused", EXIT_USAGE: "error"}.get(code, "failed")
+    status = f" (HTTP {exc.status})" if exc.status else ""
+    print(f"x402-gateway: {label}{status}: [{exc.reason}] {exc.message}", file=sys.stderr)
+    if args.json:
+        doc: dict[str, Any] = {"error": exc.reason, "message": exc.message, "status": exc.status, "jobId": exc.job_id}
+        if job is not None:
+            doc["job"] = _job_doc(job)
+        _print_json(doc)
+    elif job is not None:
+        _print_job(job, sys.stdout)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, default=str, ensure_ascii=False))
+
+
+def _payment_doc(sub: SubmitResult | None) -> dict[str, Any] | None:
+    if sub is None:
+        return None
+    return {"txHash": sub.tx_hash, "network": sub.network, "payer": sub.payer}
+
+
+def _job_doc(job: Job) -> dict[str, Any]:
+    doc = dict(job.raw)
+    doc["status"] = job.status
+    if job.submission is not None:
+        doc["payment"] = _payment_doc(job.submission)
+    return doc
+
+
+def _print_job(job: Job, out: TextIO) -> None:
+    print(f"job:      {job.job_id}", file=out)
+    print(f"status:   {job.status}", file=out)
+    if job.prompt:
+        print(f"prompt:   {job.prompt}", file=out)
+    for update in job.status_updates:
+        print(f"update:   {update.message}", file=out)
+    if job.error:
+        print(f"error:    {job.error}", file=out)
+    if job.response is not None:
+        print(f"response: {job.response}", file=out)
+    if job.rich_data:
+        print("rich data:", file=out)
+        print(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False), file=out)
+    if job.submission is not None and job.submission.tx_hash:
+        print(f"tx:       {job.submission.tx_hash} ({job.submission.network})", file=out)
+
+
+class Progress:
+    """Live status on stderr: a spinner line on a terminal, plain lines when piped (one per change)."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.status = "submitting"
+        self._shown_status: str | None = None
+        self._started = time.monotonic()
+        self._frames = itertools.cycle(self.FRAMES)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+
+    def _draw(self) -> None:
+        if self.tty:
+            elapsed = time.monotonic() - self._started
+            self.stream.write(f"\r\x1b[2K{next(self._frames)} {self.status}  {elapsed:4.1f}s")
+            self.stream.flush()
+
+    def line(self, text: str) -> None:
+        self._clear()
+        self.stream.write(text + "\n")
+        self._draw()
+        self.stream.flush()
+
+    def on_update(self, update: StatusUpdate) -> None:
+        self.line(f"update: {update.message}")
+
+    def on_poll(self, job: Job) -> None:
+        self.status = job.status
+        if not self.tty and job.status != self._shown_status:
+            self.line(f"status: {job.status}")
+        self._shown_status = job.status
+        self._draw()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        async def tick() -> None:
+            while True:
+                self._draw()
+                await asyncio.sleep(0.1)
+
+        if self.tty:
+            self._ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            yield
+        finally:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            self._clear()
+            self.stream.flush()
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+
+async def cmd_prompt(args: argparse.Namespace) -> int:
+    if KEY_LIKE.fullmatch(args.text.strip()):
+        # Most likely a key pasted in the wrong place: sending it to a server as a prompt would leak it.
+        raise UsageError("the prompt looks like a private key; refusing to send it (keys go in $X402_WALLET_KEY)")
+    async with _client(args, key_required=True) as client:
+        progress = Progress(sys.stderr)
+        if args.json:
+            progress.tty = False
+        with progress.running():
+            submitted = await client.prompt(args.text, thread_id=args.thread)
+            paid = f"paid: tx {submitted.tx_hash} on {submitted.network}" if submitted.tx_hash else "submitted"
+            progress.line(f"{paid}; job {submitted.job_id} ({submitted.status}); spent ${format_usd(client.spent)}")
+            if args.no_wait:
+                job = None
+            else:
+                job = await client._poll(
+                    submitted.job_id,
+                    interval=args.interval,
+                    max_attempts=max(1, int(args.timeout / max(args.interval, 0.01)) + 1),
+                    timeout=args.timeout,
+                    on_update=progress.on_update,
+                    on_poll=progress.on_poll,
+                    token=submitted.token,
+                    submission=submitted,
+                )
+    if job is None:
+        if args.json:
+            _print_json({**submitted.raw, "payment": _payment_doc(submitted)})
+        else:
+            print(submitted.job_id)
+        return EXIT_OK
+    if args.json:
+        _print_json(_job_doc(job))
+        return EXIT_OK
+    print(job.response or "")
+    if job.rich_data:
+        print("rich data:")
+        print(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False))
+    if submitted.tx_hash:
+        print(f"tx: {submitted.tx_hash} ({submitted.network})")
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with _client(args, key_required=False) as client:
+        job = await client.get_job_status(args.job_id)
+    if args.json:
+        _print_json(_job_doc(job))
+    else:
+        _print_job(job, sys.stdout)
+    return EXIT_FAILED if job.terminal and job.status != "completed" else EXIT_OK
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    async with _client(args, key_required=False) as client:
+        job = await client.cancel_job(args.job_id)
+    if args.json:
+        _print_json(_job_doc(job))
+    else:
+        print(f"{job.job_id}: {job.status}")
+    return EXIT_OK
+
+
+async def cmd_jobs(args: argparse.Namespace) -> int:
+    async with _client(args, key_required=True) as client:
+        listed = await client.list_jobs(status=args.status, limit=args.limit)
+    if args.json:
+        _print_json({"jobs": [_job_doc(j) for j in listed.jobs], "total": listed.total, "filtered": listed.filtered})
+        return EXIT_OK
+    for job in listed.jobs:
+        created = job.created_at.isoformat(timespec="seconds") if job.created_at else "-"
+        prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "..."
+        print(f"{job.job_id}  {job.status:<10}  {created}  {prompt}")
+    print(f"{listed.filtered} of {listed.total} job(s)", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,127 @@
+"""The client's one exception tree.
+
+Every error the SDK raises on purpose is one of these. Each carries the HTTP ``status`` of the answer that caused
+it, a machine-readable ``reason`` (the body's ``error`` where the server gave one) and the ``job_id`` it concerns;
+any of them is ``None`` where it does not apply::
+
+    X402ClientError
+    ├── PaymentRefused      we did not pay: over a spend cap or the budget, a network or asset not allowed,
+    │                       no option this client can pay, no wallet; nothing was signed or sent
+    ├── PaymentFailed       we paid (signed or transferred) and the server refused that payment (402 + reason)
+    ├── ApiError            any other 4xx/5xx answer (status, reason, message; job_id for job calls)
+    ├── JobError            a job ended without completing (``.job`` is the final :class:`Job`)
+    │   ├── JobFailed       status ``failed`` (the job's ``error`` is the message)
+    │   ├── JobCancelled    status ``cancelled``
+    │   └── JobTimedOut     status ``timeout`` (reason ``job_timeout``), or polling gave up first (reason
+    │                       ``poll_timeout``: the job may still finish; ``.job`` is the last one seen)
+    └── TransientError      network errors, 429 or 5xx that outlasted every retry
+
+``PaymentRefused`` is the safe one: no money moved. After ``PaymentFailed`` with the ``exact`` scheme no money
+moved either (an unsettled authorization is worthless); with a tx-hash payment the transfer is on chain and its
+hash is in ``tx_hash``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._models import Job
+
+__all__ = [
+    "ApiError",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobTimedOut",
+    "PaymentFailed",
+    "PaymentRefused",
+    "TransientError",
+    "X402ClientError",
+]
+
+
+class X402ClientError(Exception):
+    """Base of every error the SDK raises on purpose."""
+
+    default_reason = "client_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.reason = reason or self.default_reason
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        parts = [f"reason={self.reason!r}", f"message={self.message!r}"]
+        if self.status is not None:
+            parts.insert(0, f"status={self.status}")
+        if self.job_id is not None:
+            parts.append(f"job_id={self.job_id!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class PaymentRefused(X402ClientError):
+    """The client would not pay: nothing was signed, nothing was sent."""
+
+    default_reason = "payment_refused"
+
+
+class PaymentFailed(X402ClientError):
+    """The server refused the payment this client presented."""
+
+    default_reason = "payment_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        job_id: str | None = None,
+        tx_hash: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, reason=reason, job_id=job_id)
+        self.tx_hash = tx_hash
+
+
+class ApiError(X402ClientError):
+    """Any other 4xx/5xx answer."""
+
+    default_reason = "api_error"
+
+
+class JobError(X402ClientError):
+    """A job ended without completing; ``job`` is its final state."""
+
+    default_reason = "job_error"
+
+    def __init__(self, message: str, *, job: Job, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason, job_id=job.job_id)
+        self.job = job
+
+
+class JobFailed(JobError):
+    default_reason = "job_failed"
+
+
+class JobCancelled(JobError):
+    default_reason = "job_cancelled"
+
+
+class JobTimedOut(JobError):
+    default_reason = "job_timeout"
+
+
+class TransientError(X402ClientError):
+    """Network errors, 429 or 5xx answers that outlasted every retry."""
+
+    default_reason = "transient_error"

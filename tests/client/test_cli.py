@@ -1,0 +1,223 @@
+"""``x402-gateway prompt/status/cancel/jobs`` in a subprocess against a real paid gateway: output, exit codes,
+job-token storage, and the wallet key that never travels as an argument."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+
+from gateway.client._commands import Progress
+from gateway.client._models import Job, StatusUpdate
+from gateway.devchain import DevChain
+from tests.client.conftest import STEPS
+from tests.e2e.helpers import Balances
+from tests.jobs.helpers import PRICE
+from tests.support.gateway import GatewayUnderTest
+
+ROOT = Path(__file__).resolve().parents[2]
+TX = re.compile(r"tx: (0x[0-9a-f]{64})")
+
+
+def key_of(account: LocalAccount) -> str:
+    return "0x" + bytes(account.key).hex()
+
+
+def cli_env(tmp_path: Path, gw: GatewayUnderTest | None, payer: LocalAccount | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X402_")}
+    env.update(HOME=str(tmp_path), X402_GATEWAY_JOBS_FILE=str(tmp_path / "jobs.json"))
+    if gw is not None:
+        env["X402_GATEWAY_URL"] = gw.url
+    if payer is not None:
+        env["X402_WALLET_KEY"] = key_of(payer)
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_prompt_pays_shows_each_update_once_as_plain_lines_and_prints_response_and_tx_hash(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    money = Balances(agent_gateway, payer.address)
+    run = cli(cli_env(tmp_path, agent_gateway, payer), "prompt", "What is the price of ETH?", "--interval", "0.02")
+    assert run.returncode == 0, run.stderr
+    assert "Answer: What is the price of ETH?" in run.stdout
+    assert '"type": "echo"' in run.stdout  # rich data
+    match = TX.search(run.stdout)
+    assert match, run.stdout
+    assert int(base_chain.rpc("eth_getTransactionReceipt", [match.group(1)])["status"], 16) == 1
+    # piped: plain lines, no spinner, each status update exactly once, in order
+    assert "\r" not in run.stderr and "\x1b" not in run.stderr
+    updates = [line.removeprefix("update: ") for line in run.stderr.splitlines() if line.startswith("update: ")]
+    assert updates == list(STEPS)
+    assert "status: completed" in run.stderr.splitlines()
+    money.assert_charged_once(PRICE)
+
+
+def test_cli_prompt_exits_1_when_the_job_fails(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    run = cli(cli_env(tmp_path, agent_gateway, payer), "prompt", "fail please", "--interval", "0.02", "--json")
+    assert run.returncode == 1, run.stderr
+    doc = json.loads(run.stdout)
+    assert (doc["error"], doc["job"]["status"], doc["job"]["error"]) == ("job_failed", "failed", "the agent failed")
+    assert doc["job"]["payment"]["txHash"].startswith("0x")
+
+
+def test_cli_status_and_cancel_open_the_job_with_the_stored_token_or_else_the_wallet_signature(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    env = cli_env(tmp_path, agent_gateway, payer)
+    submit = cli(env, "prompt", "sleep 20", "--no-wait")
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip()
+    tokens = json.loads(Path(env["X402_GATEWAY_JOBS_FILE"]).read_text())
+    assert set(tokens[agent_gateway.url]) == {job_id}
+
+    no_key = {k: v for k, v in env.items() if k != "X402_WALLET_KEY"}  # the stored token is enough
+    status = cli(no_key, "status", job_id, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] in ("pending", "processing")
+    first = cli(no_key, "cancel", job_id)
+    assert (first.returncode, first.stdout.strip()) == (0, f"{job_id}: cancelled"), first.stderr
+    again = cli(no_key, "cancel", job_id, "--json")  # idempotent
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "cancelled"
+
+    # Without the token file, the wallet's signature opens the job; without either, a usage error.
+    elsewhere = {**env, "X402_GATEWAY_JOBS_FILE": str(tmp_path / "other.json")}
+    signed = cli(elsewhere, "status", job_id, "--json")
+    assert signed.returncode == 1, signed.stderr  # 1: the job ended cancelled
+    assert json.loads(signed.stdout)["status"] == "cancelled"
+    neither = cli({k: v for k, v in elsewhere.items() if k != "X402_WALLET_KEY"}, "status", job_id)
+    assert neither.returncode == 2 and "job_credentials_missing" in neither.stderr
+
+
+def test_cli_jobs_json_lists_this_wallets_jobs(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    env = cli_env(tmp_path, agent_gateway, payer)
+    ids = []
+    for text in ("one", "sleep 20"):
+        run = cli(env, "prompt", text, "--no-wait", "--json")
+        assert run.returncode == 0, run.stderr
+        doc: dict[str, Any] = json.loads(run.stdout)
+        assert doc["payment"]["txHash"].startswith("0x")
+        ids.append(doc["jobId"])
+    assert cli(env, "cancel", ids[1]).returncode == 0
+    listed = cli(env, "jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    doc = json.loads(listed.stdout)
+    assert sorted(j["jobId"] for j in doc["jobs"]) == sorted(ids) and doc["total"] == 2
+    only = json.loads(cli(env, "jobs", "--status", "cancelled", "--limit", "5", "--json").stdout)
+    assert [j["jobId"] for j in only["jobs"]] == [ids[1]]
+    assert {j["status"] for j in only["jobs"]} == {"cancelled"}
+
+
+def test_cli_exits_3_when_the_price_is_above_max_price_and_pays_nothing(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    money = Balances(agent_gateway, payer.address)
+    run = cli(cli_env(tmp_path, agent_gateway, payer), "prompt", "hello", "--max-price", "0.01")
+    assert run.returncode == 3, run.stderr
+    assert "amount_over_limit" in run.stderr and "$0.02" in run.stderr
+    assert run.stdout == ""
+    money.assert_unchanged()
+    assert agent_gateway.upstream.calls == []
+
+
+def test_cli_usage_and_configuration_errors_exit_2(agent_gateway: GatewayUnderTest, tmp_path: Path) -> None:
+    base = cli_env(tmp_path, None, None)
+    with_url = cli_env(tmp_path, agent_gateway, None)
+    cases = (
+        (base, [], "required"),
+        (base, ["prompt"], "required: text"),
+        (base, ["prompt", "hi"], "no gateway URL"),
+        (with_url, ["prompt", "hi"], "no wallet"),
+        (with_url, ["jobs"], "no wallet"),
+        (with_url, ["prompt", "hi", "--style", "grpc"], "invalid choice"),
+        (with_url, ["jobs", "--limit", "ten"], "invalid int value"),
+        (with_url, ["prompt", "hi", "--max-price", "cheap"], "--max-price"),
+        ({**with_url, "X402_WALLET_KEY": "0x1234"}, ["prompt", "hi"], "not hold a valid private key"),
+        (with_url, ["prompt", "hi", "--key-file", str(tmp_path / "missing")], "cannot read the key file"),
+    )
+    with ThreadPoolExecutor(len(cases)) as pool:  # independent processes: run them side by side
+        runs = list(pool.map(lambda case: cli(case[0], *case[1]), cases))
+    for (_, args, said), run in zip(cases, runs, strict=True):
+        assert run.returncode == 2, (args, run.stderr)
+        assert said in run.stderr, (args, run.stderr)
+
+
+def test_cli_never_takes_the_wallet_key_as_an_argument_and_never_echoes_it(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    money = Balances(agent_gateway, payer.address)
+    key = key_of(payer)
+    env = cli_env(tmp_path, agent_gateway, None)
+    attempts = (
+        ["prompt", "hi", "--key", key],
+        ["prompt", "hi", f"--key={key}"],
+        ["prompt", "hi", "--private-key", key],
+        ["status", "job_1", "--wallet-key", key],
+        ["prompt", "hi", "--key-file", key],  # a key where a path belongs: not read, not echoed
+        ["prompt", key],  # a key pasted as the prompt is not sent anywhere
+    )
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        runs = list(pool.map(lambda args: cli(env, *args), attempts))
+    for args, run in zip(attempts, runs, strict=True):
+        assert run.returncode == 2, (args, run.stderr)
+        assert key not in run.stdout + run.stderr and key[2:] not in run.stdout + run.stderr, args
+    # the same key from a file works
+    key_file = tmp_path / "wallet.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    run = cli(env, "prompt", "from a key file", "--key-file", str(key_file), "--interval", "0.02")
+    assert run.returncode == 0, run.stderr
+    assert key[2:] not in run.stdout + run.stderr
+    money.assert_charged_once(PRICE)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_spinner_line_on_a_terminal_and_plain_lines_when_piped(tty: bool) -> None:
+    stream: io.StringIO = _Terminal() if tty else io.StringIO()
+    progress = Progress(stream)
+    for status, updates in (("pending", []), ("processing", ["Thinking..."]), ("processing", ["Thinking...", "More"])):
+        job = Job(job_id="j", status=status)
+        for message in updates[len(updates) - 1 :]:
+            progress.on_update(StatusUpdate(message=message))
+        progress.on_poll(job)
+    out = stream.getvalue()
+    if tty:
+        assert "\r\x1b[2K" in out and any(frame in out for frame in Progress.FRAMES)
+        assert "update: Thinking...\n" in out
+    else:
+        assert out == "status: pending\nupdate: Thinking...\nstatus: processing\nupdate: More\n"
