@@ -133,6 +133,8 @@ class PaymentEngine:
 
     async def aclose(self) -> None:
         for net in self.networks.values():
+            if net.relayer is not None:
+                await net.relayer.aclose()
             await net.watcher.aclose()
         await self.store.aclose()
 
@@ -414,7 +416,7 @@ class ExactRequest(PaidRequest):
         await self.mark_paid(prior)
         return True
 
-    async def preflight(self, kind: SignatureKind) -> None:
+    async def preflight(self, kind: SignatureKind, *, simulate: bool = True) -> None:
         net, req = self._net, self.requirement
         if net.facilitator is not None:
             verdict = await net.facilitator.verify(2, self._facilitator_payload(), req.v2())
@@ -426,12 +428,13 @@ class ExactRequest(PaidRequest):
                 "the facilitator refused this payment", reason=verdict.invalid_reason or "facilitator_rejected"
             )
         assert net.relayer is not None
-        result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address)
+        result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address, simulate=simulate)
         if result.nonce_used:
             if await self.paid_by_someone_else():
                 return
             raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
-        self._gas = result.gas
+        if simulate:
+            self._gas = result.gas
 
     async def _settle_remotely(self, facilitator: FacilitatorClient) -> str:
         net, req, auth = self._net, self.requirement, self.payment.authorization
@@ -477,8 +480,9 @@ class ExactRequest(PaidRequest):
         net, req, auth = self._net, self.requirement, self.payment.authorization
         engine = self._engine
         if simulate_again:
-            # THREATS 10: the payer may have drained the balance while the upstream worked.
-            await self.preflight(SignatureKind.EOA)  # the signature kind was settled at begin()
+            # THREATS 10: the payer may have drained the balance while the upstream worked. Balance and nonce
+            # state only: the simulation of begin() stands (see preflight_exact).
+            await self.preflight(SignatureKind.EOA, simulate=False)  # the signature kind was settled at begin()
             if self.paid:
                 return self.tx_hash or ""
 

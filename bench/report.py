@@ -1,0 +1,227 @@
+"""The results: a console table with ratios, issue 7's targets against what was reached, JSON and Markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .run import Bench, Row
+
+OFFICIAL = "official x402 (FastAPI)"
+METHOD = """\
+Every server runs in its own process (uvicorn, uvloop + httptools, one worker); the load generator is one asyncio
+aiohttp client in the benchmark's process, replaying requests prepared and payments signed before the clock starts.
+CPU is user + system time of the measured process(es) in the timed window (`/proc/<pid>/stat`): the gateway alone;
+for the official stack its FastAPI app plus the `x402` facilitator it needs. The second CPU column adds the upstream,
+anvil and Redis. Every paid scenario runs on a fresh anvil (chain id 8453, the test USDC at Base's address), once
+automining and once with `--block-time 2`. The gateway runs its defaults (access log at info, rate limiter on with a
+ceiling the load never reaches, receipts polled every 0.1 s, `settlement = "after"`); the official stack is
+`payment_middleware` of `x402.http.middleware.fastapi` in front of a catch-all route forwarding to the same
+upstream over aiohttp, with the `x402` package's facilitator (`FacilitatorWeb3Signer`) served over HTTP, paid with
+payloads from the official client (`x402Client.create_payment_payload`). "1 at a time" rows measure the latency a
+hop adds without queueing. The machine is shared: rerun before trusting a small difference."""
+CHAINS = ("automine", "block 2 s")
+
+
+def _find(rows: list[Row], scenario: str, chain: str = "-") -> Row | None:
+    return next((r for r in rows if r.scenario == scenario and r.chain == chain), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(rows: list[Row]) -> dict[int, tuple[float | None, float | None]]:
+    """Per row: (throughput / direct upstream's, throughput / official stack's on the same chain)."""
+    direct = _find(rows, "direct (upstream)")
+    out: dict[int, tuple[float | None, float | None]] = {}
+    for i, row in enumerate(rows):
+        vs_direct = vs_official = None
+        if row.chain == "-" and direct is not None and row is not direct and row.concurrency == direct.concurrency:
+            vs_direct = _ratio(row.rps, direct.rps)
+        official = _find(rows, OFFICIAL, row.chain)
+        if row.chain != "-" and official is not None and row is not official:
+            vs_official = _ratio(row.rps, official.rps)
+        out[i] = (vs_direct, vs_official)
+    return out
+
+
+def targets(bench: Bench) -> list[dict[str, Any]]:
+    """Issue 7's targets, each with the measured value (None when its scenarios did not run)."""
+    rows = bench.rows
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: float | None, ok: bool | None, unit: str = "") -> None:
+        shown = "not measured" if value is None else f"{value:.2f}{unit}"
+        out.append({"target": name, "goal": goal, "reached": shown, "met": ok, "value": value})
+
+    for chain, want in (("automine", 10.0), ("block 2 s", 100.0)):
+        official = _find(rows, OFFICIAL, chain)
+        exact = [r for r in rows if r.scenario.startswith("gateway exact") and r.chain == chain]
+        best = max(exact, key=lambda r: r.rps) if exact else None
+        ratio = _ratio(best.rps if best else None, official.rps if official else None)
+        add(f"paid exact vs official ({chain})", f">= {want:g}x", ratio, None if ratio is None else ratio >= want, "x")
+    direct1, free1 = _find(rows, "direct, 1 at a time"), _find(rows, "free route, 1 at a time")
+    overhead = free1.p50_ms - direct1.p50_ms if free1 and direct1 else None
+    add(
+        "free route p50 overhead (1 at a time)",
+        "<= 1 ms",
+        overhead,
+        None if overhead is None else overhead <= 1.0,
+        " ms",
+    )
+    direct, free = _find(rows, "direct (upstream)"), _find(rows, "gateway free route")
+    share = _ratio(free.rps if free else None, direct.rps if direct else None)
+    add("free route throughput / direct", ">= 0.50", share, None if share is None else share >= 0.5)
+    poll = _find(rows, "job status poll")
+    poll_share = _ratio(poll.rps if poll else None, free.rps if free else None)
+    add("job poll throughput / free route", ">= 0.90", poll_share, None if poll_share is None else poll_share >= 0.9)
+    rss = [v for k, v in bench.memory.items() if k.startswith("gateway_rss_mb")]
+    peak = max(rss) if rss else None
+    add("gateway RSS", "< 200 MB", peak, None if peak is None else peak < 200, " MB")
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(bench: Bench) -> list[list[str]]:
+    head = [
+        "scenario",
+        "chain",
+        "requests",
+        "conc.",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU s/1k (server)",
+        "CPU s/1k (+chain, upstream)",
+        "ok",
+        "vs direct",
+        "vs official",
+    ]
+    body = [head]
+    rr = ratios(bench.rows)
+    for i, r in enumerate(bench.rows):
+        vs_direct, vs_official = rr[i]
+        body.append(
+            [
+                r.scenario,
+                r.chain,
+                str(r.requests),
+                str(r.concurrency),
+                f"{r.rps:.1f}",
+                f"{r.p50_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                f"{r.server_cpu_per_1k:.2f}",
+                f"{r.total_cpu_per_1k:.2f}",
+                f"{r.ok}/{r.requests}",
+                _fmt(vs_direct, ".2f", "x"),
+                _fmt(vs_official, ".1f", "x"),
+            ]
+        )
+    return body
+
+
+def console(bench: Bench) -> str:
+    rows = table(bench)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    for t in targets(bench):
+        mark = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        lines.append(f"  target {t['target']:<42} {t['goal']:<9} reached {t['reached']:<14} {mark}")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("x402-gateway", "x402", "fastapi", "starlette", "uvicorn", "uvloop", "aiohttp", "web3", "redis"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def document(bench: Bench, *, command: str, seconds: float) -> dict[str, Any]:
+    return {
+        "command": command,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 1),
+        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform()},
+        "versions": _versions(),
+        "plan": dataclasses.asdict(bench.plan),
+        "gateway_log_level": bench.log_level,
+        "rows": [dataclasses.asdict(r) for r in bench.rows],
+        "ratios": {bench.rows[i].scenario + " / " + bench.rows[i].chain: v for i, v in ratios(bench.rows).items()},
+        "targets": targets(bench),
+        "memory": bench.memory,
+    }
+
+
+def markdown(bench: Bench, doc: dict[str, Any]) -> str:
+    rows = table(bench)
+    out = [
+        "# Benchmark results",
+        "",
+        f"`{doc['command']}` — finished {doc['finished']} in {doc['seconds']:.0f} s on {doc['machine']['cpus']} CPUs "
+        f"({doc['machine']['cpu']}); " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
+        "",
+        METHOD,
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(rows[0]))) + "|",
+    ]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    out += ["", "## Targets (issue 7)", "", "| target | goal | reached | |", "|---|---|---|---|"]
+    for t in doc["targets"]:
+        verdict = {True: "met", False: "not met", None: ""}[t["met"]]
+        out.append(f"| {t['target']} | {t['goal']} | {t['reached']} | {verdict} |")
+    out += ["", "## Memory", ""]
+    out += [f"- `{k}`: {v}" for k, v in doc["memory"].items()]
+    notes = [r for r in bench.rows if r.note]
+    if notes:
+        out += ["", "## Notes", ""]
+        out += [f"- {r.scenario} ({r.chain}): {r.note}" for r in notes]
+    out += ["", "## Per-process CPU seconds in each timed window", ""]
+    out += [
+        f"- {r.scenario} ({r.chain}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r.cpu.items())
+        + f", load generator {r.client_cpu:.2f}"
+        for r in bench.rows
+    ]
+    return "\n".join(out) + "\n"
+
+
+def write(bench: Bench, out_dir: Path, *, command: str, seconds: float) -> tuple[Path, Path, dict[str, Any]]:
+    doc = document(bench, command=command, seconds=seconds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path, md_path = out_dir / f"bench-{stamp}.json", out_dir / f"bench-{stamp}.md"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path.write_text(markdown(bench, doc))
+    return json_path, md_path, doc

@@ -1,0 +1,464 @@
+"""The scenarios of issue 7 and the order they run in.
+
+Each scenario starts what it measures in separate processes, prepares its requests (and signs its payments), then
+times a fixed number of requests at a fixed concurrency and reads the CPU time every server process spent during
+that window. Every paid scenario gets a fresh anvil (anvil slows down as its state grows), on automine and on
+2-second blocks (Base's cadence), where a settlement has to wait for a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.request import Request, urlopen
+
+import uvloop
+from eth_account import Account
+
+from gateway.client.jobauth import payer_auth_headers
+from gateway.devchain import DEV_KEYS, DevChain, RedisServer, start_dev_chain
+from gateway.jobs.model import Job, JobStatus, now_ms
+from gateway.jobs.store import open_job_store
+
+from . import payers
+from .load import Call, LoadResult, run_load, warm
+from .procs import Server, cpu_seconds
+
+PRICE_USD = "0.001"
+PRICE = 1_000  # atomic units of PRICE_USD
+PAID = "/paid"
+FREE = "/free/hello"
+SUBMIT = "POST /agent/prompt"  # [jobs] style "agent": the priced submit; status is GET /agent/job/{id}
+FACILITATOR_KEY = DEV_KEYS[3]
+SCENARIOS = (
+    "direct",
+    "free",
+    "jobs",
+    "exact",
+    "txhash",
+    "official",
+)  # neither the gateway's relayer ([0]) nor the minter ([9])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many requests each scenario sends, at which concurrency."""
+
+    free_n: int = 20_000
+    free_c: int = 32
+    latency_n: int = 2_000  # one request at a time: the added latency of a hop, without queueing
+    paid_n: int = 1_500
+    paid_c: int = 64
+    block_n: int = 1_500  # gateway, 2-second blocks
+    block_c: int = 512  # a settlement waits for a block: throughput here is about concurrency / 2 s
+    official_n: int = 300  # the official stack on automine (issue 7's own reference: 300 at concurrency 10)
+    official_block_n: int = 120  # ... and on 2-second blocks (it settles ~40 per block: its worker threads)
+    payers: int = 32
+    memory_n: int = 100_000  # free-route requests before reading the gateway's RSS ...
+    memory_seconds: float = 60.0  # ... or as many as fit in this long
+    jobs_n: int = 10_000
+    warmup: int = 200
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            free_n=5_000,
+            latency_n=500,
+            paid_n=400,
+            block_n=400,
+            official_n=100,
+            official_block_n=40,
+            payers=16,
+            memory_n=20_000,
+            memory_seconds=10.0,
+            jobs_n=2_000,
+            warmup=50,
+        )
+
+
+@dataclass
+class Row:
+    scenario: str
+    chain: str  # "-" for the scenarios that never touch the chain
+    requests: int
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_per_1k: float  # CPU seconds per 1,000 requests of the measured server process(es)
+    total_cpu_per_1k: float  # ... plus upstream, anvil, redis (not the load generator)
+    ok: int
+    cpu: dict[str, float] = field(default_factory=dict)  # per process, CPU seconds in the timed window
+    client_cpu: float = 0.0
+    note: str = ""
+
+
+def _chain_pid(chain: DevChain) -> int:
+    proc = chain.anvil._proc  # the dev kit keeps its child private; we only read its pid
+    assert proc is not None
+    return proc.pid
+
+
+def _redis_pid(redis: RedisServer) -> int:
+    proc = redis._proc
+    assert proc is not None
+    return proc.pid
+
+
+def _run(coro: Any) -> Any:
+    return uvloop.run(coro)
+
+
+def measure(
+    name: str,
+    chain_label: str,
+    base_url: str,
+    calls: list[Call],
+    concurrency: int,
+    *,
+    servers: dict[str, int],
+    others: dict[str, int],
+    expect: int = 200,
+    note: str = "",
+) -> tuple[Row, LoadResult]:
+    """Time ``calls`` against ``base_url``; CPU of ``servers`` (measured) and ``others`` (upstream, chain...)."""
+    pids = {**servers, **others}
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    result: LoadResult = _run(run_load(base_url, calls, concurrency=concurrency, expect=expect))
+    spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    n = result.requests
+    server_cpu = sum(spent[k] for k in servers)
+    row = Row(
+        scenario=name,
+        chain=chain_label,
+        requests=n,
+        concurrency=concurrency,
+        rps=result.rps,
+        p50_ms=result.percentile(0.5) * 1000,
+        p99_ms=result.percentile(0.99) * 1000,
+        server_cpu_per_1k=server_cpu * 1000 / n,
+        total_cpu_per_1k=sum(spent.values()) * 1000 / n,
+        ok=result.ok(expect),
+        cpu={k: round(v, 3) for k, v in spent.items()},
+        client_cpu=result.client_cpu,
+        note=note,
+    )
+    if row.ok != n:
+        bad = f"{n - row.ok} of {n} not HTTP {expect} (first: {result.first_bad})"
+        row.note = f"{note}; {bad}" if note else bad
+    return row, result
+
+
+# ----------------------------------------------------------------------------------------------- gateway
+
+
+def gateway_config(
+    chain: DevChain,
+    upstream_url: str,
+    store_url: str,
+    pay_to: str,
+    *,
+    replace: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The benchmark's gateway: defaults everywhere except what a local chain needs."""
+    doc: dict[str, Any] = {
+        "upstream": {"url": upstream_url},
+        "store": {"url": store_url},
+        "payment": {"pay_to": pay_to, "relayer_key_env": "BENCH_RELAYER_KEY"},
+        "networks": {"base": {"rpc_urls": [chain.url]}},
+        "routes": [{"route": f"POST {PAID}", "price": PRICE_USD, "description": "benchmark route"}],
+        # The limiter stays on (its cost is part of every paid request) with a ceiling the load never reaches:
+        # all the load comes from one client address, which the default 600/minute per address would cap.
+        "rate_limits": {"challenge": "1000000/minute", "paid": "1000000/minute"},
+    }
+    for section, values in overrides.items():
+        doc.setdefault(section, {}).update(values)
+    doc.update(replace or {})
+    return doc
+
+
+@contextlib.contextmanager
+def running_gateway(
+    chain: DevChain, upstream_url: str, store_url: str, tmp: Path, *, log_level: str, **overrides: Any
+) -> Iterator[tuple[Server, str]]:
+    pay_to = payers.fresh_address()
+    spec = {
+        "config": gateway_config(chain, upstream_url, store_url, pay_to, **overrides),
+        "base_dir": str(tmp),
+        "log_file": str(tmp / "gateway.log"),
+        "log_level": log_level,
+    }
+    server = Server("gateway", spec, env={"BENCH_RELAYER_KEY": chain.relayer_key}, ready_path="/healthz")
+    with server:
+        yield server, pay_to
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    log_level: str = "info"
+    progress: Callable[[str], None] = print
+    rows: list[Row] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    upstream: Server | None = None
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="x402-bench-")))
+
+    def _others(self, chain: DevChain | None = None, redis: RedisServer | None = None) -> dict[str, int]:
+        assert self.upstream is not None
+        out = {"upstream": self.upstream.pid}
+        if chain is not None:
+            out["anvil"] = _chain_pid(chain)
+        if redis is not None:
+            out["redis"] = _redis_pid(redis)
+        return out
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        self.progress(
+            f"  {row.scenario:<22} {row.chain:<10} {row.rps:9.1f} req/s  p50 {row.p50_ms:7.2f} ms  "
+            f"p99 {row.p99_ms:8.2f} ms  {row.server_cpu_per_1k:6.2f} CPU s/1k  ok {row.ok}/{row.requests}"
+            + (f"  ({row.note})" if row.note else "")
+        )
+        return row
+
+    # ------------------------------------------------------------------------------------------ scenarios
+
+    def run_all(self, only: set[str] | None = None) -> None:
+        def want(name: str) -> bool:
+            return only is None or name in only
+
+        with Server("upstream", {}) as upstream:
+            self.upstream = upstream
+            if want("direct") or want("free"):
+                self.free_scenarios(want)
+            if want("jobs"):
+                self.jobs()
+            for label, block_time in (("automine", None), ("block 2 s", 2.0)):
+                if want("exact"):
+                    self.exact(label, block_time, "sqlite")
+                    self.exact(label, block_time, "redis")
+                if want("txhash"):
+                    self.txhash(label, block_time)
+                if want("official"):
+                    self.official(label, block_time)
+
+    def free_scenarios(self, want: Callable[[str], bool]) -> None:
+        p = self.plan
+        assert self.upstream is not None
+        calls = [Call("GET", FREE)] * p.free_n
+        one_by_one = calls[: p.latency_n]
+        _run(warm(self.upstream.url, calls[: p.warmup]))
+        if want("direct"):
+            for batch, c, name in ((calls, p.free_c, "direct (upstream)"), (one_by_one, 1, "direct, 1 at a time")):
+                row, _ = measure(
+                    name, "-", self.upstream.url, batch, c, servers={"upstream": self.upstream.pid}, others={}
+                )
+                self.add(row)
+        if not want("free"):
+            return
+        chain = start_dev_chain(8453)
+        try:
+            store = f"sqlite:///{self.tmp / 'free.db'}"
+            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, _):
+                _run(warm(gw.url, calls[: p.warmup]))
+                rss_start = gw.rss_mb()
+                for batch, c, name in (
+                    (calls, p.free_c, "gateway free route"),
+                    (one_by_one, 1, "free route, 1 at a time"),
+                ):
+                    row, _ = measure(name, "-", gw.url, batch, c, servers={"gateway": gw.pid}, others=self._others())
+                    self.add(row)
+                self.memory_run(gw, rss_start, p.free_n + p.latency_n + p.warmup)
+        finally:
+            chain.stop()
+
+    def jobs(self) -> None:
+        """``[jobs] mode = "front"``: status polls signed by the paying wallet (``X-Payer-Auth``) over
+        ``jobs_n`` job records, each poll = signature recovery + job store read + the upstream hop."""
+        p = self.plan
+        assert self.upstream is not None
+        chain = start_dev_chain(8453)
+        try:
+            store = f"sqlite:///{self.tmp / f'jobs-{time.time_ns()}.db'}"
+            wallets = [Account.create() for _ in range(8)]
+            _run(_fill_jobs(store, wallets, p.jobs_n))
+            jobs_cfg = {"mode": "front", "style": "agent", "max_jobs": p.jobs_n + 1_000}
+            routes = [
+                {"route": f"POST {PAID}", "price": PRICE_USD},
+                {"route": "POST /agent/prompt", "price": PRICE_USD},
+            ]
+            with running_gateway(
+                chain,
+                self.upstream.url,
+                store,
+                self.tmp,
+                log_level=self.log_level,
+                jobs=jobs_cfg,
+                replace={"routes": routes},
+            ) as (gw, _):
+                rss_start = gw.rss_mb()
+                self._check_job_flow(chain, gw)
+                calls = []
+                for i in range(min(p.jobs_n, p.free_n)):
+                    path = f"/agent/job/bench-{i}"
+                    calls.append(Call("GET", path, payer_auth_headers(wallets[i % len(wallets)], "GET", path)))
+                calls = (calls * (p.free_n // len(calls) + 1))[: p.free_n]
+                _run(warm(gw.url, calls[: p.warmup]))
+                row, _ = measure(
+                    "job status poll", "-", gw.url, calls, p.free_c, servers={"gateway": gw.pid}, others=self._others()
+                )
+                self.add(row)
+                self.memory["jobs_held"] = p.jobs_n
+                self.memory["gateway_rss_mb_jobs_start"] = round(rss_start, 1)
+                self.memory["gateway_rss_mb_jobs_after_polls"] = round(gw.rss_mb(), 1)
+                self.progress(
+                    f"  memory: RSS {rss_start:.1f} MB holding {p.jobs_n} job records, "
+                    f"{gw.rss_mb():.1f} MB after {p.free_n} polls"
+                )
+        finally:
+            chain.stop()
+
+    def _check_job_flow(self, chain: DevChain, gw: Server) -> None:
+        """One real paid submit and a poll with its token: the scenario measures a working jobs API."""
+        payer = chain.new_payer(PRICE * 10)
+        (call,) = payers.exact_calls(gw.url, "/agent/prompt", [payer], 1)
+        submit = Request(gw.url + call.path, data=call.body, headers=call.headers, method="POST")
+        with urlopen(submit, timeout=60) as resp:
+            token = resp.headers["x-job-token"]
+            job_id = json.loads(resp.read())["jobId"]
+        poll = Request(f"{gw.url}/agent/job/{job_id}", headers={"Authorization": f"Bearer {token}"})
+        with urlopen(poll, timeout=30) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"job poll answered HTTP {resp.status}")
+
+    def memory_run(self, gw: Server, rss_start: float, done: int) -> None:
+        """Keep hammering the free route until ``memory_n`` requests in total (or ``memory_seconds``); RSS after."""
+        p = self.plan
+        batch = [Call("GET", FREE)] * 5_000
+        deadline = time.monotonic() + p.memory_seconds
+        while done < p.memory_n and time.monotonic() < deadline:
+            _run(run_load(gw.url, batch[: min(len(batch), p.memory_n - done)], concurrency=p.free_c))
+            done += min(len(batch), p.memory_n - done)
+        self.memory["gateway_rss_mb_after_start"] = round(rss_start, 1)
+        self.memory["gateway_rss_mb_after_free_requests"] = round(gw.rss_mb(), 1)
+        self.memory["free_requests_served"] = done
+        self.progress(f"  memory: RSS {rss_start:.1f} MB after start-up, {gw.rss_mb():.1f} MB after {done} requests")
+
+    def exact(self, label: str, block_time: float | None, store_kind: str) -> None:
+        p = self.plan
+        n, c = (p.paid_n, p.paid_c) if block_time is None else (p.block_n, p.block_c)
+        assert self.upstream is not None
+        chain = start_dev_chain(8453, block_time=block_time)
+        redis: RedisServer | None = None
+        try:
+            if store_kind == "redis":
+                redis = RedisServer().start()
+                store = redis.url
+            else:
+                store = f"sqlite:///{self.tmp / f'exact-{label[:4]}-{time.time_ns()}.db'}"
+            wallets = payers.new_payers(chain, p.payers, PRICE * (n // p.payers + 10))
+            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, _):
+                calls = payers.exact_calls(gw.url, PAID, wallets, n + p.payers)
+                warmups, timed = calls[: p.payers], calls[p.payers :]
+                _run(warm(gw.url, warmups, concurrency=min(8, p.payers)))
+                row, _ = measure(
+                    f"gateway exact {store_kind}",
+                    label,
+                    gw.url,
+                    timed,
+                    c,
+                    servers={"gateway": gw.pid},
+                    others=self._others(chain, redis),
+                )
+                self.add(row)
+        finally:
+            chain.stop()
+            if redis is not None:
+                redis.cleanup()
+
+    def txhash(self, label: str, block_time: float | None) -> None:
+        p = self.plan
+        n, c = (p.paid_n, p.paid_c) if block_time is None else (p.block_n, p.block_c)
+        assert self.upstream is not None
+        chain = start_dev_chain(8453, block_time=block_time)
+        try:
+            store = f"sqlite:///{self.tmp / f'tx-{time.time_ns()}.db'}"
+            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, pay_to):
+                calls = payers.txhash_calls(chain, gw.url, PAID, "base", pay_to, PRICE, p.payers, n + p.payers)
+                warmups, timed = calls[: p.payers], calls[p.payers :]
+                _run(warm(gw.url, warmups, concurrency=min(8, p.payers)))
+                row, _ = measure(
+                    "gateway tx-hash", label, gw.url, timed, c, servers={"gateway": gw.pid}, others=self._others(chain)
+                )
+                self.add(row)
+        finally:
+            chain.stop()
+
+    def official(self, label: str, block_time: float | None) -> None:
+        p = self.plan
+        n = p.official_n if block_time is None else p.official_block_n
+        c = p.paid_c if block_time is None else p.block_c
+        assert self.upstream is not None
+        chain = start_dev_chain(8453, block_time=block_time)
+        try:
+            wallets = payers.new_payers(chain, p.payers, PRICE * (n // p.payers + 10))
+            fac_spec = {"key": FACILITATOR_KEY, "rpc_url": chain.url, "network": chain.network}
+            with Server("facilitator", fac_spec, ready_path="/supported") as fac:
+                spec = {
+                    "upstream_url": self.upstream.url,
+                    "facilitator_url": fac.url,
+                    "network": chain.network,
+                    "pay_to": payers.fresh_address(),
+                    "price": f"${PRICE_USD}",
+                    "routes": [f"POST {PAID}"],
+                }
+                with Server("official", spec, ready_path=FREE) as app:
+                    warmups = min(4, p.payers)
+                    calls = payers.official_calls(app.url, PAID, wallets, n + warmups)
+                    _run(warm(app.url, calls[:warmups], concurrency=warmups))
+                    row, _ = measure(
+                        "official x402 (FastAPI)",
+                        label,
+                        app.url,
+                        calls[warmups:],
+                        c,
+                        servers={"official": app.pid, "facilitator": fac.pid},
+                        others=self._others(chain),
+                    )
+                    self.add(row)
+        finally:
+            chain.stop()
+
+
+async def _fill_jobs(store_url: str, wallets: list[Any], n: int) -> None:
+    """``n`` job bindings (front mode) spread over ``wallets``, written before the gateway starts."""
+    store = open_job_store(store_url)
+    now = now_ms()
+    try:
+        for i in range(n):
+            job = Job(
+                job_id=f"bench-{i}",
+                payer=wallets[i % len(wallets)].address.lower(),
+                status=JobStatus.PENDING,
+                created_at=now,
+                network="base",
+                purge_at=now + 3_600_000,
+            )
+            await store.create(job, max_jobs=n + 1_000)
+    finally:
+        await store.aclose()
+
+
+def main_run(plan: Plan, only: set[str] | None, log_level: str) -> Bench:
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    bench = Bench(plan, log_level=log_level)
+    bench.run_all(only)
+    return bench
