@@ -22,23 +22,17 @@ Fail closed (THREATS 17): every backend failure raises :class:`gateway.errors.St
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
 
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.store._redis_client import RedisClient
+from gateway.store._sqlite_file import SQLiteFile
 from gateway.store.redis import GC_SLACK, redact_url
 
 __all__ = [
@@ -49,8 +43,6 @@ __all__ = [
     "StoredResponse",
     "open_idempotency_store",
 ]
-
-T = TypeVar("T")
 
 Outcome = Literal["began", "in_flight", "mismatch", "done"]
 
@@ -136,53 +128,19 @@ class SQLiteIdempotencyStore:
     one ``BEGIN IMMEDIATE`` transaction (the same discipline as :mod:`gateway.store.sqlite`)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x402-idempotency-sqlite")
-        self._conn: sqlite3.Connection | None = None  # worker thread only
-        self._closed = False
+        self._db = SQLiteFile(
+            path,
+            schema=(_SCHEMA, _INDEX),
+            busy_timeout=busy_timeout,
+            what="idempotency store",
+            thread="x402-idempotency-sqlite",
+        )
         self._begins = 0
 
     def __repr__(self) -> str:
-        return f"SQLiteIdempotencyStore(path={self._path!r})"
+        return f"SQLiteIdempotencyStore(path={self._db.path!r})"
 
     # -- worker-thread side ---------------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute(_SCHEMA)
-                conn.execute(_INDEX)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            self._drop_connection()
-            raise
-        return result
 
     def _begin(self, key: str, fingerprint: str, owner: str, now: float, lease: float) -> Begun:
         self._begins += 1
@@ -206,7 +164,7 @@ class SQLiteIdempotencyStore:
             conn.execute(_INSERT, (key, owner, fingerprint, now + lease, now))
             return Begun("began", taken_over=taken_over)
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _complete(self, key: str, owner: str, response: StoredResponse, now: float, ttl: float) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
@@ -216,48 +174,30 @@ class SQLiteIdempotencyStore:
             )
             return cur.rowcount == 1
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _abandon(self, key: str, owner: str) -> None:
-        self._transaction(lambda conn: conn.execute(_ABANDON, (key, owner)))
+        self._db.transaction(lambda conn: conn.execute(_ABANDON, (key, owner)))
 
     def _ping(self) -> None:
-        self._connection().execute("SELECT 1 FROM idempotency LIMIT 1").fetchall()
+        self._db.connection().execute("SELECT 1 FROM idempotency LIMIT 1").fetchall()
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreUnavailable("the idempotency store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite idempotency store: {type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable("the idempotency store is closed") from exc
-
     async def begin(self, key: str, fingerprint: str, owner: str, *, now: float, lease: float) -> Begun:
-        return await self._run(self._begin, key, fingerprint, owner, now, lease)
+        return await self._db.run(self._begin, key, fingerprint, owner, now, lease)
 
     async def complete(self, key: str, owner: str, response: StoredResponse, *, now: float, ttl: float) -> bool:
-        return await self._run(self._complete, key, owner, response, now, ttl)
+        return await self._db.run(self._complete, key, owner, response, now, ttl)
 
     async def abandon(self, key: str, owner: str) -> None:
-        await self._run(self._abandon, key, owner)
+        await self._db.run(self._abandon, key, owner)
 
     async def ping(self) -> None:
-        await self._run(self._ping)
+        await self._db.run(self._ping)
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        finally:
-            self._closed = True
-            self._executor.shutdown(wait=False)
+        await self._db.aclose()
 
 
 # -------------------------------------------------------------------------------------------------------- Redis
@@ -314,34 +254,24 @@ class RedisIdempotencyStore:
     def __init__(
         self, url: str, *, prefix: str = "x402:idem:", socket_timeout: float = 2.0, connect_timeout: float = 2.0
     ) -> None:
-        self._redacted = redact_url(url)
         self._prefix = prefix
-        try:
-            self._redis: Redis = Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                decode_responses=False,  # bodies are bytes
-            )
-        except (ValueError, RedisError) as exc:
-            raise StoreUnavailable(f"invalid redis url {self._redacted!r}: {type(exc).__name__}") from exc
-        self._begin = self._redis.register_script(_BEGIN)
-        self._complete = self._redis.register_script(_COMPLETE_LUA)
-        self._abandon = self._redis.register_script(_ABANDON_LUA)
-        self._closed = False
+        self._client = RedisClient(
+            url,
+            what="idempotency store",
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            decode_responses=False,  # bodies are bytes
+            blocking_pool=False,  # redis-py's default pool, as this store has always used
+        )
+        self._begin = self._client.register_script(_BEGIN)
+        self._complete = self._client.register_script(_COMPLETE_LUA)
+        self._abandon = self._client.register_script(_ABANDON_LUA)
 
     def __repr__(self) -> str:
-        return f"RedisIdempotencyStore(url={self._redacted!r}, prefix={self._prefix!r})"
+        return f"RedisIdempotencyStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
-    async def _script(self, script: Any, key: str, *args: str | bytes) -> Any:
-        if self._closed:
-            raise StoreUnavailable("the idempotency store is closed")
-        try:
-            return await script(keys=[self._prefix + key], args=args)
-        except (RedisError, OSError) as exc:
-            # The message names the failure, never the URL (which may carry a password).
-            raise StoreUnavailable(f"redis idempotency store: {type(exc).__name__}: {exc}") from exc
+    async def _script(self, script: AsyncScript, key: str, *args: str | bytes) -> Any:
+        return await self._client.run_script(script, [self._prefix + key], args)
 
     async def begin(self, key: str, fingerprint: str, owner: str, *, now: float, lease: float) -> Begun:
         res = await self._script(
@@ -378,19 +308,10 @@ class RedisIdempotencyStore:
         await self._script(self._abandon, key, owner)
 
     async def ping(self) -> None:
-        if self._closed:
-            raise StoreUnavailable("the idempotency store is closed")
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis idempotency store: {type(exc).__name__}: {exc}") from exc
+        await self._client.ping()
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        await self._client.aclose()
 
 
 # --------------------------------------------------------------------------------------------------------- open

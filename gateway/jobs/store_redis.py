@@ -18,16 +18,13 @@ dropped connection).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
 
-from ..errors import StoreUnavailable
-from ..store.redis import connect, redact_url
+from ..store._redis_client import RedisClient
 from .model import Job, JobExists, JobStatus, JobStoreFull, StatusUpdate, decode_field, encode_field
 from .store import JobStats
 
@@ -226,32 +223,24 @@ class RedisJobStore:
     def __init__(
         self, url: str, *, prefix: str = "x402:{jobs}:", socket_timeout: float = 2.0, connect_timeout: float = 2.0
     ) -> None:
-        self._redacted = redact_url(url)
         self._prefix = prefix
-        try:
-            self._redis: Redis = connect(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
-        except (ValueError, RedisError) as exc:
-            raise StoreUnavailable(f"invalid redis url {self._redacted!r}: {type(exc).__name__}") from exc
-        self._create = self._redis.register_script(_CREATE)
-        self._transition = self._redis.register_script(_TRANSITION)
-        self._append = self._redis.register_script(_APPEND)
-        self._get = self._redis.register_script(_GET)
-        self._list = self._redis.register_script(_LIST)
-        self._stale = self._redis.register_script(_STALE)
-        self._purge = self._redis.register_script(_PURGE)
-        self._closed = False
+        self._client = RedisClient(
+            url, what="job store", socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        )
+        self._create = self._client.register_script(_CREATE)
+        self._transition = self._client.register_script(_TRANSITION)
+        self._append = self._client.register_script(_APPEND)
+        self._get = self._client.register_script(_GET)
+        self._list = self._client.register_script(_LIST)
+        self._stale = self._client.register_script(_STALE)
+        self._purge = self._client.register_script(_PURGE)
 
     def __repr__(self) -> str:
-        return f"RedisJobStore(url={self._redacted!r}, prefix={self._prefix!r})"
+        return f"RedisJobStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
-    async def _call(self, script: Any, *args: Any) -> Any:
-        if self._closed:
-            raise StoreUnavailable("the job store is closed")
-        try:
-            # One key of the {jobs} hash tag rides along as KEYS[1]: a cluster client routes the script by it.
-            return await script(keys=[self._prefix + "all"], args=[self._prefix, *args])
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis job store: {type(exc).__name__}: {exc}") from exc
+    async def _call(self, script: AsyncScript, *args: Any) -> Any:
+        # One key of the {jobs} hash tag rides along as KEYS[1]: a cluster client routes the script by it.
+        return await self._client.run_script(script, [self._prefix + "all"], [self._prefix, *args])
 
     async def create(self, job: Job, *, max_jobs: int) -> None:
         values = {name: getattr(job, name) for name in _ENCODED_FIELDS}
@@ -300,30 +289,17 @@ class RedisJobStore:
                 return total
 
     async def stats(self) -> JobStats:
-        if self._closed:
-            raise StoreUnavailable("the job store is closed")
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
+        with self._client.guard():
+            async with self._client.redis.pipeline(transaction=True) as pipe:
                 for status in JobStatus:
                     pipe.zcard(f"{self._prefix}st:{status.value}")
                 pipe.hget(f"{self._prefix}stats", "completed_ms")
                 res = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis job store: {type(exc).__name__}: {exc}") from exc
         counts = {status: int(n) for status, n in zip(JobStatus, res[:-1], strict=True) if int(n)}
         return JobStats(counts=counts, completed_ms_total=int(res[-1] or 0))
 
     async def ping(self) -> None:
-        if self._closed:
-            raise StoreUnavailable("the job store is closed")
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis job store: {type(exc).__name__}: {exc}") from exc
+        await self._client.ping()
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        await self._client.aclose()

@@ -9,21 +9,16 @@ are the ones the queries filter and sort on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-from ..errors import StoreUnavailable
+from ..store._sqlite_file import SQLiteFile
 from .model import ACTIVE, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
 from .store import JobStats
 
 __all__ = ["SQLiteJobStore"]
-
-T = TypeVar("T")
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -90,52 +85,14 @@ class SQLiteJobStore:
     """:class:`gateway.jobs.store.JobStore` on one SQLite file (see the module docstring)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x402-sqlite-jobs")
-        self._conn: sqlite3.Connection | None = None  # created, used and closed on the worker thread only
-        self._closed = False
+        self._db = SQLiteFile(
+            path, schema=_SCHEMA, busy_timeout=busy_timeout, what="job store", thread="x402-sqlite-jobs"
+        )
 
     def __repr__(self) -> str:
-        return f"SQLiteJobStore(path={self._path!r})"
+        return f"SQLiteJobStore(path={self._db.path!r})"
 
     # -- worker-thread side ---------------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            self._drop_connection()
-            raise
-        return result
 
     @staticmethod
     def _load(conn: sqlite3.Connection, job_id: str) -> Job | None:
@@ -159,7 +116,7 @@ class SQLiteJobStore:
                 conn.executemany(_DELETE, [(v,) for v in victims])
             conn.execute(_INSERT, (job.job_id, *_row(job)))
 
-        self._transaction(body)
+        self._db.transaction(body)
 
     def _transition(
         self, job_id: str, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]
@@ -172,7 +129,7 @@ class SQLiteJobStore:
             self._save(conn, new)
             return True, new
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _append(self, job_id: str, update: StatusUpdate, limit: int) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
@@ -182,13 +139,13 @@ class SQLiteJobStore:
             self._save(conn, job.changed(status_updates=(*job.status_updates, update)))
             return True
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _get(self, job_id: str) -> Job | None:
-        return self._load(self._connection(), job_id)
+        return self._load(self._db.connection(), job_id)
 
     def _list(self, payer: str, statuses: frozenset[JobStatus] | None, limit: int) -> tuple[list[Job], int]:
-        conn = self._connection()
+        conn = self._db.connection()
         wanted = json.dumps(sorted(s.value for s in statuses or ()))
         rows = conn.execute(
             _LIST, {"payer": payer, "any": statuses is None, "statuses": wanted, "limit": limit}
@@ -197,74 +154,56 @@ class SQLiteJobStore:
         return [_job(r[0]) for r in rows], int(total)
 
     def _stale(self, now: int, grace_ms: int, limit: int) -> list[Job]:
-        rows = self._connection().execute(_STALE, {"now": now, "grace": grace_ms, "limit": limit}).fetchall()
+        rows = self._db.connection().execute(_STALE, {"now": now, "grace": grace_ms, "limit": limit}).fetchall()
         return [_job(r[0]) for r in rows]
 
     def _purge(self, now: int) -> int:
-        return self._transaction(lambda conn: conn.execute(_PURGE, (now,)).rowcount)
+        return self._db.transaction(lambda conn: conn.execute(_PURGE, (now,)).rowcount)
 
     def _stats(self) -> JobStats:
         counts: dict[JobStatus, int] = {}
         completed_ms = 0
-        for status, count, ms in self._connection().execute(_STATS).fetchall():
+        for status, count, ms in self._db.connection().execute(_STATS).fetchall():
             counts[JobStatus(status)] = int(count)
             if status == JobStatus.COMPLETED:
                 completed_ms = int(ms)
         return JobStats(counts=counts, completed_ms_total=completed_ms)
 
     def _ping(self) -> None:
-        self._connection().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        self._db.connection().execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreUnavailable("the job store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite job store: {type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable("the job store is closed") from exc
-
     async def create(self, job: Job, *, max_jobs: int) -> None:
-        await self._run(self._create, job, max_jobs)
+        await self._db.run(self._create, job, max_jobs)
 
     async def get(self, job_id: str) -> Job | None:
-        return await self._run(self._get, job_id)
+        return await self._db.run(self._get, job_id)
 
     async def transition(
         self, job_id: str, *, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]
     ) -> tuple[bool, Job | None]:
-        return await self._run(self._transition, job_id, when, to, dict(changes))
+        return await self._db.run(self._transition, job_id, when, to, dict(changes))
 
     async def append_update(self, job_id: str, update: StatusUpdate, *, limit: int) -> bool:
-        return await self._run(self._append, job_id, update, limit)
+        return await self._db.run(self._append, job_id, update, limit)
 
     async def list_for_payer(
         self, payer: str, *, statuses: frozenset[JobStatus] | None, limit: int
     ) -> tuple[list[Job], int]:
-        return await self._run(self._list, payer, statuses, limit)
+        return await self._db.run(self._list, payer, statuses, limit)
 
     async def stale(self, now: int, *, grace_ms: int, limit: int) -> list[Job]:
-        return await self._run(self._stale, now, grace_ms, limit)
+        return await self._db.run(self._stale, now, grace_ms, limit)
 
     async def purge(self, now: int) -> int:
-        return await self._run(self._purge, now)
+        return await self._db.run(self._purge, now)
 
     async def stats(self) -> JobStats:
-        return await self._run(self._stats)
+        return await self._db.run(self._stats)
 
     async def ping(self) -> None:
-        await self._run(self._ping)
+        await self._db.run(self._ping)
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        finally:
-            self._closed = True
-            self._executor.shutdown(wait=False)
+        await self._db.aclose()

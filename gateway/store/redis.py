@@ -19,27 +19,17 @@ transitions are idempotent for the owner that holds the claim.
 
 from __future__ import annotations
 
-import contextlib
-import re
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
+from gateway.store._redis_client import POOL_SIZE, RedisClient, connect, redact_url
 from gateway.store.base import ClaimRecord, ClaimState
 
-__all__ = ["GC_SLACK", "RedisReceiptStore", "connect", "redact_url"]
+__all__ = ["GC_SLACK", "POOL_SIZE", "RedisReceiptStore", "connect", "redact_url"]
 
 GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
-
-# scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
-# and ?password=... / &password=... (redis-py reads the password from the query string too)
-_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 _FIELDS = ("state", "owner", "tx", "lease", "exp", "upd")
 
@@ -148,34 +138,6 @@ return 0
 """
 
 
-POOL_SIZE = 64  # connections per store object; a burst beyond waits for one (up to connect_timeout)
-
-
-def connect(url: str, *, socket_timeout: float, connect_timeout: float, max_connections: int = POOL_SIZE) -> Redis:
-    """A client on a *blocking* pool. redis-py's default pool (100 connections) raises ``MaxConnectionsError`` at
-    once when a burst needs a 101st, which turned >100 concurrent paid requests into 503s; a blocking pool makes
-    the burst wait its turn and still fails closed (``ConnectionError``) if no connection frees up in time."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=connect_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        # At most one immediate retry, on a connection error only: replaces a connection the server
-        # closed; a server that is down fails after two refused connects, not after a back-off ladder.
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        decode_responses=True,
-    )
-    return Redis.from_pool(pool)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password hidden (``redis://user:***@host``, ``?password=***``), for logs and repr."""
-    # Plain string surgery rather than urlsplit/urlunsplit, which would rewrite ``unix:///path`` as ``unix:/path``.
-    url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
-
-
 def _num(value: float) -> str:
     return repr(float(value))
 
@@ -195,36 +157,21 @@ class RedisReceiptStore:
         socket_timeout: float = 2.0,
         connect_timeout: float = 2.0,
     ) -> None:
-        self._redacted = redact_url(url)
         self._prefix = prefix
-        try:
-            self._redis: Redis = connect(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
-        except (ValueError, RedisError) as exc:
-            raise StoreUnavailable(f"invalid redis url {self._redacted!r}: {type(exc).__name__}") from exc
-        self._claim = self._redis.register_script(_CLAIM)
-        self._record_tx = self._redis.register_script(_RECORD_TX)
-        self._mark_paid = self._redis.register_script(_MARK_PAID)
-        self._finish = self._redis.register_script(_FINISH)
-        self._release = self._redis.register_script(_RELEASE)
-        self._closed = False
+        self._client = RedisClient(
+            url, what="receipt store", socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        )
+        self._claim = self._client.register_script(_CLAIM)
+        self._record_tx = self._client.register_script(_RECORD_TX)
+        self._mark_paid = self._client.register_script(_MARK_PAID)
+        self._finish = self._client.register_script(_FINISH)
+        self._release = self._client.register_script(_RELEASE)
 
     def __repr__(self) -> str:
-        return f"RedisReceiptStore(url={self._redacted!r}, prefix={self._prefix!r})"
+        return f"RedisReceiptStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
-    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        # The message names the failure, never the URL (which may carry a password).
-        return StoreUnavailable(f"redis receipt store: {type(exc).__name__}: {exc}")
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreUnavailable("the receipt store is closed")
-
-    async def _script(self, script: Any, key: str, *args: str) -> Any:
-        self._check_open()
-        try:
-            return await script(keys=[self._prefix + key], args=args)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+    async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
+        return await self._client.run_script(script, [self._prefix + key], args)
 
     async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
         res = await self._script(
@@ -277,11 +224,8 @@ class RedisReceiptStore:
         await self._script(self._release, key, owner)
 
     async def get(self, key: str, *, now: float) -> ClaimRecord | None:
-        self._check_open()
-        try:
-            h: list[Any] = await self._redis.hmget(self._prefix + key, list(_FIELDS))
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        with self._client.guard():
+            h: list[Any] = await self._client.redis.hmget(self._prefix + key, list(_FIELDS))
         state, owner, tx, lease, exp, upd = h
         if state is None or owner is None or lease is None or upd is None:
             return None
@@ -304,15 +248,7 @@ class RedisReceiptStore:
         )
 
     async def ping(self) -> None:
-        self._check_open()
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        await self._client.ping()
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(RedisError, OSError):  # closing a dead connection: nothing to do
-            await self._redis.aclose()
+        await self._client.aclose()

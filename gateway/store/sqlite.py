@@ -17,19 +17,13 @@ to the settlement it guards.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
-from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
+from gateway.errors import PaymentInFlight, PaymentReplayed
+from gateway.store._sqlite_file import SQLiteFile
 from gateway.store.base import ClaimRecord, ClaimState
 
 __all__ = ["SQLiteReceiptStore"]
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
@@ -101,55 +95,14 @@ class SQLiteReceiptStore:
     """:class:`gateway.store.base.ReceiptStore` on one SQLite file (see the module docstring)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="x402-sqlite-store")
-        self._conn: sqlite3.Connection | None = None  # created, used and closed on the worker thread only
-        self._closed = False
+        self._db = SQLiteFile(
+            path, schema=(_SCHEMA, _INDEX), busy_timeout=busy_timeout, what="receipt store", thread="x402-sqlite-store"
+        )
 
     def __repr__(self) -> str:
-        return f"SQLiteReceiptStore(path={self._path!r})"
+        return f"SQLiteReceiptStore(path={self._db.path!r})"
 
     # -- worker-thread side ---------------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            # isolation_level=None: no implicit transactions; each transition issues its own BEGIN IMMEDIATE.
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute(_SCHEMA)
-                conn.execute(_INDEX)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction; roll back if it raises."""
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            # The connection may be left mid-transaction or broken (disk full, I/O error): start afresh next time.
-            self._drop_connection()
-            raise
-        return result
 
     @staticmethod
     def _select(conn: sqlite3.Connection, key: str) -> _Row | None:
@@ -182,7 +135,7 @@ class SQLiteReceiptStore:
             self._update(conn, taken)
             return _record(taken, resumed=True)
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _record_tx(self, key: str, owner: str, tx_hash: str, now: float, lease: float) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -191,7 +144,7 @@ class SQLiteReceiptStore:
                 raise PaymentInFlight("the claim on this payment was lost")
             self._update(conn, (key, row[1], owner, tx_hash, now + lease, row[5], now))
 
-        self._transaction(body)
+        self._db.transaction(body)
 
     def _mark_paid(self, key: str, owner: str, tx_hash: str | None, now: float, lease: float) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -207,7 +160,7 @@ class SQLiteReceiptStore:
             new_tx = tx_hash if tx_hash is not None else row[3]
             self._update(conn, (key, ClaimState.PAID.value, owner, new_tx, now + lease, row[5], now))
 
-        self._transaction(body)
+        self._db.transaction(body)
 
     def _finish(self, key: str, owner: str, served: bool, now: float, expires_at: float | None) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -217,16 +170,16 @@ class SQLiteReceiptStore:
             state = ClaimState.CONSUMED if served else ClaimState.UNSERVED
             self._update(conn, (key, state.value, owner, row[3], row[4], expires_at, now))
 
-        self._transaction(body)
+        self._db.transaction(body)
 
     def _release(self, key: str, owner: str) -> None:
         def body(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM receipts WHERE key = ? AND state = 'pending' AND owner = ?", (key, owner))
 
-        self._transaction(body)
+        self._db.transaction(body)
 
     def _get(self, key: str, now: float) -> ClaimRecord | None:
-        conn = self._connection()
+        conn = self._db.connection()
         row: _Row | None = conn.execute(_GET_LIVE, {"key": key, "now": now}).fetchone()
         return None if row is None else _record(row)
 
@@ -235,55 +188,37 @@ class SQLiteReceiptStore:
             cur = conn.execute(_PURGE, {"now": now})
             return cur.rowcount
 
-        return self._transaction(body)
+        return self._db.transaction(body)
 
     def _ping(self) -> None:
-        self._connection().execute("SELECT 1 FROM receipts LIMIT 1").fetchall()
+        self._db.connection().execute("SELECT 1 FROM receipts LIMIT 1").fetchall()
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreUnavailable("the receipt store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite receipt store: {type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable("the receipt store is closed") from exc
-
     async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
-        return await self._run(self._claim, key, owner, now, lease, expires_at)
+        return await self._db.run(self._claim, key, owner, now, lease, expires_at)
 
     async def record_tx(self, key: str, owner: str, tx_hash: str, *, now: float, lease: float) -> None:
-        await self._run(self._record_tx, key, owner, tx_hash, now, lease)
+        await self._db.run(self._record_tx, key, owner, tx_hash, now, lease)
 
     async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
-        await self._run(self._mark_paid, key, owner, tx_hash, now, lease)
+        await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease)
 
     async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
-        await self._run(self._finish, key, owner, served, now, expires_at)
+        await self._db.run(self._finish, key, owner, served, now, expires_at)
 
     async def release(self, key: str, owner: str) -> None:
-        await self._run(self._release, key, owner)
+        await self._db.run(self._release, key, owner)
 
     async def get(self, key: str, *, now: float) -> ClaimRecord | None:
-        return await self._run(self._get, key, now)
+        return await self._db.run(self._get, key, now)
 
     async def purge_expired(self, now: float) -> int:
         """Delete every expired record (as ``claim`` does lazily for one key); return how many went."""
-        return await self._run(self._purge, now)
+        return await self._db.run(self._purge, now)
 
     async def ping(self) -> None:
-        await self._run(self._ping)
+        await self._db.run(self._ping)
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._drop_connection)
-        finally:
-            self._closed = True
-            self._executor.shutdown(wait=False)
+        await self._db.aclose()

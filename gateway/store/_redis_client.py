@@ -1,0 +1,143 @@
+"""The Redis client plumbing shared by the Redis receipt, job and idempotency stores.
+
+Why each rule exists:
+
+* Fail closed (THREATS 17), quickly: socket and connect timeouts are short, and every Redis or socket error
+  becomes :class:`gateway.errors.StoreUnavailable`. The message names the failure, never the URL (which may carry
+  a password); :func:`redact_url` is what logs and reprs show instead.
+* At most one immediate retry, on a connection error only, without back-off: it replaces a connection the server
+  closed (e.g. across a Redis restart); a server that is down fails after two refused connects, not after a
+  back-off ladder. Nothing is cached between calls, so once Redis answers again the same store object works again.
+* A *blocking* connection pool (:func:`connect`): redis-py's default pool (100 connections) raises
+  ``MaxConnectionsError`` at once when a burst needs a 101st, which turned >100 concurrent paid requests into 503s;
+  a blocking pool makes the burst wait its turn and still fails closed if no connection frees up in time.
+* Scripts are registered once and called by EVALSHA (redis-py loads them again after a ``NOSCRIPT``, e.g. after a
+  restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gateway.errors import StoreUnavailable
+
+__all__ = ["POOL_SIZE", "RedisClient", "connect", "redact_url"]
+
+POOL_SIZE = 64  # connections per store object; a burst beyond waits for one (up to connect_timeout)
+
+# scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
+# and ?password=... / &password=... (redis-py reads the password from the query string too)
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden (``redis://user:***@host``, ``?password=***``), for logs and repr."""
+    # Plain string surgery rather than urlsplit/urlunsplit, which would rewrite ``unix:///path`` as ``unix:/path``.
+    url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def connect(
+    url: str,
+    *,
+    socket_timeout: float,
+    connect_timeout: float,
+    max_connections: int = POOL_SIZE,
+    decode_responses: bool = True,
+    blocking_pool: bool = True,
+) -> Redis:
+    """A client on a *blocking* pool. redis-py's default pool (100 connections) raises ``MaxConnectionsError`` at
+    once when a burst needs a 101st, which turned >100 concurrent paid requests into 503s; a blocking pool makes
+    the burst wait its turn and still fails closed (``ConnectionError``) if no connection frees up in time.
+
+    ``blocking_pool=False`` keeps redis-py's default pool (``max_connections`` is then ignored); the idempotency
+    store has always used it."""
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        # At most one immediate retry, on a connection error only: replaces a connection the server
+        # closed; a server that is down fails after two refused connects, not after a back-off ladder.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "decode_responses": decode_responses,
+    }
+    pool: ConnectionPool
+    if blocking_pool:
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=connect_timeout, **common)
+    else:
+        pool = ConnectionPool.from_url(url, **common)
+    return Redis.from_pool(pool)
+
+
+class RedisClient:
+    """One store's Redis client: construction, script registration, error mapping and close.
+
+    ``what`` names the store in errors (``"receipt store"`` -> ``"the receipt store is closed"``,
+    ``"redis receipt store: ConnectionError: ..."``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        what: str,
+        socket_timeout: float,
+        connect_timeout: float,
+        decode_responses: bool = True,
+        blocking_pool: bool = True,
+    ) -> None:
+        self.redacted = redact_url(url)
+        self._what = what
+        try:
+            self.redis: Redis = connect(
+                url,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                decode_responses=decode_responses,
+                blocking_pool=blocking_pool,
+            )
+        except (ValueError, RedisError) as exc:
+            raise StoreUnavailable(f"invalid redis url {self.redacted!r}: {type(exc).__name__}") from exc
+        self._closed = False
+
+    def register_script(self, source: str) -> AsyncScript:
+        return self.redis.register_script(source)
+
+    def unavailable(self, exc: BaseException) -> StoreUnavailable:
+        # The message names the failure, never the URL (which may carry a password).
+        return StoreUnavailable(f"redis {self._what}: {type(exc).__name__}: {exc}")
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Refuse a closed store; turn every Redis or socket error inside the block into ``StoreUnavailable``."""
+        if self._closed:
+            raise StoreUnavailable(f"the {self._what} is closed")
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
+
+    async def run_script(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        with self.guard():
+            return await script(keys=list(keys), args=list(args))
+
+    async def ping(self) -> None:
+        with self.guard():
+            await self.redis.ping()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RedisError, OSError):  # closing a dead connection: nothing to do
+            await self.redis.aclose()
