@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from .idempotency import IdempotencyLayer
 from .jobs import build_jobs
 from .logs import AccessLog, install_redaction
 from .metrics import PrometheusMetrics
-from .middleware import PaymentMiddleware
+from .middleware import PaymentMiddleware, new_request_id
 from .paywall import Paywall, PaywallHeaders
 from .proxy import UpstreamProxy
 from .ratelimit import RateLimiter
@@ -189,7 +188,7 @@ class Gateway:
         """Answer before the payment layer, and still tell the observers (a flood of 431s should show)."""
         client = scope.get("client")
         record = RequestRecord(
-            request_id=uuid.uuid4().hex,
+            request_id=new_request_id(),
             method=scope["method"],
             path=scope["path"],
             client=client[0] if client else None,
@@ -225,8 +224,13 @@ class Gateway:
 
 def _header_bytes(scope: Scope) -> int:
     """The request line's target plus every header line, as received (``name: value\\r\\n``)."""
-    target = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b""))
-    return target + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+    headers = scope.get("headers") or ()
+    if not isinstance(headers, list | tuple):  # ASGI allows any iterable
+        headers = list(headers)
+    size = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 4 * len(headers)
+    for k, v in headers:
+        size += len(k) + len(v)
+    return size
 
 
 def _forwarded_client(scope: Scope) -> str | None:

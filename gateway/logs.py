@@ -12,12 +12,12 @@ every handler after it sees the redacted record too.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -37,6 +37,7 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
     "taskName",
     "color_message",
     "_x402_redacted",
+    "_x402_access_json",
 }
 # A 32-byte hex value right after a key-ish word ("relayer_key=0x…", "private key: …"): a private key, whatever
 # its source (tx hashes and nonces are not introduced by these words).
@@ -219,18 +220,45 @@ def access_fields(record: RequestRecord) -> dict[str, Any]:
 
 
 class AccessLog:
-    """Observer: one ``gateway.access`` INFO record per request, its fields under ``extra["access"]``."""
+    """Observer: one ``gateway.access`` INFO record per request, its fields under ``extra["access"]``.
+
+    The hot path: the record is built here, already redacted, with its fields pre-encoded as JSON
+    (``_x402_access_json``, used by :class:`JsonFormatter`), so neither the generic :class:`SecretRedactor`
+    pass nor a per-record ``json.dumps`` of a generic dict runs for it. Why that keeps THREATS 19: every field
+    of a :class:`RequestRecord` is a public fact by construction (method, status, outcome and reason words,
+    route pattern, client address, payer address, network name, tx hash, amounts, timings); the only ones a
+    client controls are the path and the request id (an ``X-Request-Id`` of ``[A-Za-z0-9_-]{1,64}``), and those
+    two still go through :meth:`SecretRedactor.redact` here. Every other record keeps the full filter.
+    """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger(ACCESS_LOGGER)
 
     def request_done(self, record: RequestRecord) -> None:
-        if not self.log.isEnabledFor(logging.INFO):
+        log = self.log
+        if not log.isEnabledFor(logging.INFO):
             return
+        redact = REDACTOR.redact
         fields = access_fields(record)
-        self.log.info(
-            "%s %s %s %s", record.method, fields["path"], record.status, fields["outcome"], extra={"access": fields}
-        )
+        path = fields["path"] = redact(fields["path"])
+        fields["request_id"] = redact(record.request_id)
+        message = f"{record.method} {path} {record.status} {fields['outcome']}"
+        entry = logging.LogRecord(log.name, logging.INFO, "", 0, message, None, None)
+        # redacted above, field by field: the handlers' SecretRedactor lets it pass untouched
+        entry.__dict__.update(access=fields, _x402_access_json=_ENCODE(fields), _x402_redacted=True)
+        log.handle(entry)
+
+
+_ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
+_SECOND: list[Any] = [None, ""]  # (whole second, its ISO text): one strftime per second, not per record
+
+
+def _iso_time(created: float) -> str:
+    second = int(created)
+    if _SECOND[0] != second:
+        _SECOND[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND[0] = second
+    return f"{_SECOND[1]}.{int((created - second) * 1000):03d}Z"
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -249,9 +277,20 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        fields = record.__dict__.get("_x402_access_json")
+        if isinstance(fields, str) and not record.exc_info and not record.stack_info and len(fields) > 2:
+            # An access record: its fields were encoded once, by AccessLog (same keys and order as below).
+            head = _ENCODE(
+                {
+                    "time": _iso_time(record.created),
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "message": record.getMessage(),
+                }
+            )
+            return f"{head[:-1]},{fields[1:]}"
         out: dict[str, Any] = {
-            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": _iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -264,7 +303,7 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = record.stack_info
-        return json.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
+        return _ENCODE(out)
 
 
 class TextFormatter(logging.Formatter):

@@ -28,6 +28,7 @@ Metric names (all prefixed ``x402_gateway_``)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -67,6 +68,7 @@ class PrometheusMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, ns = self.registry, NAMESPACE
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "requests",
             "HTTP requests by priced route, outcome and status class",
@@ -160,8 +162,17 @@ class PrometheusMetrics:
     def request_done(self, record: RequestRecord) -> None:
         route = record.route or UNPRICED
         outcome = effective_outcome(record)
-        self.requests.labels(route, outcome, status_class(record.status)).inc()
-        self.request_seconds.labels(outcome).observe(record.total_seconds)
+        key = (route, outcome, record.status)
+        children = self._children.get(key)
+        if children is None:  # one labels() lookup per (route, outcome, status), not two per request
+            children = (
+                self.requests.labels(route, outcome, status_class(record.status)),
+                self.request_seconds.labels(outcome),
+            )
+            if len(self._children) < 4096:  # statuses are the upstream's: bound what they can make us keep
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(record.total_seconds)
         reason = record.reason
         if record.status == 402:
             self.payment_required.labels(route, reason or "payment_required").inc()

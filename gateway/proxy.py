@@ -284,7 +284,12 @@ class UpstreamProxy:
                 state.started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 if method != "HEAD":
-                    async for chunk in resp.content.iter_any():
+                    content = resp.content
+                    async for chunk in content.iter_any():
+                        if content.at_eof():  # the last chunk (a small answer's only one): no empty message after
+                            state.finished = True
+                            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                            return
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 state.finished = True  # from here a disconnect notice is the server's end-of-response, not a cancel
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -27,7 +27,7 @@ from ..errors import BadGateway
 from ..proxy import UpstreamAborted
 from .api import Kind, Match
 from .auth import new_token
-from .layer import JobsLayer, without_headers
+from .layer import _MAX_CACHED, JobsLayer, _Expiring, without_headers
 from .model import Job, JobStatus, now_ms
 from .settings import JobsConfig
 from .store import JobStore
@@ -120,6 +120,23 @@ class FrontJobs(JobsLayer):
     def __init__(self, config: JobsConfig, store: JobStore, proxy: ASGIApp) -> None:
         super().__init__(config, store)
         self.proxy = proxy
+        # job id -> its payer binding. A binding is insert-only (``create`` refuses an existing id; nothing here
+        # transitions or rewrites it), so a copy is exact until the record goes: at its ``purge_at``, or earlier
+        # when ``max_jobs`` evicts it, which the copy outlives by at most BINDING_CACHE_SECONDS. Absent jobs are
+        # never kept: a binding written by another instance is found on the next poll.
+        self._bindings = _Expiring(min(_MAX_CACHED, config.max_jobs))
+
+    BINDING_CACHE_SECONDS = 60.0
+
+    async def load_job(self, job_id: str) -> Job | None:
+        now = now_ms()
+        cached = self._bindings.get(job_id, now)
+        if isinstance(cached, Job):
+            return cached
+        job = await self.store.get(job_id)
+        if job is not None and job.purge_at is not None:
+            self._bindings.put(job_id, job, min(job.purge_at, now + self.BINDING_CACHE_SECONDS * 1000))
+        return job
 
     def _scope(self, scope: Scope, *, path: str | None = None, query: bytes | None = None, parse: bool) -> Scope:
         drop = set(self.proof_headers())

@@ -33,6 +33,36 @@ from .wire import WireError, job_id_required, not_found
 log = logging.getLogger("gateway.jobs")
 
 _PAYER_AUTH = PAYER_AUTH_HEADER.lower().encode("latin-1")
+_MAX_CACHED = 16_384  # verified X-Payer-Auth headers (and, in front mode, payer bindings) kept in memory
+
+
+class _Expiring:
+    """A bounded map whose entries lapse at their own deadline (oldest inserted dropped first when full)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._items: dict[Any, tuple[Any, float]] = {}
+
+    def get(self, key: Any, now: float) -> Any:
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        if now > hit[1]:
+            del self._items[key]
+            return None
+        return hit[0]
+
+    def put(self, key: Any, value: Any, until: float) -> None:
+        items = self._items
+        if key not in items and len(items) >= self._limit:
+            del items[next(iter(items))]
+        items[key] = (value, until)
+
+    def pop(self, key: Any) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class _ClientGone(Exception):
@@ -48,6 +78,10 @@ class JobsLayer:
         self.routes = config.routes
         self._token_header = config.token_header.lower().encode("latin-1")
         self._sweeper: asyncio.Task[None] | None = None
+        # (header value, method, path) -> the address that signed it, until the header goes stale. Recovering a
+        # signature is deterministic, so a hit answers exactly what verify_payer_auth would (it is re-checked
+        # against the clock on every use); failures are never kept.
+        self._signers = _Expiring(_MAX_CACHED)
 
     # ------------------------------------------------------------------------------------------- ASGI faces
 
@@ -114,13 +148,23 @@ class JobsLayer:
 
     def payer_proof(self, scope: Scope, match: Match) -> str | None:
         """The address whose signature (X-Payer-Auth) this request carries, or None."""
-        return verify_payer_auth(
-            header(scope, _PAYER_AUTH),
-            scope["method"],
-            match.path,
-            now=int(time.time()),
-            max_skew=self.config.auth_max_skew_seconds,
-        )
+        value = header(scope, _PAYER_AUTH)
+        if value is None:
+            return None
+        now = int(time.time())
+        skew = self.config.auth_max_skew_seconds
+        key = (value, scope["method"], match.path)
+        cached = self._signers.get(key, now)
+        if cached is not None:
+            signer, timestamp = cached
+            if abs(now - timestamp) <= skew:  # the clock may also have stepped back
+                return str(signer)
+            self._signers.pop(key)
+        signer = verify_payer_auth(value, scope["method"], match.path, now=now, max_skew=skew)
+        if signer is not None:
+            timestamp = int(value.decode("latin-1").strip().partition(".")[0])  # well formed: it verified
+            self._signers.put(key, (signer, timestamp), timestamp + skew)
+        return signer
 
     def opens(self, job: Job, scope: Scope, match: Match) -> bool:
         """Does this request prove it comes from ``job``'s payer (its token, or its wallet's signature)?"""
@@ -132,10 +176,14 @@ class JobsLayer:
     async def owned_job(self, scope: Scope, match: Match) -> Job:
         """The job named by the request if the caller proves it paid for it; else the upstream's own 404."""
         assert match.job_id
-        job = await self.store.get(match.job_id)
+        job = await self.load_job(match.job_id)
         if job is None or not self.opens(job, scope, match):
             raise not_found(match.job_id)
         return job
+
+    async def load_job(self, job_id: str) -> Job | None:
+        """The job record to check a caller against (front mode keeps its immutable bindings in memory)."""
+        return await self.store.get(job_id)
 
     def proof_headers(self) -> frozenset[bytes]:
         """Request headers that carry our proofs: never forwarded to the upstream."""

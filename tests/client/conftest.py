@@ -23,7 +23,7 @@ POLL = {"interval": 0.02, "timeout": 20.0}
 @pytest.fixture
 def agent_gateway(base_chain: DevChain, tmp_path: Path) -> Iterator[GatewayUnderTest]:
     """``POST /agent/prompt`` costs $0.02; status/cancel at ``/agent/job/{id}``, list at ``GET /agent/jobs``."""
-    agent = SlowAgent(steps=STEPS, step_delay=0.05)
+    agent = SlowAgent(steps=STEPS, step_delay=0.3)
     with jobs_gateway(
         base_chain,
         store_url=sqlite_url(tmp_path),

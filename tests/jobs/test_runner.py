@@ -352,7 +352,7 @@ def test_200_concurrent_paid_jobs_all_finish_and_the_payer_pays_exactly_200_time
                     for _ in range(600):
                         try:
                             doc = (await client.get(path, headers=bearer(answer))).json()
-                        except httpx.RemoteProtocolError:  # a pooled keep-alive connection the server just closed
+                        except (httpx.RemoteProtocolError, httpx.ReadError):  # a keep-alive connection just closed
                             continue
                         if doc["status"] not in ("pending", "processing"):
                             return doc

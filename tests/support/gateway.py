@@ -87,7 +87,7 @@ def gateway_config(
     doc: dict[str, Any] = {
         "upstream": {"url": upstream_url, "read_timeout": 10.0},
         "store": {"url": store_url},
-        "payment": {"pay_to": pay_to, "relayer_key_env": "TEST_RELAYER_KEY", "settle_timeout": 20.0},
+        "payment": {"pay_to": pay_to, "relayer_key_env": "TEST_RELAYER_KEY", "settle_timeout": 60.0},
         "networks": networks,
         "routes": routes if routes is not None else DEFAULT_ROUTES,
     }
