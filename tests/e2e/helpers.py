@@ -20,6 +20,7 @@ from eth_utils.crypto import keccak
 
 from gateway.app import build_app
 from gateway.devchain import DevChain, call
+from tests.support.concurrency import fire_together  # noqa: F401 - re-exported for the e2e tests
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
 from tests.support.servers import RecordingUpstream, serve_asgi
 
@@ -192,37 +193,6 @@ class HookedUpstream(RecordingUpstream):
             hook, self.on_request = self.on_request, None
             await asyncio.to_thread(hook)
         await super().__call__(scope, receive, send)
-
-
-def fire_together(
-    url: str, method: str, path: str, headers: dict[str, str] | list[dict[str, str]], n: int
-) -> list[httpx.Response]:
-    """``n`` requests from ``n`` threads, each on a warmed-up connection, released by one barrier. ``headers``:
-    one dict for all, or one per request."""
-    barrier = threading.Barrier(n)
-    results: list[httpx.Response | BaseException | None] = [None] * n
-
-    def worker(i: int) -> None:
-        try:
-            with httpx.Client(base_url=url, timeout=60) as client:
-                client.get("/healthz")
-                barrier.wait(timeout=30)
-                mine = headers[i] if isinstance(headers, list) else headers
-                results[i] = client.request(method, path, headers=mine)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    out: list[httpx.Response] = []
-    for r in results:
-        if not isinstance(r, httpx.Response):
-            raise AssertionError(f"a concurrent request failed: {r!r}")
-        out.append(r)
-    return out
 
 
 def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

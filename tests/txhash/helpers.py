@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import ssl
-import threading
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +18,7 @@ from eth_utils.crypto import keccak
 
 from gateway.client.txhash import tx_proof_headers
 from gateway.devchain import DevChain, send_transaction, set_eth_balance
+from tests.support.concurrency import fire_together as storm
 from tests.support.gateway import GatewayUnderTest
 
 PRICE = 100_000  # POST /paid and POST /paid-before: $0.10
@@ -140,36 +139,8 @@ class Storm:
 
 
 def fire_together(url: str | list[str], method: str, path: str, headers: dict[str, str], n: int) -> Storm:
-    """``n`` requests from ``n`` threads, each on a warmed-up keep-alive connection, released by one barrier.
-
-    The clients share one TLS context (never used: plain http): building one per client costs ~40 ms of CPU
-    each, long enough for the first warmed-up connections to hit uvicorn's 5 s keep-alive timeout. Several
-    ``url``s (gateway instances) take the requests in turn."""
-    urls = [url] if isinstance(url, str) else url
-    barrier = threading.Barrier(n)
-    tls = ssl.create_default_context()
-    results: list[httpx.Response | BaseException | None] = [None] * n
-
-    def worker(i: int) -> None:
-        try:
-            with httpx.Client(base_url=urls[i % len(urls)], timeout=60, verify=tls) as client:
-                client.get("/healthz")
-                barrier.wait(timeout=30)
-                results[i] = client.request(method, path, headers=headers)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    out: list[httpx.Response] = []
-    for r in results:
-        if not isinstance(r, httpx.Response):
-            raise AssertionError(f"a concurrent request failed: {r!r}")
-        out.append(r)
-    return Storm(out)
+    """:func:`tests.support.concurrency.fire_together`, counted as a :class:`Storm`."""
+    return Storm(storm(url, method, path, headers, n))
 
 
 class HeadLiar:
