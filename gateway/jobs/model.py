@@ -134,7 +134,7 @@ class Job:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Job:
-        known = {f.name for f in fields(cls)}
+        known = _JOB_FIELDS
         kwargs = {k: v for k, v in doc.items() if k in known}
         kwargs["status"] = JobStatus(kwargs["status"])
         kwargs["status_updates"] = tuple(
@@ -142,6 +142,8 @@ class Job:
         )
         return cls(**kwargs)
 
+
+_JOB_FIELDS = frozenset(f.name for f in fields(Job))
 
 # Field codec for stores that keep one string per field (Redis hashes): "" is None, JSON for containers.
 _INT_FIELDS = frozenset(

@@ -141,9 +141,6 @@ class SQLiteJobStore:
 
         return self._db.transaction(body)
 
-    def _get(self, job_id: str) -> Job | None:
-        return self._load(self._db.connection(), job_id)
-
     def _list(self, payer: str, statuses: frozenset[JobStatus] | None, limit: int) -> tuple[list[Job], int]:
         conn = self._db.connection()
         wanted = json.dumps(sorted(s.value for s in statuses or ()))
@@ -178,7 +175,7 @@ class SQLiteJobStore:
         await self._db.run(self._create, job, max_jobs)
 
     async def get(self, job_id: str) -> Job | None:
-        return await self._db.run(self._get, job_id)
+        return await self._db.read(lambda conn: self._load(conn, job_id))
 
     async def transition(
         self, job_id: str, *, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.jobs.model import ACTIVE, RUNNER_LOST, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
-from gateway.jobs.store import JobStore
+from gateway.jobs.store import JobStore, open_job_store
 from tests.jobs.conftest import JobBackend
 
 PAYER = "0x" + "a" * 40
@@ -174,3 +176,31 @@ async def test_records_survive_a_new_store_object_on_the_same_storage(job_backen
     got = await second.get("kept")
     assert got is not None and got.status == JobStatus.PROCESSING
     assert got.status_updates == (StatusUpdate("working", T0 + 1),)
+
+
+async def test_a_reader_sees_every_change_another_store_object_made_and_never_a_stale_copy(
+    job_backend: JobBackend,
+) -> None:
+    # SQLite answers reads on the event loop over a connection of its own: it must see each commit at once.
+    reader, writer = job_backend.make(), job_backend.make()
+    assert await reader.get("late") is None  # before the writer created anything (SQLite: before the table)
+    await writer.create(job("late"), max_jobs=10)
+    for step in range(3):
+        await writer.append_update("late", StatusUpdate(f"step {step}", T0 + step), limit=10)
+        got = await reader.get("late")
+        assert got is not None and len(got.status_updates) == step + 1
+
+
+async def test_a_read_waits_for_nobody_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
+    store = open_job_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        await store.create(job("j"), max_jobs=10)
+        other = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE jobs SET doc = doc WHERE job_id = 'j'")
+        got = await asyncio.wait_for(store.get("j"), 1.0)  # WAL: readers never wait for the writer
+        other.execute("ROLLBACK")
+        other.close()
+        assert got == job("j")
+    finally:
+        await store.aclose()

@@ -109,6 +109,73 @@ async def test_locked_sqlite_file_fails_closed_without_blocking_the_event_loop(t
     await store.aclose()
 
 
+async def test_concurrent_sqlite_calls_share_commits_and_keep_one_winner_per_key(tmp_path: Path) -> None:
+    # Group commit: claims queued together run in one transaction, each in its own savepoint; a losing claim's
+    # refusal must not undo the winners committed beside it, and every key still has exactly one owner.
+    store = SQLiteReceiptStore(str(tmp_path / "group.db"))
+    await store.ping()
+    keys = [new_key() for _ in range(20)]
+    now = time.time()
+
+    async def one(key: str, owner: str) -> str:
+        try:
+            await store.claim(key, owner, now=now, lease=LEASE, expires_at=None)
+        except PaymentInFlight:
+            return "refused"
+        return owner
+
+    try:
+        outcomes = await asyncio.gather(*(one(k, f"{k}-{i}") for i in range(3) for k in keys))
+        assert store._db.groups > 0  # the calls were grouped, not one transaction each
+        for key in keys:
+            won = [o for o in outcomes if o.startswith(key)]
+            assert len(won) == 1
+            record = await store.get(key, now=now)
+            assert record is not None and record.owner == won[0]
+        assert outcomes.count("refused") == 40
+    finally:
+        await store.aclose()
+
+
+async def test_a_failed_commit_fails_every_call_of_its_group_and_none_takes_effect(tmp_path: Path) -> None:
+    store = SQLiteReceiptStore(str(tmp_path / "fail.db"))
+    await store.ping()
+    keys = [new_key() for _ in range(8)]
+    db = store._db
+    real_drain = db._drain
+
+    def drain_then_break() -> None:  # the group's COMMIT meets a database another connection holds locked
+        conn = db.connection()
+        original = conn.execute
+
+        class Breaking:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(conn, name)
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                if sql == "COMMIT":
+                    raise sqlite3.OperationalError("disk I/O error")
+                return original(sql, *args)
+
+        db._conn = Breaking()  # type: ignore[assignment]
+        try:
+            real_drain()
+        finally:
+            if db._conn is not None and not isinstance(db._conn, sqlite3.Connection):
+                db._conn = conn
+
+    db._drain = drain_then_break  # type: ignore[method-assign]
+    now = time.time()
+    results = await asyncio.gather(
+        *(store.claim(k, "a", now=now, lease=LEASE, expires_at=None) for k in keys), return_exceptions=True
+    )
+    db._drain = real_drain  # type: ignore[method-assign]
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    for key in keys:
+        assert await store.get(key, now=now) is None  # rolled back: nothing was acknowledged, nothing kept
+    await store.aclose()
+
+
 async def test_unopenable_sqlite_file_fails_closed_then_recovers(tmp_path: Path) -> None:
     directory = tmp_path / "not-yet"
     store = SQLiteReceiptStore(str(directory / "receipts.db"))
