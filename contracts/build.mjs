@@ -15,7 +15,7 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const TOOLS = join(ROOT, ".tools");
 const OUT = join(ROOT, "contracts_abi");
 const SOLC_VERSION = "0.8.28";
-const CONTRACTS = ["TestUSDC", "TestWallet1271"];
+const CONTRACTS = ["TestUSDC", "TestWallet1271", "Multicall3"];
 // evmVersion "cancun": the newest fork solc 0.8.28 and every anvil since 2024 agree on (anvil defaults newer).
 const SETTINGS = {
   optimizer: { enabled: true, runs: 200 },
@@ -109,6 +109,11 @@ function main() {
     contractName: "EIP3009",
     description: "EIP-3009 / USDC subset the gateway calls; generated from TestUSDC by contracts/build.mjs",
     abi: pick(abis.TestUSDC, EIP3009_SUBSET),
+  });
+  files["multicall3.json"] = dump({
+    contractName: "Multicall3",
+    description: "Multicall3 aggregate3 (batched settlements); generated from contracts/Multicall3.sol by contracts/build.mjs",
+    abi: pick(abis.Multicall3, [["function", "aggregate3"]]),
   });
   files["erc1271.json"] = dump({
     contractName: "ERC1271",

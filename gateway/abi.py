@@ -32,8 +32,16 @@ def load_abi(name: str) -> list[dict[str, Any]]:
     return abi
 
 
+def _canonical(param: dict[str, Any]) -> str:
+    """A parameter's type as selectors spell it: a struct is its components in parentheses."""
+    kind = str(param["type"])
+    if kind.startswith("tuple"):
+        return "(" + ",".join(_canonical(c) for c in param["components"]) + ")" + kind[len("tuple") :]
+    return kind
+
+
 def _signature(entry: dict[str, Any]) -> str:
-    return f"{entry['name']}({','.join(i['type'] for i in entry.get('inputs', []))})"
+    return f"{entry['name']}({','.join(_canonical(i) for i in entry.get('inputs', []))})"
 
 
 class Function:
@@ -42,12 +50,12 @@ class Function:
             if (
                 entry.get("type") == "function"
                 and entry["name"] == name
-                and tuple(i["type"] for i in entry["inputs"]) == input_types
+                and tuple(_canonical(i) for i in entry["inputs"]) == input_types
             ):
                 self.signature = _signature(entry)
                 self.selector = keccak(text=self.signature)[:4]
                 self.input_types = list(input_types)
-                self.output_types = [o["type"] for o in entry.get("outputs", [])]
+                self.output_types = [_canonical(o) for o in entry.get("outputs", [])]
                 return
         raise LookupError(f"{name}{input_types} is not in contracts_abi/{abi_name}.json")
 
@@ -74,5 +82,8 @@ TRANSFER_WITH_AUTHORIZATION_VRS = Function(
 TRANSFER_WITH_AUTHORIZATION_BYTES = Function("eip3009", "transferWithAuthorization", (*_A3009, "bytes"))
 IS_VALID_SIGNATURE = Function("erc1271", "isValidSignature", ("bytes32", "bytes"))
 ERC1271_MAGIC = IS_VALID_SIGNATURE.selector  # isValidSignature returns its own selector on success
+# Multicall3.aggregate3((address target, bool allowFailure, bytes callData)[]): several settlements in one transaction.
+AGGREGATE3 = Function("multicall3", "aggregate3", ("(address,bool,bytes)[]",))
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"  # the same on Base, Polygon and most EVM chains
 TRANSFER_TOPIC = event_topic("eip3009", "Transfer")
 AUTHORIZATION_USED_TOPIC = event_topic("eip3009", "AuthorizationUsed")

@@ -133,6 +133,8 @@ class NetworkConfig:
     finality: Literal["latest", "safe", "finalized"] = "latest"  # tx-hash proofs: block tag they must be under
     verifier: Literal["local", "facilitator"] = "local"  # who verifies and settles x402 exact payments
     facilitator: FacilitatorConfig | None = None
+    # Up to this many settlements share one transaction through Multicall3 when the chain has it (1: one each).
+    settlement_batch: int = 50
 
     @property
     def caip2(self) -> str:
@@ -482,6 +484,7 @@ def _network(name: str, t: _Table, env: Mapping[str, str]) -> NetworkConfig:
         finality=_choice(t, "finality", ("latest", "safe", "finalized"), "latest"),
         verifier=_choice(t, "verifier", ("local", "facilitator"), "local"),
         facilitator=_facilitator(t, env),
+        settlement_batch=max(1, min(t.integer("settlement_batch", 50, minimum=1), 200)),
     )
     if cfg.verifier == "facilitator" and cfg.facilitator is None:
         raise ConfigError(t.key("facilitator"), 'verifier = "facilitator" needs a [networks.NAME.facilitator] table')

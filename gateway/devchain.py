@@ -33,6 +33,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 import gateway
+from gateway.abi import MULTICALL3_ADDRESS
 
 __all__ = [
     "BASE_USDC",
@@ -52,6 +53,7 @@ __all__ = [
     "deploy_contract",
     "deploy_test_usdc",
     "find_anvil",
+    "install_multicall3",
     "load_artifact",
     "mint",
     "send_transaction",
@@ -536,6 +538,13 @@ def deploy_test_usdc(anvil: Anvil, *, name: str = "USD Coin", version: str = "2"
     return target
 
 
+def install_multicall3(anvil: Anvil) -> str:
+    """Put contracts/Multicall3.sol's runtime code at Multicall3's canonical address (the gateway batches
+    settlements through it where the chain has it); returns the address."""
+    anvil.rpc("anvil_setCode", [MULTICALL3_ADDRESS, load_artifact("Multicall3")["deployedBytecode"]])
+    return MULTICALL3_ADDRESS
+
+
 def mint(anvil: Anvil, token: str, to: str, amount: int, *, key: str = MINTER_KEY) -> dict[str, Any]:
     """TestUSDC.mint (open to anyone). Sent by DEV_KEYS[9] so it never takes a nonce from the relayer key."""
     data = _selector("mint(address,uint256)") + abi_encode(["address", "uint256"], [to, amount])
@@ -617,8 +626,10 @@ def start_dev_chain(
     usdc_at: str | None = _CANONICAL,
     token_name: str | None = None,
     token_version: str | None = None,
+    multicall: bool = True,
 ) -> DevChain:
-    """Start anvil and deploy TestUSDC.
+    """Start anvil and deploy TestUSDC (and, unless ``multicall`` is False, Multicall3 at its canonical address,
+    as on Base and Polygon).
 
     ``usdc_at``: "canonical" (default) puts the token at Circle's USDC address when ``chain_id`` is one of
     CANONICAL_USDC, else leaves it where it was deployed; None always leaves it there; an address puts it there.
@@ -631,6 +642,8 @@ def start_dev_chain(
     anvil = Anvil(chain_id=chain_id, block_time=block_time).start()
     try:
         usdc = deploy_test_usdc(anvil, name=name, version=version, at=at)
+        if multicall:
+            install_multicall3(anvil)
     except BaseException:
         anvil.stop()
         raise

@@ -8,10 +8,11 @@ with whether the request was served. Adapters (middleware, CLI) never touch the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -34,7 +35,7 @@ from .protocol.challenge import Challenge, Requirement, build_challenge
 from .protocol.payload import ExactPayment, HeaderName, parse_exact_payment
 from .protocol.receipt import receipt_header
 from .routes import RouteTable
-from .settle import ReceiptWatcher, Relayer
+from .settle import GasBook, ReceiptWatcher, Relayer, SettlementBatcher
 from .store.base import ClaimState, ReceiptStore
 from .verify import txhash
 from .verify.exact import SignatureKind, check_exact, check_window, payment_key, select_requirement
@@ -61,6 +62,8 @@ class Network:
     watcher: ReceiptWatcher
     relayer: Relayer | None  # local verification and settlement
     facilitator: FacilitatorClient | None  # or a remote x402 facilitator does both
+    gas: GasBook = field(default_factory=GasBook)  # learned settlement gas (local settlement only)
+    batcher: SettlementBatcher | None = None  # several settlements per transaction, where the chain has Multicall3
 
 
 def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Requirement, ...]:
@@ -117,6 +120,14 @@ class PaymentEngine:
             if net.facilitator is not None:
                 await net.facilitator.start(session)
                 await self._check_facilitator(net)
+            elif net.relayer is not None and net.config.settlement_batch > 1 and net.batcher is None:
+                code = await net.rpc.request("eth_getCode", [abi.MULTICALL3_ADDRESS, "latest"])
+                if isinstance(code, str) and len(code) > 2:
+                    net.batcher = SettlementBatcher(
+                        net.relayer, abi.MULTICALL3_ADDRESS, max_items=net.config.settlement_batch
+                    )
+                else:
+                    log.info("no Multicall3 on %s: one settlement per transaction", net.config.name)
         await self.store.ping()
 
     async def _check_facilitator(self, net: Network) -> None:
@@ -133,6 +144,8 @@ class PaymentEngine:
 
     async def aclose(self) -> None:
         for net in self.networks.values():
+            if net.batcher is not None:
+                await net.batcher.aclose()
             if net.relayer is not None:
                 await net.relayer.aclose()
             await net.watcher.aclose()
@@ -428,13 +441,19 @@ class ExactRequest(PaidRequest):
                 "the facilitator refused this payment", reason=verdict.invalid_reason or "facilitator_rejected"
             )
         assert net.relayer is not None
-        result = await preflight_exact(net.rpc, req, self.payment, kind, net.relayer.address, simulate=simulate)
+        # A smart wallet's signature check costs what its code costs: those are always estimated.
+        hint = net.gas.hint() if simulate and kind is SignatureKind.EOA else None
+        result = await preflight_exact(
+            net.rpc, req, self.payment, kind, net.relayer.address, simulate=simulate, gas_hint=hint
+        )
         if result.nonce_used:
             if await self.paid_by_someone_else():
                 return
             raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
         if simulate:
             self._gas = result.gas
+            if hint is None and kind is SignatureKind.EOA:
+                net.gas.learn(result.gas)
 
     async def _settle_remotely(self, facilitator: FacilitatorClient) -> str:
         net, req, auth = self._net, self.requirement, self.payment.authorization
@@ -495,10 +514,17 @@ class ExactRequest(PaidRequest):
 
         assert net.relayer is not None
         gas = self._gas * 5 // 4 + 10_000
+        submitter = net.batcher or net.relayer
         try:
-            tx_hash = await net.relayer.submit(req.asset, settlement_calldata(self.payment), gas, record)
+            tx_hash = await submitter.submit(req.asset, settlement_calldata(self.payment), gas, record)
         except ServiceUnavailable:
             self._broadcast = False  # refused before it left: the money did not move, the claim may go
+            raise
+        except asyncio.CancelledError:
+            # A batch records and broadcasts in its own task, which this cancellation does not stop: the hash may
+            # be recorded (or about to be) and the transaction may leave. Keep the claim; it is reconciled by hash.
+            if submitter is net.batcher:
+                self._broadcast = True
             raise
         try:
             receipt = await net.watcher.wait(
@@ -517,6 +543,7 @@ class ExactRequest(PaidRequest):
             await self.mark_paid(prior)
             return prior
         self._broadcast = False  # our transaction failed and moved nothing: the claim may be released
+        net.gas.forget()  # if the limit we learned was too low, the next preflight estimates afresh
         raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
 
 
