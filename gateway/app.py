@@ -14,9 +14,9 @@ or leaves its payment paid-but-unserved for a retry (``"before"``).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +24,7 @@ from .asgi import ASGIApp, Message, Receive, Scope, Send, send_error, send_json
 from .config import GatewayConfig
 from .discovery import BazaarLayer, Discovery
 from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
-from .events import Observer, RequestRecord
+from .events import Observer, RequestRecord, notify
 from .health import Readiness
 from .idempotency import IdempotencyLayer
 from .jobs import build_jobs
@@ -42,8 +42,11 @@ log = logging.getLogger("gateway.app")
 class Gateway:
     """The standalone reverse proxy as one ASGI app (``uvicorn gateway.app:...`` via ``x402-gateway serve``)."""
 
-    def __init__(self, config: GatewayConfig, *, observers: tuple[Observer, ...] = ()) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, observers: tuple[Observer, ...] = (), freeze_heap: bool = False
+    ) -> None:
         self.config = config
+        self._freeze_heap = freeze_heap
         up, server = config.upstream, config.server
         self.proxy = UpstreamProxy(
             up.url,
@@ -61,6 +64,8 @@ class Gateway:
         # [jobs] (issue 4): ``outer`` answers the free job calls before the payment layer, ``inner`` takes the paid
         # submit after it (gateway/jobs/layer.py). Without [jobs] both are the identity.
         self.jobs = build_jobs(config, self.proxy)
+        if self.jobs is not None:
+            self.jobs.observers = self.observers  # its free calls never reach the payment layer's observers
         inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
         # Discovery and the browser paywall (issue 6): the HTML 402 is PaymentMiddleware's paywall hook; two thin
         # layers add the bazaar extension to 402s and the CSP to HTML 402s; the documents are own paths (below).
@@ -186,25 +191,13 @@ class Gateway:
 
     async def _refuse(self, scope: Scope, send: Send, exc: GatewayError) -> None:
         """Answer before the payment layer, and still tell the observers (a flood of 431s should show)."""
-        client = scope.get("client")
-        record = RequestRecord(
-            request_id=new_request_id(),
-            method=scope["method"],
-            path=scope["path"],
-            client=client[0] if client else None,
-            status=exc.status,
-            outcome="refused",
-            reason=exc.reason,
+        record = RequestRecord.of_scope(
+            scope, new_request_id(), status=exc.status, outcome="refused", reason=exc.reason
         )
         matched = self.payments.engine.routes.match(scope["method"], normalise_path(scope["path"]))
         record.route = matched[0].config.route if matched else None
         await send_error(send, exc, [(b"connection", b"close")])
-        record.total_seconds = time.perf_counter() - record.started
-        for observer in self.observers:
-            try:
-                observer.request_done(record)
-            except Exception:
-                log.exception("observer failed")
+        notify(self.observers, record)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -215,6 +208,8 @@ class Gateway:
                 except Exception as exc:  # the server prints it and exits non-zero
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
+                if self._freeze_heap:
+                    freeze_start_up_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
@@ -258,5 +253,18 @@ def _scheme(public_url: str | None) -> str | None:
     return public_url.split("://", 1)[0] if public_url else None
 
 
-def build_app(config: GatewayConfig) -> Gateway:
-    return Gateway(config)
+def freeze_start_up_heap() -> None:
+    """Move everything alive now (modules, web3's and pydantic's tables, our config) out of the garbage
+    collector's sight. A long-lived server allocates ~130,000 such objects at start-up; every full collection
+    would walk them all again (measured: ~60 ms each, about a fifth of a free request's CPU under load). Garbage
+    is collected first, so nothing unreachable is kept. The young generation is also collected less often (every
+    20,000 allocations, not 700): a request's objects die by reference count, so frequent young collections only
+    walk the requests in flight. Only for a process the gateway owns (``serve``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
+def build_app(config: GatewayConfig, *, freeze_heap: bool = False) -> Gateway:
+    """The gateway app; ``freeze_heap`` (set by ``x402-gateway serve``): see :func:`freeze_start_up_heap`."""
+    return Gateway(config, freeze_heap=freeze_heap)

@@ -51,3 +51,20 @@ async def send_error(send: Send, exc: GatewayError, headers: Iterable[tuple[byte
     if exc.status == 503:
         extra.append((b"retry-after", b"1"))
     await send_json(send, exc.status, error_body(exc), extra)
+
+
+def lifespan_hooks(
+    receive: Receive, startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]]
+) -> Receive:
+    """``receive`` for the app a middleware wraps, running ``startup`` / ``shutdown`` as the server announces
+    them, so the middleware's own resources come up before the inner app's and go down first."""
+
+    async def wrapped() -> Message:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await startup()
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+        return message
+
+    return wrapped

@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.listen_host
     port = args.port or config.server.listen_port
     uvicorn.run(
-        build_app(config),
+        build_app(config, freeze_heap=True),
         host=host,
         port=port,
         log_level=args.log_level,

@@ -7,9 +7,13 @@ public facts (payer address, network, tx hash, reason).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger("gateway.events")
 
 Outcome = Literal["free", "challenge", "paid", "unserved", "refused", "error", "limited"]
 
@@ -36,11 +40,34 @@ class RequestRecord:
     upstream_seconds: float = 0.0
     total_seconds: float = 0.0
 
+    @classmethod
+    def of_scope(cls, scope: Mapping[str, Any], request_id: str, **fields: Any) -> RequestRecord:
+        """A record for an ASGI HTTP scope: method, path and client address from the scope."""
+        client = scope.get("client")
+        return cls(
+            request_id=request_id,
+            method=scope["method"],
+            path=scope["path"],
+            client=client[0] if client else None,
+            **fields,
+        )
+
 
 class Observer(Protocol):
     def request_done(self, record: RequestRecord) -> None:
         """Called once per HTTP request, after the response was sent. Must not raise or block."""
         ...
+
+
+def notify(observers: Iterable[Observer], record: RequestRecord) -> None:
+    """The request is over: stamp its total time and hand the record to every observer (one failing observer
+    neither stops the others nor the request)."""
+    record.total_seconds = time.perf_counter() - record.started
+    for observer in observers:
+        try:
+            observer.request_done(record)
+        except Exception:
+            log.exception("observer failed")
 
 
 class Limiter(Protocol):

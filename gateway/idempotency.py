@@ -55,7 +55,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .asgi import ASGIApp, Message, Receive, Scope, Send, send_error
+from .asgi import ASGIApp, Message, Receive, Scope, Send, lifespan_hooks, send_error
 from .errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
 from .idempotency_store import (
     Begun,
@@ -225,17 +225,6 @@ class IdempotencyLayer:
     async def aclose(self) -> None:
         await self.store.aclose()
 
-    def _lifespan_receive(self, receive: Receive) -> Receive:
-        async def wrapped() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.startup()
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-            return message
-
-        return wrapped
-
     # ----------------------------------------------------------------------------------------------- requests
 
     def _applies(self, scope: Scope) -> bool:
@@ -247,7 +236,7 @@ class IdempotencyLayer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
+            await self.app(scope, lifespan_hooks(receive, self.startup, self.aclose), send)
             return
         if scope["type"] != "http" or not self._applies(scope):
             await self.app(scope, receive, send)

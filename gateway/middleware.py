@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import aiohttp
 
-from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
+from .asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
 from .config import GatewayConfig
 from .errors import GatewayError, SettlementFailed, StoreUnavailable
-from .events import Limiter, Observer, RequestRecord
+from .events import Limiter, Observer, RequestRecord, notify
 from .payments import PaidRequest, PaymentEngine, PricedRoute
 from .protocol.challenge import EXPOSE_HEADERS, Challenge
 from .protocol.payload import HeaderName
@@ -86,20 +86,14 @@ class PaymentMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
+            await self.app(scope, lifespan_hooks(receive, self.startup, self.shutdown), send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if not self._started:
             await self.startup()
-        client = scope.get("client")
-        record = RequestRecord(
-            request_id=_request_id(scope),
-            method=scope["method"],
-            path=scope["path"],
-            client=client[0] if client else None,
-        )
+        record = RequestRecord.of_scope(scope, request_id_of(scope))
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -109,12 +103,7 @@ class PaymentMiddleware:
         try:
             await self._http(record, scope, receive, observed_send)
         finally:
-            record.total_seconds = time.perf_counter() - record.started
-            for observer in self.observers:
-                try:
-                    observer.request_done(record)
-                except Exception:
-                    log.exception("observer failed")
+            notify(self.observers, record)
 
     async def _http(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
         matched = self.engine.routes.match(scope["method"], normalise_path(scope["path"]))
@@ -131,17 +120,6 @@ class PaymentMiddleware:
         route = matched[0]
         record.route = route.config.route
         await self._priced(record, route, scope, receive, send)
-
-    def _lifespan_receive(self, receive: Receive) -> Receive:
-        async def wrapped() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.startup()
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-            return message
-
-        return wrapped
 
     # ----------------------------------------------------------------------------------------------- requests
 
@@ -363,7 +341,8 @@ async def _quietly(coro: Any) -> None:
         log.warning("could not record a failed request's outcome; the claim lapses with its lease")
 
 
-def _request_id(scope: Scope) -> str:
+def request_id_of(scope: Scope) -> str:
+    """The client's own X-Request-Id when it is a plausible id, else a new one."""
     given = header(scope, b"x-request-id")
     if given and len(given) <= 64 and given.replace(b"-", b"").replace(b"_", b"").isalnum():
         return given.decode("ascii")

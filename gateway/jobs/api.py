@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from ..routes import RoutePattern, normalise_path
@@ -97,15 +97,20 @@ class JobRoutes:
     listing: RoutePattern | None = None
     health: RoutePattern | None = None
 
-    def _ordered(self) -> list[tuple[Kind, RoutePattern]]:  # health before status: /jobs/health fits /jobs/{id}
-        order = [
+    _order: tuple[tuple[Kind, RoutePattern], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        order = (  # health before status: /jobs/health fits /jobs/{id}
             (Kind.HEALTH, self.health),
             (Kind.SUBMIT, self.submit),
             (Kind.LIST, self.listing),
             (Kind.CANCEL, self.cancel),
             (Kind.STATUS, self.status),
-        ]
-        return [(k, p) for k, p in order if p is not None]
+        )
+        object.__setattr__(self, "_order", tuple((k, p) for k, p in order if p is not None))
+
+    def _ordered(self) -> tuple[tuple[Kind, RoutePattern], ...]:
+        return self._order
 
     def match(self, method: str, raw_path: str) -> Match | None:
         path = normalise_path(raw_path)

@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
 from ..errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
+from ..events import Observer, RequestRecord, notify
+from ..middleware import request_id_of
 from .api import FREE_KINDS, Kind, Match
 from .auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
 from .model import Job, now_ms
@@ -82,6 +84,8 @@ class JobsLayer:
         # signature is deterministic, so a hit answers exactly what verify_payer_auth would (it is re-checked
         # against the clock on every use); failures are never kept.
         self._signers = _Expiring(_MAX_CACHED)
+        # Told about the free job calls this layer answers itself (the gateway passes its access log and metrics).
+        self.observers: Sequence[Observer] = ()
 
     # ------------------------------------------------------------------------------------------- ASGI faces
 
@@ -89,12 +93,22 @@ class JobsLayer:
         async def outer(scope: Scope, receive: Receive, send: Send) -> None:
             match = self.routes.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
             if match is None and scope["type"] == "http" and self.routes.shadowed(scope["path"]):
+                refused = RequestRecord.of_scope(
+                    scope, request_id_of(scope), status=404, outcome="refused", reason="job_call_not_offered"
+                )
                 await send_json(send, 404, {"error": "Not found", "message": "This job API call is not offered"})
+                notify(self.observers, refused)
                 return
             if match is None or match.kind not in FREE_KINDS:
                 await app(scope, receive, send)
                 return
-            await self._answer(self.free, match, scope, receive, send)
+            # Answered before the payment layer, so told to the observers (access log, metrics) from here.
+            record = RequestRecord.of_scope(scope, request_id_of(scope)) if self.observers else None
+            try:
+                await self._answer(self.free, match, scope, receive, send, record)
+            finally:
+                if record is not None:
+                    notify(self.observers, record)
 
         return outer
 
@@ -114,13 +128,23 @@ class JobsLayer:
 
         return inner
 
-    async def _answer(self, handler: Any, match: Match, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer(
+        self,
+        handler: Any,
+        match: Match,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord | None = None,
+    ) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if record is not None:
+                    record.status = message["status"]
             await send(message)
 
         try:
@@ -129,12 +153,14 @@ class JobsLayer:
             await handler(match, scope, receive, tracking_send)
         except WireError as exc:
             if not started:
-                await send_json(send, exc.status, exc.body)
+                await send_json(tracking_send, exc.status, exc.body)
         except GatewayError as exc:
             if started:
                 log.warning("jobs %s failed after its answer started: %s", match.kind.value, exc.reason)
             else:
-                await send_error(send, exc)
+                if record is not None:
+                    record.reason = exc.reason
+                await send_error(tracking_send, exc)
         except _ClientGone:
             return
 

@@ -11,6 +11,7 @@ import pytest
 from gateway.devchain import DevChain
 from tests.e2e.helpers import Balances, receipt_of
 from tests.jobs.helpers import PRICE, bearer, jobs_gateway, pay, signed
+from tests.ops.support import samples, value
 from tests.support.gateway import sqlite_url
 from tests.support.jobs_upstreams import API_KEY, FakeJobsApi
 
@@ -272,3 +273,25 @@ def test_free_job_calls_are_answered_even_when_unpriced_requests_are_refused(
         r = pay(gw, c, payer, "POST", "/agent/prompt", json={"prompt": "x"})
         assert c.get("/agent/job/job_1", headers=bearer(r)).status_code == 200
         assert c.get("/elsewhere").status_code == 404
+
+
+def test_free_job_calls_are_counted_in_metrics_like_every_other_request(base_chain: DevChain, tmp_path: Path) -> None:
+    # Status polls and refused job paths are answered before the payment layer; operators must still see them.
+    payer = base_chain.new_payer(1_000_000)
+    api = FakeJobsApi("agent", complete_after=60)
+    with (
+        jobs_gateway(base_chain, store_url=sqlite_url(tmp_path), upstream=api, mode="front", style="agent") as gw,
+        gw.client() as c,
+    ):
+        submitted = pay(gw, c, payer, "POST", "/agent/prompt", json={"prompt": "hi"})
+        for _ in range(3):
+            assert c.get("/agent/job/job_1", headers=bearer(submitted)).status_code == 200
+        assert c.get("/agent/job/job_1").status_code == 404  # no proof
+        assert c.get("/AGENT/JOB/job_1").status_code == 404  # another letter case: the same call, no proof
+        assert c.get("/agent/job/job_1/raw").status_code == 404  # under a job's path: refused, never forwarded
+
+        m = samples(c.get("/metrics").text)
+        ns = "x402_gateway_requests_total"
+        assert value(m, ns, route="unpriced", outcome="free", status_class="2xx") == 3
+        assert value(m, ns, route="unpriced", outcome="free", status_class="4xx") == 2
+        assert value(m, ns, route="unpriced", outcome="refused", status_class="4xx") == 1

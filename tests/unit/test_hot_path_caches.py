@@ -86,3 +86,17 @@ def test_access_lines_are_valid_json_redacted_and_unique() -> None:
     assert line["time"].endswith("Z")
     assert len({new_request_id() for _ in range(1000)}) == 1000
     assert len(new_request_id()) == 32
+
+
+def test_settlement_gas_is_estimated_first_then_assumed_but_estimated_again_periodically_and_after_a_revert() -> None:
+    from gateway.settle import GasBook
+
+    book = GasBook(refresh_every=4)
+    assert book.hint() is None  # nothing learned: estimate
+    book.learn(61_000)
+    assert [book.hint() for _ in range(3)] == [61_000, 61_000, None]  # every 4th call estimates again
+    book.learn(58_000)  # a cheaper estimate never lowers the limit
+    book.learn(84_000)  # a dearer one raises it
+    assert book.hint() == 84_000
+    book.forget()  # one of our settlements reverted: maybe the limit was too low
+    assert book.hint() is None
