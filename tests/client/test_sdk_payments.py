@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -163,24 +164,31 @@ def test_a_v1_only_402_is_paid_with_x_payment(base_chain: DevChain, tmp_path: Pa
         money.assert_charged_once(100_000)
 
 
-@pytest.fixture
-def block_miner(base_chain: DevChain) -> Iterator[None]:
-    """Mines an empty block every 0.1 s, so confirmations accrue without other transactions."""
+@contextmanager
+def mining_once(base_chain: DevChain, start: Callable[[], bool]) -> Iterator[None]:
+    """Mines an empty block every 0.1 s once ``start()`` is true, so confirmations accrue without other
+    transactions, and only after the moment the test wants to see (mining from the outset let a slow run reach
+    the gateway's confirmations before the client ever presented the proof)."""
     stop = threading.Event()
 
     def mine() -> None:
+        while not stop.wait(0.02):
+            if start():
+                break
         while not stop.wait(0.1):
             base_chain.rpc("evm_mine", [])
 
     thread = threading.Thread(target=mine, daemon=True)
     thread.start()
-    yield
-    stop.set()
-    thread.join(5)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def test_tx_hash_mode_pays_by_transfer_and_waits_out_the_gateways_confirmations(
-    base_chain: DevChain, tmp_path: Path, block_miner: None
+    base_chain: DevChain, tmp_path: Path
 ) -> None:
     payer = new_tx_payer(base_chain, usdc=1_000_000)
     network = {"rpc_urls": [base_chain.url], "receipt_poll_interval": 0.02, "confirmations": 3}
@@ -197,7 +205,14 @@ def test_tx_hash_mode_pays_by_transfer_and_waits_out_the_gateways_confirmations(
         # The client waits for 1 confirmation; the gateway wants 3 and says transaction_not_final until then.
         settings = TxHashPayments(rpc_urls={"base": base_chain.url}, confirmations=1, poll_interval=0.1, timeout=30)
         wire = RecordingTransport()
-        with X402Client(gw.url, account=payer, pay_with="txhash", tx_hash=settings, transport=wire) as client:
+
+        def told_not_final() -> bool:
+            return any(status == 402 for _, status, _ in wire.paid("x-payment"))
+
+        with (
+            mining_once(base_chain, start=told_not_final),
+            X402Client(gw.url, account=payer, pay_with="txhash", tx_hash=settings, transport=wire) as client,
+        ):
             job = client.prompt_and_wait("pay by transfer", **POLL)
             assert client.spent == PRICE
         presented = wire.paid("x-payment")

@@ -22,7 +22,7 @@ from gateway.app import build_app
 from gateway.devchain import DevChain, call
 from tests.support.concurrency import fire_together  # noqa: F401 - re-exported for the e2e tests
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
-from tests.support.servers import RecordingUpstream, serve_asgi
+from tests.support.servers import RecordingUpstream, read_body, serve_asgi
 
 EXPOSED = {"payment-required", "payment-response", "x-payment-response"}
 
@@ -149,12 +149,7 @@ class RpcTap:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         doc = json.loads(body)
         calls = doc if isinstance(doc, list) else [doc]
         names = [str(c.get("method")) for c in calls]

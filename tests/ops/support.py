@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import build_app
 from gateway.devchain import DevChain
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
-from tests.support.servers import RecordingUpstream, serve_asgi
+from tests.support.servers import RecordingUpstream, read_body, serve_asgi
 
 Mode = Literal["forward", "wrong_chain", "down", "hang"]
 
@@ -40,12 +40,7 @@ class RpcRelay:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.paths.append(scope["path"])
         mode = self.mode
         if mode == "hang":

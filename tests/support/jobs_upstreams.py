@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tests.support.servers import _disconnected_within
+from tests.support.servers import _disconnected_within, read_body
 
 API_KEY = "upstream-api-key-7f3c9e"
 
@@ -44,17 +44,6 @@ class Call:
     body: bytes
 
 
-async def _read(receive: Callable[..., Any]) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return body
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return body
-
-
 async def _json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(doc).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
@@ -67,6 +56,8 @@ def _iso(t: float) -> str:
 
 
 class _Recorder:
+    api_key: str = API_KEY  # what the x-api-key header must say (the fakes' own field overrides it)
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: list[Call] = []
@@ -87,6 +78,20 @@ class _Recorder:
         with self._lock:
             self._calls.append(call)
         return call
+
+    async def accept(self, scope: dict[str, Any], receive: Callable[..., Any], send: Send) -> bytes | None:
+        """What every fake upstream does first: serve the lifespan, read and record the request, check the API
+        key. The request's body, or None when it was answered here."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return None
+        body = await read_body(receive)
+        self.record(scope, body)
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if headers.get(b"x-api-key", b"").decode("latin-1") != self.api_key:
+            await _json(send, 401, {"error": "Authentication required", "message": "API key is missing or invalid"})
+            return None
+        return body
 
 
 async def _lifespan(receive: Callable[..., Any], send: Send) -> None:
@@ -123,14 +128,8 @@ class FakeJobsApi(_Recorder):
         return job
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        body = await _read(receive)
-        self.record(scope, body)
-        headers = {k.lower(): v for k, v in scope["headers"]}
-        if headers.get(b"x-api-key", b"").decode("latin-1") != self.api_key:
-            await _json(send, 401, {"error": "Authentication required", "message": "API key is missing or invalid"})
+        body = await self.accept(scope, receive, send)
+        if body is None:
             return
         method, parts = scope["method"], [p for p in scope["path"].split("/") if p]
         if self.style == "agent":
@@ -322,14 +321,8 @@ class SlowAgent(_Recorder):
             which.add(job_id)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        body = await _read(receive)
-        self.record(scope, body)
-        headers = {k.lower(): v for k, v in scope["headers"]}
-        if headers.get(b"x-api-key", b"").decode("latin-1") != self.api_key:
-            await _json(send, 401, {"error": "Authentication required", "message": "API key is missing or invalid"})
+        body = await self.accept(scope, receive, send)
+        if body is None:
             return
         doc = json.loads(body)
         job_id, prompt = doc["jobId"], doc["prompt"]

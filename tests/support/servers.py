@@ -134,6 +134,18 @@ def raw_http(
     return int(lines[0].split()[1]), headers, body
 
 
+async def read_body(receive: Callable[..., Any]) -> bytes:
+    """An ASGI request's whole body (what arrived before a disconnect, if the client left)."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return body
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 @dataclass
 class Behaviour:
     """How :class:`RecordingUpstream` answers. The default echoes the request as JSON.

@@ -20,6 +20,7 @@ from gateway.client.txhash import tx_proof_headers
 from gateway.devchain import DevChain, send_transaction, set_eth_balance
 from tests.support.concurrency import fire_together as storm
 from tests.support.gateway import GatewayUnderTest
+from tests.support.servers import read_body
 
 PRICE = 100_000  # POST /paid and POST /paid-before: $0.10
 TRANSFER_SELECTOR = keccak(text="transfer(address,uint256)")[:4]
@@ -155,12 +156,7 @@ class HeadLiar:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         doc = json.loads(body)
         answer = json.loads(await asyncio.to_thread(self._forward, body))
         calls = doc if isinstance(doc, list) else [doc]
