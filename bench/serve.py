@@ -28,7 +28,7 @@ def _gateway(spec: dict[str, Any]) -> Any:
     level = spec.get("log_level", "info")
     log_file = open(spec["log_file"], "a", buffering=1 << 16)  # noqa: SIM115 - lives as long as the process
     configure_logging(level, json=True, stream=log_file)
-    return build_app(parse_config(spec["config"], env=os.environ, base_dir=Path(spec["base_dir"])))
+    return build_app(parse_config(spec["config"], env=os.environ, base_dir=Path(spec["base_dir"])), freeze_heap=True)
 
 
 def _app(kind: str, spec: dict[str, Any]) -> Any:
