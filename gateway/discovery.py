@@ -25,29 +25,25 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send, dumps, header
+from .bazaar import (
+    BODY_METHODS,
+    CONTENT_TYPES,
+    bazaar_declaration,
+    declared_extensions,
+    route_path,
+    service_metadata,
+)
 from .config import GatewayConfig, RouteConfig, ServerConfig
 from .money import format_usd
 from .payments import PricedRoute
 from .protocol.codec import decode_header, encode_header
 from .routes import RouteTable, normalise_path
 
-QUERY_METHODS = ("GET", "HEAD", "DELETE")
-BODY_METHODS = ("POST", "PUT", "PATCH")
 # What an "any method" route is documented as: the two methods agents call; a body-less request with any other
 # method still gets its 402.
 ANY_METHOD_DOCUMENTED = ("GET", "POST")
-CONTENT_TYPES = {"json": "application/json", "form-data": "multipart/form-data", "text": "text/plain"}
-JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-# Facilitators accept a routeTemplate only in this alphabet (x402 bazaar: catalog-poisoning defence).
-_ROUTE_TEMPLATE = re.compile(r"^/[a-zA-Z0-9_/:.\-~%]+\Z")
-
 
 # ------------------------------------------------------------------------------------------------ route shapes
-
-
-def route_path(route: RouteConfig) -> str:
-    """The path part of ``"METHOD /path"``, as configured."""
-    return route.pattern.text.partition(" ")[2].strip()
 
 
 def is_concrete(route: RouteConfig) -> bool:
@@ -107,87 +103,6 @@ def example_params(route: RouteConfig) -> dict[str, str]:
     return values
 
 
-# ------------------------------------------------------------------------------------------------ bazaar (v2)
-
-
-def bazaar_declaration(route: RouteConfig, method: str, path_params: dict[str, str]) -> dict[str, Any] | None:
-    """The ``extensions.bazaar`` object for one request to ``route``: ``info`` (how to call it, with examples) and
-    ``schema`` (a JSON Schema that ``info`` validates against, as facilitators check). None for a method the
-    bazaar spec has no shape for (OPTIONS, ...)."""
-    docs = route.docs
-    method = method.upper()
-    if method in QUERY_METHODS:
-        info_input: dict[str, Any] = {"type": "http", "method": method}
-        input_props: dict[str, Any] = {
-            "type": {"type": "string", "const": "http"},
-            "method": {"type": "string", "enum": list(QUERY_METHODS)},
-            "queryParams": {"type": "object", **(docs.input_schema or {"properties": {}})},
-        }
-        if isinstance(docs.input_example, dict):
-            info_input["queryParams"] = docs.input_example
-        required = ["type", "method"]
-    elif method in BODY_METHODS:
-        info_input = {
-            "type": "http",
-            "method": method,
-            "bodyType": docs.body_type,
-            "body": docs.input_example if docs.input_example is not None else {},
-        }
-        input_props = {
-            "type": {"type": "string", "const": "http"},
-            "method": {"type": "string", "enum": list(BODY_METHODS)},
-            "bodyType": {"type": "string", "enum": list(CONTENT_TYPES)},
-            "body": docs.input_schema if docs.input_schema is not None else {},
-        }
-        required = ["type", "method", "bodyType", "body"]
-    else:
-        return None
-    if path_params:
-        info_input["pathParams"] = path_params
-        input_props["pathParams"] = {
-            "type": "object",
-            "properties": {name: {"type": "string"} for name in path_params},
-            "required": list(path_params),
-        }
-    properties: dict[str, Any] = {
-        "input": {"type": "object", "properties": input_props, "required": required, "additionalProperties": False}
-    }
-    info: dict[str, Any] = {"input": info_input}
-    if docs.output_schema is not None or docs.output_example is not None:
-        info["output"] = {"type": "json" if "json" in route.mime_type else "text"}
-        if docs.output_example is not None:
-            info["output"]["example"] = docs.output_example
-        properties["output"] = {
-            "type": "object",
-            "properties": {"type": {"type": "string"}, "example": docs.output_schema or {}},
-            "required": ["type"],
-        }
-    declaration: dict[str, Any] = {
-        "info": info,
-        "schema": {"$schema": JSON_SCHEMA_DIALECT, "type": "object", "properties": properties, "required": ["input"]},
-    }
-    if path_params:
-        template = route_path(route)
-        for name in path_params:
-            template = template.replace("{" + name + "}", ":" + name)
-        if _ROUTE_TEMPLATE.match(template):
-            declaration["routeTemplate"] = template
-    return declaration
-
-
-def service_metadata(config: GatewayConfig) -> dict[str, Any]:
-    """The optional v2 ``resource`` fields a bazaar catalog shows (x402 ``ResourceInfo``)."""
-    d = config.discovery
-    meta: dict[str, Any] = {}
-    if d.service_name:
-        meta["serviceName"] = d.service_name
-    if d.tags:
-        meta["tags"] = list(d.tags)
-    if d.icon_url:
-        meta["iconUrl"] = d.icon_url
-    return meta
-
-
 class BazaarLayer:
     """Pure ASGI around the payment layer: a 402 of a discoverable route leaves with ``extensions.bazaar`` and the
     service metadata in its ``PAYMENT-REQUIRED`` header. The v1 body is untouched (its strict legacy schema has no
@@ -195,8 +110,8 @@ class BazaarLayer:
 
     def __init__(self, app: ASGIApp, config: GatewayConfig, routes: RouteTable[PricedRoute]) -> None:
         self.app = app
+        self.config = config
         self.routes = routes
-        self.bazaar = config.discovery.bazaar
         self.metadata = service_metadata(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -232,9 +147,9 @@ class BazaarLayer:
                 return out
             if isinstance(doc.get("resource"), dict):
                 doc["resource"] = {**doc["resource"], **self.metadata}
-            declaration = bazaar_declaration(route, method, params) if self.bazaar else None
-            if declaration is not None:
-                doc["extensions"] = {**(doc.get("extensions") or {}), "bazaar": declaration}
+            declared = declared_extensions(self.config, route, method, params)
+            if declared:
+                doc["extensions"] = {**(doc.get("extensions") or {}), **declared}
             out[i] = (name, encode_header(doc).encode("ascii"))
             break
         return out

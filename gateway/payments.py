@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from . import abi
+from .bazaar import declared_extensions, service_metadata
 from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
 from .errors import (
@@ -55,6 +56,15 @@ class PricedRoute:
     requirements: tuple[Requirement, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """The request a payment is for: its absolute URL, method and the route's path parameters."""
+
+    url: str
+    method: str
+    path_params: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class Network:
     config: NetworkConfig
@@ -89,6 +99,7 @@ class PaymentEngine:
     def __init__(self, config: GatewayConfig, store: ReceiptStore) -> None:
         self.config = config
         self.store = store
+        self.service_metadata = service_metadata(config)
         self.routes: RouteTable[PricedRoute] = RouteTable(
             [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
         )
@@ -171,8 +182,16 @@ class PaymentEngine:
             tx_options=tx_options,
         )
 
-    async def begin(self, route: PricedRoute, header: HeaderName, value: bytes) -> ExactRequest:
-        """An x402 ``exact`` payment: checks, claim, chain preflight."""
+    async def begin(
+        self,
+        route: PricedRoute,
+        header: HeaderName,
+        value: bytes,
+        *,
+        resource: Resource | None = None,
+    ) -> ExactRequest:
+        """An x402 ``exact`` payment: checks, claim, chain preflight. ``resource`` (the request it pays for) is
+        what a facilitator is told the payment was for."""
         payment = parse_exact_payment(value, header)
         req = select_requirement(payment, route.requirements)
         pay = self.config.payment
@@ -183,7 +202,7 @@ class PaymentEngine:
         owner = uuid.uuid4().hex
         expires_at = payment.authorization.valid_before + EXPIRY_MARGIN
         record = await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
-        paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment)
+        paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment, resource)
         try:
             if record.state is ClaimState.PAID:
                 # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
@@ -390,9 +409,11 @@ class ExactRequest(PaidRequest):
         owner: str,
         expires_at: float,
         payment: ExactPayment,
+        resource: Resource | None = None,
     ) -> None:
         super().__init__(engine, net, route, req, key, owner, expires_at, payer=payment.payer, version=payment.version)
         self.payment = payment
+        self.resource = resource
         self._gas = 0
 
     async def reconcile(self, tx_hash: str) -> bool:
@@ -412,12 +433,26 @@ class ExactRequest(PaidRequest):
 
     def _facilitator_payload(self) -> dict[str, Any]:
         """The payment as x402 v2, whatever version the client spoke: the authorization and signature are the
-        same, and ``accepted`` is the server's own requirement (never the client's echo)."""
-        doc: dict[str, Any] = {
-            "x402Version": 2,
-            "accepted": self.requirement.v2(),
-            "payload": self.payment.raw["payload"],
-        }
+        same; ``accepted``, ``resource`` and ``extensions`` are the server's own (the requirement, the resource
+        and the bazaar declaration its 402 gave), never the client's echo of them: a client must not make a
+        catalogue list a route its operator keeps out of discovery, or describe ours in its own words."""
+        doc: dict[str, Any] = {"x402Version": 2}
+        config = self._engine.config
+        resource = self.resource
+        if resource is not None:
+            route = self.route.config
+            doc["resource"] = {
+                "url": resource.url,
+                "description": route.description,
+                "mimeType": route.mime_type,
+                **self._engine.service_metadata,
+            }
+        doc["accepted"] = self.requirement.v2()
+        doc["payload"] = self.payment.raw["payload"]
+        if resource is not None:
+            extensions = declared_extensions(config, self.route.config, resource.method, resource.path_params)
+            if extensions:
+                doc["extensions"] = extensions
         return doc
 
     async def paid_by_someone_else(self) -> bool:

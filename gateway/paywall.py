@@ -30,8 +30,8 @@ from importlib import resources
 from typing import Any
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send
+from .bazaar import BODY_METHODS, CONTENT_TYPES
 from .config import GatewayConfig
-from .discovery import BODY_METHODS, CONTENT_TYPES
 from .money import format_usd
 from .payments import PricedRoute
 from .protocol.challenge import Challenge

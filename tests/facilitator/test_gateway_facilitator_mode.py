@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.devchain import DevChain
-from gateway.protocol.codec import decode_header
+from gateway.protocol.codec import decode_header, encode_header
 from tests.e2e.test_official_client import pay_with_official_client
 from tests.support.facilitator import FacilitatorControl, refused_url, run_x402_facilitator
 from tests.support.gateway import running_gateway, sqlite_url
@@ -102,6 +102,66 @@ def test_facilitator_failures_map_to_their_status_and_charge_nothing(
         assert again.status_code == 402
         assert again.json()["error"] == "payment_already_used"
         assert gw.balance(payer.address) == 900_000
+
+
+ROUTES = [
+    {
+        "route": "POST /paid",
+        "price": "0.10",
+        "description": "A paid answer",
+        "input_example": {"prompt": "hello"},
+    },
+    {"route": "POST /hidden", "price": "0.10", "description": "Kept out of discovery", "discoverable": False},
+]
+
+
+def _payloads(control: FacilitatorControl) -> list[dict[str, Any]]:
+    """The payment payload of every /verify and /settle call the facilitator received (both kinds must be there)."""
+    calls = [c for c in control.calls if c.path.rstrip("/").endswith(("/verify", "/settle"))]
+    assert {c.path.rstrip("/").rsplit("/", 1)[-1] for c in calls} == {"verify", "settle"}
+    return [c.body["paymentPayload"] for c in calls]
+
+
+def test_the_facilitator_hears_the_routes_resource_and_bazaar_declaration_as_the_402_gave_them(
+    base_chain: DevChain, tmp_path: Path, facilitator_url: str, control: FacilitatorControl
+) -> None:
+    """A bazaar facilitator catalogues a resource from the payload it verifies and settles: the gateway forwards
+    the resource and the bazaar declaration of its own 402 (and not its tx-hash offer, which is ours)."""
+    payer = base_chain.new_payer(1_000_000)
+    networks = facilitator_networks(base_chain, facilitator_url)
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks) as gw:
+        with gw.client() as http:
+            offered = decode_header(http.post("/paid", json={}).headers["payment-required"])
+        response = asyncio.run(pay_with_official_client(gw.url + "/paid", payer))
+        assert response.status_code == 200, response.text
+    for payload in _payloads(control):
+        assert payload["resource"] == offered["resource"]
+        assert payload["resource"]["url"] == gw.url + "/paid"
+        assert payload["extensions"] == {"bazaar": offered["extensions"]["bazaar"]}
+        assert payload["accepted"] == offered["accepts"][0]
+
+
+def test_a_client_cannot_make_the_facilitator_catalogue_a_route_or_describe_it_in_its_own_words(
+    base_chain: DevChain, tmp_path: Path, facilitator_url: str, control: FacilitatorControl
+) -> None:
+    """Extensions and resource in the client's payload are the client's echo: a made-up bazaar declaration for a
+    route the operator keeps out of discovery, or a resource pointing elsewhere, never reach the facilitator."""
+    payer = base_chain.new_payer(1_000_000)
+    networks = facilitator_networks(base_chain, facilitator_url)
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks) as gw:
+        first, headers = _signed_request(gw, payer, "/hidden")
+        assert "bazaar" not in decode_header(first.headers["payment-required"]).get("extensions", {})
+        ((name, value),) = headers.items()
+        doc = decode_header(value)
+        doc["resource"] = {"url": "https://elsewhere.example/free-stuff", "description": "spam"}
+        doc["extensions"] = {"bazaar": {"info": {"input": {"type": "http", "method": "GET"}}, "schema": {}}}
+        with gw.client() as http:
+            paid = http.post("/hidden", json={}, headers={name: encode_header(doc)})
+        assert paid.status_code == 200, paid.text
+    for payload in _payloads(control):
+        assert "extensions" not in payload
+        assert payload["resource"]["url"] == gw.url + "/hidden"
+        assert payload["resource"]["description"] == "Kept out of discovery"
 
 
 def test_unreachable_facilitator_fails_start_with_a_clear_message(base_chain: DevChain, tmp_path: Path) -> None:
