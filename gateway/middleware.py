@@ -345,7 +345,7 @@ async def _quietly(coro: Any) -> None:
     try:
         await coro
     except (GatewayError, StoreUnavailable):
-        log.warning("could not record a failed request's outcome; the claim lapses with its lease")
+        log.warning("could not record a failed request's outcome; it is recorded when the store is back")
 
 
 def request_id_of(scope: Scope) -> str:

@@ -9,6 +9,7 @@ with whether the request was served. Adapters (middleware, CLI) never touch the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from . import abi
 from .bazaar import declared_extensions, service_metadata
 from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
+from .deferred import DeferredOutcomes, Step
 from .errors import (
     BadGateway,
     ConfigError,
@@ -29,6 +31,7 @@ from .errors import (
     PaymentRequired,
     ServiceUnavailable,
     SettlementFailed,
+    StoreUnavailable,
 )
 from .facilitator import CdpAuth, FacilitatorClient, FacilitatorUnavailable
 from .protocol import reasons
@@ -37,7 +40,7 @@ from .protocol.payload import ExactPayment, HeaderName, parse_exact_payment
 from .protocol.receipt import receipt_header
 from .routes import RouteTable
 from .settle import GasBook, ReceiptWatcher, Relayer, SettlementBatcher
-from .store.base import ClaimState, ReceiptStore
+from .store.base import ClaimRecord, ClaimState, ReceiptStore
 from .verify import txhash
 from .verify.exact import SignatureKind, check_exact, check_window, payment_key, select_requirement
 from .verify.onchain import find_prior_settlement, preflight_exact, settlement_calldata, transfer_in_receipt
@@ -123,6 +126,7 @@ class PaymentEngine:
         # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
         # a shorter lease would let a second presentation resume a payment that is still being served.
         self.lease = max(config.store.lease_seconds, pay.settle_timeout + config.upstream.read_timeout + 30.0)
+        self.deferred = DeferredOutcomes()  # claim outcomes a store outage interrupted (gateway/deferred.py)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         for net in self.networks.values():
@@ -160,7 +164,17 @@ class PaymentEngine:
             if net.relayer is not None:
                 await net.relayer.aclose()
             await net.watcher.aclose()
+        await self.deferred.aclose()
         await self.store.aclose()
+
+    async def _claim(self, key: str, owner: str, *, now: float, expires_at: float | None) -> ClaimRecord:
+        try:
+            return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
+        except PaymentInFlight:
+            # Held by one of our own requests that a store outage cut short? Then settle its claim now and retry.
+            if not await self.deferred.flush(key):
+                raise
+        return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
 
     def challenge(
         self,
@@ -201,7 +215,7 @@ class PaymentEngine:
         key = payment_key(req, payment.authorization)
         owner = uuid.uuid4().hex
         expires_at = payment.authorization.valid_before + EXPIRY_MARGIN
-        record = await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
+        record = await self._claim(key, owner, now=now, expires_at=expires_at)
         paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment, resource)
         try:
             if record.state is ClaimState.PAID:
@@ -257,7 +271,7 @@ class PaymentEngine:
         await self._check_final_and_fresh(net, receipt, found)
         key = txhash.tx_payment_key(req.chain_id, proof.tx_hash, found.log_index)
         owner = uuid.uuid4().hex
-        record = await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=None)
+        record = await self._claim(key, owner, now=time.time(), expires_at=None)
         paid = TxHashRequest(self, net, route, req, key, owner, None, payer=found.payer, version=1)
         if record.state is ClaimState.PAID:
             paid.mark_resumed(proof.tx_hash)
@@ -354,7 +368,18 @@ class PaidRequest:
         self.tx_hash = tx_hash
 
     async def mark_paid(self, tx_hash: str) -> None:
-        await self._engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=self._engine.lease)
+        engine = self._engine
+        try:
+            await engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+        except StoreUnavailable:
+            # The money moved but the store did not hear it, and this request fails closed: once the store is
+            # back, record the payment as paid-but-unserved, so the same payment is served without paying again.
+            async def paid_unless_lost() -> None:
+                with contextlib.suppress(PaymentInFlight):  # already PAID (the write landed) or no longer ours
+                    await engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+
+            self._defer(paid_unless_lost, self._unserved)
+            raise
         self.paid = True
         self.tx_hash = tx_hash
 
@@ -365,9 +390,22 @@ class PaidRequest:
     async def finish(self, *, served: bool) -> None:
         """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not
         execute anyway); a failed one leaves it paid-but-unserved for a free retry (THREATS 11)."""
+        try:
+            await self._engine.store.finish(
+                self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+            )
+        except StoreUnavailable:
+            # A finish that fails leaves the client refused (fail closed), so nothing was served either way.
+            self._defer(self._unserved)
+            raise
+
+    async def _unserved(self) -> None:
         await self._engine.store.finish(
-            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+            self.key, self._owner, served=False, now=time.time(), expires_at=self._expires_at
         )
+
+    def _defer(self, *steps: Step) -> None:
+        self._engine.deferred.add(self.key, self._owner, steps, within=self._engine.lease)
 
     async def release_quietly(self) -> None:
         """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
@@ -376,7 +414,8 @@ class PaidRequest:
         try:
             await self._engine.store.release(self.key, self._owner)
         except GatewayError:
-            log.warning("could not release a claim; it lapses with its lease", extra={"key": self.key})
+            log.warning("could not release a claim; will retry when the store is back", extra={"key": self.key})
+            self._defer(lambda: self._engine.store.release(self.key, self._owner))
 
     def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
         return receipt_header(

@@ -1,8 +1,11 @@
 """A receipt store that cannot answer fails closed: 503, nothing served, nothing charged (THREATS 17).
 
-Redis: stopped mid-test (after the gateway started) -> 503 ``store_unavailable``; restarted -> the same payment
-works exactly once. SQLite: an unusable store file is refused at start-up (the gateway never listens, so it can
-never serve a request it cannot record); a store file corrupted under a running gateway -> 503 at request time.
+Redis: stopped mid-test (after the gateway started, or in the middle of a paid request) -> 503
+``store_unavailable``; restarted -> the same payment works exactly once, at once (an interrupted request's claim
+outcome is applied as soon as Redis answers: gateway/deferred.py), and money moves at most once.
+
+SQLite: an unusable store file is refused at start-up (the gateway never listens, so it can never serve a request
+it cannot record); a store file corrupted under a running gateway -> 503 at request time.
 """
 
 from __future__ import annotations
@@ -68,12 +71,13 @@ def test_redis_stopped_is_503_nothing_served_nothing_charged_then_the_payment_wo
         balances.assert_charged_once(PRICE)
 
 
-def test_redis_stopped_while_upstream_works_after_policy_is_503_and_never_charged(
+def test_redis_stopped_while_upstream_works_is_503_never_charged_and_once_back_the_payment_works_once(
     base_chain: DevChain, redis_server: RedisServer, redis_url: str
 ) -> None:
     # The claim is taken, then Redis dies while the upstream answers. Settlement must be recorded before it is
     # broadcast, so it cannot happen: the client gets a 503 and not the content; no money moves. The claim could
-    # not be released either, so until its lease lapses the same payment is "in flight" (409), never served free.
+    # not be released then; it is released as soon as Redis is back (gateway/deferred.py), so the very next
+    # presentation of the same payment is served once, and not "in flight" until the claim's lease lapses.
     payer = base_chain.new_payer(1_000_000)
     upstream = HookedUpstream(behaviour=Behaviour(body=b"SECRET CONTENT"))
     with running_gateway(base_chain, store_url=redis_url, upstream=upstream) as gw:
@@ -86,13 +90,50 @@ def test_redis_stopped_while_upstream_works_after_policy_is_503_and_never_charge
             assert b"SECRET CONTENT" not in response.content
             assert len(gw.upstream.requests) == 1
             balances.assert_unchanged()
+            assert not authorization_used(base_chain, payer.address, decode_payment(value)[0]["nonce"])
         finally:
             redis_server.start()
         retry = httpx.post(gw.url + "/paid", headers={name: value}, timeout=30)
-        assert_error(retry, 409, reasons.PAYMENT_IN_FLIGHT)
-        assert len(gw.upstream.requests) == 1
-        balances.assert_unchanged()
-        assert not authorization_used(base_chain, payer.address, decode_payment(value)[0]["nonce"])
+        assert retry.status_code == 200, retry.text
+        assert retry.content == b"SECRET CONTENT"
+        assert_402(httpx.post(gw.url + "/paid", headers={name: value}, timeout=30), reasons.PAYMENT_ALREADY_USED)
+        assert len(gw.upstream.requests) == 2
+        balances.assert_charged_once(PRICE)
+
+
+@pytest.mark.parametrize("path", ["/paid", "/paid-before"])
+def test_redis_stopped_as_the_settlement_leaves_is_503_and_once_back_the_payment_is_served_without_paying_again(
+    base_chain: DevChain, redis_server: RedisServer, redis_url: str, path: str
+) -> None:
+    # Redis dies between recording the settlement's hash and hearing it was mined: the money moves, the store
+    # cannot say so, the client gets a 503 and not the content. Once Redis is back the payment is recorded as
+    # paid-but-unserved, and the same payment is served (once) without moving money again.
+    payer = base_chain.new_payer(1_000_000)
+    tap = RpcTap(base_chain.url)
+    upstream = HookedUpstream(behaviour=Behaviour(body=b"SECRET CONTENT"))
+    with serve_asgi(tap) as rpc_url:
+        networks = {"base": {"rpc_urls": [rpc_url], "receipt_poll_interval": 0.02}}
+        with running_gateway(base_chain, store_url=redis_url, upstream=upstream, networks=networks) as gw:
+            balances = Balances(gw, payer.address)
+            name, value = pay(gw, payer, path)
+            tap.before_broadcast = redis_server.stop
+            try:
+                response = httpx.post(gw.url + path, headers={name: value}, timeout=30)
+                assert_error(response, 503, "store_unavailable")
+                assert b"SECRET CONTENT" not in response.content
+                assert authorization_used(base_chain, payer.address, decode_payment(value)[0]["nonce"])
+                balances.assert_charged_once(PRICE)
+            finally:
+                redis_server.start()
+            served_before = len(gw.upstream.requests)
+            retry = httpx.post(gw.url + path, headers={name: value}, timeout=30)
+            assert retry.status_code == 200, retry.text
+            assert retry.content == b"SECRET CONTENT"
+            assert receipt_of(retry)["success"] is True
+            assert_402(httpx.post(gw.url + path, headers={name: value}, timeout=30), reasons.PAYMENT_ALREADY_USED)
+            assert len(gw.upstream.requests) == served_before + 1
+            assert tap.methods.count("eth_sendRawTransaction") == 1
+            balances.assert_charged_once(PRICE)
 
 
 # uvicorn's server thread ends with SystemExit(3) on a failed lifespan start-up: that is the behaviour under test.
