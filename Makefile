@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 ANVIL  := .tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+X402TS := .tools/x402-ts/node_modules/@x402/fetch/package.json
 
 .PHONY: setup demo test lint token bench clean
 
@@ -13,10 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-$(ANVIL): scripts/install-tools.sh
+$(ANVIL) $(X402TS) &: scripts/install-tools.sh
 	bash scripts/install-tools.sh
+	touch $(ANVIL) $(X402TS)
 
-setup: $(STAMP) $(ANVIL)   ## Python venv with the package and test deps; anvil + solcjs in .tools/; redis-server
+setup: $(STAMP) $(ANVIL) $(X402TS)   ## venv with the package and test deps; anvil, solcjs, the x402 TS client in .tools/; redis-server
 
 demo: setup                ## one real payment end to end: local chain, SQLite store, demo upstream
 	$(BIN)/x402-gateway demo

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the local-chain toolchain into <repo>/.tools (git-ignored): the anvil binary (foundry's npm platform
-# package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs; as root,
+# package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs; the
+# official x402 TypeScript client (@x402/fetch + @x402/evm + viem) into .tools/x402-ts for tests/interop; as root,
 # Debian's redis-server and chromium when missing.
 # Idempotent: returns at once when the pinned versions are already there.
 set -euo pipefail
@@ -12,6 +13,9 @@ ANVIL_VERSION="1.7.1"
 ANVIL_PKG="@foundry-rs/anvil-linux-amd64"
 ANVIL_BIN="$TOOLS/node_modules/$ANVIL_PKG/bin/anvil"
 SOLC_PKG_JSON="$TOOLS/node_modules/solc/package.json"
+X402_TS_VERSION="2.27.0"
+VIEM_VERSION="2.57.20"
+X402_TS="$TOOLS/x402-ts"
 
 have_solc() {
     [ -f "$SOLC_PKG_JSON" ] && grep -q "\"version\": \"$SOLC_VERSION\"" "$SOLC_PKG_JSON"
@@ -36,7 +40,12 @@ if ! command -v chromium >/dev/null; then
     fi
 fi
 
-if [ -x "$ANVIL_BIN" ] && have_solc; then
+have_x402_ts() {
+    [ -f "$X402_TS/node_modules/@x402/fetch/package.json" ] &&
+        grep -q "\"version\": \"$X402_TS_VERSION\"" "$X402_TS/node_modules/@x402/fetch/package.json"
+}
+
+if [ -x "$ANVIL_BIN" ] && have_solc && have_x402_ts; then
     echo "tools already installed in $TOOLS"
     exit 0
 fi
@@ -45,6 +54,16 @@ command -v npm >/dev/null || { echo "npm is required (install Node.js >= 18)" >&
 mkdir -p "$TOOLS"
 # A package.json of its own keeps npm from walking up and touching anything else in the repo.
 [ -f "$TOOLS/package.json" ] || echo '{"name": "x402-gateway-tools", "private": true}' > "$TOOLS/package.json"
-npm install --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund "$ANVIL_PKG@$ANVIL_VERSION" "solc@$SOLC_VERSION"
-chmod +x "$ANVIL_BIN"
+if ! [ -x "$ANVIL_BIN" ] || ! have_solc; then
+    npm install --prefix "$TOOLS" --ignore-scripts --no-audit --no-fund "$ANVIL_PKG@$ANVIL_VERSION" "solc@$SOLC_VERSION"
+    chmod +x "$ANVIL_BIN"
+fi
 "$ANVIL_BIN" --version | head -n 1
+
+# The buyer's side most x402 apps use, for tests/interop: a directory of its own so its dependencies stay apart.
+if ! have_x402_ts; then
+    mkdir -p "$X402_TS"
+    [ -f "$X402_TS/package.json" ] || echo '{"name": "x402-gateway-interop", "private": true}' > "$X402_TS/package.json"
+    npm install --prefix "$X402_TS" --ignore-scripts --no-audit --no-fund \
+        "@x402/fetch@$X402_TS_VERSION" "@x402/evm@$X402_TS_VERSION" "viem@$VIEM_VERSION"
+fi
