@@ -43,11 +43,15 @@ HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer transfer-encoding upgrade "
     b"proxy-connection expect".split()
 )
+# Answered by our own server: the upstream's copy would be a second Date / Server field in the answer (Date is a
+# singleton, RFC 9110 6.6.1), which strict clients refuse. nginx drops the same two by default.
+UPSTREAM_OWN = frozenset({b"date", b"server"})
 PAYMENT_HEADERS = frozenset(b"x-payment payment-signature x-payment-network x-payment-auth x-payment-binding".split())
 # A client must not be able to claim an address, scheme or host: upstreams use these for auth and links.
 FORWARDING_HEADERS = frozenset(
     b"forwarded x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port x-real-ip".split()
 )
+_RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_OWN
 # Methods whose upstream answer can reflect the injected API key (TRACE) or open a tunnel (CONNECT).
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 # Everything that may appear unescaped in a path or query; anything else (raw non-ASCII, '#', '\\', space) is
@@ -291,7 +295,7 @@ class UpstreamProxy:
         try:
             resp = await self._pool.request(method, target, headers, body, content_length=length)
             try:
-                drop = HOP_BY_HOP
+                drop = _RESPONSE_DROP
                 for k, v in resp.headers:
                     if k.lower() == b"connection":
                         drop = drop | {t.strip().lower() for t in v.split(b",")}

@@ -394,6 +394,18 @@ def test_upstream_status_and_headers_are_relayed(proxy_url: str, upstream: Recor
     assert r.headers.get_list("set-cookie") == ["a=1", "b=2"]
 
 
+def test_the_answer_has_one_date_and_one_server_header_ours_not_a_second_from_the_upstream(
+    proxy_url: str, upstream: RecordingUpstream
+) -> None:
+    # Both servers are uvicorn and each stamps Date and Server: relayed as is, the answer would carry two of each
+    # (Date is a singleton field; strict clients refuse the answer). The upstream's own go, as nginx does it.
+    upstream.reset(Behaviour(body=b"ok", headers=[("Server", "upstream/1.0"), ("X-Up", "1")]))
+    r = httpx.get(proxy_url + "/t")
+    assert r.status_code == 200 and r.headers["x-up"] == "1"
+    assert len(r.headers.get_list("date")) == 1
+    assert r.headers.get_list("server") == ["uvicorn"]
+
+
 def test_redirects_are_relayed_not_followed(proxy_url: str, upstream: RecordingUpstream) -> None:
     upstream.reset(Behaviour(status=302, body=b"", headers=[("Location", "http://169.254.169.254/latest")]))
     r = httpx.get(proxy_url + "/r")
