@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from .config import GatewayConfig, RouteConfig
+from .routes import normalise_path
 
 QUERY_METHODS = ("GET", "HEAD", "DELETE")
 BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -26,6 +27,28 @@ _ROUTE_TEMPLATE = re.compile(r"^/[a-zA-Z0-9_/:.\-~%]+\Z")
 def route_path(route: RouteConfig) -> str:
     """The path part of ``"METHOD /path"``, as configured."""
     return route.pattern.text.partition(" ")[2].strip()
+
+
+def is_concrete(route: RouteConfig) -> bool:
+    """No ``{param}``, ``*`` or ``**`` segment: the route is exactly one URL."""
+    return not any(seg in {"*", "**"} or seg.startswith("{") for seg in route_path(route).split("/"))
+
+
+def example_params(route: RouteConfig) -> dict[str, str]:
+    """Path parameter values taken from the route's ``example_path``, by position."""
+    if route.docs.example_path is None:
+        return {}
+    template = [s for s in route_path(route).split("/") if s]
+    concrete = [s for s in normalise_path(route.docs.example_path).split("/") if s]
+    values: dict[str, str] = {}
+    for i, seg in enumerate(template):
+        if seg == "**":
+            values["path"] = "/".join(concrete[i:])
+        elif seg == "*" and i < len(concrete):
+            values["segment"] = concrete[i]
+        elif seg.startswith("{") and i < len(concrete):
+            values[seg[1:-1]] = concrete[i]
+    return values
 
 
 def bazaar_declaration(route: RouteConfig, method: str, path_params: dict[str, str]) -> dict[str, Any] | None:
@@ -111,10 +134,40 @@ def declared_extensions(
 ) -> dict[str, Any]:
     """The extensions this gateway declares for one request to ``route`` (``{}`` for a route that is not
     discoverable, or with the bazaar switched off): what the server, not the client, says about its resource."""
-    if not (config.discovery.bazaar and route.docs.discoverable):
+    if not (config.discovery.enabled and config.discovery.bazaar and route.docs.discoverable):
         return {}
     declaration = bazaar_declaration(route, method, path_params)
     return {} if declaration is None else {"bazaar": declaration}
+
+
+def facilitator_listing(config: GatewayConfig, route: RouteConfig, method: str) -> dict[str, Any]:
+    """The ``resource`` and ``extensions`` of a payment payload sent to a facilitator, which is where a bazaar
+    facilitator catalogues a resource: ``{}`` unless discovery is on, the route discoverable and the gateway's public
+    URL configured. Built from the configuration alone, never from the request: the client's Host header, path
+    values or query would otherwise be catalogued next to the operator's name. A parametrised route is listed
+    through its ``example_path`` (and its example values), or not at all."""
+    d = config.discovery
+    public_url = config.server.public_url
+    if not (d.enabled and route.docs.discoverable and public_url):
+        return {}
+    if is_concrete(route):
+        path, params = route_path(route), {}
+    elif route.docs.example_path is not None:
+        path, params = route.docs.example_path, example_params(route)
+    else:
+        return {}
+    listing: dict[str, Any] = {
+        "resource": {
+            "url": public_url + path,
+            "description": route.description,
+            "mimeType": route.mime_type,
+            **service_metadata(config),
+        }
+    }
+    extensions = declared_extensions(config, route, method, params)
+    if extensions:
+        listing["extensions"] = extensions
+    return listing
 
 
 __all__ = [
@@ -123,6 +176,9 @@ __all__ = [
     "QUERY_METHODS",
     "bazaar_declaration",
     "declared_extensions",
+    "example_params",
+    "facilitator_listing",
+    "is_concrete",
     "route_path",
     "service_metadata",
 ]

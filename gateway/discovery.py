@@ -30,6 +30,8 @@ from .bazaar import (
     CONTENT_TYPES,
     bazaar_declaration,
     declared_extensions,
+    example_params,
+    is_concrete,
     route_path,
     service_metadata,
 )
@@ -44,11 +46,6 @@ from .routes import RouteTable, normalise_path
 ANY_METHOD_DOCUMENTED = ("GET", "POST")
 
 # ------------------------------------------------------------------------------------------------ route shapes
-
-
-def is_concrete(route: RouteConfig) -> bool:
-    """No ``{param}``, ``*`` or ``**`` segment: the route is exactly one URL."""
-    return not any(seg in {"*", "**"} or seg.startswith("{") for seg in route_path(route).split("/"))
 
 
 def documented_methods(route: RouteConfig) -> tuple[str, ...]:
@@ -84,23 +81,6 @@ def templated_path(route: RouteConfig) -> tuple[str, list[tuple[str, str]]]:
             out.append(seg)
     trailing = "/" if route_path(route).endswith("/") and out else ""
     return "/" + "/".join(out) + trailing, params
-
-
-def example_params(route: RouteConfig) -> dict[str, str]:
-    """Path parameter values taken from the route's ``example_path``, by position."""
-    if route.docs.example_path is None:
-        return {}
-    template = [s for s in route_path(route).split("/") if s]
-    concrete = [s for s in normalise_path(route.docs.example_path).split("/") if s]
-    values: dict[str, str] = {}
-    for i, seg in enumerate(template):
-        if seg == "**":
-            values["path"] = "/".join(concrete[i:])
-        elif seg == "*" and i < len(concrete):
-            values["segment"] = concrete[i]
-        elif seg.startswith("{") and i < len(concrete):
-            values[seg[1:-1]] = concrete[i]
-    return values
 
 
 class BazaarLayer:

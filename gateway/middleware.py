@@ -29,7 +29,7 @@ from .asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks
 from .config import GatewayConfig
 from .errors import GatewayError, SettlementFailed, StoreUnavailable
 from .events import Limiter, Observer, RequestRecord, notify
-from .payments import PaidRequest, PaymentEngine, PricedRoute, Resource
+from .payments import PaidRequest, PaymentEngine, PricedRoute
 from .protocol.challenge import EXPOSE_HEADERS, Challenge
 from .protocol.payload import HeaderName
 from .routes import normalise_path
@@ -117,9 +117,9 @@ class PaymentMiddleware:
             record.outcome = "free"
             await self.app(scope, receive, send)
             return
-        route, params = matched
+        route = matched[0]
         record.route = route.config.route
-        await self._priced(record, route, params, scope, receive, send)
+        await self._priced(record, route, scope, receive, send)
 
     # ----------------------------------------------------------------------------------------------- requests
 
@@ -189,13 +189,7 @@ class PaymentMiddleware:
         return True
 
     async def _priced(
-        self,
-        record: RequestRecord,
-        route: PricedRoute,
-        params: dict[str, str],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
+        self, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
     ) -> None:
         found = _payment_header(scope)
         if found is None:
@@ -219,8 +213,7 @@ class PaymentMiddleware:
                 paid = await self.engine.begin_tx(route, proof, scope["method"], self.resource_url(scope))
             else:
                 record.kind = "exact"
-                resource = Resource(self.resource_url(scope), scope["method"], params)
-                paid = await self.engine.begin(route, name, value, resource=resource)
+                paid = await self.engine.begin(route, name, value, method=scope["method"])
         except GatewayError as exc:
             record.verify_seconds = time.perf_counter() - t0
             record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason

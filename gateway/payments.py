@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from . import abi
-from .bazaar import declared_extensions, service_metadata
+from .bazaar import facilitator_listing
 from .chain import ChainRpc, RpcError, hex_int
 from .config import GatewayConfig, NetworkConfig, RouteConfig
 from .deferred import DeferredOutcomes, Step
@@ -59,15 +59,6 @@ class PricedRoute:
     requirements: tuple[Requirement, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Resource:
-    """The request a payment is for: its absolute URL, method and the route's path parameters."""
-
-    url: str
-    method: str
-    path_params: dict[str, str] = field(default_factory=dict)
-
-
 @dataclass(slots=True)
 class Network:
     config: NetworkConfig
@@ -102,7 +93,7 @@ class PaymentEngine:
     def __init__(self, config: GatewayConfig, store: ReceiptStore) -> None:
         self.config = config
         self.store = store
-        self.service_metadata = service_metadata(config)
+        self._listings: dict[tuple[str, str], dict[str, Any]] = {}
         self.routes: RouteTable[PricedRoute] = RouteTable(
             [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
         )
@@ -167,6 +158,14 @@ class PaymentEngine:
         await self.deferred.aclose()
         await self.store.aclose()
 
+    def facilitator_listing(self, route: PricedRoute, method: str) -> dict[str, Any]:
+        """What a facilitator is told about the resource a payment is for (gateway/bazaar.py); per route and method."""
+        key = (route.config.route, method)
+        listing = self._listings.get(key)
+        if listing is None:
+            listing = self._listings[key] = facilitator_listing(self.config, route.config, method)
+        return listing
+
     async def _claim(self, key: str, owner: str, *, now: float, expires_at: float | None) -> ClaimRecord:
         try:
             return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
@@ -202,10 +201,9 @@ class PaymentEngine:
         header: HeaderName,
         value: bytes,
         *,
-        resource: Resource | None = None,
+        method: str = "GET",
     ) -> ExactRequest:
-        """An x402 ``exact`` payment: checks, claim, chain preflight. ``resource`` (the request it pays for) is
-        what a facilitator is told the payment was for."""
+        """An x402 ``exact`` payment for a ``method`` request to ``route``: checks, claim, chain preflight."""
         payment = parse_exact_payment(value, header)
         req = select_requirement(payment, route.requirements)
         pay = self.config.payment
@@ -216,7 +214,7 @@ class PaymentEngine:
         owner = uuid.uuid4().hex
         expires_at = payment.authorization.valid_before + EXPIRY_MARGIN
         record = await self._claim(key, owner, now=now, expires_at=expires_at)
-        paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment, resource)
+        paid = ExactRequest(self, net, route, req, key, owner, expires_at, payment, method)
         try:
             if record.state is ClaimState.PAID:
                 # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
@@ -448,11 +446,11 @@ class ExactRequest(PaidRequest):
         owner: str,
         expires_at: float,
         payment: ExactPayment,
-        resource: Resource | None = None,
+        method: str = "GET",
     ) -> None:
         super().__init__(engine, net, route, req, key, owner, expires_at, payer=payment.payer, version=payment.version)
         self.payment = payment
-        self.resource = resource
+        self.method = method
         self._gas = 0
 
     async def reconcile(self, tx_hash: str) -> bool:
@@ -472,27 +470,15 @@ class ExactRequest(PaidRequest):
 
     def _facilitator_payload(self) -> dict[str, Any]:
         """The payment as x402 v2, whatever version the client spoke: the authorization and signature are the
-        same; ``accepted``, ``resource`` and ``extensions`` are the server's own (the requirement, the resource
-        and the bazaar declaration its 402 gave), never the client's echo of them: a client must not make a
-        catalogue list a route its operator keeps out of discovery, or describe ours in its own words."""
-        doc: dict[str, Any] = {"x402Version": 2}
-        config = self._engine.config
-        resource = self.resource
-        if resource is not None:
-            route = self.route.config
-            doc["resource"] = {
-                "url": resource.url,
-                "description": route.description,
-                "mimeType": route.mime_type,
-                **self._engine.service_metadata,
-            }
-        doc["accepted"] = self.requirement.v2()
-        doc["payload"] = self.payment.raw["payload"]
-        if resource is not None:
-            extensions = declared_extensions(config, self.route.config, resource.method, resource.path_params)
-            if extensions:
-                doc["extensions"] = extensions
-        return doc
+        same; ``accepted`` is the server's own requirement, and ``resource`` / ``extensions`` (what a bazaar
+        facilitator catalogues) are the gateway's own listing of the route, never the client's echo: a client must
+        not get a route its operator keeps out of discovery catalogued, or describe ours in its own words."""
+        return {
+            "x402Version": 2,
+            **self._engine.facilitator_listing(self.route, self.method),
+            "accepted": self.requirement.v2(),
+            "payload": self.payment.raw["payload"],
+        }
 
     async def paid_by_someone_else(self) -> bool:
         net, req, auth = self._net, self.requirement, self.payment.authorization

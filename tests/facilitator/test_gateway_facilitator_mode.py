@@ -104,6 +104,7 @@ def test_facilitator_failures_map_to_their_status_and_charge_nothing(
         assert gw.balance(payer.address) == 900_000
 
 
+PUBLIC_URL = "https://api.example.com"
 ROUTES = [
     {
         "route": "POST /paid",
@@ -112,6 +113,7 @@ ROUTES = [
         "input_example": {"prompt": "hello"},
     },
     {"route": "POST /hidden", "price": "0.10", "description": "Kept out of discovery", "discoverable": False},
+    {"route": "POST /weather/{city}", "price": "0.10", "description": "Weather", "example_path": "/weather/paris"},
 ]
 
 
@@ -122,6 +124,15 @@ def _payloads(control: FacilitatorControl) -> list[dict[str, Any]]:
     return [c.body["paymentPayload"] for c in calls]
 
 
+def _pay(gw: Any, payer: Any, path: str, **client_says: Any) -> httpx.Response:
+    """Pay ``path`` with a v2 payload to which the client added ``client_says`` (resource, extensions...)."""
+    _, headers = _signed_request(gw, payer, path)
+    ((name, value),) = headers.items()
+    doc = {**decode_header(value), **client_says}
+    with gw.client() as http:
+        return http.post(path, json={}, headers={name: encode_header(doc)})
+
+
 def test_the_facilitator_hears_the_routes_resource_and_bazaar_declaration_as_the_402_gave_them(
     base_chain: DevChain, tmp_path: Path, facilitator_url: str, control: FacilitatorControl
 ) -> None:
@@ -129,39 +140,70 @@ def test_the_facilitator_hears_the_routes_resource_and_bazaar_declaration_as_the
     the resource and the bazaar declaration of its own 402 (and not its tx-hash offer, which is ours)."""
     payer = base_chain.new_payer(1_000_000)
     networks = facilitator_networks(base_chain, facilitator_url)
-    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks) as gw:
+    server = {"public_url": PUBLIC_URL}
+    with running_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks, server=server
+    ) as gw:
         with gw.client() as http:
             offered = decode_header(http.post("/paid", json={}).headers["payment-required"])
         response = asyncio.run(pay_with_official_client(gw.url + "/paid", payer))
         assert response.status_code == 200, response.text
     for payload in _payloads(control):
         assert payload["resource"] == offered["resource"]
-        assert payload["resource"]["url"] == gw.url + "/paid"
+        assert payload["resource"]["url"] == PUBLIC_URL + "/paid"
         assert payload["extensions"] == {"bazaar": offered["extensions"]["bazaar"]}
         assert payload["accepted"] == offered["accepts"][0]
 
 
-def test_a_client_cannot_make_the_facilitator_catalogue_a_route_or_describe_it_in_its_own_words(
+def test_a_client_cannot_get_its_own_words_catalogued_next_to_the_operators(
     base_chain: DevChain, tmp_path: Path, facilitator_url: str, control: FacilitatorControl
 ) -> None:
-    """Extensions and resource in the client's payload are the client's echo: a made-up bazaar declaration for a
-    route the operator keeps out of discovery, or a resource pointing elsewhere, never reach the facilitator."""
+    """The client's resource and extensions, its path values and its Host header never reach the facilitator:
+    a parametrised route is listed through its configured example, a hidden route not at all."""
     payer = base_chain.new_payer(1_000_000)
     networks = facilitator_networks(base_chain, facilitator_url)
-    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks) as gw:
-        first, headers = _signed_request(gw, payer, "/hidden")
-        assert "bazaar" not in decode_header(first.headers["payment-required"]).get("extensions", {})
-        ((name, value),) = headers.items()
-        doc = decode_header(value)
-        doc["resource"] = {"url": "https://elsewhere.example/free-stuff", "description": "spam"}
-        doc["extensions"] = {"bazaar": {"info": {"input": {"type": "http", "method": "GET"}}, "schema": {}}}
-        with gw.client() as http:
-            paid = http.post("/hidden", json={}, headers={name: encode_header(doc)})
+    server = {"public_url": PUBLIC_URL}
+    made_up = {
+        "resource": {"url": "https://elsewhere.example/free-stuff", "description": "spam"},
+        "extensions": {"bazaar": {"info": {"input": {"type": "http", "method": "GET"}}, "schema": {}}},
+    }
+    with running_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, networks=networks, server=server
+    ) as gw:
+        paid = _pay(gw, payer, "/weather/%3Cscript%3Ealert(1)%3C", **made_up)
         assert paid.status_code == 200, paid.text
-    for payload in _payloads(control):
-        assert "extensions" not in payload
-        assert payload["resource"]["url"] == gw.url + "/hidden"
-        assert payload["resource"]["description"] == "Kept out of discovery"
+        for payload in _payloads(control):
+            assert payload["resource"]["url"] == PUBLIC_URL + "/weather/paris"
+            assert payload["resource"]["description"] == "Weather"
+            assert payload["extensions"]["bazaar"]["info"]["input"]["pathParams"] == {"city": "paris"}
+        control.reset()
+        paid = _pay(gw, payer, "/hidden", **made_up)
+        assert paid.status_code == 200, paid.text
+        for payload in _payloads(control):
+            assert "resource" not in payload and "extensions" not in payload
+
+
+def test_without_a_public_url_or_with_discovery_off_nothing_is_offered_for_cataloguing(
+    base_chain: DevChain, tmp_path: Path, facilitator_url: str, control: FacilitatorControl
+) -> None:
+    """Without ``server.public_url`` the only address is the client's Host header; with discovery off the
+    operator asked not to be listed: either way the payload carries neither resource nor extensions."""
+    payer = base_chain.new_payer(1_000_000)
+    networks = facilitator_networks(base_chain, facilitator_url)
+    for i, sections in enumerate(({}, {"server": {"public_url": PUBLIC_URL}, "discovery": {"enabled": False}})):
+        control.reset()
+        (tmp_path / str(i)).mkdir()
+        with running_gateway(
+            base_chain,
+            store_url=sqlite_url(tmp_path / str(i)),
+            routes=ROUTES,
+            networks=networks,
+            **sections,
+        ) as gw:
+            paid = _pay(gw, payer, "/paid")
+            assert paid.status_code == 200, paid.text
+        for payload in _payloads(control):
+            assert "resource" not in payload and "extensions" not in payload
 
 
 def test_unreachable_facilitator_fails_start_with_a_clear_message(base_chain: DevChain, tmp_path: Path) -> None:
