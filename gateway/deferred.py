@@ -87,15 +87,25 @@ class DeferredOutcomes:
                 await outcome.steps[0]()
                 outcome.steps.popleft()
         except StoreUnavailable:
-            newer = self._pending.get(pending_key)  # added while this one ran: it goes after what is left here
-            if newer is not None:
-                outcome.steps.extend(newer.steps)
-            self._pending[pending_key] = outcome  # still down: later
+            self._keep(pending_key, outcome)  # still down: later
             return False
         except GatewayError:
             return False  # the claim is no longer ours: nothing left to do
+        except Exception:
+            log.exception("a deferred claim outcome failed; retrying later", extra={"key": outcome.key})
+            self._keep(pending_key, outcome)
+            return False
+        except BaseException:  # cancelled (shutdown, or the presenting request went away): keep it for later
+            self._keep(pending_key, outcome)
+            raise
         log.info("applied a deferred claim outcome", extra={"key": outcome.key})
         return True
+
+    def _keep(self, pending_key: tuple[str, str], outcome: _Outcome) -> None:
+        newer = self._pending.get(pending_key)  # added while this one ran: it goes after what is left here
+        if newer is not None:
+            outcome.steps.extend(newer.steps)
+        self._pending[pending_key] = outcome
 
     async def _run(self) -> None:
         delay = self._first_delay

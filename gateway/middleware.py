@@ -280,6 +280,7 @@ class PaymentMiddleware:
                         except GatewayError:
                             await finish(False)
                             raise
+                        paid.delivered = bool(info["on_paid"])
                     await finish(ok)
                 except GatewayError as exc:
                     record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason

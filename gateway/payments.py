@@ -120,6 +120,7 @@ class PaymentEngine:
         self.deferred = DeferredOutcomes()  # claim outcomes a store outage interrupted (gateway/deferred.py)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
+        self.deferred = DeferredOutcomes()  # bound to this event loop; a restarted engine gets a fresh one
         for net in self.networks.values():
             await net.rpc.start(session)
             await net.rpc.verify_chain_id()
@@ -173,7 +174,7 @@ class PaymentEngine:
             # Held by one of our own requests that a store outage cut short? Then settle its claim now and retry.
             if not await self.deferred.flush(key):
                 raise
-        return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
+        return await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=expires_at)
 
     def challenge(
         self,
@@ -356,6 +357,8 @@ class PaidRequest:
         self.payer = payer
         self.version = version
         self._broadcast = False
+        self._money_moved = False  # seen on chain, whether or not the store heard it: the claim is never released
+        self.delivered = False  # the app acted on the payment (its on_paid hooks ran): a failed finish consumes it
         self.paid = False
         self.resumed = False
         self.tx_hash: str | None = None
@@ -367,6 +370,7 @@ class PaidRequest:
 
     async def mark_paid(self, tx_hash: str) -> None:
         engine = self._engine
+        self._money_moved = True
         try:
             await engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
         except StoreUnavailable:
@@ -393,8 +397,9 @@ class PaidRequest:
                 self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
             )
         except StoreUnavailable:
-            # A finish that fails leaves the client refused (fail closed), so nothing was served either way.
-            self._defer(self._unserved)
+            # A finish that fails leaves the client refused (fail closed): the payment stays usable for a retry,
+            # unless the app already acted on it (a job was created and bound to the payer, who can find it).
+            self._defer(self._consumed if served and self.delivered else self._unserved)
             raise
 
     async def _unserved(self) -> None:
@@ -402,12 +407,17 @@ class PaidRequest:
             self.key, self._owner, served=False, now=time.time(), expires_at=self._expires_at
         )
 
+    async def _consumed(self) -> None:
+        await self._engine.store.finish(
+            self.key, self._owner, served=True, now=time.time(), expires_at=self._expires_at
+        )
+
     def _defer(self, *steps: Step) -> None:
         self._engine.deferred.add(self.key, self._owner, steps, within=self._engine.lease)
 
     async def release_quietly(self) -> None:
         """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
-        if self.paid or self._broadcast:
+        if self.paid or self._broadcast or self._money_moved:
             return
         try:
             await self._engine.store.release(self.key, self._owner)
@@ -532,8 +542,8 @@ class ExactRequest(PaidRequest):
             raise
         if result.success or result.pending:
             tx_hash = result.transaction
+            self._broadcast = True  # the facilitator has broadcast it: the claim stays, even if recording fails
             await engine.store.record_tx(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
-            self._broadcast = True
             try:
                 # Trust, but verify: the money must show up as a Transfer to us on our own RPC.
                 receipt = await net.watcher.wait(

@@ -106,3 +106,22 @@ async def test_closing_stops_the_retries() -> None:
     assert store.applied == [] and len(deferred) == 0
     deferred.add("k", "owner", [store.step("release")], within=60)
     assert len(deferred) == 0
+
+
+async def test_an_unexpected_error_keeps_the_outcome_for_later_and_never_reaches_the_presenting_request() -> None:
+    store = FlakyStore()
+    store.up = True
+    failures = [RuntimeError("a library bug")]
+
+    async def fragile() -> None:
+        if failures:
+            raise failures.pop()
+        store.applied.append("release")
+
+    deferred = DeferredOutcomes(first_delay=60, max_delay=60)
+    deferred.add("k", "owner", [fragile], within=60)
+    assert await deferred.flush("k") is False  # no exception escapes to the request that presented the payment
+    assert len(deferred) == 1
+    assert await deferred.flush("k") is True
+    assert store.applied == ["release"]
+    await deferred.aclose()
