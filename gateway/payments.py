@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -369,21 +370,23 @@ class PaidRequest:
         self.tx_hash = tx_hash
 
     async def mark_paid(self, tx_hash: str) -> None:
-        engine = self._engine
         self._money_moved = True
         try:
-            await engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+            await self._mark_paid(tx_hash)
         except StoreUnavailable:
             # The money moved but the store did not hear it, and this request fails closed: once the store is
             # back, record the payment as paid-but-unserved, so the same payment is served without paying again.
             async def paid_unless_lost() -> None:
                 with contextlib.suppress(PaymentInFlight):  # already PAID (the write landed) or no longer ours
-                    await engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=engine.lease)
+                    await self._mark_paid(tx_hash)
 
-            self._defer(paid_unless_lost, self._unserved)
+            self._defer(paid_unless_lost, functools.partial(self._finish, served=False))
             raise
         self.paid = True
         self.tx_hash = tx_hash
+
+    async def _mark_paid(self, tx_hash: str) -> None:
+        await self._engine.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=self._engine.lease)
 
     async def settle(self, *, simulate_again: bool = False) -> str:
         """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
@@ -393,23 +396,16 @@ class PaidRequest:
         """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not
         execute anyway); a failed one leaves it paid-but-unserved for a free retry (THREATS 11)."""
         try:
-            await self._engine.store.finish(
-                self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
-            )
+            await self._finish(served=served)
         except StoreUnavailable:
             # A finish that fails leaves the client refused (fail closed): the payment stays usable for a retry,
             # unless the app already acted on it (a job was created and bound to the payer, who can find it).
-            self._defer(self._consumed if served and self.delivered else self._unserved)
+            self._defer(functools.partial(self._finish, served=served and self.delivered))
             raise
 
-    async def _unserved(self) -> None:
+    async def _finish(self, *, served: bool) -> None:
         await self._engine.store.finish(
-            self.key, self._owner, served=False, now=time.time(), expires_at=self._expires_at
-        )
-
-    async def _consumed(self) -> None:
-        await self._engine.store.finish(
-            self.key, self._owner, served=True, now=time.time(), expires_at=self._expires_at
+            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
         )
 
     def _defer(self, *steps: Step) -> None:
