@@ -23,7 +23,7 @@ from eth_utils.crypto import keccak
 
 from gateway.client.exact import choose_requirement, parse_challenge, sign_exact_payment
 from gateway.client.txhash import tx_proof_headers
-from gateway.devchain import MINTER_KEY, DevChain, set_eth_balance
+from gateway.dev.chain import MINTER_KEY, DevChain, set_eth_balance
 
 from .load import Call
 

@@ -23,9 +23,9 @@ import uvloop
 from eth_account import Account
 
 from gateway.client.jobauth import payer_auth_headers
-from gateway.devchain import DEV_KEYS, DevChain, RedisServer, start_dev_chain
+from gateway.dev.chain import DEV_KEYS, DevChain, RedisServer, start_dev_chain
 from gateway.jobs.model import Job, JobStatus, now_ms
-from gateway.jobs.store import open_job_store
+from gateway.storage.jobs import open_job_store
 
 from . import payers
 from .load import Call, LoadResult, run_load, warm

@@ -20,9 +20,9 @@ import uvicorn
 
 
 def _gateway(spec: dict[str, Any]) -> Any:
-    from gateway.app import build_app
     from gateway.config import parse_config
-    from gateway.logs import configure_logging
+    from gateway.http.app import build_app
+    from gateway.ops.logs import configure_logging
 
     # As ``x402-gateway serve`` does: one JSON line per request at "info" (the default), to a file here.
     level = spec.get("log_level", "info")

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .config import GatewayConfig, load_config
-from .errors import ConfigError
-from .money import format_usd
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+from gateway.money import format_usd
 
 
 def _load(path: str) -> GatewayConfig:
@@ -30,8 +30,8 @@ def _load(path: str) -> GatewayConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import build_app
-    from .logs import configure_logging
+    from gateway.http.app import build_app
+    from gateway.ops.logs import configure_logging
 
     config = _load(args.config)
     configure_logging(args.log_level, json=args.log_format == "json")
@@ -62,7 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from gateway.dev.demo import run_demo
 
     return run_demo()
 
@@ -84,7 +84,7 @@ def redact_keys(text: str) -> str:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from .client._commands import run_client_command
+    from gateway.client._commands import run_client_command
 
     return run_client_command(args)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
-from .networks import USDC_DECIMALS
+from gateway.networks import USDC_DECIMALS
 
 
 def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:

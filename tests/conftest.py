@@ -17,7 +17,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from gateway.devchain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, start_dev_chain  # noqa: E402
+from gateway.dev.chain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, start_dev_chain  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------- Redis
 

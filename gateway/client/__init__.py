@@ -13,9 +13,9 @@ The public names are re-exported here (the modules starting with ``_`` are priva
 ``jobauth`` are the low-level signers the SDK is built on. The exception tree is drawn in ``_errors``.
 """
 
-from ._client import AsyncX402Client
-from ._config import JobPaths, RetryPolicy, TxHashPayments
-from ._errors import (
+from gateway.client._client import AsyncX402Client
+from gateway.client._config import JobPaths, RetryPolicy, TxHashPayments
+from gateway.client._errors import (
     ApiError,
     JobCancelled,
     JobError,
@@ -26,11 +26,11 @@ from ._errors import (
     TransientError,
     X402ClientError,
 )
-from ._models import Job, JobList, PaymentReceipt, StatusUpdate, SubmitResult, payment_receipt
-from ._spend import SpendControls
-from ._sync import X402Client
-from ._tokens import FileTokenStore, MemoryTokenStore, TokenStore
-from .exact import choose_requirement, parse_challenge, sign_exact_payment
+from gateway.client._models import Job, JobList, PaymentReceipt, StatusUpdate, SubmitResult, payment_receipt
+from gateway.client._spend import SpendControls
+from gateway.client._sync import X402Client
+from gateway.client._tokens import FileTokenStore, MemoryTokenStore, TokenStore
+from gateway.client.exact import choose_requirement, parse_challenge, sign_exact_payment
 
 __all__ = [
     "ApiError",

@@ -25,13 +25,13 @@ from typing import Any
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from ._config import JobPaths, RetryPolicy, Style, TxHashPayments
-from ._errors import ApiError, JobCancelled, JobFailed, JobTimedOut, TransientError, X402ClientError
-from ._models import Job, JobList, StatusUpdate, SubmitResult, payment_receipt
-from ._paying import PayingClient, PayWith, error_of, json_doc
-from ._spend import SpendControls
-from ._tokens import MemoryTokenStore, TokenStore
-from .jobauth import job_token_headers, payer_auth_headers
+from gateway.client._config import JobPaths, RetryPolicy, Style, TxHashPayments
+from gateway.client._errors import ApiError, JobCancelled, JobFailed, JobTimedOut, TransientError, X402ClientError
+from gateway.client._models import Job, JobList, StatusUpdate, SubmitResult, payment_receipt
+from gateway.client._paying import PayingClient, PayWith, error_of, json_doc
+from gateway.client._spend import SpendControls
+from gateway.client._tokens import MemoryTokenStore, TokenStore
+from gateway.client.jobauth import job_token_headers, payer_auth_headers
 
 __all__ = ["AsyncX402Client"]
 

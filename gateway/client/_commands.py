@@ -29,14 +29,14 @@ from typing import Any, TextIO
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from ..cli import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
-from ..money import format_usd
-from ._client import AsyncX402Client
-from ._config import TxHashPayments
-from ._errors import JobError, PaymentFailed, PaymentRefused, X402ClientError
-from ._models import Job, StatusUpdate, SubmitResult
-from ._spend import SpendControls
-from ._tokens import FileTokenStore
+from gateway.cli import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
+from gateway.client._client import AsyncX402Client
+from gateway.client._config import TxHashPayments
+from gateway.client._errors import JobError, PaymentFailed, PaymentRefused, X402ClientError
+from gateway.client._models import Job, StatusUpdate, SubmitResult
+from gateway.client._spend import SpendControls
+from gateway.client._tokens import FileTokenStore
+from gateway.money import format_usd
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PAYMENT", "EXIT_USAGE", "run_client_command"]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._models import Job
+    from gateway.client._models import Job
 
 __all__ = [
     "ApiError",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..protocol.codec import decode_header
+from gateway.x402.codec import decode_header
 
 __all__ = [
     "ACTIVE_STATUSES",

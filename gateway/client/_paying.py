@@ -31,14 +31,14 @@ from typing import Any, Literal, Self
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from ..protocol.codec import decode_header
-from ._config import RetryPolicy, TxHashPayments
-from ._errors import PaymentFailed, PaymentRefused, TransientError
-from ._models import payment_receipt
-from ._spend import Budget, SpendControls
-from ._transfer import TransferSender, TxOption
-from .exact import Option, sign_exact_payment
-from .txhash import tx_proof_headers
+from gateway.client._config import RetryPolicy, TxHashPayments
+from gateway.client._errors import PaymentFailed, PaymentRefused, TransientError
+from gateway.client._models import payment_receipt
+from gateway.client._spend import Budget, SpendControls
+from gateway.client._transfer import TransferSender, TxOption
+from gateway.client.exact import Option, sign_exact_payment
+from gateway.client.txhash import tx_proof_headers
+from gateway.x402.codec import decode_header
 
 __all__ = ["PayWith", "PayingClient", "error_of", "json_doc"]
 

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from ..money import format_usd, parse_usd
-from ..networks import KNOWN_NETWORKS
-from ._errors import PaymentRefused
+from gateway.client._errors import PaymentRefused
+from gateway.money import format_usd, parse_usd
+from gateway.networks import KNOWN_NETWORKS
 
 __all__ = ["SpendControls", "chain_id_of"]
 

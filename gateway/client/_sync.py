@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._client import AsyncX402Client, OnPoll, OnUpdate
-from ._errors import X402ClientError
-from ._models import Job, JobList, SubmitResult
+from gateway.client._client import AsyncX402Client, OnPoll, OnUpdate
+from gateway.client._errors import X402ClientError
+from gateway.client._models import Job, JobList, SubmitResult
 
 __all__ = ["X402Client"]
 

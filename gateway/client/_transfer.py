@@ -17,9 +17,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from ._config import TxHashPayments
-from ._errors import PaymentFailed, PaymentRefused
-from ._spend import chain_id_of
+from gateway.client._config import TxHashPayments
+from gateway.client._errors import PaymentFailed, PaymentRefused
+from gateway.client._spend import chain_id_of
 
 if TYPE_CHECKING:  # web3 costs ~0.5 s to import: only clients that pay by transfer load it
     from web3 import AsyncWeb3

@@ -16,8 +16,8 @@ from typing import Any
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 
-from ..networks import KNOWN_NETWORKS
-from ..protocol.codec import decode_header, encode_header
+from gateway.networks import KNOWN_NETWORKS
+from gateway.x402.codec import decode_header, encode_header
 
 
 @dataclass(frozen=True, slots=True)

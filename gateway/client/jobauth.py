@@ -8,7 +8,7 @@ import time
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from ..jobs.auth import PAYER_AUTH_HEADER, payer_auth_message
+from gateway.jobs.auth import PAYER_AUTH_HEADER, payer_auth_message
 
 
 def payer_auth_headers(account: LocalAccount, method: str, path: str, *, now: int | None = None) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from ..verify.txhash import BINDING_HEADER, NETWORK_HEADER, binding_message
+from gateway.schemes.txhash.check import BINDING_HEADER, NETWORK_HEADER, binding_message
 
 
 def tx_proof_headers(account: LocalAccount, tx_hash: str, network: str, method: str, resource: str) -> dict[str, str]:

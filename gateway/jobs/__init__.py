@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .model import Job, JobStatus
-from .settings import JobsConfig
-from .store import JobStore, open_job_store
+from gateway.jobs.model import Job, JobStatus
+from gateway.jobs.settings import JobsConfig
+from gateway.storage.jobs import JobStore, open_job_store
 
 if TYPE_CHECKING:
-    from ..asgi import ASGIApp
-    from ..config import GatewayConfig
-    from .layer import JobsLayer
+    from gateway.config import GatewayConfig
+    from gateway.http.asgi import ASGIApp
+    from gateway.jobs.layer import JobsLayer
 
 __all__ = ["Job", "JobStatus", "JobStore", "JobsConfig", "build_jobs", "open_job_store"]
 
@@ -37,11 +37,11 @@ def build_jobs(config: GatewayConfig, proxy: ASGIApp) -> JobsLayer | None:
         return None
     store = open_job_store(config.store.url.reveal())
     if jobs.mode == "front":
-        from .front import FrontJobs
+        from gateway.jobs.front import FrontJobs
 
         return FrontJobs(jobs, store, proxy)
-    from .runner import JobRunner
-    from .serve import RunnerJobs
+    from gateway.jobs.runner import JobRunner
+    from gateway.jobs.serve import RunnerJobs
 
     up = config.upstream
     runner = JobRunner(

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from ..routes import RoutePattern, normalise_path
+from gateway.routes import RoutePattern, normalise_path
 
 __all__ = ["PRESETS", "JobRoutes", "Kind", "preset"]
 

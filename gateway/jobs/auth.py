@@ -36,7 +36,7 @@ import secrets
 
 from eth_utils.crypto import keccak
 
-from ..verify.exact import recover_signer
+from gateway.schemes.exact.check import recover_signer
 
 __all__ = [
     "MAX_SKEW_SECONDS",

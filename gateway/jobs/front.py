@@ -22,16 +22,16 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
-from ..asgi import ASGIApp, Message, Receive, Scope, Send, send_json
-from ..errors import BadGateway
-from ..proxy import UpstreamAborted
-from .api import Kind, Match
-from .auth import new_token
-from .layer import _MAX_CACHED, JobsLayer, _Expiring, without_headers
-from .model import Job, JobStatus, now_ms
-from .settings import JobsConfig
-from .store import JobStore
-from .wire import authentication_required
+from gateway.errors import BadGateway
+from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
+from gateway.http.proxy import UpstreamAborted
+from gateway.jobs.api import Kind, Match
+from gateway.jobs.auth import new_token
+from gateway.jobs.layer import _MAX_CACHED, JobsLayer, _Expiring, without_headers
+from gateway.jobs.model import Job, JobStatus, now_ms
+from gateway.jobs.settings import JobsConfig
+from gateway.jobs.wire import authentication_required
+from gateway.storage.jobs import JobStore
 
 __all__ = ["FrontJobs", "find_job_id"]
 

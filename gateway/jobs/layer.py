@@ -21,16 +21,16 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
-from ..errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
-from ..events import Observer, RequestRecord, notify
-from ..middleware import request_id_of
-from .api import FREE_KINDS, Kind, Match
-from .auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
-from .model import Job, now_ms
-from .settings import JobsConfig
-from .store import JobStore
-from .wire import WireError, job_id_required, not_found
+from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
+from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
+from gateway.http.middleware import request_id_of
+from gateway.jobs.api import FREE_KINDS, Kind, Match
+from gateway.jobs.auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
+from gateway.jobs.model import Job, now_ms
+from gateway.jobs.settings import JobsConfig
+from gateway.jobs.wire import WireError, job_id_required, not_found
+from gateway.ops.events import Observer, RequestRecord, notify
+from gateway.storage.jobs import JobStore
 
 log = logging.getLogger("gateway.jobs")
 

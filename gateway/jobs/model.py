@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..errors import BadGateway, ServiceUnavailable
+from gateway.errors import BadGateway, ServiceUnavailable
 
 __all__ = [
     "ACTIVE",

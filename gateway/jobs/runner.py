@@ -29,11 +29,10 @@ from typing import Any
 
 import aiohttp
 
-from ..errors import StoreUnavailable
-from .model import ACTIVE, RUNNER_LOST, Job, JobStatus, StatusUpdate, now_ms, overdue, timeout_error
-from .settings import JobsConfig
-from .store import JobStore
-from .stream import (
+from gateway.errors import StoreUnavailable
+from gateway.jobs.model import ACTIVE, RUNNER_LOST, Job, JobStatus, StatusUpdate, now_ms, overdue, timeout_error
+from gateway.jobs.settings import JobsConfig
+from gateway.jobs.stream import (
     Failure,
     LineSplitter,
     Progress,
@@ -45,6 +44,7 @@ from .stream import (
     ndjson_events,
     sse_events,
 )
+from gateway.storage.jobs import JobStore
 
 __all__ = ["READ_GRACE_MS", "JobRunner"]
 

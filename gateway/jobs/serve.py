@@ -17,15 +17,14 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..asgi import Receive, Scope, Send, send_json
-from .api import Kind, Match
-from .auth import new_token
-from .layer import JobsLayer, read_body
-from .model import ACTIVE, Job, JobStatus, JobStoreFull, now_ms
-from .runner import JobRunner
-from .settings import JobsConfig
-from .store import JobStore
-from .wire import (
+from gateway.http.asgi import Receive, Scope, Send, send_json
+from gateway.jobs.api import Kind, Match
+from gateway.jobs.auth import new_token
+from gateway.jobs.layer import JobsLayer, read_body
+from gateway.jobs.model import ACTIVE, Job, JobStatus, JobStoreFull, now_ms
+from gateway.jobs.runner import JobRunner
+from gateway.jobs.settings import JobsConfig
+from gateway.jobs.wire import (
     agent_cancelled,
     agent_submitted,
     authentication_required,
@@ -38,6 +37,7 @@ from .wire import (
     parse_submit,
     statuses_shown_as,
 )
+from gateway.storage.jobs import JobStore
 
 __all__ = ["RunnerJobs"]
 

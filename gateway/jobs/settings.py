@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..errors import ConfigError
-from .api import JobRoutes, Kind, example_path, parse_template, preset
+from gateway.errors import ConfigError
+from gateway.jobs.api import JobRoutes, Kind, example_path, parse_template, preset
 
 if TYPE_CHECKING:
-    from ..config import RouteConfig, _Table
+    from gateway.config import RouteConfig, _Table
 
 __all__ = ["JobsConfig", "parse_jobs"]
 

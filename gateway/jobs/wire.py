@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .model import Job, JobStatus
-from .store import JobStats
+from gateway.jobs.model import Job, JobStatus
+from gateway.storage.jobs import JobStats
 
 Style = Literal["agent", "messaging"]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.client import RetryPolicy
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.jobs.helpers import jobs_gateway
 from tests.support.gateway import GatewayUnderTest, sqlite_url
 from tests.support.jobs_upstreams import SlowAgent

@@ -18,7 +18,7 @@ from eth_account.signers.local import LocalAccount
 
 from gateway.client._commands import Progress
 from gateway.client._models import Job, StatusUpdate
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.client.conftest import STEPS
 from tests.e2e.helpers import Balances
 from tests.jobs.helpers import PRICE

@@ -19,7 +19,7 @@ from gateway.client import (
     StatusUpdate,
     X402Client,
 )
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.client.conftest import POLL, STEPS
 from tests.e2e.helpers import Balances
 from tests.jobs.helpers import PRICE, jobs_gateway

@@ -16,15 +16,8 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from gateway.client import (
-    AsyncX402Client,
-    PaymentRefused,
-    SpendControls,
-    TxHashPayments,
-    X402Client,
-    payment_receipt,
-)
-from gateway.devchain import DevChain
+from gateway.client import AsyncX402Client, PaymentRefused, SpendControls, TxHashPayments, X402Client, payment_receipt
+from gateway.dev.chain import DevChain
 from tests.client.conftest import FAST_RETRY, POLL, STEPS, RecordingTransport
 from tests.e2e.helpers import Balances
 from tests.e2e.test_official_client import strip_v2_challenge

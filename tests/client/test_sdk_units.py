@@ -247,7 +247,7 @@ def test_the_token_file_is_private_bounded_and_keyed_by_gateway(tmp_path: Path) 
 def _challenge_handler(paid_answers: list[Any], seen: list[httpx.Request]) -> Callable[[httpx.Request], httpx.Response]:
     """A server whose 402 is the gateway's own challenge; paid attempts get ``paid_answers`` in turn (a
     Response, or an exception to raise)."""
-    from gateway.protocol.challenge import Requirement, build_challenge
+    from gateway.x402.challenge import Requirement, build_challenge
 
     req = Requirement(
         network="base",

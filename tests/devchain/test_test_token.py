@@ -14,7 +14,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
-from gateway.devchain import (
+from gateway.dev.chain import (
     BASE_USDC,
     DEV_KEYS,
     POLYGON_USDC,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 
 PUBLIC = "https://api.example.com"

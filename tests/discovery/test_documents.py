@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from gateway.config import parse_config
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from gateway.errors import ConfigError
-from gateway.protocol.codec import decode_header
+from gateway.x402.codec import decode_header
 from tests.discovery.conftest import ANSWER_SCHEMA, PROMPT_SCHEMA, PUBLIC, ROUTES, UNITS_SCHEMA
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 

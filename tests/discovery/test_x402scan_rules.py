@@ -15,8 +15,8 @@ from x402.extensions.bazaar.types import parse_discovery_extension
 from x402.http.utils import decode_payment_required_header
 from x402.schemas import PaymentRequired
 
-from gateway.devchain import DevChain
-from gateway.protocol.codec import decode_header
+from gateway.dev.chain import DevChain
+from gateway.x402.codec import decode_header
 from tests.discovery.conftest import DISCOVERY, PRICED_METHODS, PUBLIC, ROUTES
 from tests.e2e.test_official_client import official_client
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url

@@ -25,7 +25,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
-from gateway.devchain import DevChain, send_transaction
+from gateway.dev.chain import DevChain, send_transaction
 
 EIP712_DOMAIN = [
     {"name": "name", "type": "string"},

@@ -18,8 +18,8 @@ from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.crypto import keccak
 
-from gateway.app import build_app
-from gateway.devchain import DevChain, call
+from gateway.dev.chain import DevChain, call
+from gateway.http.app import build_app
 from tests.support.concurrency import fire_together  # noqa: F401 - re-exported for the e2e tests
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
 from tests.support.servers import RecordingUpstream, read_body, serve_asgi

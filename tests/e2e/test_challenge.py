@@ -20,7 +20,7 @@ from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentRequired
 from x402.schemas.v1 import PaymentRequiredV1
 
-from gateway.devchain import BASE_USDC, POLYGON_USDC, DevChain
+from gateway.dev.chain import BASE_USDC, POLYGON_USDC, DevChain
 from tests.e2e.helpers import EXPOSED, assert_error, b64json, receipt_of
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 

@@ -18,8 +18,8 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from gateway.devchain import DEV_KEYS, POLYGON_USDC, DevChain
-from gateway.protocol import reasons
+from gateway.dev.chain import DEV_KEYS, POLYGON_USDC, DevChain
+from gateway.x402 import reasons
 from tests.e2e import craft
 from tests.e2e.helpers import Balances, assert_402, authorization_used, receipt_of
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url

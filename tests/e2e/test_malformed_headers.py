@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.e2e import craft
 from tests.e2e.helpers import b64json
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url

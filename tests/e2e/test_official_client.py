@@ -12,8 +12,8 @@ from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.mechanisms.evm.signers import EthAccountSigner
 
-from gateway.devchain import DevChain
-from gateway.protocol.codec import decode_header
+from gateway.dev.chain import DevChain
+from gateway.x402.codec import decode_header
 from tests.support.gateway import running_gateway, sqlite_url
 
 

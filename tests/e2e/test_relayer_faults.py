@@ -6,7 +6,7 @@ from pathlib import Path
 
 from eth_account import Account
 
-from gateway.devchain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain, set_eth_balance
 from tests.support.gateway import running_gateway, sqlite_url
 
 

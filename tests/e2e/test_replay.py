@@ -7,9 +7,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.abi import AUTHORIZATION_USED_TOPIC
-from gateway.devchain import DevChain
-from gateway.protocol import reasons
+from gateway.chain.abi import AUTHORIZATION_USED_TOPIC
+from gateway.dev.chain import DevChain
+from gateway.x402 import reasons
 from tests.e2e import craft
 from tests.e2e.helpers import Balances, assert_402, decode_payment, error_of, fire_together, receipt_of
 from tests.support.gateway import GatewayUnderTest, running_gateway

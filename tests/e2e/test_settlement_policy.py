@@ -15,8 +15,8 @@ import httpx
 import pytest
 from eth_account import Account
 
-from gateway.devchain import DEV_KEYS, DevChain
-from gateway.protocol import reasons
+from gateway.dev.chain import DEV_KEYS, DevChain
+from gateway.x402 import reasons
 from tests.e2e import craft
 from tests.e2e.helpers import (
     Balances,

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import build_app
-from gateway.devchain import DevChain, RedisServer
+from gateway.dev.chain import DevChain, RedisServer
 from gateway.errors import StoreUnavailable
-from gateway.protocol import reasons
+from gateway.http.app import build_app
+from gateway.x402 import reasons
 from tests.e2e.helpers import (
     Balances,
     HookedUpstream,

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from gateway.chain.facilitator import FacilitatorClient
 from gateway.config import Secret
-from gateway.devchain import DevChain
-from gateway.facilitator import FacilitatorClient
+from gateway.dev.chain import DevChain
 from tests.support.facilitator import FacilitatorControl, run_x402_facilitator
 
 

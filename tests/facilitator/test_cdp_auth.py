@@ -12,8 +12,8 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import ECC
 from Crypto.Signature import DSS, eddsa
 
+from gateway.chain.facilitator import CdpAuth
 from gateway.errors import ConfigError
-from gateway.facilitator import CdpAuth
 
 KEY_ID = "organizations/0f1e2d3c/apiKeys/4b5a6978"
 VERIFY_URL = "https://api.cdp.coinbase.com/platform/v2/x402/verify"

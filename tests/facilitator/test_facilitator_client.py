@@ -16,10 +16,10 @@ import pytest
 from eth_abi.abi import decode as abi_decode
 from eth_utils.crypto import keccak
 
+from gateway.chain.facilitator import CdpAuth, FacilitatorClient, FacilitatorUnavailable
 from gateway.config import Secret
-from gateway.devchain import DevChain, start_dev_chain
+from gateway.dev.chain import DevChain, start_dev_chain
 from gateway.errors import BadGateway, GatewayError
-from gateway.facilitator import CdpAuth, FacilitatorClient, FacilitatorUnavailable
 from tests.support.facilitator import FacilitatorControl, make_payment, refused_url, run_x402_facilitator
 
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.devchain import DevChain
-from gateway.protocol.codec import decode_header, encode_header
+from gateway.dev.chain import DevChain
+from gateway.x402.codec import decode_header, encode_header
 from tests.e2e.test_official_client import pay_with_official_client
 from tests.support.facilitator import FacilitatorControl, refused_url, run_x402_facilitator
 from tests.support.gateway import running_gateway, sqlite_url

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import Gateway
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
+from gateway.http.app import Gateway
 from gateway.routes import normalise_path
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.idempotency_store import (
+from gateway.storage.idempotency import (
     IdempotencyStore,
     RedisIdempotencyStore,
     SQLiteIdempotencyStore,

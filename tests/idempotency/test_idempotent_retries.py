@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.devchain import DevChain, RedisServer
-from gateway.protocol import reasons
+from gateway.dev.chain import DevChain, RedisServer
+from gateway.x402 import reasons
 from tests.e2e.helpers import Balances, assert_402, assert_error, fire_together, receipt_of
 from tests.idempotency.conftest import PRICE, idempotent_gateway, pay
 from tests.support.gateway import DEFAULT_ROUTES, running_gateway

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gateway.devchain import DevChain
-from gateway.protocol import reasons
-from gateway.protocol.codec import decode_header
+from gateway.dev.chain import DevChain
+from gateway.x402 import reasons
+from gateway.x402.codec import decode_header
 from tests.e2e.helpers import Balances
 from tests.e2e.test_official_client import strip_v2_challenge
 from tests.support.gateway import running_gateway, sqlite_url

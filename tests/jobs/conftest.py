@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.jobs.store import JobStore, open_job_store
+from gateway.storage.jobs import JobStore, open_job_store
 from tests.support.gateway import sqlite_url
 
 

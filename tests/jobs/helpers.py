@@ -11,7 +11,7 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 from gateway.client.jobauth import job_token_headers, payer_auth_headers
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.support.gateway import GatewayUnderTest, running_gateway
 from tests.support.jobs_upstreams import API_KEY
 

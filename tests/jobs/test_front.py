@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.e2e.helpers import Balances, receipt_of
 from tests.jobs.helpers import PRICE, bearer, jobs_gateway, pay, signed
 from tests.ops.support import samples, value

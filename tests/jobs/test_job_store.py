@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.jobs.model import ACTIVE, RUNNER_LOST, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
-from gateway.jobs.store import JobStore, open_job_store
+from gateway.storage.jobs import JobStore, open_job_store
 from tests.jobs.conftest import JobBackend
 
 PAYER = "0x" + "a" * 40

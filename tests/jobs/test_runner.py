@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from gateway.client.exact import choose_requirement, parse_challenge, sign_exact_payment
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from gateway.jobs.auth import new_token
 from gateway.jobs.model import Job, JobStatus, now_ms
-from gateway.jobs.store import open_job_store
+from gateway.storage.jobs import open_job_store
 from tests.e2e.helpers import Balances
 from tests.jobs.helpers import PRICE, STATUS, bearer, jobs_gateway, pay, poll, signed
 from tests.support.gateway import sqlite_url

@@ -13,8 +13,8 @@ import aiohttp
 from eth_account import Account
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import build_app
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
+from gateway.http.app import build_app
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
 from tests.support.servers import RecordingUpstream, read_body, serve_asgi
 

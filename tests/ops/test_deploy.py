@@ -166,7 +166,7 @@ def test_compose_runs_gateway_redis_and_upstream_with_the_mounted_config() -> No
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert "redis-data" in compose["volumes"]
     upstream_cmd = " ".join(services["upstream"]["command"])
-    assert "gateway.demo_upstream" in upstream_cmd and "port=9000" in upstream_cmd
+    assert "gateway.dev.upstream" in upstream_cmd and "port=9000" in upstream_cmd
 
     config = load_toml((DEPLOY / "gateway.compose.toml").read_text())
     assert f"{config.server.listen_port}:{config.server.listen_port}" in gw["ports"]

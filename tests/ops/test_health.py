@@ -14,9 +14,9 @@ import httpx
 import pytest
 from eth_account import Account
 
-import gateway.health
-from gateway.app import build_app
-from gateway.devchain import DevChain, RedisServer
+import gateway.ops.health
+from gateway.dev.chain import DevChain, RedisServer
+from gateway.http.app import build_app
 from tests.ops.support import RpcRelay
 from tests.support.gateway import gateway_config, running_gateway, sqlite_url
 from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
@@ -48,7 +48,7 @@ def wait_for_status(client: httpx.Client, path: str, status: int, timeout: float
 @pytest.fixture(autouse=True)
 def _fresh_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every probe runs the checks (the 1 s result reuse is tested on its own below)."""
-    monkeypatch.setattr(gateway.health, "CACHE_SECONDS", 0.0)
+    monkeypatch.setattr(gateway.ops.health, "CACHE_SECONDS", 0.0)
 
 
 def test_health_paths_are_answered_before_route_matching_and_never_priced(base_chain: DevChain, tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_concurrent_readiness_probes_share_one_check(
     base_chain: DevChain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """/readyz is public: a flood of probes must not become a flood of (metered) RPC calls."""
-    monkeypatch.setattr(gateway.health, "CACHE_SECONDS", 1.0)
+    monkeypatch.setattr(gateway.ops.health, "CACHE_SECONDS", 1.0)
     with relay_for(base_chain) as (relay, relay_url):
         networks = relayed(base_chain, relay_url)
         with running_gateway(base_chain, store_url=sqlite_url(tmp_path), networks=networks) as gw:

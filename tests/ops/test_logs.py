@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import gateway.health
-from gateway.devchain import DevChain
-from gateway.logs import (
+import gateway.ops.health
+from gateway.dev.chain import DevChain
+from gateway.ops.logs import (
     REDACTOR,
     JsonFormatter,
     SecretRedactor,
@@ -55,7 +55,7 @@ def test_a_full_payment_leaves_no_secret_and_no_payment_header_in_any_log(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setattr(gateway.health, "CACHE_SECONDS", 0.0)
+    monkeypatch.setattr(gateway.ops.health, "CACHE_SECONDS", 0.0)
     payer = base_chain.new_payer(1_000_000)
     relay = RpcRelay(base_chain.url)
     headers_sent: list[str] = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.ops.support import samples, value
 from tests.support.gateway import running_gateway, sqlite_url
 from tests.support.servers import Behaviour

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from gateway.devchain import DevChain, RedisServer
-from gateway.ratelimit import RateLimiter
+from gateway.dev.chain import DevChain, RedisServer
+from gateway.ops.ratelimit import RateLimiter
 from tests.ops.support import samples, value
 from tests.support.gateway import running_gateway, sqlite_url
 

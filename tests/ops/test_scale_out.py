@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from eth_account import Account
 
-from gateway.devchain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain, set_eth_balance
 from tests.support.gateway import GatewayUnderTest
 from tests.support.servers import RecordingUpstream, serve_asgi
 

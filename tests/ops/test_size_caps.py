@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
 from tests.support.gateway import running_gateway, sqlite_url
 from tests.support.servers import raw_http
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gateway.devchain import DevChain
-from gateway.verify.txhash import binding_message
+from gateway.dev.chain import DevChain
+from gateway.schemes.txhash.check import binding_message
 from tests.paywall.cdp import Chromium, Page
 from tests.paywall.conftest import HOSTILE, OUTPUT, ROUTES
 from tests.paywall.wallet import TestWallet

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from gateway.devchain import DevChain
-from gateway.protocol.codec import decode_header
+from gateway.dev.chain import DevChain
+from gateway.x402.codec import decode_header
 from tests.paywall.conftest import HOSTILE, ROUTES
 from tests.support.gateway import running_gateway, sqlite_url
 from tests.support.servers import raw_http

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.proxy import UpstreamAborted, UpstreamProxy, upstream_path
+from gateway.http.proxy import UpstreamAborted, UpstreamProxy, upstream_path
 from tests.support import Behaviour, RecordingUpstream, raw_http, serve_asgi, serve_asgi_async
 
 API_KEY = "sk-upstream-secret-0123456789"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.upstream_http import ConnectFailed, ProtocolFailure, ReadTimeout, UpstreamPool
+from gateway.http.upstream import ConnectFailed, ProtocolFailure, ReadTimeout, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"

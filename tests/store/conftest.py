@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import RedisReceiptStore, SQLiteReceiptStore
-from gateway.store.base import ReceiptStore
+from gateway.storage import RedisReceiptStore, SQLiteReceiptStore
+from gateway.storage.receipts import ReceiptStore
 
 
 @dataclass

@@ -15,14 +15,8 @@ import pytest
 import redis
 
 from gateway.errors import ConfigError, PaymentInFlight, PaymentReplayed, StoreUnavailable
-from gateway.store import (
-    ClaimState,
-    RedisReceiptStore,
-    SQLiteReceiptStore,
-    open_store,
-    redact_url,
-)
-from gateway.store.redis import GC_SLACK
+from gateway.storage import ClaimState, RedisReceiptStore, SQLiteReceiptStore, open_store, redact_url
+from gateway.storage.receipts_redis import GC_SLACK
 
 LEASE = 30.0
 TX = "0x" + "ab" * 32

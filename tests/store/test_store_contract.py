@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
-from gateway.store import ClaimState, ReceiptStore
+from gateway.storage import ClaimState, ReceiptStore
 
 if TYPE_CHECKING:
     from tests.store.conftest import Backend

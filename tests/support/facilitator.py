@@ -51,10 +51,10 @@ from x402.schemas import SchemeNotFoundError
 from x402.schemas.helpers import parse_payment_payload, parse_payment_requirements
 
 from gateway.client.exact import Option, sign_exact_payment
-from gateway.devchain import DEV_KEYS, DevChain
+from gateway.dev.chain import DEV_KEYS, DevChain
 from gateway.networks import KNOWN_NETWORKS
-from gateway.protocol.challenge import Requirement
-from gateway.protocol.codec import decode_header
+from gateway.x402.challenge import Requirement
+from gateway.x402.codec import decode_header
 from tests.support.servers import serve_asgi
 
 FACILITATOR_KEY = DEV_KEYS[3]

@@ -21,10 +21,10 @@ import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from gateway.app import build_app
 from gateway.client.exact import Option, choose_requirement, parse_challenge, sign_exact_payment
 from gateway.config import GatewayConfig, parse_config
-from gateway.devchain import DevChain
+from gateway.dev.chain import DevChain
+from gateway.http.app import build_app
 from gateway.networks import KNOWN_NETWORKS
 from tests.support.servers import RecordingUpstream, serve_asgi
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.devchain import BASE_USDC, Anvil, DevChain, deploy_test_usdc, find_anvil
+from gateway.dev.chain import BASE_USDC, Anvil, DevChain, deploy_test_usdc, find_anvil
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 
 

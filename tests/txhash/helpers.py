@@ -17,7 +17,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
 from gateway.client.txhash import tx_proof_headers
-from gateway.devchain import DevChain, send_transaction, set_eth_balance
+from gateway.dev.chain import DevChain, send_transaction, set_eth_balance
 from tests.support.concurrency import fire_together as storm
 from tests.support.gateway import GatewayUnderTest
 from tests.support.servers import read_body

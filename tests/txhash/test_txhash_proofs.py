@@ -21,9 +21,9 @@ from x402.schemas.helpers import parse_payment_required
 from x402.schemas.v1 import PaymentRequiredV1
 
 from gateway.client.txhash import tx_proof_headers
-from gateway.devchain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, mint
-from gateway.protocol import reasons
-from gateway.verify import txhash
+from gateway.dev.chain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, mint
+from gateway.schemes.txhash import check as txhash
+from gateway.x402 import reasons
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
 from tests.txhash.helpers import (

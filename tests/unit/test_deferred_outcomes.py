@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from gateway.deferred import DeferredOutcomes, Step
+from gateway.engine.deferred import DeferredOutcomes, Step
 from gateway.errors import PaymentInFlight, StoreUnavailable
 
 

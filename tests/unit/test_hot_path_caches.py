@@ -12,13 +12,13 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from gateway.events import RequestRecord
+from gateway.http.middleware import new_request_id
 from gateway.jobs import layer as layer_module
 from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import payer_auth_message
 from gateway.jobs.layer import JobsLayer, _Expiring
-from gateway.logs import REDACTOR, AccessLog, JsonFormatter
-from gateway.middleware import new_request_id
+from gateway.ops.events import RequestRecord
+from gateway.ops.logs import REDACTOR, AccessLog, JsonFormatter
 
 
 def _signed(account: Any, method: str, path: str, ts: int) -> bytes:
@@ -89,7 +89,7 @@ def test_access_lines_are_valid_json_redacted_and_unique() -> None:
 
 
 def test_settlement_gas_is_estimated_first_then_assumed_but_estimated_again_periodically_and_after_a_revert() -> None:
-    from gateway.settle import GasBook
+    from gateway.chain.relayer import GasBook
 
     book = GasBook(refresh_every=4)
     assert book.hint() is None  # nothing learned: estimate

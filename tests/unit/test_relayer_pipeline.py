@@ -12,11 +12,11 @@ import pytest
 from coincurve import PrivateKey
 from eth_account import Account
 
-from gateway.chain import ChainRpc
+from gateway.chain.relayer import ReceiptWatcher, Relayer, sign_eip1559
+from gateway.chain.rpc import ChainRpc
 from gateway.config import Secret
-from gateway.devchain import DevChain, set_eth_balance, start_dev_chain
+from gateway.dev.chain import DevChain, set_eth_balance, start_dev_chain
 from gateway.errors import StoreUnavailable
-from gateway.settle import ReceiptWatcher, Relayer, sign_eip1559
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -14,16 +14,16 @@ from typing import Any
 import aiohttp
 from eth_account import Account
 
-from gateway.abi import MULTICALL3_ADDRESS
-from gateway.chain import ChainRpc
+from gateway.chain.abi import MULTICALL3_ADDRESS
+from gateway.chain.relayer import ReceiptWatcher, Relayer, SettlementBatcher
+from gateway.chain.rpc import ChainRpc
 from gateway.client.exact import Option, sign_exact_payment
 from gateway.config import Secret
-from gateway.devchain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain, set_eth_balance
 from gateway.errors import StoreUnavailable
-from gateway.protocol.codec import encode_header
-from gateway.protocol.payload import Authorization, ExactPayment, parse_exact_payment
-from gateway.settle import ReceiptWatcher, Relayer, SettlementBatcher
-from gateway.verify.onchain import settlement_calldata, transfer_in_receipt
+from gateway.schemes.exact.onchain import settlement_calldata, transfer_in_receipt
+from gateway.x402.codec import encode_header
+from gateway.x402.payload import Authorization, ExactPayment, parse_exact_payment
 from tests.support.facilitator import Payment, make_payment, requirement
 from tests.support.facilitator import wire as wire_of
 

@@ -1,0 +1,382 @@
+"""``PaymentMiddleware``: pure ASGI, usable in any Starlette/FastAPI app and the heart of the reverse proxy.
+
+For a priced route: no payment -> 402 challenge; a payment -> claim and verify it, then settle before calling the
+app (``settlement = "before"``) or after the app's status line says it succeeded (``"after"``). The response
+start is held until the payment outcome is known, then the body streams through untouched (never buffered),
+as Starlette's own GZipMiddleware holds ``http.response.start``. Guarantees:
+
+* nothing is served unless its payment settled (a failed settlement swallows the app's body and answers 402,
+  or 503 if the outcome is unknown);
+* nothing is charged for a failed request (status >= 400 under ``after``: no settlement; under ``before``: the
+  paid payment stays usable for a retry until one request succeeds with it);
+* a fault of ours (store, chain) is a 5xx, never a 402.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import aiohttp
+
+from gateway.config import GatewayConfig
+from gateway.engine.engine import PaidRequest, PaymentEngine, PricedRoute
+from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
+from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
+from gateway.ops.events import Limiter, Observer, RequestRecord, notify
+from gateway.routes import normalise_path
+from gateway.schemes.txhash.check import looks_like_tx_hash, parse_tx_proof
+from gateway.storage import open_store
+from gateway.x402.challenge import EXPOSE_HEADERS, Challenge
+from gateway.x402.payload import HeaderName
+
+log = logging.getLogger("gateway.middleware")
+
+
+class PaymentMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: GatewayConfig | None = None,
+        engine: PaymentEngine | None = None,
+        observers: Sequence[Observer] = (),
+        limiter: Limiter | None = None,
+        paywall: Callable[[Scope, PricedRoute, Challenge], bytes | None] | None = None,
+    ) -> None:
+        if engine is None:
+            if config is None:
+                raise TypeError("PaymentMiddleware needs config= or engine=")
+            engine = PaymentEngine(config, open_store(config.store.url.reveal()))
+        self.app = app
+        self.engine = engine
+        self.observers = list(observers)
+        self.limiter = limiter
+        self.paywall = paywall
+        self.config = engine.config
+        self._session: aiohttp.ClientSession | None = None
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+            try:
+                await self.engine.start(self._session)
+            except BaseException:
+                await self.shutdown()
+                raise
+            self._started = True
+
+    async def shutdown(self) -> None:
+        await self.engine.aclose()
+        if self._session is not None:
+            await self._session.close()
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, lifespan_hooks(receive, self.startup, self.shutdown), send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        record = RequestRecord.of_scope(scope, request_id_of(scope))
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self._http(record, scope, receive, observed_send)
+        finally:
+            notify(self.observers, record)
+
+    async def _http(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        matched = self.engine.routes.match(scope["method"], normalise_path(scope["path"]))
+        if matched is None:
+            if self.config.server.unpriced == "refuse":
+                exc = GatewayError("no priced route matches this request", reason="route_not_found")
+                exc.status = 404  # type: ignore[misc]
+                record.outcome, record.reason = "refused", exc.reason
+                await send_error(send, exc)
+                return
+            record.outcome = "free"
+            await self.app(scope, receive, send)
+            return
+        route = matched[0]
+        record.route = route.config.route
+        await self._priced(record, route, scope, receive, send)
+
+    # ----------------------------------------------------------------------------------------------- requests
+
+    def resource_url(self, scope: Scope) -> str:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        tail = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        server = self.config.server
+        if server.public_url:
+            return server.public_url + tail
+        scheme = str(scope.get("scheme", "http"))
+        host = (header(scope, b"host") or b"localhost").decode("latin-1")
+        if server.trust_forwarded_headers:
+            # Behind a TLS-terminating proxy the scheme we see is http; only a trusted proxy may say otherwise.
+            scheme = (header(scope, b"x-forwarded-proto") or scheme.encode()).decode("latin-1").split(",")[0].strip()
+            host = (header(scope, b"x-forwarded-host") or host.encode()).decode("latin-1").split(",")[0].strip()
+        return f"{scheme}://{host}{tail}"
+
+    async def _send_challenge(
+        self,
+        scope: Scope,
+        route: PricedRoute,
+        send: Send,
+        challenge: Challenge,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        headers, body = challenge.headers + list(extra), challenge.body
+        accept = header(scope, b"accept") or b""
+        if self.paywall is not None and b"text/html" in accept:
+            # A person in a browser: same status and x402 headers, but a page they can pay from.
+            html = self.paywall(scope, route, challenge)
+            if html is not None:
+                body = html
+                headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+                headers += [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+        await send({"type": "http.response.start", "status": challenge.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _refuse(
+        self, send: Send, route: PricedRoute, scope: Scope, exc: GatewayError, paid: PaidRequest | None = None
+    ) -> None:
+        """402s carry the full challenge (so the client can pay again); every other status a JSON error."""
+        extra: list[tuple[bytes, bytes]] = []
+        if paid is not None and isinstance(exc, SettlementFailed):
+            extra.append(paid.receipt(success=False, reason=exc.reason))
+        if exc.status == 402:
+            challenge = self.engine.challenge(
+                route, self.resource_url(scope), exc.reason, exc.message, method=scope["method"]
+            )
+            await self._send_challenge(scope, route, send, challenge, extra)
+        else:
+            await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
+
+    async def _limited(self, record: RequestRecord, kind: Literal["challenge", "paid"], key: str, send: Send) -> bool:
+        if self.limiter is None or record.route is None:
+            return False
+        wait = await self.limiter.retry_after(kind, key, record.route)
+        if wait is None:
+            return False
+        record.outcome, record.reason = "limited", "rate_limited"
+        exc = GatewayError("too many requests; slow down", reason="rate_limited")
+        exc.status = 429  # type: ignore[misc]
+        await send_error(send, exc, [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+        return True
+
+    async def _priced(
+        self, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        found = _payment_header(scope)
+        if found is None:
+            if await self._limited(record, "challenge", record.client or "?", send):
+                return
+            record.outcome, record.reason = "challenge", "payment_required"
+            challenge = self.engine.challenge(route, self.resource_url(scope), method=scope["method"])
+            await self._send_challenge(scope, route, send, challenge)
+            return
+        name, value = found
+        # Verifying a payment costs a store claim and RPC calls before the payer is known: bound what one client
+        # address can make us do with made-up payments (THREATS 20), then per payer below.
+        if await self._limited(record, "paid", f"ip:{record.client or '?'}", send):
+            return
+        paid: PaidRequest
+        t0 = time.perf_counter()
+        try:
+            if name == "x-payment" and looks_like_tx_hash(value.strip()):
+                record.kind = "txhash"
+                proof = parse_tx_proof(value, header(scope, b"x-payment-network"), header(scope, b"x-payment-binding"))
+                paid = await self.engine.begin_tx(route, proof, scope["method"], self.resource_url(scope))
+            else:
+                record.kind = "exact"
+                paid = await self.engine.begin(route, name, value, method=scope["method"])
+        except GatewayError as exc:
+            record.verify_seconds = time.perf_counter() - t0
+            record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
+            await self._refuse(send, route, scope, exc)
+            return
+        record.verify_seconds = time.perf_counter() - t0
+        record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
+        if await self._limited(record, "paid", paid.payer, send):
+            await paid.release_quietly()
+            return
+        if route.config.settlement == "before" and not paid.paid:
+            t0 = time.perf_counter()
+            try:
+                await paid.settle()
+            except GatewayError as exc:
+                record.settle_seconds = time.perf_counter() - t0
+                record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
+                await paid.release_quietly()
+                await self._refuse(send, route, scope, exc, paid)
+                return
+            record.settle_seconds = time.perf_counter() - t0
+        await self._serve(record, route, paid, scope, receive, send)
+
+    async def _serve(
+        self, record: RequestRecord, route: PricedRoute, paid: PaidRequest, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        state: dict[str, Any] = {"started": False, "swallow": False, "finished": False}
+        upstream_t0 = time.perf_counter()
+        # What the app learns about the payment. ``on_paid`` hooks (async, no arguments) run after a successful
+        # response's payment is settled and before its headers leave, e.g. to record job -> payer; if one fails the
+        # payment is left unserved (free retry) and the client gets a 5xx.
+        info: dict[str, Any] = {
+            "payer": paid.payer,
+            "network": paid.requirement.network,
+            "amount": paid.requirement.amount,
+            "tx_hash": paid.tx_hash,
+            "on_paid": [],
+        }
+        scope.setdefault("state", {})["x402"] = info
+
+        async def finish(served: bool) -> None:
+            state["finished"] = True
+            if paid.paid:
+                await paid.finish(served=served)
+            else:
+                await paid.release_quietly()
+
+        async def wrapped_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.upstream_seconds = time.perf_counter() - upstream_t0
+                ok = message["status"] < 400
+                try:
+                    if ok and not paid.paid:
+                        t0 = time.perf_counter()
+                        try:
+                            await paid.settle(simulate_again=True)
+                        finally:
+                            record.settle_seconds = time.perf_counter() - t0
+                    if ok:
+                        info["tx_hash"] = paid.tx_hash
+                        try:
+                            for hook in info["on_paid"]:
+                                await hook()
+                        except GatewayError:
+                            await finish(False)
+                            raise
+                        paid.delivered = bool(info["on_paid"])
+                    await finish(ok)
+                except GatewayError as exc:
+                    record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
+                    # Settlement failed or the store cannot record the outcome: the client gets the refusal,
+                    # never the content (fail closed).
+                    if not paid.paid:
+                        await paid.release_quietly()
+                    state["swallow"] = True
+                    state["started"] = True
+                    log.warning("refusing a paid response", extra={"reason": exc.reason})
+                    await self._refuse(send, route, scope, exc, paid)
+                    return
+                headers = list(message.get("headers", ()))
+                record.tx_hash = paid.tx_hash
+                if ok and paid.paid:
+                    record.outcome = "paid"
+                    headers.append(paid.receipt())
+                    headers.append((b"access-control-expose-headers", EXPOSE_HEADERS))
+                state["started"] = True
+                await send({**message, "headers": headers})
+                return
+            if state["swallow"]:
+                return
+            await send(message)
+
+        try:
+            await self._call_app(scope, receive, wrapped_send, state, finish, send)
+        finally:
+            if record.outcome == "free":
+                record.outcome = "unserved"  # verified, but the request failed: nothing charged or a free retry
+            if paid.paid and not paid.resumed:
+                record.amount = paid.requirement.amount  # revenue: the money moved during this request
+            record.tx_hash = paid.tx_hash
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, wrapped_send: Send, state: dict[str, Any], finish: Any, send: Send
+    ) -> None:
+        try:
+            await self.app(scope, receive, wrapped_send)
+        except Exception:
+            log.exception("application error on a paid route")
+            if not state["finished"]:
+                await _quietly(finish(False))
+            if not state["started"]:
+                await send_error(send, GatewayError("the application failed", reason="internal_error"))
+                return
+            raise
+        if not state["finished"]:
+            # The app returned without a response: nothing was served.
+            await _quietly(finish(False))
+            if not state["started"]:
+                await send_error(send, GatewayError("the application sent no response", reason="internal_error"))
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except (GatewayError, StoreUnavailable):
+        log.warning("could not record a failed request's outcome; it is recorded when the store is back")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's own X-Request-Id when it is a plausible id, else a new one."""
+    given = header(scope, b"x-request-id")
+    if given and len(given) <= 64 and given.replace(b"-", b"").replace(b"_", b"").isalnum():
+        return given.decode("ascii")
+    return new_request_id()
+
+
+# A request id is 32 hex characters like a uuid4's, but costs a counter step instead of 16 random bytes: a random
+# 64-bit prefix per process (drawn again in a forked child), then a 64-bit sequence number. Unique within a
+# process by construction, across processes and restarts by the prefix. It is an id, not a secret.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_SEQUENCE = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _ID_SEQUENCE
+    _ID_PREFIX, _ID_SEQUENCE = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_SEQUENCE):016x}"
+
+
+def _payment_header(scope: Scope) -> tuple[HeaderName, bytes] | None:
+    v2 = header(scope, b"payment-signature")
+    if v2 is not None:
+        return "payment-signature", v2
+    v1 = header(scope, b"x-payment")
+    if v1 is not None:
+        return "x-payment", v1
+    return None
+
+
+__all__ = ["PaymentMiddleware", "new_request_id"]

@@ -1,0 +1,348 @@
+"""Structured logs: one JSON line per request (``gateway.access``), and secrets redacted from every log record.
+
+THREATS 19: the relayer key, upstream API keys, RPC URLs with embedded keys and store passwords must never reach
+a log. The code avoids logging them in the first place (errors carry fixed sentences, the middleware never logs
+a payment header); :class:`SecretRedactor` is the second line for what a library or a future change might log.
+It is a ``logging.Filter`` on *handlers* — a filter on a logger would only see records logged to that very
+logger, not its children — so :func:`install_redaction` attaches it to every handler of the root logger (and of
+uvicorn's non-propagating loggers) and :func:`configure_logging` builds the served process's one handler with
+it. It rewrites the record itself (message with its arguments merged, ``extra`` fields, the traceback text), so
+every handler after it sees the redacted record too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from gateway.config import GatewayConfig
+from gateway.ops.events import RequestRecord
+from gateway.ops.metrics import effective_outcome
+
+ACCESS_LOGGER = "gateway.access"
+MASK = "***"
+_MAX_PATH = 512  # a path is client input: cap what one request can put into a log line
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+# (uvicorn adds "color_message", the same text with terminal colour codes.)
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+    "_x402_redacted",
+    "_x402_access_json",
+}
+# A 32-byte hex value right after a key-ish word ("relayer_key=0x…", "private key: …"): a private key, whatever
+# its source (tx hashes and nonces are not introduced by these words).
+_KEYISH_HEX = re.compile(
+    r"(?i)((?:key|secret|private|priv|pk|mnemonic|seed|signer|credential)s?[\"']?\W{1,4}(?:0x)?)[0-9a-f]{64}(?![0-9a-f])"
+)
+_MIN_SECRET = 6  # shorter "secrets" would mask ordinary words everywhere
+
+
+class SecretRedactor(logging.Filter):
+    """Masks registered secret strings and key-ish 32-byte hex in every record that passes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._groups: dict[int, frozenset[str]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, secrets: Iterable[str]) -> int:
+        """Register secrets; returns a handle for :meth:`remove`."""
+        with self._lock:
+            self._next += 1
+            self._groups[self._next] = frozenset(s for s in secrets if len(s) >= _MIN_SECRET)
+            self._compile()
+            return self._next
+
+    def remove(self, handle: int) -> None:
+        with self._lock:
+            self._groups.pop(handle, None)
+            self._compile()
+
+    def _compile(self) -> None:
+        every = set().union(*self._groups.values()) if self._groups else set()
+        # Longest first, so a whole URL is masked before one of its parts.
+        alternatives = sorted(every, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    def redact(self, text: str) -> str:
+        if len(text) < _MIN_SECRET:  # most values in a record (method, status words, network names)
+            return text
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        if len(text) >= 64:
+            text = _KEYISH_HEX.sub(_mask_key, text)
+        return text
+
+    def _scrub(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if depth > 3:
+            return value
+        if isinstance(value, dict):
+            return {k: self._scrub(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._scrub(v, depth + 1) for v in value)
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.redact(str(value))  # an object's str() could hold anything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_x402_redacted", False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep what can be shown
+            message = f"{record.msg!s} {record.args!r}"
+        record.msg, record.args = self.redact(message), None
+        record.__dict__.pop("color_message", None)  # uvicorn's coloured copy of msg would bypass the redaction
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD:
+                record.__dict__[key] = self._scrub(value)
+        record.__dict__["_x402_redacted"] = True
+        return True
+
+
+def _mask_key(match: re.Match[str]) -> str:
+    return match.group(1) + MASK
+
+
+REDACTOR = SecretRedactor()  # one per process: every handler shares it, every gateway registers its secrets
+
+
+def _url_secrets(url: str, *, path: bool) -> list[str]:
+    """The parts of a URL that carry credentials: userinfo always; for RPC URLs also the path and query, where
+    providers put the API key (``/v2/<key>``, ``?apikey=``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    out: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        out += [userinfo, unquote(userinfo)]
+        out += [p for p in (parts.username, parts.password) if p]
+        out += [unquote(p) for p in (parts.username, parts.password) if p]
+    if path and (parts.path not in ("", "/") or parts.query):
+        out.append(url)
+        if parts.path not in ("", "/"):
+            out.append(parts.path)
+            segments = [s for s in parts.path.split("/") if s]
+            if segments and len(segments[-1]) >= 8:  # where providers put the key
+                out.append(segments[-1])
+            out += [s for s in segments if len(s) >= 20]
+        if parts.query:
+            out.append(parts.query)
+            out += [v for _, v in parse_qsl(parts.query) if len(v) >= 8]
+    return out
+
+
+def config_secrets(config: GatewayConfig) -> list[str]:
+    """Every secret string the loaded configuration holds, in the spellings a log line could show."""
+    out: list[str] = []
+    key = config.payment.relayer_key
+    if key is not None:
+        bare = key.reveal().removeprefix("0x").removeprefix("0X")
+        out += [bare, bare.lower(), bare.upper()]
+    for _, value in config.upstream.headers:
+        raw = value.reveal()
+        out.append(raw)
+        scheme, _, token = raw.partition(" ")  # "Bearer <token>": the token alone is the secret
+        if token and scheme.isalpha():
+            out.append(token)
+    out += _url_secrets(config.upstream.url, path=False)
+    for network in config.networks.values():
+        for url in network.rpc_urls:
+            out += _url_secrets(url.reveal(), path=True)
+    out += _url_secrets(config.store.url.reveal(), path=False)
+    out += _url_secrets(config.rate_limits.storage_url.reveal(), path=False)
+    return sorted({s for s in out if len(s) >= _MIN_SECRET})
+
+
+def _handlers() -> list[logging.Handler]:
+    # uvicorn's own loggers do not propagate to the root when uvicorn configured them (its default log config).
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    return [h for name in names for h in logging.getLogger(name).handlers]
+
+
+def install_redaction(config: GatewayConfig) -> Callable[[], None]:
+    """Register ``config``'s secrets and put the redactor on every handler there is now; returns the undo."""
+    handle = REDACTOR.add(config_secrets(config))
+    for handler in _handlers():
+        if REDACTOR not in handler.filters:
+            handler.addFilter(REDACTOR)
+    return lambda: REDACTOR.remove(handle)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def access_fields(record: RequestRecord) -> dict[str, Any]:
+    """The access log's fields: public facts only (no header, no body, no query string)."""
+    return {
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": record.path[:_MAX_PATH],
+        "route": record.route,
+        "status": record.status,
+        "outcome": effective_outcome(record),
+        "reason": record.reason,
+        "client": record.client,
+        "kind": record.kind,
+        "payer": record.payer,
+        "network": record.network,
+        "tx_hash": record.tx_hash,
+        "amount": record.amount,
+        "resumed": record.resumed,
+        "verify_ms": round(record.verify_seconds * 1000, 2),
+        "settle_ms": round(record.settle_seconds * 1000, 2),
+        "upstream_ms": round(record.upstream_seconds * 1000, 2),
+        "total_ms": round(record.total_seconds * 1000, 2),
+    }
+
+
+class AccessLog:
+    """Observer: one ``gateway.access`` INFO record per request, its fields under ``extra["access"]``.
+
+    The hot path: the record is built here, already redacted, with its fields pre-encoded as JSON
+    (``_x402_access_json``, used by :class:`JsonFormatter`), so neither the generic :class:`SecretRedactor`
+    pass nor a per-record ``json.dumps`` of a generic dict runs for it. Why that keeps THREATS 19: every field
+    of a :class:`RequestRecord` is a public fact by construction (method, status, outcome and reason words,
+    route pattern, client address, payer address, network name, tx hash, amounts, timings); the only ones a
+    client controls are the path and the request id (an ``X-Request-Id`` of ``[A-Za-z0-9_-]{1,64}``), and those
+    two still go through :meth:`SecretRedactor.redact` here. Every other record keeps the full filter.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def request_done(self, record: RequestRecord) -> None:
+        log = self.log
+        if not log.isEnabledFor(logging.INFO):
+            return
+        redact = REDACTOR.redact
+        fields = access_fields(record)
+        path = fields["path"] = redact(fields["path"])
+        fields["request_id"] = redact(record.request_id)
+        message = f"{record.method} {path} {record.status} {fields['outcome']}"
+        entry = logging.LogRecord(log.name, logging.INFO, "", 0, message, None, None)
+        # redacted above, field by field: the handlers' SecretRedactor lets it pass untouched
+        entry.__dict__.update(access=fields, _x402_access_json=_ENCODE(fields), _x402_redacted=True)
+        log.handle(entry)
+
+
+_ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
+_SECOND: list[Any] = [None, ""]  # (whole second, its ISO text): one strftime per second, not per record
+
+
+def _iso_time(created: float) -> str:
+    second = int(created)
+    if _SECOND[0] != second:
+        _SECOND[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND[0] = second
+    return f"{_SECOND[1]}.{int((created - second) * 1000):03d}Z"
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.__dict__.items():
+        if key in _STANDARD:
+            continue
+        if key == "access" and isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = value
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = record.__dict__.get("_x402_access_json")
+        if isinstance(fields, str) and not record.exc_info and not record.stack_info and len(fields) > 2:
+            # An access record: its fields were encoded once, by AccessLog (same keys and order as below).
+            head = _ENCODE(
+                {
+                    "time": _iso_time(record.created),
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "message": record.getMessage(),
+                }
+            )
+            return f"{head[:-1]},{fields[1:]}"
+        out: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in _extras(record).items():
+            out.setdefault(key, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return _ENCODE(out)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger message key=value ...`` for a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items() if v not in (None, "", 0, 0.0, False))
+        head, sep, tail = line.partition("\n")  # keep a traceback below the fields
+        return f"{head} {extras}{sep}{tail}" if extras else line
+
+
+def configure_logging(level: str = "info", *, json: bool = True, stream: IO[str] | None = None) -> logging.Handler:
+    """The served process's logging: one stderr handler (JSON lines or text) with the redactor, at ``level``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if json else TextFormatter())
+    handler.addFilter(REDACTOR)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
+
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "REDACTOR",
+    "AccessLog",
+    "JsonFormatter",
+    "SecretRedactor",
+    "TextFormatter",
+    "access_fields",
+    "config_secrets",
+    "configure_logging",
+    "install_redaction",
+]

@@ -1,0 +1,96 @@
+"""Job stores: where job records live, so that any gateway instance answers a poll and jobs outlive a restart.
+
+``open_job_store(url)`` takes the receipt store's URL (``[store].url``): the same SQLite file (table ``jobs``) or
+the same Redis (keys under ``x402:{jobs}:``). Both backends implement :class:`JobStore` with the same contract,
+pinned by ``tests/jobs/test_job_store.py``:
+
+* ``create`` is insert-only (an existing id raises :class:`JobExists`) and keeps at most ``max_jobs`` records:
+  it drops the oldest *evictable* ones (those with a ``purge_at``: terminal jobs, front-mode bindings) to make
+  room and raises :class:`JobStoreFull` when only live jobs are left;
+* ``transition`` is a compare-and-set on the status: of two racing transitions out of one status, one wins;
+* every method raises :class:`gateway.errors.StoreUnavailable` when the backend cannot answer (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from gateway.errors import ConfigError
+from gateway.jobs.model import Job, JobStatus, StatusUpdate
+
+__all__ = ["JobStats", "JobStore", "open_job_store"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobStats:
+    counts: dict[JobStatus, int] = field(default_factory=dict)
+    completed_ms_total: int = 0  # sum of processing_ms over the completed jobs counted
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def count(self, status: JobStatus) -> int:
+        return self.counts.get(status, 0)
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    async def create(self, job: Job, *, max_jobs: int) -> None:
+        """Insert ``job``; evict the oldest evictable records beyond ``max_jobs - 1``. Raises ``JobExists``,
+        ``JobStoreFull``."""
+        ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def transition(
+        self, job_id: str, *, when: frozenset[JobStatus], to: JobStatus | None, changes: Mapping[str, Any]
+    ) -> tuple[bool, Job | None]:
+        """If the job's status is in ``when``: set ``status = to`` (unless None) and the ``changes`` (field name
+        -> value). Returns (applied, the record as it is now; None if absent)."""
+        ...
+
+    async def append_update(self, job_id: str, update: StatusUpdate, *, limit: int) -> bool:
+        """Append a progress message while the job is live and has fewer than ``limit``; True if appended."""
+        ...
+
+    async def list_for_payer(
+        self, payer: str, *, statuses: frozenset[JobStatus] | None, limit: int
+    ) -> tuple[list[Job], int]:
+        """(up to ``limit`` of ``payer``'s jobs with a status in ``statuses``, newest first; how many jobs
+        ``payer`` has in all)."""
+        ...
+
+    async def stale(self, now: int, *, grace_ms: int, limit: int) -> list[Job]:
+        """Live runner-owned jobs whose lease lapsed or whose deadline passed more than ``grace_ms`` ago."""
+        ...
+
+    async def purge(self, now: int) -> int:
+        """Delete every record whose ``purge_at`` has passed; return how many went."""
+        ...
+
+    async def stats(self) -> JobStats: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_job_store(url: str) -> JobStore:
+    """The job store on the receipt store's storage (``sqlite:///path``, ``redis://…``, ``rediss://…``,
+    ``unix://…``). Nothing is connected here: ``await store.ping()`` at start-up fails fast."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        path = url.removeprefix("sqlite:///")
+        if not url.startswith("sqlite:///") or not path or path.endswith("/") or path == ":memory:" or "?" in path:
+            raise ConfigError("store.url", "a sqlite job store needs sqlite:///path/to/file.db")
+        from gateway.storage.jobs_sqlite import SQLiteJobStore
+
+        return SQLiteJobStore(path)
+    if scheme in ("redis", "rediss", "unix"):
+        from gateway.storage.jobs_redis import RedisJobStore
+
+        return RedisJobStore(url)
+    raise ConfigError("store.url", f"unsupported store scheme {scheme!r}: use sqlite:/// or redis://")

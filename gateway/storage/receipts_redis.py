@@ -1,0 +1,254 @@
+"""The shared receipt store: one Redis hash per payment, every transition one Lua script.
+
+Exactly-once across gateway instances: Redis runs a script atomically, so each compare-and-set (read the hash,
+check state/owner/lease, write) is one indivisible step however many gateways share the server. Scripts are
+registered once and called by EVALSHA (redis-py loads them again after a ``NOSCRIPT``, e.g. after a restart).
+
+Time: ``now`` always comes from the caller, so the semantics do not depend on the Redis host's clock. The
+hash's Redis TTL (``PEXPIREAT``, or ``PERSIST`` for records kept for ever) is only garbage collection; it is
+set :data:`GC_SLACK` seconds after the logical expiry so that clock skew between a gateway and Redis cannot
+delete a record that the gateway still considers live. A PENDING/PAID claim never expires under a live lease.
+
+Fail closed (THREATS 17): every Redis error becomes :class:`StoreUnavailable`, quickly: socket and connect
+timeouts are short, and a failed command is retried at most once, only on a connection error and without
+back-off (that one retry replaces a connection the server closed, e.g. across a Redis restart). Nothing is
+cached between calls, so once Redis answers again the same store object works again. Every script is safe
+to repeat: a repeated ``claim`` sees its own live claim and answers ``PaymentInFlight`` (fail closed); the other
+transitions are idempotent for the owner that holds the claim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
+from gateway.storage.receipts import ClaimRecord, ClaimState
+from gateway.storage.redis_client import POOL_SIZE, RedisClient, connect, redact_url
+
+__all__ = ["GC_SLACK", "POOL_SIZE", "RedisReceiptStore", "connect", "redact_url"]
+
+GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
+
+_FIELDS = ("state", "owner", "tx", "lease", "exp", "upd")
+
+# Shared by every script. Hash fields are strings; '' stands for None (tx hash, expiry).
+_PRELUDE = """
+local function expired(state, lease, exp, now)
+  if exp == '' or tonumber(exp) >= now then return false end
+  return not ((state == 'pending' or state == 'paid') and tonumber(lease) > now)
+end
+local function set_expiry(key, state, lease, exp, slack)
+  if exp == '' then
+    redis.call('PERSIST', key)
+    return
+  end
+  local t = tonumber(exp)
+  if (state == 'pending' or state == 'paid') and tonumber(lease) > t then t = tonumber(lease) end
+  redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil((t + slack) * 1000)))
+end
+local function load(key, now)
+  local h = redis.call('HMGET', key, 'state', 'owner', 'tx', 'lease', 'exp', 'upd')
+  if not h[1] then return nil end
+  if expired(h[1], h[4], h[5], now) then
+    redis.call('DEL', key)
+    return nil
+  end
+  return h
+end
+"""
+
+# KEYS: key. ARGV: owner, now, lease_until, expires_at|'', slack.
+# -> {'ok', state, owner, tx, lease_until, expires_at, updated_at, resumed} | {'replayed'} | {'inflight'}
+_CLAIM = (
+    _PRELUDE
+    + """
+local key, owner, now_s, lease, exp, slack = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local h = load(key, tonumber(now_s))
+if not h then
+  redis.call('HSET', key, 'state', 'pending', 'owner', owner, 'tx', '', 'lease', lease, 'exp', exp, 'upd', now_s)
+  set_expiry(key, 'pending', lease, exp, slack)
+  return {'ok', 'pending', owner, '', lease, exp, now_s, '0'}
+end
+local state = h[1]
+if state == 'consumed' then return {'replayed'} end
+if state == 'unserved' then
+  state = 'paid'
+elseif tonumber(h[4]) > tonumber(now_s) then
+  return {'inflight'}
+end
+-- taking over never shortens the record's protection: keep the later expiry ('' = for ever)
+local new_exp = exp
+if h[5] == '' or exp == '' then new_exp = '' elseif tonumber(h[5]) > tonumber(exp) then new_exp = h[5] end
+redis.call('HSET', key, 'state', state, 'owner', owner, 'lease', lease, 'exp', new_exp, 'upd', now_s)
+set_expiry(key, state, lease, new_exp, slack)
+return {'ok', state, owner, h[3], lease, new_exp, now_s, '1'}
+"""
+)
+
+# KEYS: key. ARGV: owner, tx_hash, now, lease_until, slack. -> 'ok' | 'lost'
+_RECORD_TX = (
+    _PRELUDE
+    + """
+local key = KEYS[1]
+local h = load(key, tonumber(ARGV[3]))
+if not h or h[1] ~= 'pending' or h[2] ~= ARGV[1] then return 'lost' end
+redis.call('HSET', key, 'tx', ARGV[2], 'lease', ARGV[4], 'upd', ARGV[3])
+set_expiry(key, 'pending', ARGV[4], h[5], tonumber(ARGV[5]))
+return 'ok'
+"""
+)
+
+# KEYS: key. ARGV: owner, has_tx '1'|'0', tx_hash, now, lease_until, slack. -> 'ok' | 'lost'
+_MARK_PAID = (
+    _PRELUDE
+    + """
+local key = KEYS[1]
+local h = load(key, tonumber(ARGV[4]))
+if not h or (h[1] ~= 'pending' and h[1] ~= 'paid') or h[2] ~= ARGV[1] then return 'lost' end
+local tx = h[3]
+if ARGV[2] == '1' then tx = ARGV[3] end
+redis.call('HSET', key, 'state', 'paid', 'tx', tx, 'lease', ARGV[5], 'upd', ARGV[4])
+set_expiry(key, 'paid', ARGV[5], h[5], tonumber(ARGV[6]))
+return 'ok'
+"""
+)
+
+# KEYS: key. ARGV: owner, served '1'|'0', now, expires_at|'', slack. -> 'ok' | 'lost'
+_FINISH = (
+    _PRELUDE
+    + """
+local key = KEYS[1]
+local h = load(key, tonumber(ARGV[3]))
+if not h or h[1] ~= 'paid' or h[2] ~= ARGV[1] then return 'lost' end
+local state = 'unserved'
+if ARGV[2] == '1' then state = 'consumed' end
+redis.call('HSET', key, 'state', state, 'exp', ARGV[4], 'upd', ARGV[3])
+set_expiry(key, state, h[4], ARGV[4], tonumber(ARGV[5]))
+return 'ok'
+"""
+)
+
+# KEYS: key. ARGV: owner. -> 1 if deleted else 0
+_RELEASE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] == 'pending' and h[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def _opt(value: float | None) -> str:
+    return "" if value is None else _num(value)
+
+
+class RedisReceiptStore:
+    """:class:`gateway.store.base.ReceiptStore` on Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "x402:",
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self._prefix = prefix
+        self._client = RedisClient(
+            url, what="receipt store", socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        )
+        self._claim = self._client.register_script(_CLAIM)
+        self._record_tx = self._client.register_script(_RECORD_TX)
+        self._mark_paid = self._client.register_script(_MARK_PAID)
+        self._finish = self._client.register_script(_FINISH)
+        self._release = self._client.register_script(_RELEASE)
+
+    def __repr__(self) -> str:
+        return f"RedisReceiptStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
+
+    async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
+        return await self._client.run_script(script, [self._prefix + key], args)
+
+    async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
+        res = await self._script(
+            self._claim, key, owner, _num(now), _num(now + lease), _opt(expires_at), _num(GC_SLACK)
+        )
+        if not isinstance(res, list) or not res:
+            raise StoreUnavailable("redis receipt store: unexpected script reply")
+        if res[0] == "replayed":
+            raise PaymentReplayed("this payment was already used")
+        if res[0] == "inflight":
+            raise PaymentInFlight("this payment is being used by another request")
+        _status, state, rec_owner, tx, lease_until, exp, upd, resumed = res
+        return ClaimRecord(
+            key=key,
+            state=ClaimState(state),
+            owner=rec_owner,
+            tx_hash=tx or None,
+            lease_until=float(lease_until),
+            expires_at=float(exp) if exp else None,
+            updated_at=float(upd),
+            resumed=resumed == "1",
+        )
+
+    async def record_tx(self, key: str, owner: str, tx_hash: str, *, now: float, lease: float) -> None:
+        res = await self._script(self._record_tx, key, owner, tx_hash, _num(now), _num(now + lease), _num(GC_SLACK))
+        if res != "ok":
+            raise PaymentInFlight("the claim on this payment was lost")
+
+    async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
+        res = await self._script(
+            self._mark_paid,
+            key,
+            owner,
+            "0" if tx_hash is None else "1",
+            tx_hash or "",
+            _num(now),
+            _num(now + lease),
+            _num(GC_SLACK),
+        )
+        if res != "ok":
+            raise PaymentInFlight("the claim on this payment was lost")
+
+    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
+        # A lost claim ('lost') is not an error here: the caller has nothing left to undo.
+        await self._script(
+            self._finish, key, owner, "1" if served else "0", _num(now), _opt(expires_at), _num(GC_SLACK)
+        )
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._script(self._release, key, owner)
+
+    async def get(self, key: str, *, now: float) -> ClaimRecord | None:
+        with self._client.guard():
+            h: list[Any] = await self._client.redis.hmget(self._prefix + key, list(_FIELDS))
+        state, owner, tx, lease, exp, upd = h
+        if state is None or owner is None or lease is None or upd is None:
+            return None
+        lease_until = float(lease)
+        expires_at = float(exp) if exp else None
+        if (
+            expires_at is not None
+            and expires_at < now
+            and not (state in (ClaimState.PENDING, ClaimState.PAID) and lease_until > now)
+        ):
+            return None
+        return ClaimRecord(
+            key=key,
+            state=ClaimState(state),
+            owner=owner,
+            tx_hash=tx or None,
+            lease_until=lease_until,
+            expires_at=expires_at,
+            updated_at=float(upd),
+        )
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,121 @@
+"""The server's own payment requirements and the 402 challenge built from them.
+
+Every 402 carries both protocol versions (x402-notes §1): the v2 ``PAYMENT-REQUIRED`` header, which v2 clients
+read first, and a complete v1 JSON body, which v1 clients read only. The v1 body must pass the legacy clients'
+strict schema: ``resource`` absolute, ``description``/``mimeType`` strings, no ``outputSchema: null``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.http.asgi import RawHeaders, dumps
+from gateway.x402.codec import encode_header
+
+EXPOSE_HEADERS = b"PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What this route costs on one network: the only thing a payment is ever checked against."""
+
+    network: str  # v1 name, e.g. "base"
+    chain_id: int
+    asset: str  # checksummed USDC address
+    amount: int  # atomic units
+    pay_to: str
+    max_timeout_seconds: int
+    eip712_name: str
+    eip712_version: str
+    scheme: str = "exact"
+
+    @property
+    def caip2(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+    def matches_network(self, network: str) -> bool:
+        return network in (self.network, self.caip2)
+
+    def extra(self) -> dict[str, str]:
+        return {"name": self.eip712_name, "version": self.eip712_version}
+
+    def v1(self, resource: str, description: str, mime_type: str) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.network,
+            "maxAmountRequired": str(self.amount),
+            "resource": resource,
+            "description": description,
+            "mimeType": mime_type,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "asset": self.asset,
+            "extra": self.extra(),
+        }
+
+    def v2(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "network": self.caip2,
+            "amount": str(self.amount),
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": self.extra(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A ready-to-send 402 (or other refusal that carries the payment options)."""
+
+    status: int
+    headers: RawHeaders
+    body: bytes
+
+
+def build_challenge(
+    requirements: tuple[Requirement, ...],
+    *,
+    resource: str,
+    description: str,
+    mime_type: str,
+    reason: str,
+    message: str = "",
+    status: int = 402,
+    extensions: dict[str, Any] | None = None,
+    tx_options: list[dict[str, Any]] | None = None,
+) -> Challenge:
+    v2: dict[str, Any] = {
+        "x402Version": 2,
+        "error": reason,
+        "resource": {"url": resource, "description": description, "mimeType": mime_type},
+        "accepts": [r.v2() for r in requirements],
+    }
+    extensions = dict(extensions or {})
+    if tx_options:
+        extensions["txhash"] = {"options": tx_options}
+    if extensions:
+        v2["extensions"] = extensions
+    # v1 clients read only accepts from the body; ``message`` is extra context for people and is ignored by the
+    # legacy schema (unknown keys are stripped, not rejected).
+    v1: dict[str, Any] = {
+        "x402Version": 1,
+        "error": reason,
+        "accepts": [r.v1(resource, description, mime_type) for r in requirements],
+    }
+    if message:
+        v1["message"] = message
+    if tx_options:
+        # Seed 004's clients read ``payment[0].recipient/amount/network``; the legacy x402 schema ignores it.
+        v1["payment"] = tx_options
+    body = dumps(v1)
+    headers: RawHeaders = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"payment-required", encode_header(v2).encode("ascii")),
+        (b"cache-control", b"no-store"),
+        (b"access-control-expose-headers", EXPOSE_HEADERS),
+    ]
+    return Challenge(status=status, headers=headers, body=body)
