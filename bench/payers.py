@@ -68,7 +68,7 @@ class _Node:
 def send_all(chain: DevChain, txs: list[tuple[LocalAccount, str, bytes]]) -> list[str]:
     """Sign and send ``(sender, to, calldata)`` transactions, each sender's in order, and wait until all are mined;
     returns their hashes. One at a time on purpose: anvil's pool can park a sender's later nonces for ever when
-    they arrive concurrently (see ``Relayer.max_batch`` in gateway/settle.py)."""
+    they arrive concurrently (see ``Relayer.max_batch`` in gateway/chain/relayer.py)."""
     node = _Node(chain.url)
     try:
         base_fee = int(node.call("eth_getBlockByNumber", "latest", False)["baseFeePerGas"], 16)

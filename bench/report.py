@@ -1,4 +1,4 @@
-"""The results: a console table with ratios, issue 7's targets against what was reached, JSON and Markdown."""
+"""The results: a console table with ratios, the performance targets against what was reached, JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def ratios(rows: list[Row]) -> dict[int, tuple[float | None, float | None]]:
 
 
 def targets(bench: Bench) -> list[dict[str, Any]]:
-    """Issue 7's targets, each with the measured value (None when its scenarios did not run)."""
+    """The performance targets, each with the measured value (None when its scenarios did not run)."""
     rows = bench.rows
     out: list[dict[str, Any]] = []
 
@@ -197,7 +197,7 @@ def markdown(bench: Bench, doc: dict[str, Any]) -> str:
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(rows[0]))) + "|",
     ]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    out += ["", "## Targets (issue 7)", "", "| target | goal | reached | |", "|---|---|---|---|"]
+    out += ["", "## Targets", "", "| target | goal | reached | |", "|---|---|---|---|"]
     for t in doc["targets"]:
         verdict = {True: "met", False: "not met", None: ""}[t["met"]]
         out.append(f"| {t['target']} | {t['goal']} | {t['reached']} | {verdict} |")

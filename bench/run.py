@@ -1,4 +1,4 @@
-"""The scenarios of issue 7 and the order they run in.
+"""The benchmark scenarios and the order they run in.
 
 Each scenario starts what it measures in separate processes, prepares its requests (and signs its payments), then
 times a fixed number of requests at a fixed concurrency and reads the CPU time every server process spent during
@@ -58,7 +58,7 @@ class Plan:
     paid_c: int = 64
     block_n: int = 1_500  # gateway, 2-second blocks
     block_c: int = 512  # a settlement waits for a block: throughput here is about concurrency / 2 s
-    official_n: int = 300  # the official stack on automine (issue 7's own reference: 300 at concurrency 10)
+    official_n: int = 300  # the official stack on automine (the targets' reference run: 300 at concurrency 10)
     official_block_n: int = 120  # ... and on 2-second blocks (it settles ~40 per block: its worker threads)
     payers: int = 32
     memory_n: int = 100_000  # free-route requests before reading the gateway's RSS ...

@@ -1,11 +1,11 @@
-"""The v2 bazaar discovery extension (x402-notes §6): what a discoverable route declares about itself.
+"""The v2 bazaar discovery extension (docs/protocol.md §6): what a discoverable route declares about itself.
 
 :func:`bazaar_declaration` builds ``extensions.bazaar`` (``info.input`` + a JSON Schema validating it, the shape
 the ``x402`` package's ``declare_discovery_extension`` builds and its facilitator validates) and
 :func:`service_metadata` the optional ``resource`` fields a catalog shows. Two places send them: every 402 of a
-discoverable route (:class:`gateway.discovery.BazaarLayer`), and, in facilitator mode, the payment payload the
-gateway forwards to ``/verify`` and ``/settle`` (:func:`declared_extensions`), which is where a bazaar facilitator
-catalogs the resource. Pure functions of the config: no I/O.
+discoverable route (:meth:`gateway.http.discovery.Discovery.challenge_extras`), and, in facilitator mode, the
+payment payload the gateway forwards to ``/verify`` and ``/settle`` (:func:`declared_extensions`), which is where a
+bazaar facilitator catalogs the resource. Pure functions of the config: no I/O.
 """
 
 from __future__ import annotations

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from gateway.x402 import reasons
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
     status: ClassVar[int] = 500
-    default_reason: ClassVar[str] = "internal_error"
+    default_reason: ClassVar[str] = reasons.INTERNAL_ERROR
 
     def __init__(self, message: str = "", *, reason: str | None = None) -> None:
         self.reason = reason or self.default_reason
@@ -48,7 +50,7 @@ class GatewayError(Exception):
 class ConfigError(GatewayError):
     """The configuration is invalid; ``key`` names the offending key (dotted path)."""
 
-    default_reason = "invalid_config"
+    default_reason = reasons.INVALID_CONFIG
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
@@ -57,65 +59,65 @@ class ConfigError(GatewayError):
 
 class BadRequest(GatewayError):
     status = 400
-    default_reason = "bad_request"
+    default_reason = reasons.BAD_REQUEST
 
 
 class PayloadTooLarge(BadRequest):
     status = 413
-    default_reason = "payload_too_large"
+    default_reason = reasons.PAYLOAD_TOO_LARGE
 
 
 class HeadersTooLarge(BadRequest):
     status = 431
-    default_reason = "headers_too_large"
+    default_reason = reasons.HEADERS_TOO_LARGE
 
 
 class RequestTimeout(BadRequest):
     status = 408
-    default_reason = "request_timeout"
+    default_reason = reasons.REQUEST_TIMEOUT
 
 
 class PaymentRequired(GatewayError):
     """The request carries no payment, or one that does not pay for this route."""
 
     status = 402
-    default_reason = "payment_required"
+    default_reason = reasons.PAYMENT_REQUIRED
 
 
 class PaymentReplayed(PaymentRequired):
-    default_reason = "payment_already_used"
+    default_reason = reasons.PAYMENT_ALREADY_USED
 
 
 class PaymentInFlight(GatewayError):
     status = 409
-    default_reason = "payment_in_flight"
+    default_reason = reasons.PAYMENT_IN_FLIGHT
 
 
 class ServiceUnavailable(GatewayError):
     status = 503
-    default_reason = "service_unavailable"
+    default_reason = reasons.SERVICE_UNAVAILABLE
 
 
 class StoreUnavailable(ServiceUnavailable):
-    default_reason = "store_unavailable"
+    default_reason = reasons.STORE_UNAVAILABLE
 
 
 class ChainUnavailable(ServiceUnavailable):
-    default_reason = "chain_unavailable"
+    default_reason = reasons.CHAIN_UNAVAILABLE
 
 
 class BadGateway(GatewayError):
     status = 502
-    default_reason = "bad_gateway"
+    default_reason = reasons.BAD_GATEWAY
 
 
 class UpstreamUnreachable(BadGateway):
-    default_reason = "upstream_unreachable"
+    default_reason = reasons.UPSTREAM_UNREACHABLE
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
-    default_reason = "upstream_timeout"
+    default_reason = reasons.UPSTREAM_TIMEOUT
 
 
 class SettlementFailed(GatewayError):
@@ -126,7 +128,7 @@ class SettlementFailed(GatewayError):
     """
 
     status = 402
-    default_reason = "settlement_failed"
+    default_reason = reasons.SETTLEMENT_FAILED
 
     def __init__(self, message: str = "", *, reason: str | None = None, unknown: bool = False) -> None:
         super().__init__(message, reason=reason)

@@ -1,6 +1,6 @@
 """Networks the gateway knows out of the box: chain id, CAIP-2 id, canonical USDC and its EIP-712 domain.
 
-Facts from x402-notes §4. Operators can override any field or add a network in the config; these are only the
+Facts from docs/protocol.md §4. Operators can override any field or add a network in the config; these are only the
 defaults a config entry starts from.
 """
 

@@ -1,4 +1,4 @@
-"""Remote verification and settlement: an HTTP client for an x402 facilitator (x402-notes §3).
+"""Remote verification and settlement: an HTTP client for an x402 facilitator (docs/protocol.md §3).
 
 In "facilitator" mode the gateway does not check or submit EIP-3009 authorizations itself; it sends the client's
 payment payload together with the server's *own* requirement (never the client's ``accepted`` copy) to
@@ -40,8 +40,9 @@ from Crypto.Signature import DSS, eddsa
 
 from gateway.config import Secret
 from gateway.errors import BadGateway, ConfigError, ServiceUnavailable
-from gateway.http.asgi import dumps
 from gateway.networks import KNOWN_NETWORKS
+from gateway.x402 import reasons
+from gateway.x402.codec import dumps
 
 log = logging.getLogger("gateway.facilitator")
 
@@ -55,14 +56,14 @@ __all__ = [
     "VerifyResult",
 ]
 
-BAD_ANSWER = "facilitator_bad_answer"
-SETTLEMENT_PENDING = "settlement_pending"
+BAD_ANSWER = reasons.FACILITATOR_BAD_ANSWER
+SETTLEMENT_PENDING = reasons.SETTLEMENT_PENDING
 _MAX_ANSWER_BYTES = 1 << 20
 _TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 # A reason goes into our own 402 body as a machine-readable token; anything else from a facilitator is replaced.
 _REASON = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
-_VERIFY_REJECTED = "facilitator_rejected"
-_SETTLE_REJECTED = "settlement_failed"
+_VERIFY_REJECTED = reasons.FACILITATOR_REJECTED
+_SETTLE_REJECTED = reasons.SETTLEMENT_FAILED
 
 
 class FacilitatorUnavailable(ServiceUnavailable):
@@ -73,7 +74,7 @@ class FacilitatorUnavailable(ServiceUnavailable):
     may have been submitted, so the outcome is unknown until reconciled on chain.
     """
 
-    default_reason = "facilitator_unavailable"
+    default_reason = reasons.FACILITATOR_UNAVAILABLE
 
     def __init__(self, message: str = "", *, reason: str | None = None, request_sent: bool = True) -> None:
         super().__init__(message, reason=reason)

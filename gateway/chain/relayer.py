@@ -1,10 +1,10 @@
-"""Self-settlement: the relayer that submits ``transferWithAuthorization`` and the watcher that awaits receipts.
+"""Self-settlement: the relayer that signs and submits settlement transactions with its own key.
 
 * One nonce sequence per signer, assigned locally under a lock, so many settlements can be in flight at once
-  without asking the node for a nonce each time (THREATS 12).
+  without asking the node for a nonce each time (docs/threat-model.md T12).
 * The transaction hash is handed to ``before_broadcast`` (which records it in the store) *before* the raw
   transaction leaves, so a crash or a timeout is always reconciled by hash and never broadcast twice.
-* Receipts of all in-flight settlements are fetched together, one batched JSON-RPC round trip per poll.
+* Receipts are awaited by :mod:`gateway.chain.watcher`; batches are formed by :mod:`gateway.chain.batcher`.
 """
 
 from __future__ import annotations
@@ -19,49 +19,14 @@ from typing import Any
 
 from coincurve import PrivateKey
 from eth_account import Account
-from eth_utils.crypto import keccak
 
-from gateway.chain import abi
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
+from gateway.chain.transactions import sign_eip1559
 from gateway.config import Secret
 from gateway.errors import ChainUnavailable, ServiceUnavailable, SettlementFailed
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.settle")
-
-
-def _rlp_length(length: int, offset: int) -> bytes:
-    if length < 56:
-        return bytes([offset + length])
-    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([offset + 55 + len(encoded)]) + encoded
-
-
-def _rlp(item: int | bytes | list[Any]) -> bytes:
-    """Recursive Length Prefix encoding of the few shapes a transaction needs (ints, bytes, lists)."""
-    if isinstance(item, list):
-        body = b"".join(_rlp(x) for x in item)
-        return _rlp_length(len(body), 0xC0) + body
-    if isinstance(item, int):
-        item = item.to_bytes((item.bit_length() + 7) // 8, "big")  # 0 -> b"" (RLP's canonical zero)
-    if len(item) == 1 and item[0] < 0x80:
-        return item
-    return _rlp_length(len(item), 0x80) + item
-
-
-def sign_eip1559(
-    key: PrivateKey, chain_id: int, nonce: int, to: str, data: bytes, gas: int, max_fee: int, priority: int
-) -> tuple[str, str]:
-    """(tx hash, raw transaction), both 0x-hex, of a type-2 transaction with value 0 and no access list.
-
-    Byte-identical to ``eth_account``'s ``sign_transaction`` (both RFC 6979 over libsecp256k1; a test pins it),
-    at a tenth of the cost: that one validates and normalises a dict on every call, which is most of the time a
-    settlement spent holding the nonce sequence."""
-    fields: list[Any] = [chain_id, nonce, priority, max_fee, gas, bytes.fromhex(to[2:]), 0, data, []]
-    signature = key.sign_recoverable(keccak(b"\x02" + _rlp(fields)), hasher=None)
-    fields += [signature[64], int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")]
-    raw = b"\x02" + _rlp(fields)
-    return "0x" + keccak(raw).hex(), "0x" + raw.hex()
 
 
 async def _answer_of(call: Awaitable[Any]) -> Any:
@@ -216,9 +181,9 @@ class Relayer:
                 )
             # Refused outright (e.g. the relayer has no gas money): nothing was broadcast, and it is our fault,
             # not the payer's, so a 503 and not a 402.
-            raise ServiceUnavailable("the network refused the settlement transaction", reason="relayer_refused")
+            raise ServiceUnavailable("the network refused the settlement transaction", reason=reasons.RELAYER_REFUSED)
         # Both attempts were handed back unsent (the key's nonce moved under us twice): our fault, nothing left.
-        raise ServiceUnavailable("could not obtain a relayer nonce", reason="relayer_refused")
+        raise ServiceUnavailable("could not obtain a relayer nonce", reason=reasons.RELAYER_REFUSED)
 
     async def _batch_size(self) -> int:
         if self._max_batch is None:
@@ -313,250 +278,3 @@ class Relayer:
                 await self._sender
         while self._queue:  # recorded but maybe never sent: their claims are reconciled by hash
             self._queue.popleft().resolve("unknown")
-
-
-class _Settlement:
-    """One settlement waiting for a batch: its call, its gas, its recorder, and where its outcome goes."""
-
-    __slots__ = ("data", "done", "gas", "record", "to")
-
-    def __init__(self, to: str, data: bytes, gas: int, record: Callable[[str], Awaitable[None]]) -> None:
-        self.to = to
-        self.data = data
-        self.gas = gas
-        self.record = record
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-
-def _unknown_outcome() -> SettlementFailed:
-    return SettlementFailed(
-        "settlement broadcast got no answer; it is reconciled by transaction hash",
-        reason=reasons.SETTLEMENT_PENDING,
-        unknown=True,
-    )
-
-
-def _resolve(batch: list[_Settlement], outcome: str | BaseException) -> None:
-    """Hand a batch's outcome (its hash, or the error) to every settlement still waiting for one."""
-    for item in batch:
-        if not item.done.done():
-            if isinstance(outcome, BaseException):
-                item.done.set_exception(outcome)
-            else:
-                item.done.set_result(outcome)
-
-
-class _RecordFailed(Exception):
-    """Some settlements of a batch could not record its hash: the batch must not leave as signed."""
-
-
-class SettlementBatcher:
-    """Several settlements in one transaction: ``Multicall3.aggregate3`` with every call allowed to fail alone.
-
-    Settlements queue while the relayer is busy with the previous transaction and leave together (at most
-    ``max_items``). Per settlement nothing changes for its caller: its recorder receives the transaction's hash
-    before the broadcast (all of a batch's recorders run concurrently; if any fails, the batch is not sent as
-    signed, its nonce is filled, the failed settlements get their error and the rest go again in the next batch,
-    recording the new hash), and the hash it gets back is the one to watch. Its outcome is read from the receipt
-    by its own ``AuthorizationUsed`` log (see ``transfer_in_receipt``): one call of a batch reverting does not
-    revert the others, and it leaves no log of its own. A batch of one is sent as a plain transaction.
-    """
-
-    # A settlement's own limit (what it would get alone) holds 21,000 of intrinsic gas and a 25 % margin over the
-    # node's estimate. In a batch the intrinsic gas is paid once, so four fifths of each limit still leaves ~35 %
-    # over what a call measured inside a batch (67,800 gas against a standalone estimate of 85,500): a batch does
-    # not claim more of a block's gas limit than it can use, and more settlements fit in each block.
-    BASE_GAS = 30_000
-
-    def __init__(self, relayer: Relayer, multicall: str, *, max_items: int = 50) -> None:
-        self._relayer = relayer
-        self._multicall = multicall
-        self._max = max(1, max_items)
-        self._queue: collections.deque[_Settlement] = collections.deque()
-        self._flusher: asyncio.Task[None] | None = None
-        self.batches = 0  # transactions sent with more than one settlement (for tests and metrics)
-
-    def __repr__(self) -> str:
-        return f"SettlementBatcher(relayer={self._relayer!r}, max_items={self._max})"
-
-    async def submit(self, to: str, data: bytes, gas: int, before_broadcast: Callable[[str], Awaitable[None]]) -> str:
-        """As :meth:`Relayer.submit`, sharing a transaction with the settlements queued at the same time."""
-        item = _Settlement(to, data, gas, before_broadcast)
-        self._queue.append(item)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="x402-settlement-batcher")
-        try:
-            # Shielded: once in a batch, its transaction leaves whether or not this request is still waiting.
-            return await asyncio.shield(item.done)
-        except asyncio.CancelledError:
-            if item in self._queue:  # not taken yet: nothing was signed or recorded for it
-                self._queue.remove(item)
-                item.done.cancel()
-            raise
-
-    async def _flush(self) -> None:
-        queue = self._queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(self._max, len(queue)))]
-            try:
-                if len(batch) == 1:
-                    one = batch[0]
-                    tx_hash = await self._relayer.submit(one.to, one.data, one.gas, one.record)
-                else:
-                    tx_hash = await self._send(batch)
-            except _RecordFailed:
-                continue  # the failed ones have their error; the others are queued again (see _send)
-            except asyncio.CancelledError:
-                # Shutting down mid-batch: it may have been recorded and sent. Reconciled by hash, never re-sent.
-                _resolve(batch, _unknown_outcome())
-                raise
-            except BaseException as exc:  # every waiter gets the outcome, whatever it is
-                _resolve(batch, exc)
-                continue
-            _resolve(batch, tx_hash)
-
-    async def _send(self, batch: list[_Settlement]) -> str:
-        data = abi.AGGREGATE3.encode([(item.to, True, item.data) for item in batch])
-        gas = self.BASE_GAS + sum(item.gas for item in batch) * 4 // 5
-        failed: list[tuple[_Settlement, BaseException]] = []
-
-        async def record_all(tx_hash: str) -> None:
-            outcomes = await asyncio.gather(*(item.record(tx_hash) for item in batch), return_exceptions=True)
-            failed.extend(
-                (item, out) for item, out in zip(batch, outcomes, strict=True) if isinstance(out, BaseException)
-            )
-            if failed:
-                raise _RecordFailed
-
-        try:
-            tx_hash = await self._relayer.submit(self._multicall, data, gas, record_all)
-        except _RecordFailed:
-            bad = {id(item) for item, _ in failed}
-            for item, exc in failed:
-                item.done.set_exception(exc)
-            # The others recorded a hash that will never be broadcast (its nonce is filled): they go again first.
-            self._queue.extendleft(reversed([item for item in batch if id(item) not in bad]))
-            raise
-        self.batches += 1
-        return tx_hash
-
-    async def aclose(self) -> None:
-        """Stop; settlements not yet in a transaction fail as unavailable (nothing was signed for them)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._flusher
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.done.done():
-                item.done.set_exception(ServiceUnavailable("the gateway is shutting down", reason="shutting_down"))
-
-
-class GasBook:
-    """The settlement gas a network's ``transferWithAuthorization`` needs, learned from the node's estimates.
-
-    Settling an EOA-signed authorization of one token costs nearly the same gas every time (the storage slots it
-    writes differ only in warm/cold and zero/non-zero), so after one ``eth_estimateGas`` a plain ``eth_call`` is
-    enough to simulate the next ones (see ``preflight_exact``); the relayer's limit keeps its margin over the
-    highest estimate seen. Every ``refresh_every``-th preflight estimates again, and a settlement of ours that
-    reverts clears what was learned, so a token upgrade that costs more is picked up at once.
-    """
-
-    __slots__ = ("_calls", "_known", "refresh_every")
-
-    def __init__(self, refresh_every: int = 64) -> None:
-        self.refresh_every = refresh_every
-        self._known: int | None = None
-        self._calls = 0
-
-    def hint(self) -> int | None:
-        """The gas to assume for the next simulation, or None: estimate it."""
-        self._calls += 1
-        if self._known is None or self._calls % self.refresh_every == 0:
-            return None
-        return self._known
-
-    def learn(self, estimate: int) -> None:
-        if estimate > 0:
-            self._known = max(self._known or 0, estimate)
-
-    def forget(self) -> None:
-        self._known = None
-
-
-class ReceiptWatcher:
-    """Waits for receipts; all waiting hashes of a network share one batched poll."""
-
-    def __init__(self, rpc: ChainRpc, *, interval: float = 0.1) -> None:
-        self._rpc = rpc
-        self._interval = interval
-        self._waiting: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def wait(self, tx_hash: str, *, timeout: float, confirmations: int = 1) -> dict[str, Any]:
-        """The receipt once it has ``confirmations`` blocks (1 = mined). Raises ``TimeoutError``."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = (fut, max(confirmations, 1))
-        self._waiting.setdefault(tx_hash, []).append(entry)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll(), name=f"receipts-{self._rpc.name}")
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        finally:
-            waiters = self._waiting.get(tx_hash)
-            if waiters and entry in waiters:
-                waiters.remove(entry)
-                if not waiters:
-                    del self._waiting[tx_hash]
-
-    # A receipt can only appear with a new block, so each poll asks for the head and for the receipts of hashes
-    # it never asked about; all the others are asked again only when the head moved (or every ``refresh`` seconds,
-    # in case an endpoint's head lags its receipts). On 2-second blocks that is one receipt lookup per hash per
-    # block instead of one per poll (20 with the default 0.1 s interval).
-    refresh = 1.0
-
-    async def _poll(self) -> None:
-        failures = 0
-        seen_head: int | None = None
-        asked: set[str] = set()  # hashes whose receipt was asked for since the head was last seen to move
-        last_full = 0.0
-        while self._waiting:
-            hashes = list(self._waiting)
-            new = [h for h in hashes if h not in asked]
-            calls: list[tuple[str, list[Any]]] = [("eth_blockNumber", [])]
-            calls += [("eth_getTransactionReceipt", [h]) for h in new]
-            try:
-                results = await self._rpc.batch(calls)
-                head = hex_int(results[0]) if not isinstance(results[0], RpcError) else None
-                receipts = dict(zip(new, results[1:], strict=True))
-                now = time.monotonic()
-                if head is None or head != seen_head or now - last_full >= self.refresh:
-                    rest = [h for h in hashes if h not in receipts]
-                    if rest:
-                        more = await self._rpc.batch([("eth_getTransactionReceipt", [h]) for h in rest])
-                        receipts.update(zip(rest, more, strict=True))
-                    seen_head, asked, last_full = head, set(hashes), now
-                else:
-                    asked.update(new)
-                failures = 0
-            except ChainUnavailable:
-                failures += 1
-                await asyncio.sleep(min(self._interval * 2**failures, 2.0))
-                continue
-            for tx_hash, receipt in receipts.items():
-                if not isinstance(receipt, dict):
-                    continue
-                mined_at = hex_int(receipt.get("blockNumber"))
-                for fut, needed in list(self._waiting.get(tx_hash, ())):
-                    depth = (head - mined_at + 1) if head is not None else 1
-                    if depth >= needed and not fut.done():
-                        fut.set_result(receipt)
-            asked.intersection_update(self._waiting)
-            if self._waiting:
-                await asyncio.sleep(self._interval)
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -21,6 +21,7 @@ import aiohttp
 
 from gateway.config import Secret
 from gateway.errors import ChainUnavailable
+from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.chain")
 
@@ -66,14 +67,14 @@ class ChainRpc:
         self._session = session
 
     async def verify_chain_id(self) -> None:
-        """Every endpoint must serve the chain it is configured for (THREATS 7: other-chain answers)."""
+        """Every endpoint must serve the chain it is configured for (docs/threat-model.md T7: other-chain answers)."""
         for i, url in enumerate(self._urls):
             answer = await self._post(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, i)
             got = hex_int(answer.get("result"))
             if got != self.chain_id:
                 raise ChainUnavailable(
                     f"RPC endpoint {url!r} of network {self.name} serves chain {got}, not {self.chain_id}",
-                    reason="chain_id_mismatch",
+                    reason=reasons.CHAIN_ID_MISMATCH,
                 )
 
     async def _post(self, url: Secret, body: Any, index: int) -> Any:
@@ -238,18 +239,18 @@ class ChainRpc:
                 raise answer
             results.append(_result(answer))
         if len(results) < len(self._urls) // 2 + 1:
-            raise ChainUnavailable(f"network {self.name}: too few RPC endpoints answered", reason="rpc_no_quorum")
+            raise ChainUnavailable(f"network {self.name}: too few RPC endpoints answered", reason=reasons.RPC_NO_QUORUM)
         return results
 
     async def request_agreed(self, method: str, params: list[Any], project: Callable[[Any], Any] = lambda x: x) -> Any:
-        """Ask every endpoint; a majority must answer and every answer must agree (THREATS 18: one lying or
-        lagging RPC cannot make a payment count). With a single endpoint this is :meth:`request`."""
+        """Ask every endpoint; a majority must answer and every answer must agree (docs/threat-model.md T18: one lying
+        or lagging RPC cannot make a payment count). With a single endpoint this is :meth:`request`."""
         if len(self._urls) == 1:
             return await self.request(method, params)
         results = await self.request_all(method, params)
         first = project(results[0])
         if any(project(r) != first for r in results[1:]):
-            raise ChainUnavailable(f"network {self.name}: RPC endpoints disagree", reason="rpc_disagreement")
+            raise ChainUnavailable(f"network {self.name}: RPC endpoints disagree", reason=reasons.RPC_DISAGREEMENT)
         return results[0]
 
     async def eth_call(self, to: str, data: bytes, block: str = "latest") -> bytes:

@@ -1,4 +1,5 @@
-"""The client commands of ``x402-gateway``: ``prompt``, ``status``, ``cancel``, ``jobs`` (wired in gateway/cli.py).
+"""The client commands of ``x402-gateway``: ``prompt``, ``status``, ``cancel``, ``jobs`` (options in
+:mod:`gateway.client._arguments`, wired in gateway/cli.py).
 
 Secrets: the wallet key comes from ``X402_WALLET_KEY`` or ``--key-file`` only, never from an argument value
 (argv is visible to every process on the machine and lands in shell history); no message ever echoes it.
@@ -29,7 +30,7 @@ from typing import Any, TextIO
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from gateway.cli import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
+from gateway.client._arguments import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
 from gateway.client._client import AsyncX402Client
 from gateway.client._config import TxHashPayments
 from gateway.client._errors import JobError, PaymentFailed, PaymentRefused, X402ClientError

@@ -9,7 +9,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
+
+from gateway.secrets import redact_url as _redacted  # RPC URLs: the origin only (API keys)
 
 __all__ = ["JobPaths", "RetryPolicy", "TxHashPayments"]
 
@@ -91,11 +93,6 @@ class JobPaths:
 
     def job(self, template: str, job_id: str) -> str:
         return template.replace("{id}", quote(job_id, safe=""))
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}/…"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""What the jobs calls return: small frozen value objects parsed from either API style (shared/jobs-notes.md).
+"""What the jobs calls return: small frozen value objects parsed from either API style (docs/jobs.md).
 
 Both styles become one :class:`Job`: style A's ISO-8601 strings and style B's epoch milliseconds both become
 aware ``datetime`` objects, style B's ``result.message.content`` becomes ``response`` and its

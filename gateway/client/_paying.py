@@ -38,13 +38,14 @@ from gateway.client._spend import Budget, SpendControls
 from gateway.client._transfer import TransferSender, TxOption
 from gateway.client.exact import Option, sign_exact_payment
 from gateway.client.txhash import tx_proof_headers
+from gateway.x402 import reasons
 from gateway.x402.codec import decode_header
 
 __all__ = ["PayWith", "PayingClient", "error_of", "json_doc"]
 
 PayWith = Literal["exact", "txhash", "auto"]
 
-_IN_FLIGHT = frozenset({"idempotency_key_in_flight", "payment_in_flight"})
+_IN_FLIGHT = frozenset({reasons.IDEMPOTENCY_KEY_IN_FLIGHT, reasons.PAYMENT_IN_FLIGHT})
 _NETWORK_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _USER_AGENT = "x402-gateway-client/0.1"
 
@@ -312,7 +313,7 @@ class PayingClient:
                 return response
             reason, message = error_of(response)
             waiting = self.tx_hash.poll_interval if self.tx_hash is not None else 0.0
-            if tx_hash is not None and reason == "transaction_not_final" and time.monotonic() + waiting < deadline:
+            if tx_hash is not None and reason == reasons.TX_NOT_FINAL and time.monotonic() + waiting < deadline:
                 # The gateway wants more confirmations than we waited for: present the same proof again later.
                 await asyncio.sleep(waiting)
                 continue

@@ -20,6 +20,7 @@ from eth_utils.crypto import keccak
 from gateway.client._config import TxHashPayments
 from gateway.client._errors import PaymentFailed, PaymentRefused
 from gateway.client._spend import chain_id_of
+from gateway.x402 import reasons
 
 if TYPE_CHECKING:  # web3 costs ~0.5 s to import: only clients that pay by transfer load it
     from web3 import AsyncWeb3
@@ -159,14 +160,14 @@ class TransferSender:
                 receipt = None
             if receipt is not None:
                 if int(receipt["status"]) != 1:
-                    raise PaymentFailed("the transfer reverted", reason="transaction_reverted", tx_hash=tx_hash)
+                    raise PaymentFailed("the transfer reverted", reason=reasons.TX_REVERTED, tx_hash=tx_hash)
                 depth = int(await w3.eth.block_number) - int(receipt["blockNumber"]) + 1
                 if depth >= max(self.settings.confirmations, 1):
                     return
             if time.monotonic() + interval > deadline:
                 raise PaymentFailed(
                     f"the transfer {tx_hash} was not final in time; it may still be presented later",
-                    reason="transaction_not_final",
+                    reason=reasons.TX_NOT_FINAL,
                     tx_hash=tx_hash,
                 )
             await asyncio.sleep(interval)

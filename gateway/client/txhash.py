@@ -1,12 +1,12 @@
 """Client side of tx-hash proofs: sign the binding that makes a public transaction hash spendable only by its
-sender (see :mod:`gateway.verify.txhash` for the message)."""
+sender (see :mod:`gateway.x402.txhash` for the message)."""
 
 from __future__ import annotations
 
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from gateway.schemes.txhash.check import BINDING_HEADER, NETWORK_HEADER, binding_message
+from gateway.x402.txhash import BINDING_HEADER, NETWORK_HEADER, binding_message
 
 
 def tx_proof_headers(account: LocalAccount, tx_hash: str, network: str, method: str, resource: str) -> dict[str, str]:

@@ -2,13 +2,16 @@
 
 Composition is plain ASGI::
 
-    Gateway: 431 header cap -> client address -> /healthz /readyz /metrics -> early 413 -> PaymentMiddleware
-             -> UpstreamProxy
+    Gateway: 431 header cap -> client address -> /healthz /readyz /metrics, discovery documents -> early 413
+             -> jobs (free calls) -> IdempotencyLayer -> PaymentMiddleware -> jobs (paid submit) -> UpstreamProxy
+
+Each layer in brackets is there only when configured. The route match, resource URL and request id are decided
+once per request (:mod:`gateway.http.context`) and read by every layer that needs them.
 
 The operations paths are answered before any route matching, so they can never be priced or proxied. The early
 413 looks at ``Content-Length`` before the payment layer, so an oversized request is refused before its payment
-is verified or claimed (THREATS 16) and the payment stays usable. A chunked body has no declared size: the proxy
-enforces the cap while streaming, and then the request fails without being charged (``settlement = "after"``)
+is verified or claimed (docs/threat-model.md T16) and the payment stays usable. A chunked body has no declared size: the
+proxy enforces the cap while streaming, and then the request fails without being charged (``settlement = "after"``)
 or leaves its payment paid-but-unserved for a retry (``"before"``).
 """
 
@@ -16,17 +19,17 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, send_json
-from gateway.http.discovery import BazaarLayer, Discovery
+from gateway.http.context import new_request_id, request_context
+from gateway.http.discovery import Discovery
 from gateway.http.idempotency import IdempotencyLayer
-from gateway.http.middleware import PaymentMiddleware, new_request_id
-from gateway.http.paywall import Paywall, PaywallHeaders
+from gateway.http.middleware import PaymentMiddleware
+from gateway.http.paywall import Paywall
 from gateway.http.proxy import UpstreamProxy
 from gateway.jobs import build_jobs
 from gateway.ops.events import Observer, RequestRecord, notify
@@ -34,9 +37,6 @@ from gateway.ops.health import Readiness
 from gateway.ops.logs import AccessLog, install_redaction
 from gateway.ops.metrics import PrometheusMetrics
 from gateway.ops.ratelimit import RateLimiter
-from gateway.routes import normalise_path
-
-log = logging.getLogger("gateway.app")
 
 
 class Gateway:
@@ -61,14 +61,14 @@ class Gateway:
         self.metrics = PrometheusMetrics()
         self.observers: list[Observer] = [self.metrics, AccessLog(), *observers]
         self.limiter = RateLimiter.from_config(config) if config.rate_limits.enabled else None
-        # [jobs] (issue 4): ``outer`` answers the free job calls before the payment layer, ``inner`` takes the paid
+        # [jobs]: ``outer`` answers the free job calls before the payment layer, ``inner`` takes the paid
         # submit after it (gateway/jobs/layer.py). Without [jobs] both are the identity.
         self.jobs = build_jobs(config, self.proxy)
         if self.jobs is not None:
             self.jobs.observers = self.observers  # its free calls never reach the payment layer's observers
         inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
-        # Discovery and the browser paywall (issue 6): the HTML 402 is PaymentMiddleware's paywall hook; two thin
-        # layers add the bazaar extension to 402s and the CSP to HTML 402s; the documents are own paths (below).
+        # Discovery and the browser paywall: the payment middleware builds every 402 with discovery's extensions
+        # and renders the HTML 402 with the paywall's page and headers; the documents are own paths (below).
         self.paywall = Paywall(config) if config.paywall.enabled else None
         self.discovery = Discovery(config) if config.discovery.enabled else None
         self.payments = PaymentMiddleware(
@@ -76,21 +76,19 @@ class Gateway:
             config=config,
             observers=self.observers,
             limiter=self.limiter,
-            paywall=self.paywall.render if self.paywall else None,
+            paywall=self.paywall,
+            discovery=self.discovery,
         )
+        self.routes = self.payments.engine.routes
         self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
         paid: ASGIApp = self.payments
-        if self.paywall is not None:
-            paid = PaywallHeaders(paid, self.paywall)
-        if self.discovery is not None:
-            paid = BazaarLayer(paid, config, self.payments.engine.routes)
         self.idempotency: IdempotencyLayer | None = None
         if config.idempotency.enabled:
-            idem, routes = config.idempotency, self.payments.engine.routes
+            idem, routes = config.idempotency, self.routes
             self.idempotency = IdempotencyLayer(
                 paid,
                 store=(idem.store_url or config.store.url).reveal(),
-                is_priced=lambda method, path: routes.match(method, normalise_path(path)) is not None,
+                is_priced=lambda scope: request_context(scope, routes, server).route is not None,
                 ttl=idem.ttl,
                 lease=idem.lease,
                 max_body_bytes=server.max_body_bytes,
@@ -194,8 +192,8 @@ class Gateway:
         record = RequestRecord.of_scope(
             scope, new_request_id(), status=exc.status, outcome="refused", reason=exc.reason
         )
-        matched = self.payments.engine.routes.match(scope["method"], normalise_path(scope["path"]))
-        record.route = matched[0].config.route if matched else None
+        route = request_context(scope, self.routes, self.config.server).route
+        record.route = route.config.route if route else None
         await send_error(send, exc, [(b"connection", b"close")])
         notify(self.observers, record)
 

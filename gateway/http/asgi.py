@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from gateway.errors import GatewayError
+from gateway.x402.codec import RawHeaders, dumps
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-RawHeaders = list[tuple[bytes, bytes]]
-
-
-def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, the encoding every x402 implementation produces and expects."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

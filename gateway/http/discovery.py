@@ -1,4 +1,4 @@
-"""Discovery: how x402scan, bazaar facilitators and agents find, price and call the priced routes (x402-notes §6).
+"""Discovery: how x402scan, bazaar facilitators and agents find, price and call the priced routes (docs/protocol.md §6).
 
 Three views of the same ``[[routes]]``, all built from the config and answered before route matching (never
 priced, never proxied):
@@ -9,9 +9,10 @@ priced, never proxied):
   templated path in the OpenAPI document alone.
 * ``GET /openapi.json`` -> OpenAPI 3.1, one operation per priced method with ``x-payment-info`` (price in USD),
   the ``402`` response, ``parameters``/``requestBody`` from the route's ``input_schema``.
-* :class:`BazaarLayer` puts the v2 ``extensions.bazaar`` declaration (``info.input`` + a JSON Schema validating
-  it, the shape the ``x402`` package's ``declare_discovery_extension`` builds and its facilitator validates) and
-  the service metadata (``resource.serviceName/tags/iconUrl``) into every 402 of a discoverable route.
+* :meth:`Discovery.challenge_extras` gives the payment middleware, for every 402 of a discoverable route, the v2
+  ``extensions.bazaar`` declaration (``info.input`` + a JSON Schema validating it, the shape the ``x402``
+  package's ``declare_discovery_extension`` builds and its facilitator validates) and the service metadata
+  (``resource.serviceName/tags/iconUrl``); the 402 is built with them, never decoded and re-encoded.
 
 URLs are absolute: ``server.public_url`` when set (behind a TLS-terminating proxy the scheme we see is http,
 and x402scan refuses non-https resources), else the request's own scheme and host.
@@ -21,13 +22,10 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import GatewayConfig, RouteConfig, ServerConfig
-from gateway.engine.engine import PricedRoute
-from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, dumps, header
-from gateway.http.bazaar import (
+from gateway.bazaar import (
     BODY_METHODS,
     CONTENT_TYPES,
     bazaar_declaration,
@@ -37,9 +35,13 @@ from gateway.http.bazaar import (
     route_path,
     service_metadata,
 )
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.http.asgi import Scope, Send
+from gateway.http.context import origin
 from gateway.money import format_usd
-from gateway.routes import RouteTable, normalise_path
-from gateway.x402.codec import decode_header, encode_header
+from gateway.schemes.base import PricedRoute
+from gateway.x402 import reasons
+from gateway.x402.codec import dumps
 
 # What an "any method" route is documented as: the two methods agents call; a body-less request with any other
 # method still gets its 402.
@@ -83,71 +85,7 @@ def templated_path(route: RouteConfig) -> tuple[str, list[tuple[str, str]]]:
     return "/" + "/".join(out) + trailing, params
 
 
-class BazaarLayer:
-    """Pure ASGI around the payment layer: a 402 of a discoverable route leaves with ``extensions.bazaar`` and the
-    service metadata in its ``PAYMENT-REQUIRED`` header. The v1 body is untouched (its strict legacy schema has no
-    place for them), and so is every other response."""
-
-    def __init__(self, app: ASGIApp, config: GatewayConfig, routes: RouteTable[PricedRoute]) -> None:
-        self.app = app
-        self.config = config
-        self.routes = routes
-        self.metadata = service_metadata(config)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        matched = self.routes.match(scope["method"], normalise_path(scope["path"]))
-        if matched is None or not matched[0].config.docs.discoverable:
-            await self.app(scope, receive, send)
-            return
-        route, params = matched[0].config, matched[1]
-        method = scope["method"]
-
-        async def decorated(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 402:
-                message = {**message, "headers": self.decorate(message.get("headers", []), route, method, params)}
-            await send(message)
-
-        await self.app(scope, receive, decorated)
-
-    def decorate(
-        self, headers: Iterable[tuple[bytes, bytes]], route: RouteConfig, method: str, params: dict[str, str]
-    ) -> list[tuple[bytes, bytes]]:
-        out = list(headers)
-        for i, (name, value) in enumerate(out):
-            if name != b"payment-required":
-                continue
-            try:
-                doc = decode_header(value)
-            except ValueError:
-                return out
-            if not isinstance(doc, dict):
-                return out
-            if isinstance(doc.get("resource"), dict):
-                doc["resource"] = {**doc["resource"], **self.metadata}
-            declared = declared_extensions(self.config, route, method, params)
-            if declared:
-                doc["extensions"] = {**(doc.get("extensions") or {}), **declared}
-            out[i] = (name, encode_header(doc).encode("ascii"))
-            break
-        return out
-
-
 # ------------------------------------------------------------------------------------------------ documents
-
-
-def request_origin(scope: Scope, server: ServerConfig) -> str:
-    """``scheme://host`` of this gateway as its clients see it (the rules of PaymentMiddleware.resource_url)."""
-    if server.public_url:
-        return server.public_url
-    scheme = str(scope.get("scheme", "http"))
-    host = (header(scope, b"host") or b"localhost").decode("latin-1")
-    if server.trust_forwarded_headers:
-        scheme = (header(scope, b"x-forwarded-proto") or scheme.encode()).decode("latin-1").split(",")[0].strip()
-        host = (header(scope, b"x-forwarded-host") or host.encode()).decode("latin-1").split(",")[0].strip()
-    return f"{scheme}://{host}"
 
 
 class Discovery:
@@ -164,6 +102,15 @@ class Discovery:
         self.paths = frozenset(self._documents)
         # Without public_url the origin comes from the Host header: bound the cache, anyone can send any Host.
         self._render = functools.lru_cache(maxsize=16)(self._render_uncached)
+        self.metadata = service_metadata(config)
+
+    def challenge_extras(
+        self, route: PricedRoute, method: str, params: dict[str, str]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``(extensions, resource metadata)`` for a 402 of ``route``; nothing for a route kept out of discovery."""
+        if not route.config.docs.discoverable:
+            return None, None
+        return declared_extensions(self.config, route.config, method, params) or None, self.metadata
 
     async def serve(self, scope: Scope, send: Send) -> None:
         method = scope["method"]
@@ -174,7 +121,7 @@ class Discovery:
             await send({"type": "http.response.body", "body": b""})
             return
         if method not in ("GET", "HEAD"):
-            body = dumps({"error": "method_not_allowed", "message": "discovery documents are read with GET"})
+            body = dumps({"error": reasons.METHOD_NOT_ALLOWED, "message": "discovery documents are read with GET"})
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -183,7 +130,7 @@ class Discovery:
             await send({"type": "http.response.start", "status": 405, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
-        body = self._render(scope["path"], request_origin(scope, self.config.server))
+        body = self._render(scope["path"], origin(scope, self.config.server))
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -343,4 +290,4 @@ _PAYMENT_REQUIRED_V1: dict[str, Any] = {
 }
 
 
-__all__ = ["BazaarLayer", "Discovery", "bazaar_declaration", "request_origin", "service_metadata"]
+__all__ = ["Discovery", "bazaar_declaration", "service_metadata"]

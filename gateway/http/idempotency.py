@@ -1,4 +1,5 @@
-"""``IdempotencyLayer``: a retry with the same ``Idempotency-Key`` and payment gets the stored answer (THREATS 13).
+"""``IdempotencyLayer``: a retry with the same ``Idempotency-Key`` and payment gets the stored answer
+(docs/threat-model.md T13).
 
 The problem it solves: a client pays, the gateway settles and serves, the response is lost in transit; the retry
 with the same payment header is refused 402 ``payment_already_used``: paid, got nothing. With an
@@ -6,14 +7,16 @@ with the same payment header is refused 402 ``payment_already_used``: paid, got 
 answer instead. Pure ASGI, placed *outside* the payment middleware.
 
 Scope: only a request carrying ``Idempotency-Key`` *and* a payment header (``PAYMENT-SIGNATURE`` or ``X-PAYMENT``)
-on a route ``is_priced(method, path)`` says is priced. Everything else passes through untouched and unbuffered.
+on a route ``is_priced(scope)`` says is priced (the gateway asks the request context). Everything else passes
+through untouched and unbuffered.
 
 * Key: 1..255 printable ASCII characters (0x20-0x7E), exactly one header, else 400 ``invalid_idempotency_key``.
   A structured-field string (``"abc"``) is taken verbatim, quotes included: the retry sends the same bytes.
 * Record key = sha256(key, every raw value of PAYMENT-SIGNATURE, X-PAYMENT, X-PAYMENT-NETWORK, X-PAYMENT-BINDING,
   X-PAYMENT-AUTH): a stored answer is bound to the payment that paid for it, so nobody can fetch someone else's
   answer without holding their payment proof. The raw bytes on purpose (unlike the receipt store's normalised
-  money key, THREATS 1): a re-encoded payment is another record and meets the payment layer's replay refusal.
+  money key, docs/threat-model.md T1): a re-encoded payment is another record and meets the payment layer's replay
+  refusal.
 * Fingerprint = sha256(method, raw path, query, body). The body is buffered (``max_body_bytes``, else 413
   ``payload_too_large``; a stalled upload 408) and replayed to the inner app through a new ``receive``.
 
@@ -38,9 +41,9 @@ feature: the response was lost in transit). The disconnect is passed on as soon 
 (status >= 400, over the size cap), so an abandoned upstream request that nobody can use is still aborted.
 Bounded by the upstream timeouts; ``lease`` must exceed the longest request (default 10 min).
 
-Fail closed (THREATS 17): a store that cannot answer ``begin`` -> 503 ``store_unavailable``, inner app not called.
-If storing or deleting fails after the answer went out, the record stays IN_FLIGHT until its lease lapses (retries
-get 409 meanwhile, then proceed normally). Replays bypass the payment middleware, so its observers (metrics,
+Fail closed (docs/threat-model.md T17): a store that cannot answer ``begin`` -> 503 ``store_unavailable``, inner app not
+called. If storing or deleting fails after the answer went out, the record stays IN_FLIGHT until its lease lapses
+(retries get 409 meanwhile, then proceed normally). Replays bypass the payment middleware, so its observers (metrics,
 access log) do not see them; they are logged here at INFO.
 """
 
@@ -55,6 +58,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gateway.config import IdempotencyConfig, ServerConfig
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, lifespan_hooks, send_error
 from gateway.storage.idempotency import (
@@ -65,6 +69,7 @@ from gateway.storage.idempotency import (
     StoredResponse,
     open_idempotency_store,
 )
+from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.idempotency")
 
@@ -84,7 +89,7 @@ KEY_HEADER = b"idempotency-key"
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 MAX_KEY_LENGTH = 255
 PAYMENT_HEADERS = (b"payment-signature", b"x-payment")
-# Everything that identifies the payment (gateway/proxy.py PAYMENT_HEADERS): all of it goes into the record key.
+# Everything that identifies the payment (gateway/http/proxy.py PAYMENT_HEADERS): all of it goes into the record key.
 PAYMENT_BINDING_HEADERS = (
     b"payment-signature",
     b"x-payment",
@@ -100,17 +105,17 @@ _NOT_STORED = frozenset(
 
 
 class InvalidIdempotencyKey(BadRequest):
-    default_reason = "invalid_idempotency_key"
+    default_reason = reasons.INVALID_IDEMPOTENCY_KEY
 
 
 class IdempotencyKeyReused(GatewayError):
     status = 422
-    default_reason = "idempotency_key_reused"
+    default_reason = reasons.IDEMPOTENCY_KEY_REUSED
 
 
 class IdempotencyInFlight(GatewayError):
     status = 409
-    default_reason = "idempotency_key_in_flight"
+    default_reason = reasons.IDEMPOTENCY_KEY_IN_FLIGHT
 
 
 def _digest(label: bytes, parts: Iterable[bytes]) -> str:
@@ -188,6 +193,11 @@ class _Capture:
         return StoredResponse(self.status, self.headers, b"".join(self.chunks))
 
 
+# Library defaults are the configuration's defaults, written once (gateway/config/).
+_IDEMPOTENCY = IdempotencyConfig()
+_SERVER = ServerConfig()
+
+
 class IdempotencyLayer:
     """Pure ASGI middleware; see the module docstring. ``store`` is an :class:`IdempotencyStore` or its URL."""
 
@@ -196,12 +206,12 @@ class IdempotencyLayer:
         app: ASGIApp,
         *,
         store: IdempotencyStore | str,
-        is_priced: Callable[[str, str], bool],
-        ttl: float = 24 * 3600.0,
-        lease: float = 600.0,
-        max_body_bytes: int = 10 * 1024 * 1024,
-        max_stored_body_bytes: int = 1024 * 1024,
-        body_read_timeout: float = 30.0,
+        is_priced: Callable[[Scope], bool],
+        ttl: float = _IDEMPOTENCY.ttl,
+        lease: float = _IDEMPOTENCY.lease,
+        max_body_bytes: int = _SERVER.max_body_bytes,
+        max_stored_body_bytes: int = _IDEMPOTENCY.max_stored_body_bytes,
+        body_read_timeout: float = _SERVER.body_read_timeout,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl <= 0 or lease <= 0 or max_body_bytes < 0 or max_stored_body_bytes < 0 or body_read_timeout <= 0:
@@ -232,7 +242,7 @@ class IdempotencyLayer:
             return False
         if not any(k in PAYMENT_HEADERS for k, _ in scope.get("headers", ())):
             return False
-        return self.is_priced(scope["method"], scope["path"])
+        return self.is_priced(scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

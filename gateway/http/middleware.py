@@ -15,24 +15,24 @@ as Starlette's own GZipMiddleware holds ``http.response.start``. Guarantees:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
 from gateway.config import GatewayConfig
-from gateway.engine.engine import PaidRequest, PaymentEngine, PricedRoute
+from gateway.engine.claim import AnyPaidRequest
+from gateway.engine.engine import PaymentEngine
 from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
+from gateway.http.context import RequestContext, request_context
 from gateway.ops.events import Limiter, Observer, RequestRecord, notify
-from gateway.routes import normalise_path
-from gateway.schemes.txhash.check import looks_like_tx_hash, parse_tx_proof
+from gateway.schemes.base import Presented, PricedRoute
 from gateway.storage import open_store
+from gateway.x402 import reasons
 from gateway.x402.challenge import EXPOSE_HEADERS, Challenge
 from gateway.x402.payload import HeaderName
 
@@ -48,7 +48,8 @@ class PaymentMiddleware:
         engine: PaymentEngine | None = None,
         observers: Sequence[Observer] = (),
         limiter: Limiter | None = None,
-        paywall: Callable[[Scope, PricedRoute, Challenge], bytes | None] | None = None,
+        paywall: PaywallPage | None = None,
+        discovery: ChallengeExtras | None = None,
     ) -> None:
         if engine is None:
             if config is None:
@@ -59,6 +60,7 @@ class PaymentMiddleware:
         self.observers = list(observers)
         self.limiter = limiter
         self.paywall = paywall
+        self.discovery = discovery
         self.config = engine.config
         self._session: aiohttp.ClientSession | None = None
         self._started = False
@@ -93,7 +95,8 @@ class PaymentMiddleware:
             return
         if not self._started:
             await self.startup()
-        record = RequestRecord.of_scope(scope, request_id_of(scope))
+        ctx = request_context(scope, self.engine.routes, self.config.server)
+        record = RequestRecord(request_id=ctx.request_id, method=ctx.method, path=ctx.path, client=ctx.client)
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -101,15 +104,17 @@ class PaymentMiddleware:
             await send(message)
 
         try:
-            await self._http(record, scope, receive, observed_send)
+            await self._http(ctx, record, scope, receive, observed_send)
         finally:
             notify(self.observers, record)
 
-    async def _http(self, record: RequestRecord, scope: Scope, receive: Receive, send: Send) -> None:
-        matched = self.engine.routes.match(scope["method"], normalise_path(scope["path"]))
-        if matched is None:
+    async def _http(
+        self, ctx: RequestContext, record: RequestRecord, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        route = ctx.route
+        if route is None:
             if self.config.server.unpriced == "refuse":
-                exc = GatewayError("no priced route matches this request", reason="route_not_found")
+                exc = GatewayError("no priced route matches this request", reason=reasons.ROUTE_NOT_FOUND)
                 exc.status = 404  # type: ignore[misc]
                 record.outcome, record.reason = "refused", exc.reason
                 await send_error(send, exc)
@@ -117,26 +122,26 @@ class PaymentMiddleware:
             record.outcome = "free"
             await self.app(scope, receive, send)
             return
-        route = matched[0]
         record.route = route.config.route
-        await self._priced(record, route, scope, receive, send)
+        await self._priced(ctx, record, route, scope, receive, send)
 
     # ----------------------------------------------------------------------------------------------- requests
 
-    def resource_url(self, scope: Scope) -> str:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        query: bytes = scope.get("query_string", b"")
-        tail = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
-        server = self.config.server
-        if server.public_url:
-            return server.public_url + tail
-        scheme = str(scope.get("scheme", "http"))
-        host = (header(scope, b"host") or b"localhost").decode("latin-1")
-        if server.trust_forwarded_headers:
-            # Behind a TLS-terminating proxy the scheme we see is http; only a trusted proxy may say otherwise.
-            scheme = (header(scope, b"x-forwarded-proto") or scheme.encode()).decode("latin-1").split(",")[0].strip()
-            host = (header(scope, b"x-forwarded-host") or host.encode()).decode("latin-1").split(",")[0].strip()
-        return f"{scheme}://{host}{tail}"
+    def challenge(
+        self, ctx: RequestContext, route: PricedRoute, reason: str | None = None, message: str = ""
+    ) -> Challenge:
+        """The 402 for this request, built and encoded once, with discovery's extensions when it has any."""
+        extensions = resource_extra = None
+        if self.discovery is not None:
+            extensions, resource_extra = self.discovery.challenge_extras(route, ctx.method, ctx.params)
+        return self.engine.challenge(
+            route,
+            ctx.resource,
+            *(() if reason is None else (reason, message)),
+            method=ctx.method,
+            extensions=extensions,
+            resource_extra=resource_extra,
+        )
 
     async def _send_challenge(
         self,
@@ -150,29 +155,33 @@ class PaymentMiddleware:
         accept = header(scope, b"accept") or b""
         if self.paywall is not None and b"text/html" in accept:
             # A person in a browser: same status and x402 headers, but a page they can pay from.
-            html = self.paywall(scope, route, challenge)
+            html = self.paywall.render(scope, route, challenge)
             if html is not None:
                 body = html
                 headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
                 headers += [
                     (b"content-type", b"text/html; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
+                    *self.paywall.headers,
                 ]
         await send({"type": "http.response.start", "status": challenge.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _refuse(
-        self, send: Send, route: PricedRoute, scope: Scope, exc: GatewayError, paid: PaidRequest | None = None
+        self,
+        send: Send,
+        ctx: RequestContext,
+        route: PricedRoute,
+        scope: Scope,
+        exc: GatewayError,
+        paid: AnyPaidRequest | None = None,
     ) -> None:
         """402s carry the full challenge (so the client can pay again); every other status a JSON error."""
         extra: list[tuple[bytes, bytes]] = []
         if paid is not None and isinstance(exc, SettlementFailed):
             extra.append(paid.receipt(success=False, reason=exc.reason))
         if exc.status == 402:
-            challenge = self.engine.challenge(
-                route, self.resource_url(scope), exc.reason, exc.message, method=scope["method"]
-            )
-            await self._send_challenge(scope, route, send, challenge, extra)
+            await self._send_challenge(scope, route, send, self.challenge(ctx, route, exc.reason, exc.message), extra)
         else:
             await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
 
@@ -182,42 +191,36 @@ class PaymentMiddleware:
         wait = await self.limiter.retry_after(kind, key, record.route)
         if wait is None:
             return False
-        record.outcome, record.reason = "limited", "rate_limited"
-        exc = GatewayError("too many requests; slow down", reason="rate_limited")
+        record.outcome, record.reason = "limited", reasons.RATE_LIMITED
+        exc = GatewayError("too many requests; slow down", reason=reasons.RATE_LIMITED)
         exc.status = 429  # type: ignore[misc]
         await send_error(send, exc, [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
         return True
 
     async def _priced(
-        self, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
+        self, ctx: RequestContext, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        found = _payment_header(scope)
-        if found is None:
+        presented = _presented(ctx, scope)
+        if presented is None:
             if await self._limited(record, "challenge", record.client or "?", send):
                 return
-            record.outcome, record.reason = "challenge", "payment_required"
-            challenge = self.engine.challenge(route, self.resource_url(scope), method=scope["method"])
-            await self._send_challenge(scope, route, send, challenge)
+            record.outcome, record.reason = "challenge", reasons.PAYMENT_REQUIRED
+            await self._send_challenge(scope, route, send, self.challenge(ctx, route))
             return
-        name, value = found
         # Verifying a payment costs a store claim and RPC calls before the payer is known: bound what one client
-        # address can make us do with made-up payments (THREATS 20), then per payer below.
+        # address can make us do with made-up payments (docs/threat-model.md T20), then per payer below.
         if await self._limited(record, "paid", f"ip:{record.client or '?'}", send):
             return
-        paid: PaidRequest
+        paid: AnyPaidRequest
         t0 = time.perf_counter()
         try:
-            if name == "x-payment" and looks_like_tx_hash(value.strip()):
-                record.kind = "txhash"
-                proof = parse_tx_proof(value, header(scope, b"x-payment-network"), header(scope, b"x-payment-binding"))
-                paid = await self.engine.begin_tx(route, proof, scope["method"], self.resource_url(scope))
-            else:
-                record.kind = "exact"
-                paid = await self.engine.begin(route, name, value, method=scope["method"])
+            scheme = self.engine.scheme_for(presented)
+            record.kind = scheme.name
+            paid = await self.engine.begin(route, presented, scheme)
         except GatewayError as exc:
             record.verify_seconds = time.perf_counter() - t0
             record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
-            await self._refuse(send, route, scope, exc)
+            await self._refuse(send, ctx, route, scope, exc)
             return
         record.verify_seconds = time.perf_counter() - t0
         record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
@@ -232,13 +235,20 @@ class PaymentMiddleware:
                 record.settle_seconds = time.perf_counter() - t0
                 record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
                 await paid.release_quietly()
-                await self._refuse(send, route, scope, exc, paid)
+                await self._refuse(send, ctx, route, scope, exc, paid)
                 return
             record.settle_seconds = time.perf_counter() - t0
-        await self._serve(record, route, paid, scope, receive, send)
+        await self._serve(ctx, record, route, paid, scope, receive, send)
 
     async def _serve(
-        self, record: RequestRecord, route: PricedRoute, paid: PaidRequest, scope: Scope, receive: Receive, send: Send
+        self,
+        ctx: RequestContext,
+        record: RequestRecord,
+        route: PricedRoute,
+        paid: AnyPaidRequest,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         state: dict[str, Any] = {"started": False, "swallow": False, "finished": False}
         upstream_t0 = time.perf_counter()
@@ -291,7 +301,7 @@ class PaymentMiddleware:
                     state["swallow"] = True
                     state["started"] = True
                     log.warning("refusing a paid response", extra={"reason": exc.reason})
-                    await self._refuse(send, route, scope, exc, paid)
+                    await self._refuse(send, ctx, route, scope, exc, paid)
                     return
                 headers = list(message.get("headers", ()))
                 record.tx_hash = paid.tx_hash
@@ -325,14 +335,14 @@ class PaymentMiddleware:
             if not state["finished"]:
                 await _quietly(finish(False))
             if not state["started"]:
-                await send_error(send, GatewayError("the application failed", reason="internal_error"))
+                await send_error(send, GatewayError("the application failed", reason=reasons.INTERNAL_ERROR))
                 return
             raise
         if not state["finished"]:
             # The app returned without a response: nothing was served.
             await _quietly(finish(False))
             if not state["started"]:
-                await send_error(send, GatewayError("the application sent no response", reason="internal_error"))
+                await send_error(send, GatewayError("the application sent no response", reason=reasons.INTERNAL_ERROR))
 
 
 async def _quietly(coro: Any) -> None:
@@ -342,41 +352,41 @@ async def _quietly(coro: Any) -> None:
         log.warning("could not record a failed request's outcome; it is recorded when the store is back")
 
 
-def request_id_of(scope: Scope) -> str:
-    """The client's own X-Request-Id when it is a plausible id, else a new one."""
-    given = header(scope, b"x-request-id")
-    if given and len(given) <= 64 and given.replace(b"-", b"").replace(b"_", b"").isalnum():
-        return given.decode("ascii")
-    return new_request_id()
+def _presented(ctx: RequestContext, scope: Scope) -> Presented | None:
+    """The payment this request carries, if any: x402 v2 ``PAYMENT-SIGNATURE`` first, then ``X-PAYMENT``."""
+    name: HeaderName
+    value = header(scope, b"payment-signature")
+    if value is not None:
+        name = "payment-signature"
+    else:
+        value = header(scope, b"x-payment")
+        if value is None:
+            return None
+        name = "x-payment"
+    return Presented(
+        header=name,
+        value=value,
+        network=header(scope, b"x-payment-network"),
+        binding=header(scope, b"x-payment-binding"),
+        method=ctx.method,
+        resource=ctx.resource,
+    )
 
 
-# A request id is 32 hex characters like a uuid4's, but costs a counter step instead of 16 random bytes: a random
-# 64-bit prefix per process (drawn again in a forked child), then a 64-bit sequence number. Unique within a
-# process by construction, across processes and restarts by the prefix. It is an id, not a secret.
-_ID_PREFIX = os.urandom(8).hex()
-_ID_SEQUENCE = itertools.count(1)
+class PaywallPage(Protocol):
+    """The browser paywall (:class:`gateway.http.paywall.Paywall`): an HTML 402 and the headers it needs."""
+
+    headers: list[tuple[bytes, bytes]]
+
+    def render(self, scope: Scope, route: PricedRoute, challenge: Challenge) -> bytes | None: ...
 
 
-def _new_id_prefix() -> None:
-    global _ID_PREFIX, _ID_SEQUENCE
-    _ID_PREFIX, _ID_SEQUENCE = os.urandom(8).hex(), itertools.count(1)
+class ChallengeExtras(Protocol):
+    """Discovery (:class:`gateway.http.discovery.Discovery`): what a route's 402 declares besides the offers."""
+
+    def challenge_extras(
+        self, route: PricedRoute, method: str, params: dict[str, str]
+    ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]: ...
 
 
-os.register_at_fork(after_in_child=_new_id_prefix)
-
-
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_SEQUENCE):016x}"
-
-
-def _payment_header(scope: Scope) -> tuple[HeaderName, bytes] | None:
-    v2 = header(scope, b"payment-signature")
-    if v2 is not None:
-        return "payment-signature", v2
-    v1 = header(scope, b"x-payment")
-    if v1 is not None:
-        return "x-payment", v1
-    return None
-
-
-__all__ = ["PaymentMiddleware", "new_request_id"]
+__all__ = ["ChallengeExtras", "PaymentMiddleware", "PaywallPage"]

@@ -12,11 +12,11 @@ The page cannot know a POST's original body (a 402 does not echo it): for POST/P
 editable body field, prefilled with the route's ``input_example``, and sends that with the paid retry.
 
 Everything inserted into the HTML is escaped (descriptions come from the config, the resource URL from the
-request: THREATS, reflected XSS); the data the script needs travels in a JSON block with ``<``, ``>`` and ``&``
-escaped, so no value can close it. The Content-Security-Policy allows exactly the two inline blocks by their
+request: docs/threat-model.md T23, reflected XSS); the data the script needs travels in a JSON block with ``<``, ``>``
+and ``&`` escaped, so no value can close it. The Content-Security-Policy allows exactly the two inline blocks by their
 SHA-256 hashes (static files, so static hashes: no per-response nonce to thread through), ``connect-src 'self'``
-and nothing else. :class:`PaywallHeaders` sends it as a header; the page repeats it in a ``<meta>`` so it also
-holds when the hook is used in someone else's app without that layer.
+and nothing else. The payment middleware sends it as a header (:attr:`Paywall.headers`); the page repeats it in a
+``<meta>`` as well, so it holds wherever the page ends up.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ import re
 from importlib import resources
 from typing import Any
 
+from gateway.bazaar import BODY_METHODS, CONTENT_TYPES
 from gateway.config import GatewayConfig
-from gateway.engine.engine import PricedRoute
-from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send
-from gateway.http.bazaar import BODY_METHODS, CONTENT_TYPES
+from gateway.http.asgi import Scope
 from gateway.money import format_usd
-from gateway.schemes.txhash.check import BINDING_HEADER, NETWORK_HEADER
+from gateway.schemes.base import PricedRoute
 from gateway.x402.challenge import Challenge
-from gateway.x402.codec import decode_header
+from gateway.x402.txhash import BINDING_HEADER, NETWORK_HEADER
 
 DISPLAY_NAMES = {
     "base": "Base",
@@ -72,7 +71,7 @@ def _e(value: object) -> str:
 
 
 class Paywall:
-    """Renders the HTML 402. ``render`` is PaymentMiddleware's ``paywall`` hook."""
+    """Renders the HTML 402 (PaymentMiddleware's ``paywall``): the page and the headers it is sent with."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -86,11 +85,16 @@ class Paywall:
         self.meta_policy = policy
         # frame-ancestors only works as a header: no other site may frame the pay button (clickjacking).
         self.policy = policy + "; frame-ancestors 'none'"
+        # What an HTML 402 leaves with, besides the x402 headers: its CSP and the usual hardening.
+        self.headers: list[tuple[bytes, bytes]] = [
+            (b"content-security-policy", self.policy.encode("ascii")),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"x-frame-options", b"DENY"),
+        ]
 
     def render(self, scope: Scope, route: PricedRoute, challenge: Challenge) -> bytes | None:
-        required = _payment_required(challenge)
-        if required is None:
-            return None
+        required = challenge.document
         cfg = route.config
         method = str(scope["method"])
         price = format_usd(cfg.price)
@@ -164,42 +168,4 @@ class Paywall:
         return page.encode("utf-8")
 
 
-def _payment_required(challenge: Challenge) -> dict[str, Any] | None:
-    for name, value in challenge.headers:
-        if name == b"payment-required":
-            try:
-                doc = decode_header(value)
-            except ValueError:
-                return None
-            return doc if isinstance(doc, dict) else None
-    return None
-
-
-class PaywallHeaders:
-    """Pure ASGI: an HTML 402 leaves with its Content-Security-Policy and the usual hardening headers."""
-
-    def __init__(self, app: ASGIApp, paywall: Paywall) -> None:
-        self.app = app
-        self.headers = [
-            (b"content-security-policy", paywall.policy.encode("ascii")),
-            (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"),
-            (b"x-frame-options", b"DENY"),
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def hardened(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 402:
-                headers = list(message.get("headers", []))
-                if any(k == b"content-type" and v.startswith(b"text/html") for k, v in headers):
-                    message = {**message, "headers": headers + self.headers}
-            await send(message)
-
-        await self.app(scope, receive, hardened)
-
-
-__all__ = ["Paywall", "PaywallHeaders"]
+__all__ = ["Paywall"]

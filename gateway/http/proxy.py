@@ -1,11 +1,11 @@
 """The upstream hop: a pure ASGI app that forwards a request to the one configured origin and streams back.
 
-One keep-alive connection pool per proxy (:mod:`gateway.upstream_http`: asyncio protocols and the llhttp parser,
-about 3x less CPU per request than aiohttp, itself 4-8x httpx's throughput in this role, see toolchain.md).
+One keep-alive connection pool per proxy (:mod:`gateway.http.upstream`: asyncio protocols and the llhttp parser,
+about 3x less CPU per request than aiohttp, itself 4-8x httpx's throughput in this role, see docs/development.md).
 Nothing is buffered: the request body streams up, the response body streams down chunk by chunk.
 
-Guarantees (THREATS.md 14-16, 19): scheme, host and port come from the constructor only, the request adds a path
-(never above the base path) and a query; hop-by-hop, payment and client-sent forwarding headers never go upstream,
+Guarantees (docs/threat-model.md T14-T16, T19): scheme, host and port come from the constructor only, the request adds a
+path (never above the base path) and a query; hop-by-hop, payment and client-sent forwarding headers never go upstream,
 the gateway *sets* ``X-Forwarded-*`` and ``inject_headers`` overwrite client headers; ambiguous framing is a 400
 with nothing sent; 413 over ``max_body_bytes``, 408 on a stalled body, bounded upstream timeouts; error messages
 are fixed sentences (no origin URL, credentials or injected value) and ``repr`` names injected headers only.
@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote
 
 from yarl import URL
 
+from gateway.config import ServerConfig, UpstreamConfig
 from gateway.errors import (
     BadGateway,
     BadRequest,
@@ -36,6 +37,11 @@ from gateway.errors import (
 )
 from gateway.http.asgi import Message, Receive, Scope, Send, send_error
 from gateway.http.upstream import ConnectFailed, ReadTimeout, UpstreamError, UpstreamPool
+from gateway.x402 import reasons
+
+# Library defaults are the configuration's defaults, written once (gateway/config/).
+_UPSTREAM = UpstreamConfig()
+_SERVER = ServerConfig()
 
 # RFC 9110 7.6.1; Proxy-Connection is the pre-standard spelling. Expect is answered by our own server (uvicorn
 # sends 100 Continue), so forwarding it would make the upstream wait for a continue that we never await.
@@ -98,7 +104,7 @@ def upstream_path(base: str, raw_path: str) -> str:
             if decoded == ".." and out:
                 out.pop()
         elif "%" in seg and ".." in decoded.replace("\\", "/").split("/"):
-            raise BadRequest("encoded path traversal", reason="invalid_path")
+            raise BadRequest("encoded path traversal", reason=reasons.INVALID_PATH)
         elif seg:
             out.append(seg)
     if not out:
@@ -111,11 +117,11 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     lengths = [v for k, v in headers if k.lower() == b"content-length"]
     chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
     if lengths and chunked:  # front and back end may pick different framings: request smuggling
-        raise BadRequest("Content-Length together with Transfer-Encoding", reason="ambiguous_content_length")
+        raise BadRequest("Content-Length together with Transfer-Encoding", reason=reasons.AMBIGUOUS_CONTENT_LENGTH)
     if not lengths:
         return None
     if len(lengths) > 1 or not lengths[0].strip().isdigit():
-        raise BadRequest("malformed or repeated Content-Length", reason="invalid_content_length")
+        raise BadRequest("malformed or repeated Content-Length", reason=reasons.INVALID_CONTENT_LENGTH)
     return int(lengths[0])
 
 
@@ -128,11 +134,11 @@ class UpstreamProxy:
         *,
         inject_headers: Mapping[str, str] | None = None,
         strip_headers: Iterable[str] = (),
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        max_connections: int = 256,
-        max_body_bytes: int | None = 10 * 1024 * 1024,
-        body_read_timeout: float = 30.0,
+        connect_timeout: float = _UPSTREAM.connect_timeout,
+        read_timeout: float = _UPSTREAM.read_timeout,
+        max_connections: int = _UPSTREAM.max_connections,
+        max_body_bytes: int | None = _SERVER.max_body_bytes,
+        body_read_timeout: float = _SERVER.body_read_timeout,
         public_scheme: str | None = None,
     ) -> None:
         url = URL(origin)
@@ -219,7 +225,7 @@ class UpstreamProxy:
                 hosts.append(v)
         drop = self._drop | named if named else self._drop
         if len(hosts) > 1:  # which one the upstream would trust in X-Forwarded-Host is anyone's guess
-            raise BadRequest("repeated Host header", reason="invalid_host")
+            raise BadRequest("repeated Host header", reason=reasons.INVALID_HOST)
         out = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
         client = scope.get("client")
         if client:
@@ -241,7 +247,7 @@ class UpstreamProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if scope["method"] in REFUSED_METHODS:
-                raise BadRequest("method not forwarded", reason="method_not_allowed")
+                raise BadRequest("method not forwarded", reason=reasons.METHOD_NOT_ALLOWED)
             length = _content_length(scope["headers"])
             if length is not None and self._max_body is not None and length > self._max_body:
                 raise PayloadTooLarge("request body exceeds the limit")

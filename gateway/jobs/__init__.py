@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gateway.config.jobs import JobsConfig
 from gateway.jobs.model import Job, JobStatus
-from gateway.jobs.settings import JobsConfig
-from gateway.storage.jobs import JobStore, open_job_store
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.http.asgi import ASGIApp
     from gateway.jobs.layer import JobsLayer
 
-__all__ = ["Job", "JobStatus", "JobStore", "JobsConfig", "build_jobs", "open_job_store"]
+__all__ = ["Job", "JobStatus", "JobsConfig", "build_jobs"]
 
 
 def build_jobs(config: GatewayConfig, proxy: ASGIApp) -> JobsLayer | None:
@@ -35,6 +34,9 @@ def build_jobs(config: GatewayConfig, proxy: ASGIApp) -> JobsLayer | None:
     jobs = config.jobs
     if jobs is None:
         return None
+    # Here, not at module level: the job stores build on gateway.jobs.model, so a module-level import would be a circle.
+    from gateway.storage.jobs import open_job_store
+
     store = open_job_store(config.store.url.reveal())
     if jobs.mode == "front":
         from gateway.jobs.front import FrontJobs

@@ -8,17 +8,11 @@ default, ``[jobs].token_header``) holding 32 random bytes, base64url without pad
 SHA-256, so a leaked store does not leak live tokens. The caller sends it back on that job's status and cancel
 calls as ``Authorization: Bearer <token>`` (or in the token header itself). It opens that one job only.
 
-**Wallet signature** (every job of a wallet, e.g. after losing the token, and the only proof ``list`` accepts)::
-
-    X-Payer-Auth: <unix-seconds>.<0x EIP-191 personal_sign signature of the message below>
-
-    x402 jobs
-    <METHOD> <path>
-    <unix-seconds>
-
-``<path>`` is the request path without its query string, as sent (the gateway compares it after resolving dot
-segments, as route matching does). The timestamp must be within ±300 s of the gateway's clock. The recovered
-address must be the job's payer (for list: whose jobs are listed). Such a header can be replayed by whoever sees
+**Wallet signature** (every job of a wallet, e.g. after losing the token, and the only proof ``list`` accepts):
+an ``X-Payer-Auth`` header, a personal_sign of the method, path and time (wire format in
+:mod:`gateway.x402.payer_auth`). The gateway compares the path after resolving dot segments, as route matching
+does. The timestamp must be within ±300 s of the gateway's clock. The recovered address must be the job's payer
+(for list: whose jobs are listed). Such a header can be replayed by whoever sees
 it, for that method and path, until it goes stale: it grants a read (or a cancel) of the signer's own job, never
 a payment. Smart-contract wallets (EIP-1271) cannot produce it; they use the token.
 
@@ -34,9 +28,14 @@ import hmac
 import re
 import secrets
 
-from eth_utils.crypto import keccak
-
-from gateway.schemes.exact.check import recover_signer
+from gateway.x402.eip712 import recover_signer
+from gateway.x402.payer_auth import (  # the header's wire format, re-exported with the rules that use it
+    MAX_SKEW_SECONDS,
+    PAYER_AUTH_HEADER,
+    parse_payer_auth,
+    payer_auth_digest,
+    payer_auth_message,
+)
 
 __all__ = [
     "MAX_SKEW_SECONDS",
@@ -49,11 +48,8 @@ __all__ = [
     "verify_payer_auth",
 ]
 
-PAYER_AUTH_HEADER = "X-Payer-Auth"
-MAX_SKEW_SECONDS = 300
 TOKEN_BYTES = 32
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 32 bytes, base64url, no padding
-_PAYER_AUTH = re.compile(r"^([0-9]{1,12})\.0x([0-9a-fA-F]{130})$")
 
 
 def new_token() -> tuple[str, str]:
@@ -88,26 +84,15 @@ def token_matches(token: str | None, stored_hash: str | None) -> bool:
     return hmac.compare_digest(token_hash(token), stored_hash)
 
 
-def payer_auth_message(method: str, path: str, timestamp: int) -> str:
-    return f"x402 jobs\n{method.upper()} {path}\n{timestamp}"
-
-
-def _eip191_digest(message: str) -> bytes:
-    data = message.encode("utf-8")
-    return keccak(b"\x19Ethereum Signed Message:\n" + str(len(data)).encode("ascii") + data)
-
-
 def verify_payer_auth(
     value: bytes | None, method: str, path: str, *, now: int, max_skew: int = MAX_SKEW_SECONDS
 ) -> str | None:
     """The lowercase address that signed ``X-Payer-Auth`` for this request, or None for any failure."""
-    if value is None or len(value) > 200:
+    parsed = None if value is None else parse_payer_auth(value)
+    if parsed is None:
         return None
-    m = _PAYER_AUTH.match(value.decode("latin-1").strip())
-    if m is None:
-        return None
-    timestamp = int(m.group(1))
+    timestamp, signature = parsed
     if abs(now - timestamp) > max_skew:
         return None
-    signer = recover_signer(_eip191_digest(payer_auth_message(method, path, timestamp)), bytes.fromhex(m.group(2)))
+    signer = recover_signer(payer_auth_digest(method, path, timestamp), signature)
     return signer.lower() if signer else None

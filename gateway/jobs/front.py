@@ -22,6 +22,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
+from gateway.config.jobs import JobsConfig
 from gateway.errors import BadGateway
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
 from gateway.http.proxy import UpstreamAborted
@@ -29,9 +30,9 @@ from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import new_token
 from gateway.jobs.layer import _MAX_CACHED, JobsLayer, _Expiring, without_headers
 from gateway.jobs.model import Job, JobStatus, now_ms
-from gateway.jobs.settings import JobsConfig
 from gateway.jobs.wire import authentication_required
 from gateway.storage.jobs import JobStore
+from gateway.x402 import reasons
 
 __all__ = ["FrontJobs", "find_job_id"]
 
@@ -109,11 +110,11 @@ def _header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | No
 def _json_answer(captured: _Captured) -> Any:
     encoding = (_header_value(captured.headers, b"content-encoding") or b"identity").strip().lower()
     if encoding not in (b"identity", b""):
-        raise BadGateway("the upstream compressed its answer", reason="upstream_answer_unreadable")
+        raise BadGateway("the upstream compressed its answer", reason=reasons.UPSTREAM_ANSWER_UNREADABLE)
     try:
         return json.loads(captured.body)
     except (ValueError, UnicodeDecodeError):
-        raise BadGateway("the upstream's answer is not JSON", reason="upstream_answer_unreadable") from None
+        raise BadGateway("the upstream's answer is not JSON", reason=reasons.UPSTREAM_ANSWER_UNREADABLE) from None
 
 
 class FrontJobs(JobsLayer):
@@ -155,13 +156,13 @@ class FrontJobs(JobsLayer):
         try:
             await self.proxy(scope, receive, captured)
         except _TooLarge:
-            raise BadGateway("the upstream's answer is too large", reason="upstream_answer_too_large") from None
+            raise BadGateway("the upstream's answer is too large", reason=reasons.UPSTREAM_ANSWER_TOO_LARGE) from None
         except UpstreamAborted:
             if captured.passing:
                 raise
-            raise BadGateway("the upstream failed while answering", reason="bad_gateway") from None
+            raise BadGateway("the upstream failed while answering", reason=reasons.BAD_GATEWAY) from None
         if not captured.started:
-            raise BadGateway("the upstream sent no answer", reason="bad_gateway")
+            raise BadGateway("the upstream sent no answer", reason=reasons.BAD_GATEWAY)
 
     # ------------------------------------------------------------------------------------------------ submit
 
@@ -172,7 +173,7 @@ class FrontJobs(JobsLayer):
             return  # not a 2xx: the upstream's answer went through as it was, and nothing is charged
         job_id = find_job_id(_json_answer(captured), self.config.job_id_path)
         if job_id is None:
-            raise BadGateway("the upstream's answer carries no job id", reason="upstream_job_id_missing")
+            raise BadGateway("the upstream's answer carries no job id", reason=reasons.UPSTREAM_JOB_ID_MISSING)
         token, digest = new_token()
         now = now_ms()
         job = Job(
@@ -224,7 +225,7 @@ class FrontJobs(JobsLayer):
         doc = _json_answer(captured)
         items = doc.get("jobs") if isinstance(doc, dict) else None
         if not isinstance(items, list):
-            raise BadGateway("the upstream's job list has no jobs array", reason="upstream_answer_unreadable")
+            raise BadGateway("the upstream's job list has no jobs array", reason=reasons.UPSTREAM_ANSWER_UNREADABLE)
         path = self.config.job_id_path
         kept = [item for item in items if find_job_id(item, path) in ids][:limit]
         await send_json(send, 200, {"jobs": kept, "total": total, "filtered": len(kept)})

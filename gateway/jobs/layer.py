@@ -21,16 +21,17 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gateway.config.jobs import JobsConfig
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
-from gateway.http.middleware import request_id_of
+from gateway.http.context import request_id_of
 from gateway.jobs.api import FREE_KINDS, Kind, Match
 from gateway.jobs.auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
 from gateway.jobs.model import Job, now_ms
-from gateway.jobs.settings import JobsConfig
 from gateway.jobs.wire import WireError, job_id_required, not_found
 from gateway.ops.events import Observer, RequestRecord, notify
 from gateway.storage.jobs import JobStore
+from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.jobs")
 
@@ -94,7 +95,7 @@ class JobsLayer:
             match = self.routes.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
             if match is None and scope["type"] == "http" and self.routes.shadowed(scope["path"]):
                 refused = RequestRecord.of_scope(
-                    scope, request_id_of(scope), status=404, outcome="refused", reason="job_call_not_offered"
+                    scope, request_id_of(scope), status=404, outcome="refused", reason=reasons.JOB_CALL_NOT_OFFERED
                 )
                 await send_json(send, 404, {"error": "Not found", "message": "This job API call is not offered"})
                 notify(self.observers, refused)
@@ -122,7 +123,9 @@ class JobsLayer:
             if not isinstance(info, dict) or "on_paid" not in info:
                 # Fail closed: a submit that reached us without a verified payment must not start a job.
                 log.error("jobs submit reached without a payment: is the submit route priced?")
-                await send_error(send, GatewayError("the job submit route is not priced", reason="internal_error"))
+                await send_error(
+                    send, GatewayError("the job submit route is not priced", reason=reasons.INTERNAL_ERROR)
+                )
                 return
             await self._answer(lambda m, s, r, se: self.submit(m, s, r, se, info), match, scope, receive, send)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from gateway.errors import BadGateway, ServiceUnavailable
+from gateway.x402 import reasons
 
 __all__ = [
     "ACTIVE",
@@ -60,13 +61,13 @@ TERMINAL = frozenset(JobStatus) - ACTIVE
 class JobExists(BadGateway):
     """A job id is already recorded: an upstream that reuses ids must not hand one payer's job to another."""
 
-    default_reason = "job_id_reused"
+    default_reason = reasons.JOB_ID_REUSED
 
 
 class JobStoreFull(ServiceUnavailable):
     """``max_jobs`` live jobs exist and none can be evicted: refuse before anyone pays for a job we cannot keep."""
 
-    default_reason = "job_store_full"
+    default_reason = reasons.JOB_STORE_FULL
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,9 @@ from typing import Any
 
 import aiohttp
 
+from gateway.config.jobs import JobsConfig
 from gateway.errors import StoreUnavailable
 from gateway.jobs.model import ACTIVE, RUNNER_LOST, Job, JobStatus, StatusUpdate, now_ms, overdue, timeout_error
-from gateway.jobs.settings import JobsConfig
 from gateway.jobs.stream import (
     Failure,
     LineSplitter,

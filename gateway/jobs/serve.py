@@ -17,13 +17,13 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
+from gateway.config.jobs import JobsConfig
 from gateway.http.asgi import Receive, Scope, Send, send_json
 from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import new_token
 from gateway.jobs.layer import JobsLayer, read_body
 from gateway.jobs.model import ACTIVE, Job, JobStatus, JobStoreFull, now_ms
 from gateway.jobs.runner import JobRunner
-from gateway.jobs.settings import JobsConfig
 from gateway.jobs.wire import (
     agent_cancelled,
     agent_submitted,

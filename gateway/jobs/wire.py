@@ -1,4 +1,4 @@
-"""The two job API styles on the wire (shared/jobs-notes.md), rendered from one :class:`Job` record.
+"""The two job API styles on the wire (docs/jobs.md), rendered from one :class:`Job` record.
 
 Style A, ``"agent"`` (seeds 000-003): ISO-8601 timestamps, ``success``, ``processingTime``, ``cancellable``;
 statuses ``pending processing completed failed cancelled``. Style B, ``"messaging"`` (seed 004): epoch-ms

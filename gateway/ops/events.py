@@ -28,7 +28,7 @@ class RequestRecord:
     status: int = 0
     outcome: Outcome = "free"
     reason: str | None = None  # machine-readable reason of a refusal
-    kind: Literal["exact", "txhash"] | None = None
+    kind: str | None = None  # the payment scheme's name (gateway.schemes), e.g. "exact" or "txhash"
     payer: str | None = None
     network: str | None = None
     amount: int = 0  # atomic units actually collected (0 unless paid and served)

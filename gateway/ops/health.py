@@ -19,9 +19,10 @@ from collections.abc import Awaitable
 import aiohttp
 from yarl import URL
 
+from gateway.chain.network import Network
 from gateway.chain.rpc import hex_int
 from gateway.config import UpstreamConfig
-from gateway.engine.engine import Network, PaymentEngine
+from gateway.engine.engine import PaymentEngine
 
 log = logging.getLogger("gateway.health")
 

@@ -1,7 +1,7 @@
 """Structured logs: one JSON line per request (``gateway.access``), and secrets redacted from every log record.
 
-THREATS 19: the relayer key, upstream API keys, RPC URLs with embedded keys and store passwords must never reach
-a log. The code avoids logging them in the first place (errors carry fixed sentences, the middleware never logs
+docs/threat-model.md T19: the relayer key, upstream API keys, RPC URLs with embedded keys and store passwords must never
+reach a log. The code avoids logging them in the first place (errors carry fixed sentences, the middleware never logs
 a payment header); :class:`SecretRedactor` is the second line for what a library or a future change might log.
 It is a ``logging.Filter`` on *handlers* — a filter on a logger would only see records logged to that very
 logger, not its children — so :func:`install_redaction` attaches it to every handler of the root logger (and of
@@ -224,8 +224,8 @@ class AccessLog:
 
     The hot path: the record is built here, already redacted, with its fields pre-encoded as JSON
     (``_x402_access_json``, used by :class:`JsonFormatter`), so neither the generic :class:`SecretRedactor`
-    pass nor a per-record ``json.dumps`` of a generic dict runs for it. Why that keeps THREATS 19: every field
-    of a :class:`RequestRecord` is a public fact by construction (method, status, outcome and reason words,
+    pass nor a per-record ``json.dumps`` of a generic dict runs for it. Why that keeps docs/threat-model.md T19: every
+    field of a :class:`RequestRecord` is a public fact by construction (method, status, outcome and reason words,
     route pattern, client address, payer address, network name, tx hash, amounts, timings); the only ones a
     client controls are the path and the request id (an ``X-Request-Id`` of ``[A-Za-z0-9_-]{1,64}``), and those
     two still go through :meth:`SecretRedactor.redact` here. Every other record keeps the full filter.

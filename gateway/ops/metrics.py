@@ -1,4 +1,4 @@
-"""Prometheus metrics: an :class:`~gateway.events.Observer` over the middleware's per-request records.
+"""Prometheus metrics: an :class:`~gateway.ops.events.Observer` over the middleware's per-request records.
 
 Every series lives in the gateway's own ``CollectorRegistry`` (not the process-global one), so several
 gateways in one process (tests, an app mounting two) never collide, and ``/metrics`` shows this gateway only.
@@ -34,11 +34,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.ops.events import RequestRecord
+from gateway.x402 import reasons
 
 NAMESPACE = "x402_gateway"
 UNPRICED = "unpriced"
-_STORE_REASONS = frozenset({"store_unavailable"})
-_RPC_REASONS = frozenset({"chain_unavailable", "chain_id_mismatch"})
+_STORE_REASONS = frozenset({reasons.STORE_UNAVAILABLE})
+_RPC_REASONS = frozenset({reasons.CHAIN_UNAVAILABLE, reasons.CHAIN_ID_MISMATCH})
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _CHAIN = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -175,7 +176,7 @@ class PrometheusMetrics:
         children[1].observe(record.total_seconds)
         reason = record.reason
         if record.status == 402:
-            self.payment_required.labels(route, reason or "payment_required").inc()
+            self.payment_required.labels(route, reason or reasons.PAYMENT_REQUIRED).inc()
         if record.outcome == "limited":
             self.rate_limited.labels(route, "paid" if record.payer else "challenge").inc()
         network = record.network or "unknown"

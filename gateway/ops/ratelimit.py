@@ -1,4 +1,5 @@
-"""Rate limits (THREATS 20: challenge flooding) with the ``limits`` library, behind the middleware's ``Limiter``.
+"""Rate limits (docs/threat-model.md T20: challenge flooding) with the ``limits`` library, behind the middleware's
+``Limiter``.
 
 Two kinds of bucket, each per route:
 
@@ -52,7 +53,7 @@ def open_storage(url: str) -> Storage:
 
 
 class RateLimiter:
-    """Implements :class:`gateway.events.Limiter`."""
+    """Implements :class:`gateway.ops.events.Limiter`."""
 
     def __init__(self, limits: RateLimitConfig, per_route: dict[str, tuple[str | None, str | None]]) -> None:
         self._defaults: dict[Kind, list[RateLimitItem]] = {

@@ -1,21 +1,27 @@
-"""Receipt stores: where a payment is claimed exactly once (THREATS 1, 2, 17).
+"""Storage: payment claims, idempotent answers and job records, on one SQLite file or one Redis.
 
-``open_store(url)`` picks the backend from the URL::
+    backend.py        open_backend(url): the one place that reads a store URL
+    sqlite_file.py    one SQLite file behind one worker thread (WAL, fsync per commit, group commit)
+    redis_client.py   one Redis client (short timeouts, one retry, blocking pool)
+    receipts/         a payment is claimed exactly once (``open_store``)
+    idempotency/      a paid answer kept for the retry whose response was lost (``open_idempotency_store``)
+    jobs/             job records, answered by any gateway instance (``open_job_store``)
 
-    sqlite:///relative/path.db     one file shared by the gateway processes of one host
-    sqlite:////absolute/path.db
-    redis://[user:password@]host:port/db   rediss://...   unix:///path/to/redis.sock
-                                   shared by gateway instances on several hosts
+Every store fails closed: a backend that cannot answer raises :class:`gateway.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from gateway.errors import ConfigError
-from gateway.storage.receipts import ClaimRecord, ClaimState, ReceiptStore
-from gateway.storage.receipts_redis import RedisReceiptStore, redact_url
-from gateway.storage.receipts_sqlite import SQLiteReceiptStore
+from gateway.storage.backend import open_backend
+from gateway.storage.receipts import (
+    ClaimRecord,
+    ClaimState,
+    ReceiptStore,
+    RedisReceiptStore,
+    SQLiteReceiptStore,
+    receipt_store_on,
+)
+from gateway.storage.redis_client import redact_url
 
 __all__ = [
     "ClaimRecord",
@@ -27,37 +33,8 @@ __all__ = [
     "redact_url",
 ]
 
-_SQLITE_PREFIX = "sqlite:///"
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-
 
 def open_store(url: str) -> ReceiptStore:
-    """The receipt store named by ``url``; ``ConfigError("store.url", ...)`` for anything else.
-
-    Nothing is connected here: call ``await store.ping()`` at start-up to fail fast.
-    """
-    shown = redact_url(url)
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "sqlite":
-        if not url.startswith(_SQLITE_PREFIX):
-            raise ConfigError(
-                "store.url", f"expected sqlite:///relative/path.db or sqlite:////abs/path.db, got {shown!r}"
-            )
-        path = url[len(_SQLITE_PREFIX) :]
-        if not path or path.endswith("/") or path == ":memory:" or "?" in path:
-            # An in-memory store forgets every claim on restart and is not shared between processes.
-            raise ConfigError("store.url", f"a sqlite store needs a file path, got {shown!r}")
-        return SQLiteReceiptStore(path)
-    if scheme in _REDIS_SCHEMES:
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises ValueError on a malformed port
-        except ValueError as exc:
-            raise ConfigError("store.url", f"malformed redis url {shown!r}") from exc
-        if scheme != "unix" and not parts.hostname:
-            raise ConfigError("store.url", f"redis url without a host: {shown!r}")
-        try:
-            return RedisReceiptStore(url)
-        except Exception as exc:
-            raise ConfigError("store.url", f"invalid redis url {shown!r}") from exc
-    raise ConfigError("store.url", f"unsupported store scheme {scheme!r}: use sqlite:/// or redis://")
+    """The receipt store named by ``url`` (see :mod:`gateway.storage.backend`); ``ConfigError("store.url", ...)``
+    for anything else. Nothing is connected here: call ``await store.ping()`` at start-up to fail fast."""
+    return receipt_store_on(open_backend(url, config_key="store.url"))

@@ -2,9 +2,10 @@
 
 Why each rule exists:
 
-* Fail closed (THREATS 17), quickly: socket and connect timeouts are short, and every Redis or socket error
-  becomes :class:`gateway.errors.StoreUnavailable`. The message names the failure, never the URL (which may carry
-  a password); :func:`redact_url` is what logs and reprs show instead.
+* Fail closed (a store that cannot answer cannot tell a first presentation from a replay), quickly: socket and
+  connect timeouts are short, and every Redis or socket error becomes :class:`gateway.errors.StoreUnavailable`.
+  The message names the failure, never the URL (which may carry a password); :func:`redact_url` is what logs and
+  reprs show instead.
 * At most one immediate retry, on a connection error only, without back-off: it replaces a connection the server
   closed (e.g. across a Redis restart); a server that is down fails after two refused connects, not after a
   back-off ladder. Nothing is cached between calls, so once Redis answers again the same store object works again.
@@ -13,12 +14,14 @@ Why each rule exists:
   a blocking pool makes the burst wait its turn and still fails closed if no connection frees up in time.
 * Scripts are registered once and called by EVALSHA (redis-py loads them again after a ``NOSCRIPT``, e.g. after a
   restart).
+* Time comes from the caller (``now``), never from the Redis host's clock. A record's Redis TTL is only garbage
+  collection, set :data:`GC_SLACK` seconds after its logical expiry, so that clock skew between a gateway and Redis
+  cannot delete a record the gateway still considers live.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,22 +33,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreUnavailable
+from gateway.secrets import redact_url  # masks the password of redis://, rediss:// and unix:// URLs
 
-__all__ = ["POOL_SIZE", "RedisClient", "connect", "redact_url"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "GC_SLACK",
+    "POOL_SIZE",
+    "SOCKET_TIMEOUT",
+    "RedisClient",
+    "connect",
+    "redact_url",
+    "script_number",
+]
 
 POOL_SIZE = 64  # connections per store object; a burst beyond waits for one (up to connect_timeout)
-
-# scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
-# and ?password=... / &password=... (redis-py reads the password from the query string too)
-_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password hidden (``redis://user:***@host``, ``?password=***``), for logs and repr."""
-    # Plain string surgery rather than urlsplit/urlunsplit, which would rewrite ``unix:///path`` as ``unix:/path``.
-    url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+SOCKET_TIMEOUT = 2.0  # seconds; short, so that a hung server fails closed quickly
+CONNECT_TIMEOUT = 2.0
+GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
 
 
 def connect(
@@ -79,6 +83,12 @@ def connect(
     return Redis.from_pool(pool)
 
 
+def script_number(value: float) -> str:
+    """A time or duration as a script argument: ``repr`` of a float round-trips exactly through Lua's
+    ``tonumber``, so the script compares the very instants the caller meant."""
+    return repr(float(value))
+
+
 class RedisClient:
     """One store's Redis client: construction, script registration, error mapping and close.
 
@@ -91,8 +101,8 @@ class RedisClient:
         url: str,
         *,
         what: str,
-        socket_timeout: float,
-        connect_timeout: float,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
         decode_responses: bool = True,
         blocking_pool: bool = True,
     ) -> None:

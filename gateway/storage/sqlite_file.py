@@ -11,8 +11,8 @@ Why each rule exists:
   a local disk, never on NFS/SMB.
 * ``synchronous=FULL`` (per store, FULL everywhere today): in WAL mode ``NORMAL`` survives a crash of the
   *process* but may lose the last commits on power loss or an OS crash; a lost ``CONSUMED`` row would make a spent
-  payment spendable once more after the reboot (THREATS 1: "across restarts"). FULL costs one fsync per
-  transition, which is cheap next to the settlement it guards.
+  payment spendable once more after the reboot (a payment pays for one request, across restarts too). FULL costs
+  one fsync per transition, which is cheap next to the settlement it guards.
 * Every write is one ``BEGIN IMMEDIATE`` transaction, which takes the write lock *before* the row is read, so two
   processes (or two store objects in one process) cannot interleave a compare-and-set.
 * On ``sqlite3.Error`` the connection may be left mid-transaction or broken (disk full, I/O error): it is dropped
@@ -25,8 +25,8 @@ Why each rule exists:
   each in a savepoint of its own (its compare-and-set sees the earlier calls' writes; its own failure rolls back
   only its own changes), and one ``COMMIT`` (one fsync) makes them all durable. No caller hears its answer before
   that commit; if the commit (or any SQLite call) fails, every call of the group fails and none took effect.
-* Fail closed (THREATS 17): every ``sqlite3.Error``, and a call on a closed store, becomes
-  :class:`gateway.errors.StoreUnavailable`.
+* Fail closed (a store that cannot answer cannot tell a first presentation from a replay): every ``sqlite3.Error``,
+  and a call on a closed store, becomes :class:`gateway.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from urllib.request import pathname2url
 
 from gateway.errors import StoreUnavailable
 
-__all__ = ["SQLiteFile"]
+__all__ = ["BUSY_TIMEOUT", "SQLiteFile"]
+
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another process's write lock before failing closed
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:

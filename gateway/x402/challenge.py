@@ -1,17 +1,17 @@
 """The server's own payment requirements and the 402 challenge built from them.
 
-Every 402 carries both protocol versions (x402-notes §1): the v2 ``PAYMENT-REQUIRED`` header, which v2 clients
+Every 402 carries both protocol versions (docs/protocol.md §1): the v2 ``PAYMENT-REQUIRED`` header, which v2 clients
 read first, and a complete v1 JSON body, which v1 clients read only. The v1 body must pass the legacy clients'
 strict schema: ``resource`` absolute, ``description``/``mimeType`` strings, no ``outputSchema: null``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.http.asgi import RawHeaders, dumps
-from gateway.x402.codec import encode_header
+from gateway.x402.codec import RawHeaders, dumps, encode_header
 
 EXPOSE_HEADERS = b"PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE"
 
@@ -73,10 +73,11 @@ class Challenge:
     status: int
     headers: RawHeaders
     body: bytes
+    document: dict[str, Any]  # the v2 PAYMENT-REQUIRED document, as encoded in ``headers`` (for the paywall)
 
 
 def build_challenge(
-    requirements: tuple[Requirement, ...],
+    accepts: tuple[Requirement, ...],
     *,
     resource: str,
     description: str,
@@ -84,32 +85,31 @@ def build_challenge(
     reason: str,
     message: str = "",
     status: int = 402,
-    extensions: dict[str, Any] | None = None,
-    tx_options: list[dict[str, Any]] | None = None,
+    extensions: Mapping[str, Any] | None = None,
+    v1_extra: Mapping[str, Any] | None = None,
+    resource_extra: Mapping[str, Any] | None = None,
 ) -> Challenge:
+    """The 402, built and encoded once: ``extensions`` go into the v2 document only, ``v1_extra`` are extra keys of
+    the v1 body after ``accepts`` (the legacy schema ignores unknown keys), ``resource_extra`` extends v2's
+    ``resource`` object (service metadata)."""
     v2: dict[str, Any] = {
         "x402Version": 2,
         "error": reason,
-        "resource": {"url": resource, "description": description, "mimeType": mime_type},
-        "accepts": [r.v2() for r in requirements],
+        "resource": {"url": resource, "description": description, "mimeType": mime_type, **(resource_extra or {})},
+        "accepts": [r.v2() for r in accepts],
     }
-    extensions = dict(extensions or {})
-    if tx_options:
-        extensions["txhash"] = {"options": tx_options}
     if extensions:
-        v2["extensions"] = extensions
+        v2["extensions"] = dict(extensions)
     # v1 clients read only accepts from the body; ``message`` is extra context for people and is ignored by the
     # legacy schema (unknown keys are stripped, not rejected).
     v1: dict[str, Any] = {
         "x402Version": 1,
         "error": reason,
-        "accepts": [r.v1(resource, description, mime_type) for r in requirements],
+        "accepts": [r.v1(resource, description, mime_type) for r in accepts],
     }
     if message:
         v1["message"] = message
-    if tx_options:
-        # Seed 004's clients read ``payment[0].recipient/amount/network``; the legacy x402 schema ignores it.
-        v1["payment"] = tx_options
+    v1.update(v1_extra or {})
     body = dumps(v1)
     headers: RawHeaders = [
         (b"content-type", b"application/json"),
@@ -118,4 +118,4 @@ def build_challenge(
         (b"cache-control", b"no-store"),
         (b"access-control-expose-headers", EXPOSE_HEADERS),
     ]
-    return Challenge(status=status, headers=headers, body=body)
+    return Challenge(status=status, headers=headers, body=body, document=v2)

@@ -7,7 +7,12 @@ import binascii
 import json
 from typing import Any
 
-from gateway.http.asgi import dumps
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding every x402 implementation produces and expects."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def encode_header(obj: Any) -> str:

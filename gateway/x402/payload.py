@@ -2,7 +2,7 @@
 
 Everything a client sends is untrusted: each field is type-checked and normalised (lowercase hex, ints) here,
 so that one authorization re-encoded with another key order, hex case or padding yields the same
-:class:`ExactPayment` and therefore the same store key (THREATS 1). Anything malformed raises
+:class:`ExactPayment` and therefore the same store key (docs/threat-model.md T1). Anything malformed raises
 :class:`~gateway.errors.BadRequest` (400) with reason ``invalid_payment_header``; never a 5xx.
 """
 

@@ -29,3 +29,62 @@ TRANSFER_EVENT_MISMATCH = "invalid_exact_evm_transfer_event_mismatch"
 PAYMENT_ALREADY_USED = "payment_already_used"
 PAYMENT_IN_FLIGHT = "payment_in_flight"
 UNSUPPORTED_PAYMENT_KIND = "unsupported_payment_kind"
+
+# tx-hash proofs (docs/protocol.md §5)
+TX_NOT_FOUND = "transaction_not_found"
+TX_REVERTED = "transaction_reverted"
+TX_NOT_FINAL = "transaction_not_final"
+TX_TOO_OLD = "transaction_too_old"
+TX_IN_FUTURE = "transaction_in_future"
+TRANSFER_NOT_FOUND = "transfer_not_found"
+AMOUNT_TOO_LOW = "transfer_amount_too_low"
+BINDING_REQUIRED = "payment_binding_required"
+BINDING_MISMATCH = "payment_binding_mismatch"
+NETWORK_REQUIRED = "payment_network_required"
+
+# The error tree's defaults (gateway/errors.py): one per class
+INTERNAL_ERROR = "internal_error"
+INVALID_CONFIG = "invalid_config"
+BAD_REQUEST = "bad_request"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+HEADERS_TOO_LARGE = "headers_too_large"
+REQUEST_TIMEOUT = "request_timeout"
+SERVICE_UNAVAILABLE = "service_unavailable"
+STORE_UNAVAILABLE = "store_unavailable"
+CHAIN_UNAVAILABLE = "chain_unavailable"
+BAD_GATEWAY = "bad_gateway"
+UPSTREAM_UNREACHABLE = "upstream_unreachable"
+UPSTREAM_TIMEOUT = "upstream_timeout"
+SETTLEMENT_FAILED = "settlement_failed"
+
+# Requests the gateway does not pass on (payment middleware, proxy, discovery)
+ROUTE_NOT_FOUND = "route_not_found"
+RATE_LIMITED = "rate_limited"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+INVALID_PATH = "invalid_path"
+INVALID_HOST = "invalid_host"
+AMBIGUOUS_CONTENT_LENGTH = "ambiguous_content_length"
+INVALID_CONTENT_LENGTH = "invalid_content_length"
+
+# Idempotent retries (the Idempotency-Key header)
+INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+IDEMPOTENCY_KEY_IN_FLIGHT = "idempotency_key_in_flight"
+
+# Jobs (billing that follows the job; a fronted jobs API's answers)
+JOB_CALL_NOT_OFFERED = "job_call_not_offered"
+JOB_ID_REUSED = "job_id_reused"
+JOB_STORE_FULL = "job_store_full"
+UPSTREAM_ANSWER_UNREADABLE = "upstream_answer_unreadable"
+UPSTREAM_ANSWER_TOO_LARGE = "upstream_answer_too_large"
+UPSTREAM_JOB_ID_MISSING = "upstream_job_id_missing"
+
+# Chain access, relayer and facilitator (the metrics count a reason starting with ``rpc_`` as an RPC failure)
+CHAIN_ID_MISMATCH = "chain_id_mismatch"
+RPC_NO_QUORUM = "rpc_no_quorum"
+RPC_DISAGREEMENT = "rpc_disagreement"
+RELAYER_REFUSED = "relayer_refused"
+SHUTTING_DOWN = "shutting_down"
+FACILITATOR_UNAVAILABLE = "facilitator_unavailable"
+FACILITATOR_BAD_ANSWER = "facilitator_bad_answer"
+FACILITATOR_REJECTED = "facilitator_rejected"

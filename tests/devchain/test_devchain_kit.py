@@ -90,7 +90,7 @@ def test_find_anvil_names_the_install_script_when_missing(monkeypatch: pytest.Mo
     with pytest.raises(FileNotFoundError, match="X402_ANVIL_BIN"):
         find_anvil()
     monkeypatch.delenv("X402_ANVIL_BIN")
-    monkeypatch.setattr("gateway.dev.chain._REPO_ROOT", Path("/nonexistent"))
+    monkeypatch.setattr("gateway.dev.paths.REPO_ROOT", Path("/nonexistent"))
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(FileNotFoundError, match=r"scripts/install-tools\.sh"):
         find_anvil()

@@ -1,4 +1,4 @@
-"""Every rule x402scan applies before it lists a resource (x402-notes §6), checked against the gateway's own
+"""Every rule x402scan applies before it lists a resource (docs/protocol.md §6), checked against the gateway's own
 402s and documents, and the official x402 package still parsing and paying the 402 with the extension present."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hand-made x402 ``exact`` payments for adversarial tests.
 
-Deliberately independent of ``gateway.client`` and ``gateway.protocol``: the typed data is built field by field
+Deliberately independent of ``gateway.client`` and ``gateway.x402``: the typed data is built field by field
 with eth_account's ``encode_typed_data``, and the envelopes are plain dicts, so a test can get any one field
 wrong (recipient, value, window, chain id, verifying contract, signer, network, scheme, version) while keeping
 everything else valid.

@@ -1,5 +1,5 @@
 """The 402 challenge: both protocol versions in every 402, valid for the official schemas and the legacy clients'
-strict rules, absolute resource URLs, exact amounts, every configured network (x402-notes §1, §4)."""
+strict rules, absolute resource URLs, exact amounts, every configured network (docs/protocol.md §1, §4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every verification failure of an ``exact`` (EIP-3009) payment -> 402 with its own reason, nothing upstream,
-no money moved (x402-notes §2; THREATS 4, 6, 7, 8).
+no money moved (docs/protocol.md §2; docs/threat-model.md T4, T6, T7, T8).
 
 Payments are crafted by hand (tests/e2e/craft.py) so that exactly one field is wrong at a time; a genuine
 payment built the same way is the control that succeeds.

@@ -1,4 +1,4 @@
-"""Fuzz: malformed payment headers never crash the gateway, never reach the upstream (THREATS "Fuzz").
+"""Fuzz: malformed payment headers never crash the gateway, never reach the upstream (docs/threat-model.md T21).
 
 Several hundred hand-picked and seeded-random mutations of a real payment, sent in both header names
 (``X-PAYMENT`` and ``PAYMENT-SIGNATURE``): each answer is a 400 or a 402 carrying a non-empty machine-readable

@@ -1,4 +1,5 @@
-"""One payment buys one request: replays, re-encodings, races and restarts (THREATS 1, 2), over both stores."""
+"""One payment buys one request: replays, re-encodings, races and restarts, over both stores
+(docs/threat-model.md T1, T2)."""
 
 from __future__ import annotations
 

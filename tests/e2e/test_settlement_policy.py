@@ -1,4 +1,5 @@
-"""Settle before or after the upstream: never charged for a failure, never served unpaid (THREATS 9, 10, 11).
+"""Settle before or after the upstream: never charged for a failure, never served unpaid
+(docs/threat-model.md T9, T10, T11).
 
 ``after``: the upstream answers first; only a status < 400 is settled, and a settlement failure turns the answer
 into a 402 (the content is swallowed). ``before``: the money moves first; a failed upstream leaves the paid
@@ -110,7 +111,7 @@ def test_after_policy_upstream_unreachable_is_502_and_not_charged(base_chain: De
 def test_after_policy_payer_drains_balance_while_upstream_works_gets_402_not_the_content(
     base_chain: DevChain, tmp_path: Path
 ) -> None:
-    # THREATS 10: verified, then the payer empties its account before we settle. The answer is swallowed.
+    # docs/threat-model.md T10: verified, then the payer empties its account before we settle. The answer is swallowed.
     payer = base_chain.new_payer(PRICE)
     upstream = HookedUpstream(behaviour=Behaviour(body=b"SECRET CONTENT"))
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path), upstream=upstream) as gw:
@@ -229,8 +230,8 @@ def test_paid_but_unserved_payment_retried_concurrently_is_served_once(base_chai
 def test_authorization_settled_by_a_third_party_first_is_served_once(
     base_chain: DevChain, tmp_path: Path, path: str, version: int
 ) -> None:
-    # THREATS 9: a watcher (or the payer's own facilitator) submits the authorization before we see it. The money
-    # arrived: serve, charge nothing more, and name the transaction that paid.
+    # docs/threat-model.md T9: a watcher (or the payer's own facilitator) submits the authorization before we see it.
+    # The money arrived: serve, charge nothing more, and name the transaction that paid.
     payer = base_chain.new_payer(1_000_000)
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path)) as gw:
         balances = Balances(gw, payer.address)

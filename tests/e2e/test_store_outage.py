@@ -1,8 +1,8 @@
-"""A receipt store that cannot answer fails closed: 503, nothing served, nothing charged (THREATS 17).
+"""A receipt store that cannot answer fails closed: 503, nothing served, nothing charged (docs/threat-model.md T17).
 
 Redis: stopped mid-test (after the gateway started, or in the middle of a paid request) -> 503
 ``store_unavailable``; restarted -> the same payment works exactly once, at once (an interrupted request's claim
-outcome is applied as soon as Redis answers: gateway/deferred.py), and money moves at most once.
+outcome is applied as soon as Redis answers: gateway/engine/deferred.py), and money moves at most once.
 
 SQLite: an unusable store file is refused at start-up (the gateway never listens, so it can never serve a request
 it cannot record); a store file corrupted under a running gateway -> 503 at request time.
@@ -76,7 +76,7 @@ def test_redis_stopped_while_upstream_works_is_503_never_charged_and_once_back_t
 ) -> None:
     # The claim is taken, then Redis dies while the upstream answers. Settlement must be recorded before it is
     # broadcast, so it cannot happen: the client gets a 503 and not the content; no money moves. The claim could
-    # not be released then; it is released as soon as Redis is back (gateway/deferred.py), so the very next
+    # not be released then; it is released as soon as Redis is back (gateway/engine/deferred.py), so the very next
     # presentation of the same payment is served once, and not "in flight" until the claim's lease lapses.
     payer = base_chain.new_payer(1_000_000)
     upstream = HookedUpstream(behaviour=Behaviour(body=b"SECRET CONTENT"))
@@ -190,8 +190,8 @@ def test_sqlite_store_corrupted_under_a_running_gateway_is_503(base_chain: DevCh
 def test_chain_rpc_outage_is_503_nothing_served_then_the_payment_works_once(
     base_chain: DevChain, tmp_path: Path
 ) -> None:
-    # THREATS 18, the chain's side of fail-closed: no RPC answer -> 503 chain_unavailable, never a 402 or a free
-    # answer; the claim is released, so the same payment works once the RPC is back.
+    # docs/threat-model.md T18, the chain's side of fail-closed: no RPC answer -> 503 chain_unavailable, never a 402 or
+    # a free answer; the claim is released, so the same payment works once the RPC is back.
     payer = base_chain.new_payer(1_000_000)
     tap = RpcTap(base_chain.url)
     with serve_asgi(tap) as rpc_url:

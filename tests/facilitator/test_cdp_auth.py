@@ -1,4 +1,4 @@
-"""CdpAuth: the per-request JWT Coinbase's hosted facilitator wants (x402-notes §3), and the secret never shows."""
+"""CdpAuth: the per-request JWT Coinbase's hosted facilitator wants (docs/protocol.md §3); the secret never shows."""
 
 from __future__ import annotations
 

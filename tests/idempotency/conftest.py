@@ -13,7 +13,6 @@ import pytest
 
 from gateway.dev.chain import DevChain
 from gateway.http.app import Gateway
-from gateway.routes import normalise_path
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 
 PRICE = 100_000  # POST /paid and POST /paid-before (tests/support/gateway.py DEFAULT_ROUTES)
@@ -25,12 +24,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return sqlite_url(tmp_path)
     url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
     return url
-
-
-def priced_by(app: Gateway) -> Any:
-    """The lead's wiring: priced iff the payment engine's route table matches the normalised path."""
-    routes = app.payments.engine.routes
-    return lambda method, path: routes.match(method, normalise_path(path)) is not None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Idempotent retries through a real gateway (THREATS 13, with 1, 2, 17): a client whose paid response was lost
-retries with the same ``Idempotency-Key`` and payment and gets the stored answer: one upstream call, one charge."""
+"""Idempotent retries through a real gateway (docs/threat-model.md T13, with T1, T2, T17): a client whose paid response
+was lost retries with the same ``Idempotency-Key`` and payment and gets the stored answer: one upstream call, one
+charge."""
 
 from __future__ import annotations
 

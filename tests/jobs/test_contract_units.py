@@ -193,7 +193,7 @@ def test_the_example_config_documents_every_jobs_key_and_its_jobs_block_is_valid
     import tomllib
     from pathlib import Path
 
-    from gateway.jobs.settings import JobsConfig
+    from gateway.config.jobs import JobsConfig
 
     text = (Path(__file__).parents[2] / "gateway.example.toml").read_text()
     block = text[text.index("# [jobs]") :]

@@ -1,4 +1,4 @@
-"""Structured logs: one JSON line per request, and no secret in any log line (THREATS 19)."""
+"""Structured logs: one JSON line per request, and no secret in any log line (docs/threat-model.md T19)."""
 
 from __future__ import annotations
 

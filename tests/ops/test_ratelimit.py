@@ -1,5 +1,5 @@
-"""Rate limits (THREATS 20): challenge flooding is cut off per client IP, paid hammering per payer, with 429 +
-Retry-After, bounded state, and nothing consumed by a limited request."""
+"""Rate limits (docs/threat-model.md T20): challenge flooding is cut off per client IP, paid hammering per payer, with
+429 + Retry-After, bounded state, and nothing consumed by a limited request."""
 
 from __future__ import annotations
 

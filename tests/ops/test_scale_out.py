@@ -1,4 +1,4 @@
-"""Scaling out: several gateway PROCESSES sharing one Redis stay exactly-once (THREATS 1, 2).
+"""Scaling out: several gateway PROCESSES sharing one Redis stay exactly-once (docs/threat-model.md T1, T2).
 
 Three ``x402-gateway serve`` processes, each on its own port, one Redis (receipts and rate-limit counters), one
 chain, one upstream. One payment sent to all three at once is served exactly once; three different payments,

@@ -1,5 +1,5 @@
-"""Oversized input (THREATS 16): header cap (431) before anything else; an oversized declared body (413) before
-the payment is even looked at, so it consumes nothing and the same payment works on a normal request."""
+"""Oversized input (docs/threat-model.md T16): header cap (431) before anything else; an oversized declared body (413)
+before the payment is even looked at, so it consumes nothing and the same payment works on a normal request."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The paywall in a real browser (Debian's headless Chromium over CDP): it shows the right price and networks,
-and a person with an injected wallet pays with one click against the anvil chain (x402-notes §2)."""
+and a person with an injected wallet pays with one click against the anvil chain (docs/protocol.md §2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from gateway.dev.chain import DevChain
-from gateway.schemes.txhash.check import binding_message
+from gateway.x402.txhash import binding_message
 from tests.paywall.cdp import Chromium, Page
 from tests.paywall.conftest import HOSTILE, OUTPUT, ROUTES
 from tests.paywall.wallet import TestWallet
@@ -122,7 +122,8 @@ async def test_post_route_page_sends_the_body_field_with_the_payment(
 
 
 async def test_description_with_script_renders_as_text(base_chain: DevChain, tmp_path: Path, browser: Chromium) -> None:
-    """THREATS: reflected/stored XSS. A description full of markup is shown verbatim and runs nothing."""
+    """docs/threat-model.md T23: reflected/stored XSS. A description full of markup is shown verbatim and runs
+    nothing."""
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw:
         page = await browser.page()
         watch = "window.__cspViolations = []; document.addEventListener('securitypolicyviolation', e => {"

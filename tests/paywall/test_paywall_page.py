@@ -67,7 +67,8 @@ def test_browser_gets_a_page_and_keeps_the_challenge(base_chain: DevChain, tmp_p
 
 
 def test_description_with_script_is_escaped(base_chain: DevChain, tmp_path: Path) -> None:
-    """THREATS: stored XSS through the config. The description shows as text and cannot close the data block."""
+    """docs/threat-model.md T23: stored XSS through the config. The description shows as text and cannot close the data
+    block."""
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw, gw.client() as http:
         html = http.get("/hostile", headers=HTML).text
     assert "<script>window.__xss" not in html and "<img src=x" not in html
@@ -79,7 +80,8 @@ def test_description_with_script_is_escaped(base_chain: DevChain, tmp_path: Path
 
 
 def test_request_controlled_values_are_escaped(base_chain: DevChain, tmp_path: Path) -> None:
-    """THREATS: reflected XSS. The resource URL on the page comes from the request (path, query, Host)."""
+    """docs/threat-model.md T23: reflected XSS. The resource URL on the page comes from the request (path, query,
+    Host)."""
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES) as gw:
         request = (
             b"GET /report?q=<script>alert(1)</script>&x=\"'><b> HTTP/1.1\r\n"

@@ -1,6 +1,6 @@
 """The upstream hop, driven over real sockets: client -> uvicorn(UpstreamProxy) -> uvicorn(RecordingUpstream).
 
-Each test is named for the property it protects (THREATS.md 14-16, 19).
+Each test is named for the property it protects (docs/threat-model.md T14-T16, T19).
 """
 
 from __future__ import annotations

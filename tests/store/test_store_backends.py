@@ -16,7 +16,7 @@ import redis
 
 from gateway.errors import ConfigError, PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage import ClaimState, RedisReceiptStore, SQLiteReceiptStore, open_store, redact_url
-from gateway.storage.receipts_redis import GC_SLACK
+from gateway.storage.redis_client import GC_SLACK
 
 LEASE = 30.0
 TX = "0x" + "ab" * 32

@@ -1,7 +1,8 @@
-"""The receipt-store contract (gateway/store/base.py), run against SQLite and a real Redis.
+"""The receipt-store contract (gateway/storage/receipts/contract.py), run against SQLite and a real Redis.
 
-THREATS 1 (same proof twice), 2 (concurrent race with one payment), 11 (charged for a failure: resume an
-unserved payment without paying again), 12 (never broadcast twice), 17 (store outage: fail closed, recover).
+docs/threat-model.md: T1 (same proof twice), T2 (concurrent race with one payment), T11 (charged for a failure:
+resume an unserved payment without paying again), T12 (never broadcast twice), T17 (store outage: fail closed,
+recover).
 """
 
 from __future__ import annotations

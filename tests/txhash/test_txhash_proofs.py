@@ -1,11 +1,11 @@
 """Tx-hash proofs end to end: the payer sends USDC itself, then presents ``X-PAYMENT: 0x<tx hash>`` with
-``X-PAYMENT-NETWORK`` and ``X-PAYMENT-BINDING`` (x402-notes §5).
+``X-PAYMENT-NETWORK`` and ``X-PAYMENT-BINDING`` (docs/protocol.md §5).
 
 Real gateway (uvicorn), real anvil chains, real SQLite/Redis stores. Every refusal is checked for its status,
-its exact reason and zero upstream calls. Threats proven closed (THREATS.md): 1 same proof twice (replay,
-other route, restart, other encoding), 2 concurrent race, 3 stolen tx hash, 4 route confusion, 5 spoofed token,
-6 wrong recipient / underpayment, 7 reverted / stale / not final / other chain, 11 upstream failure not charged,
-17 store outage, 18 lying RPC.
+its exact reason and zero upstream calls. Threats proven closed (docs/threat-model.md): T1 same proof twice
+(replay, other route, restart, other encoding), T2 concurrent race, T3 stolen tx hash, T4 route confusion, T5 spoofed
+token, T6 wrong recipient / underpayment, T7 reverted / stale / not final / other chain, T11 upstream failure not
+charged, T17 store outage, T18 lying RPC.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from x402.schemas.v1 import PaymentRequiredV1
 
 from gateway.client.txhash import tx_proof_headers
 from gateway.dev.chain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, mint
-from gateway.schemes.txhash import check as txhash
-from gateway.x402 import reasons
+from gateway.x402 import reasons, txhash
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
 from tests.txhash.helpers import (
@@ -131,7 +130,7 @@ def test_genuine_transfer_pays_exactly_once(base_chain: DevChain, store_url: str
         assert seen.path == "/paid"
         assert not {"x-payment", "x-payment-network", "x-payment-binding"} & {k for k, _ in seen.headers}
 
-        # THREATS 1: the same proof again, in another encoding, and on another route of the same price.
+        # docs/threat-model.md T1: the same proof again, in another encoding, and on another route of the same price.
         assert_refused(post(gw, headers), gw, reasons.PAYMENT_ALREADY_USED, upstream_calls=1)
         upper = {**headers, "X-PAYMENT": "0x" + tx[2:].upper()}
         assert_refused(post(gw, upper), gw, reasons.PAYMENT_ALREADY_USED, upstream_calls=1)
@@ -162,7 +161,7 @@ def test_price_minus_one_unit_is_too_low(base_chain: DevChain, gw: GatewayUnderT
 
 
 def test_cheap_payment_does_not_open_a_dear_route(base_chain: DevChain, gw: GatewayUnderTest):
-    """THREATS 4: the price is the server's for this route (GET /dear costs $1.00), never the payer's."""
+    """docs/threat-model.md T4: the price is the server's for this route (GET /dear costs $1.00), never the payer's."""
     payer, tx = pay(base_chain, gw)
     with gw.client() as client:
         r = client.get("/dear", headers=proof(gw, payer, tx, method="GET", path="/dear"))
@@ -243,7 +242,8 @@ def test_transfer_in_a_future_block(future_chain: DevChain, tmp_path: Path):
 
 
 def test_stolen_hash_cannot_be_spent_by_another_wallet(base_chain: DevChain, gw: GatewayUnderTest):
-    """THREATS 3: anyone can read the hash off a block explorer; only the transfer's sender can spend it."""
+    """docs/threat-model.md T3: anyone can read the hash off a block explorer; only the transfer's sender can spend
+    it."""
     payer, tx = pay(base_chain, gw)
     thief = other_account()
     assert_refused(post(gw, proof(gw, thief, tx)), gw, txhash.BINDING_MISMATCH)
@@ -344,7 +344,8 @@ def test_consumed_proof_stays_consumed_across_a_restart_redis(
 def test_unserved_proof_survives_a_restart(
     base_chain: DevChain, tmp_path: Path, request: pytest.FixtureRequest, backend: str
 ):
-    """THREATS 11 across a restart: paid, the upstream failed, the gateway restarted: served once, then spent."""
+    """docs/threat-model.md T11 across a restart: paid, the upstream failed, the gateway restarted: served once, then
+    spent."""
     store = sqlite_url(tmp_path) if backend == "sqlite" else request.getfixturevalue("redis_url")
     payment = {"pay_to": other_account().address}
     failing = RecordingUpstream(behaviour=Behaviour(status=503))
@@ -375,8 +376,8 @@ def test_hundred_concurrent_presentations_serve_once(base_chain: DevChain, store
 
 
 def test_storm_across_two_gateways_sharing_redis(base_chain: DevChain, redis_url: str):
-    """THREATS 1-2 across instances: two gateways behind one public URL, one Redis, one upstream; 100 requests
-    with one proof released together, alternating between the instances."""
+    """docs/threat-model.md T1-T2 across instances: two gateways behind one public URL, one Redis, one upstream; 100
+    requests with one proof released together, alternating between the instances."""
     upstream = RecordingUpstream()
     shared = {
         "store_url": redis_url,
@@ -403,7 +404,7 @@ def test_storm_across_two_gateways_sharing_redis(base_chain: DevChain, redis_url
 
 @pytest.mark.parametrize("path", ["/paid", "/paid-before"])
 def test_upstream_failure_does_not_consume_the_proof(base_chain: DevChain, tmp_path: Path, path: str):
-    """THREATS 11: the money is already on chain; a failed request leaves it usable until one succeeds."""
+    """docs/threat-model.md T11: the money is already on chain; a failed request leaves it usable until one succeeds."""
     upstream = RecordingUpstream(behaviour=Behaviour(status=500, body=b"boom"))
     with running_gateway(base_chain, store_url=sqlite_url(tmp_path), upstream=upstream) as gw:
         payer, tx = pay(base_chain, gw)
@@ -445,7 +446,8 @@ def test_route_on_two_networks_takes_a_proof_from_each(base_chain: DevChain, pol
 
 
 def test_rpc_endpoints_must_agree(base_chain: DevChain, other_base: DevChain, tmp_path: Path):
-    """THREATS 18: Base through two endpoints, one of which serves another history (a lying or forked node)."""
+    """docs/threat-model.md T18: Base through two endpoints, one of which serves another history (a lying or forked
+    node)."""
     recipient = other_account().address
     payment = {"pay_to": recipient}
     store = sqlite_url(tmp_path)
@@ -465,7 +467,8 @@ def test_rpc_endpoints_must_agree(base_chain: DevChain, other_base: DevChain, tm
 
 
 def test_no_rpc_answering_is_503_not_402(other_base: DevChain, tmp_path: Path):
-    """THREATS 18: the chain cannot be asked, so the gateway cannot know: fail closed with a 5xx, consume nothing."""
+    """docs/threat-model.md T18: the chain cannot be asked, so the gateway cannot know: fail closed with a 5xx, consume
+    nothing."""
     with running_gateway(other_base, store_url=sqlite_url(tmp_path)) as gw:
         payer, tx = pay(other_base, gw)
         other_base.stop()

@@ -1,4 +1,4 @@
-"""gateway/deferred.py: claim outcomes a store outage interrupted are applied once the store answers, in order,
+"""gateway/engine/deferred.py: claim outcomes a store outage interrupted are applied once the store answers, in order,
 in the background or at once on a new presentation; never after the claim's lease, never past a lost claim.
 (End to end with a real Redis stopped mid-request: tests/e2e/test_store_outage.py.)"""
 

@@ -12,7 +12,7 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from gateway.http.middleware import new_request_id
+from gateway.http.context import new_request_id
 from gateway.jobs import layer as layer_module
 from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import payer_auth_message
@@ -89,7 +89,7 @@ def test_access_lines_are_valid_json_redacted_and_unique() -> None:
 
 
 def test_settlement_gas_is_estimated_first_then_assumed_but_estimated_again_periodically_and_after_a_revert() -> None:
-    from gateway.chain.relayer import GasBook
+    from gateway.chain.gas import GasBook
 
     book = GasBook(refresh_every=4)
     assert book.hint() is None  # nothing learned: estimate

@@ -1,4 +1,4 @@
-"""The pipelined relayer (gateway/settle.py): fast signing is byte-identical to eth_account, many settlements in
+"""The pipelined relayer (gateway/chain/relayer.py): fast signing is byte-identical to eth_account, many settlements in
 flight never leave a nonce gap behind, and a settlement that cannot be recorded never leaves at all."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import pytest
 from coincurve import PrivateKey
 from eth_account import Account
 
-from gateway.chain.relayer import ReceiptWatcher, Relayer, sign_eip1559
+from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import ChainRpc
+from gateway.chain.transactions import sign_eip1559
+from gateway.chain.watcher import ReceiptWatcher
 from gateway.config import Secret
 from gateway.dev.chain import DevChain, set_eth_balance, start_dev_chain
 from gateway.errors import StoreUnavailable

@@ -1,4 +1,4 @@
-"""Settlements batched through Multicall3 (gateway/settle.py SettlementBatcher) on a real anvil with the test token:
+"""Settlements batched through Multicall3 (gateway/chain/batcher.py) on a real anvil with the test token:
 one transaction carries many authorizations, one that fails does not take the others down or count as paid, and
 a batch whose hash could not be recorded for every settlement never leaves as signed."""
 
@@ -15,8 +15,10 @@ import aiohttp
 from eth_account import Account
 
 from gateway.chain.abi import MULTICALL3_ADDRESS
-from gateway.chain.relayer import ReceiptWatcher, Relayer, SettlementBatcher
+from gateway.chain.batcher import SettlementBatcher
+from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import ChainRpc
+from gateway.chain.watcher import ReceiptWatcher
 from gateway.client.exact import Option, sign_exact_payment
 from gateway.config import Secret
 from gateway.dev.chain import DevChain, set_eth_balance

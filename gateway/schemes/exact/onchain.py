@@ -14,9 +14,10 @@ from typing import Any
 from gateway.chain import abi
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.errors import ChainUnavailable, PaymentRequired
-from gateway.schemes.exact.check import SignatureKind, authorization_digest, split_signature
+from gateway.schemes.exact.check import SignatureKind
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
+from gateway.x402.eip712 import authorization_digest, split_signature
 from gateway.x402.payload import Authorization, ExactPayment
 
 
@@ -51,9 +52,10 @@ async def preflight_exact(
     simulate: bool = True,
     gas_hint: int | None = None,
 ) -> Preflight:
-    """``simulate=False`` (the re-check just before settling, THREATS 10) leaves out ``eth_estimateGas``: what a
-    payer can change in the meantime, balance and nonce state, is read directly by the two view calls, and the
-    simulation is by far the node's most expensive call (measured on anvil: ~1.8 ms of ~2.4 ms per preflight).
+    """``simulate=False`` (the re-check just before settling, docs/threat-model.md T10) leaves out
+    ``eth_estimateGas``: what a payer can change in the meantime, balance and nonce state, is read directly by the
+    two view calls, and the simulation is by far the node's most expensive call (measured on anvil: ~1.8 ms of
+    ~2.4 ms per preflight).
     Anything else would make the settlement revert on chain, which is detected there (no Transfer to us: 402),
     at the price of one failed transaction's gas. The returned ``gas`` is then 0.
 
@@ -127,7 +129,7 @@ async def find_prior_settlement(
 ) -> str | None:
     """If someone else already executed this authorization *to us*, the hash of that transaction.
 
-    THREATS 9: a watcher (or the payer's own facilitator) may front-run our settlement; the money still
+    docs/threat-model.md T9: a watcher (or the payer's own facilitator) may front-run our settlement; the money still
     arrived, so the payment counts. Found through the token's ``AuthorizationUsed(from, nonce)`` event.
     """
     head = hex_int(await rpc.request("eth_blockNumber", []))

@@ -1,73 +1,32 @@
-"""The upstream hop's HTTP/1.1 client: a keep-alive pool of asyncio protocols with the ``httptools`` parser.
+"""One upstream connection as an asyncio protocol, with the ``httptools`` (llhttp) parser, and the answer it hands out.
 
-Why our own: forwarding is the whole cost of a free request, and a general-purpose client spends most of its time
-on what a proxy to one fixed origin never needs (URL objects, cookie jars, header multidicts, tracing hooks,
-redirects). Measured on the benchmark's free route: aiohttp's request path was about a third of the gateway's
-CPU. What remains here is the protocol itself, written against the same parser uvicorn uses (llhttp, via
-``httptools``).
-
-What it does, and the rules it keeps:
-
-* One origin (host, port, optional TLS) per pool, at most ``max_connections`` open; a request that finds none free
-  waits up to ``connect_timeout`` for one, then fails as unreachable (a saturated pool answers 502, not a queue).
-* Idle connections are reused newest first and dropped after ``idle_timeout`` (below the common 5 s keep-alive
-  of upstream servers, so we rarely reuse one the server is closing). A request on a reused connection that
-  fails before any byte of an answer came back is sent once more on a fresh connection only if it is replayable
-  (GET, HEAD or OPTIONS without a body: the rule Go's ``net/http`` uses).
-* Request framing: the caller's ``content-length`` is kept and the body is streamed as is; a body of unknown
-  length goes ``Transfer-Encoding: chunked``; a body-less POST/PUT/PATCH says ``content-length: 0``. The head and
-  the first body chunk leave in one write.
-* Response framing is llhttp's (Content-Length, chunked, or until close); a HEAD answer has no body whatever it
-  declares; 1xx interim answers are skipped; an upgrade (101) is refused. A connection goes back to the pool only
-  after a complete answer the server did not mark ``Connection: close``; anything else closes it.
-* Read timeout: ``read_timeout`` without a byte from the upstream while we wait for one (time spent with reading
-  paused because the client is slow to take the body does not count). Reading pauses above 1 MiB buffered.
-* Errors are :class:`UpstreamError` subclasses whose messages never name the origin.
+One exchange at a time, each with a parser of its own. The rules kept here: a HEAD answer has no body whatever it
+declares; 1xx interim answers are skipped; an upgrade (101) is refused; an answer without length ends at a clean
+close, while a reset or a close before the declared end is a truncation. The connection is reusable only after a
+complete answer the server did not mark ``Connection: close``, to a request that was sent whole; an upstream
+talking out of turn (bytes nobody asked for, a second answer) is never trusted with the next request. Reading
+pauses above ``_HIGH_WATER`` buffered bytes, and the read timeout does not run while it is paused (the client is
+slow, not the upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ssl as ssl_module
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
-__all__ = [
-    "ConnectFailed",
-    "ProtocolFailure",
-    "ReadTimeout",
-    "UpstreamError",
-    "UpstreamPool",
-    "UpstreamResponse",
-]
+from gateway.http.upstream.errors import ProtocolFailure, ReadTimeout, StaleConnection, UpstreamError
 
-_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+if TYPE_CHECKING:
+    from gateway.http.upstream.pool import UpstreamPool
+
+__all__ = ["Connection", "UpstreamResponse"]
+
 _HIGH_WATER = 1 << 20  # buffered answer bytes above which reading pauses
 _LOW_WATER = 1 << 18
-
-
-class UpstreamError(Exception):
-    """The upstream exchange failed; the message is a fixed sentence (no origin, no credentials)."""
-
-
-class ConnectFailed(UpstreamError):
-    """No connection: refused, unresolvable, TLS failure, connect timeout or a saturated pool."""
-
-
-class ReadTimeout(UpstreamError, TimeoutError):
-    """The upstream sent nothing for ``read_timeout`` while an answer was awaited."""
-
-
-class ProtocolFailure(UpstreamError):
-    """The connection broke, or the answer could not be parsed."""
-
-
-class _Stale(Exception):
-    """A reused connection closed before any byte of the answer: maybe the server's idle close."""
 
 
 class UpstreamResponse:
@@ -75,7 +34,7 @@ class UpstreamResponse:
 
     __slots__ = ("_conn", "headers", "status")
 
-    def __init__(self, conn: _Connection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, conn: Connection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
         self.status = status
         self.headers = headers
@@ -95,7 +54,7 @@ class UpstreamResponse:
         self._conn.finish()
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One upstream connection; one exchange at a time; its own parser per exchange."""
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -239,13 +198,13 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: UpstreamError, *, closed: bool = False) -> None:
         """``closed``: the connection went away; on a reused one before any byte came back, that is the server's
-        idle close racing our request (``_Stale``: replayable). A timeout or a parse error never is."""
+        idle close racing our request (``StaleConnection``: replayable). A timeout or a parse error never is."""
         if self.error is None and not self.complete:
             self.error = error
         self._stop_timer()
         if self.head is not None and not self.head.done():
             stale = closed and self.reused and not self.received
-            self.head.set_exception(_Stale() if stale else error)
+            self.head.set_exception(StaleConnection() if stale else error)
         self._wake()
 
     def _wake(self) -> None:
@@ -303,7 +262,7 @@ class _Connection(asyncio.Protocol):
         try:
             if body is None:
                 if not self._write(head):
-                    raise _Stale() if self.reused else ProtocolFailure("the upstream closed the connection")
+                    raise StaleConnection() if self.reused else ProtocolFailure("the upstream closed the connection")
             else:
                 await self._send_body(head, body, chunked)
             if self.closed and not future.done():
@@ -382,205 +341,3 @@ class _Connection(asyncio.Protocol):
             self.transport.close()  # connection_lost follows and forgets us in the pool
         elif self.transport is None:
             self.closed = True
-
-
-class UpstreamPool:
-    """Keep-alive connections to one origin (see the module docstring)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        tls: bool,
-        authority: str,
-        max_connections: int = 256,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        idle_timeout: float = 4.0,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.ssl: ssl_module.SSLContext | None = ssl_module.create_default_context() if tls else None
-        self.authority = authority.encode("ascii")
-        self.max_connections = max(1, max_connections)
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.idle_timeout = idle_timeout
-        self.loop = asyncio.get_running_loop()
-        self._idle: list[_Connection] = []
-        self._open = 0  # connecting, busy and idle
-        self._live: set[_Connection] = set()
-        self._slots: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
-        self._closed = False
-
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
-    async def request(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes] | None = None,
-        *,
-        content_length: int | None = None,
-    ) -> UpstreamResponse:
-        """Send ``method target`` with ``headers`` (no Host, no framing of the body but ``content_length`` when
-        known: it is added here) and return the answer's head; the body follows through the response."""
-        lines = [f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1"), self.authority, b"\r\n"]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
-        chunked = body is not None and content_length is None
-        if chunked:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        elif content_length is not None:
-            lines.append(b"content-length: %d\r\n" % content_length)
-        elif method in _BODY_METHODS:
-            lines.append(b"content-length: 0\r\n")
-        lines.append(b"\r\n")
-        head = b"".join(lines)
-        # Exactly the line breaks written above (request line, host, each header, framing, blank line), and no
-        # NUL: a CR or LF inside a header (or the target) would let it write a header or a request of its own.
-        breaks = len(headers) + (4 if (chunked or content_length is not None or method in _BODY_METHODS) else 3)
-        if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
-            raise ProtocolFailure("a header would break the request's framing")  # never written upstream
-        conn = await self._acquire()
-        try:
-            return await conn.exchange(method, head, body, chunked)
-        except _Stale:
-            if method not in _REPLAYABLE or body is not None:
-                raise ProtocolFailure("the upstream closed the connection without an answer") from None
-        conn = await self._acquire(fresh=True)
-        try:
-            return await conn.exchange(method, head, None, False)
-        except _Stale:
-            raise ProtocolFailure("the upstream closed the connection without an answer") from None
-
-    async def _acquire(self, *, fresh: bool = False) -> _Connection:
-        """A connection: an idle one, a new one, or (all ``max_connections`` busy) the next one freed, first come
-        first served. A waiter is handed a released connection directly, or a reserved slot to connect with, so
-        a request arriving later can never take what an earlier one was woken for."""
-        deadline = self.loop.time() + self.connect_timeout
-        while True:
-            if self._closed:
-                raise ConnectFailed("the upstream client is closed")
-            if not self._slots:  # nobody is queued ahead of this request
-                if not fresh:
-                    conn = self._take_idle()
-                    if conn is not None:
-                        return conn
-                if self._open < self.max_connections:
-                    self._open += 1
-                    return await self._connect(deadline)
-                if fresh and self._idle:  # full of idle connections: make room for a fresh one
-                    self._idle.pop(0).close()
-            slot: asyncio.Future[_Connection | None] = self.loop.create_future()
-            self._slots.append(slot)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    got = await slot
-            except BaseException as exc:
-                if slot in self._slots:
-                    self._slots.remove(slot)
-                elif slot.done() and not slot.cancelled():  # handed something just as we gave up: pass it on
-                    handed = slot.result()
-                    if handed is None:
-                        self._open -= 1
-                        self._free_slot()
-                    else:
-                        self._give_back(handed)
-                if isinstance(exc, TimeoutError):
-                    raise ConnectFailed("no upstream connection became free in time") from None
-                raise
-            if got is None:
-                return await self._connect(deadline)  # a slot was reserved for us (counted in _open)
-            if fresh:  # a replay wants a new connection: pass this one on and wait for a slot
-                self._give_back(got)
-                continue
-            if not got.closed:
-                got.reused = True
-                return got
-            # it closed on the way to us: its slot comes back through _forget; wait again (same deadline)
-
-    def _take_idle(self) -> _Connection | None:
-        now = self.loop.time()
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.closed:
-                continue
-            if now - conn.idle_since > self.idle_timeout:
-                conn.close()
-                continue
-            conn.reused = True
-            return conn
-        return None
-
-    async def _connect(self, deadline: float) -> _Connection:
-        """Open a connection in a slot already counted in ``_open`` by the caller."""
-        conn = _Connection(self)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
-        except BaseException as exc:
-            self._open -= 1
-            self._free_slot()
-            conn.closed = True
-            if isinstance(exc, TimeoutError):
-                raise ConnectFailed("the upstream could not be reached in time") from None
-            if isinstance(exc, OSError | ssl_module.SSLError):
-                raise ConnectFailed("the upstream could not be reached") from None
-            raise
-        if conn.closed:  # lost before create_connection returned: never counted in _live, so count it out here
-            self._open -= 1
-            self._free_slot()
-            raise ConnectFailed("the upstream could not be reached")
-        self._live.add(conn)
-        return conn
-
-    def _give_back(self, conn: _Connection) -> None:
-        if self._closed:
-            conn.close()
-            return
-        while self._slots:  # the longest waiter takes it as it is
-            slot = self._slots.popleft()
-            if not slot.done():
-                slot.set_result(conn)
-                return
-        conn.idle_since = self.loop.time()
-        self._idle.append(conn)
-
-    def _forget(self, conn: _Connection) -> None:
-        if conn in self._live:
-            self._live.discard(conn)
-            if conn in self._idle:
-                self._idle.remove(conn)
-            self._open -= 1
-            self._free_slot()
-
-    def _free_slot(self) -> None:
-        """A slot opened: reserve it for the longest waiter, who connects with it."""
-        while self._slots:
-            slot = self._slots.popleft()
-            if not slot.done():
-                self._open += 1
-                slot.set_result(None)
-                return
-
-    async def aclose(self) -> None:
-        self._closed = True
-        for conn in list(self._live):
-            conn.close()
-        self._idle.clear()
-        while self._slots:
-            slot = self._slots.popleft()
-            if not slot.done():
-                slot.set_exception(ConnectFailed("the upstream client is closed"))
-        await asyncio.sleep(0)  # let the transports' close callbacks run

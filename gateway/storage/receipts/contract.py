@@ -15,7 +15,7 @@ Life of a claim::
   broadcast twice.
 * ``PAID``: the money is on chain; ``owner`` is serving a request with it.
 * ``UNSERVED``: the money is on chain but the request it paid for failed (upstream 5xx, unreachable); the next
-  presentation of the same payment resumes it without paying again (THREATS 11).
+  presentation of the same payment resumes it without paying again (the client paid once; it is owed one answer).
 * ``CONSUMED``: one request succeeded with it; every later presentation is a replay.
 
 A PENDING or PAID claim whose ``lease_until`` has passed belongs to a gateway that died; ``claim`` hands it to

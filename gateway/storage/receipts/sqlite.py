@@ -11,8 +11,7 @@ transaction already handed to that thread; a claim taken that way is simply neve
 
 Durability: ``synchronous=FULL``. In WAL mode ``NORMAL`` survives a crash of the *process* but may lose the
 last commits on power loss or an OS crash; a lost ``CONSUMED`` row would make a spent payment spendable once
-more after the reboot (THREATS 1: "across restarts"). FULL costs one fsync per transition, which is cheap next
-to the settlement it guards.
+more after the reboot. FULL costs one fsync per transition, which is cheap next to the settlement it guards.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.errors import PaymentInFlight, PaymentReplayed
-from gateway.storage.receipts import ClaimRecord, ClaimState
-from gateway.storage.sqlite_file import SQLiteFile
+from gateway.storage.receipts.contract import ClaimRecord, ClaimState
+from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
 __all__ = ["SQLiteReceiptStore"]
 
@@ -92,9 +91,9 @@ def _later(a: float | None, b: float | None) -> float | None:
 
 
 class SQLiteReceiptStore:
-    """:class:`gateway.store.base.ReceiptStore` on one SQLite file (see the module docstring)."""
+    """:class:`gateway.storage.receipts.ReceiptStore` on one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._db = SQLiteFile(
             path, schema=(_SCHEMA, _INDEX), busy_timeout=busy_timeout, what="receipt store", thread="x402-sqlite-store"
         )

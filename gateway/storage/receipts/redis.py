@@ -6,14 +6,13 @@ registered once and called by EVALSHA (redis-py loads them again after a ``NOSCR
 
 Time: ``now`` always comes from the caller, so the semantics do not depend on the Redis host's clock. The
 hash's Redis TTL (``PEXPIREAT``, or ``PERSIST`` for records kept for ever) is only garbage collection; it is
-set :data:`GC_SLACK` seconds after the logical expiry so that clock skew between a gateway and Redis cannot
-delete a record that the gateway still considers live. A PENDING/PAID claim never expires under a live lease.
+set :data:`gateway.storage.redis_client.GC_SLACK` seconds after the logical expiry so that clock skew between a
+gateway and Redis cannot delete a record that the gateway still considers live. A PENDING/PAID claim never
+expires under a live lease.
 
-Fail closed (THREATS 17): every Redis error becomes :class:`StoreUnavailable`, quickly: socket and connect
-timeouts are short, and a failed command is retried at most once, only on a connection error and without
-back-off (that one retry replaces a connection the server closed, e.g. across a Redis restart). Nothing is
-cached between calls, so once Redis answers again the same store object works again. Every script is safe
-to repeat: a repeated ``claim`` sees its own live claim and answers ``PaymentInFlight`` (fail closed); the other
+Fail closed (a store that cannot answer cannot tell a first presentation from a replay): every Redis error
+becomes :class:`StoreUnavailable`, quickly (see :mod:`gateway.storage.redis_client`). Every script is safe to
+repeat: a repeated ``claim`` sees its own live claim and answers ``PaymentInFlight`` (fail closed); the other
 transitions are idempotent for the owner that holds the claim.
 """
 
@@ -24,12 +23,12 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
-from gateway.storage.receipts import ClaimRecord, ClaimState
-from gateway.storage.redis_client import POOL_SIZE, RedisClient, connect, redact_url
+from gateway.storage.receipts.contract import ClaimRecord, ClaimState
+from gateway.storage.redis_client import CONNECT_TIMEOUT, GC_SLACK, SOCKET_TIMEOUT, RedisClient, script_number
 
-__all__ = ["GC_SLACK", "POOL_SIZE", "RedisReceiptStore", "connect", "redact_url"]
+__all__ = ["PREFIX", "RedisReceiptStore"]
 
-GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
+PREFIX = "x402:"
 
 _FIELDS = ("state", "owner", "tx", "lease", "exp", "upd")
 
@@ -138,24 +137,20 @@ return 0
 """
 
 
-def _num(value: float) -> str:
-    return repr(float(value))
-
-
 def _opt(value: float | None) -> str:
-    return "" if value is None else _num(value)
+    return "" if value is None else script_number(value)
 
 
 class RedisReceiptStore:
-    """:class:`gateway.store.base.ReceiptStore` on Redis (see the module docstring)."""
+    """:class:`gateway.storage.receipts.ReceiptStore` on Redis (see the module docstring)."""
 
     def __init__(
         self,
         url: str,
         *,
-        prefix: str = "x402:",
-        socket_timeout: float = 2.0,
-        connect_timeout: float = 2.0,
+        prefix: str = PREFIX,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._prefix = prefix
         self._client = RedisClient(
@@ -175,7 +170,13 @@ class RedisReceiptStore:
 
     async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
         res = await self._script(
-            self._claim, key, owner, _num(now), _num(now + lease), _opt(expires_at), _num(GC_SLACK)
+            self._claim,
+            key,
+            owner,
+            script_number(now),
+            script_number(now + lease),
+            _opt(expires_at),
+            script_number(GC_SLACK),
         )
         if not isinstance(res, list) or not res:
             raise StoreUnavailable("redis receipt store: unexpected script reply")
@@ -196,7 +197,15 @@ class RedisReceiptStore:
         )
 
     async def record_tx(self, key: str, owner: str, tx_hash: str, *, now: float, lease: float) -> None:
-        res = await self._script(self._record_tx, key, owner, tx_hash, _num(now), _num(now + lease), _num(GC_SLACK))
+        res = await self._script(
+            self._record_tx,
+            key,
+            owner,
+            tx_hash,
+            script_number(now),
+            script_number(now + lease),
+            script_number(GC_SLACK),
+        )
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
 
@@ -207,9 +216,9 @@ class RedisReceiptStore:
             owner,
             "0" if tx_hash is None else "1",
             tx_hash or "",
-            _num(now),
-            _num(now + lease),
-            _num(GC_SLACK),
+            script_number(now),
+            script_number(now + lease),
+            script_number(GC_SLACK),
         )
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
@@ -217,7 +226,13 @@ class RedisReceiptStore:
     async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
         # A lost claim ('lost') is not an error here: the caller has nothing left to undo.
         await self._script(
-            self._finish, key, owner, "1" if served else "0", _num(now), _opt(expires_at), _num(GC_SLACK)
+            self._finish,
+            key,
+            owner,
+            "1" if served else "0",
+            script_number(now),
+            _opt(expires_at),
+            script_number(GC_SLACK),
         )
 
     async def release(self, key: str, owner: str) -> None:

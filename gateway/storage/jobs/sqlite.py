@@ -1,6 +1,6 @@
 """The embedded job store: table ``jobs`` in the receipt store's SQLite file.
 
-Same discipline as :mod:`gateway.store.sqlite`: one worker thread owns the connection (the event loop never
+Same discipline as :mod:`gateway.storage.sqlite_file`: one worker thread owns the connection (the event loop never
 blocks on the file), every write is one ``BEGIN IMMEDIATE`` transaction (the write lock is taken before the row
 is read, so a compare-and-set cannot interleave with another process's), WAL mode, ``synchronous=FULL`` (a paid
 job's record must survive a power cut as its receipt does). The record is a JSON document; the columns beside it
@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.jobs.model import ACTIVE, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
-from gateway.storage.jobs import JobStats
-from gateway.storage.sqlite_file import SQLiteFile
+from gateway.storage.jobs.contract import JobStats
+from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
 __all__ = ["SQLiteJobStore"]
 
@@ -82,9 +82,9 @@ def _job(doc: str) -> Job:
 
 
 class SQLiteJobStore:
-    """:class:`gateway.jobs.store.JobStore` on one SQLite file (see the module docstring)."""
+    """:class:`gateway.storage.jobs.JobStore` on one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._db = SQLiteFile(
             path, schema=_SCHEMA, busy_timeout=busy_timeout, what="job store", thread="x402-sqlite-jobs"
         )

@@ -12,8 +12,8 @@ Keys (all under the hash tag ``{jobs}``, so one Redis Cluster slot holds them an
     x402:{jobs}:stats           hash: completed_ms (sum of processing_ms over stored completed jobs)
 
 Scripts read and write every index of a record in one step, so an index never disagrees with the records.
-Errors become :class:`StoreUnavailable` as in :mod:`gateway.store.redis` (short timeouts, one retry on a
-dropped connection).
+Errors become :class:`StoreUnavailable` as in every Redis store (see :mod:`gateway.storage.redis_client`: short
+timeouts, one retry on a dropped connection).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from gateway.jobs.model import Job, JobExists, JobStatus, JobStoreFull, StatusUpdate, decode_field, encode_field
-from gateway.storage.jobs import JobStats
-from gateway.storage.redis_client import RedisClient
+from gateway.storage.jobs.contract import JobStats
+from gateway.storage.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT, RedisClient
 
-__all__ = ["RedisJobStore"]
+__all__ = ["PREFIX", "RedisJobStore"]
+
+PREFIX = "x402:{jobs}:"  # one hash tag: every key in one Redis Cluster slot, so multi-key scripts stay legal
 
 _PURGE_BATCH = 500
 
@@ -218,10 +220,15 @@ def _decode(snapshot: Any) -> Job | None:
 
 
 class RedisJobStore:
-    """:class:`gateway.jobs.store.JobStore` on Redis (see the module docstring)."""
+    """:class:`gateway.storage.jobs.JobStore` on Redis (see the module docstring)."""
 
     def __init__(
-        self, url: str, *, prefix: str = "x402:{jobs}:", socket_timeout: float = 2.0, connect_timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        prefix: str = PREFIX,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._prefix = prefix
         self._client = RedisClient(

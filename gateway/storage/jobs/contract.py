@@ -1,8 +1,4 @@
-"""Job stores: where job records live, so that any gateway instance answers a poll and jobs outlive a restart.
-
-``open_job_store(url)`` takes the receipt store's URL (``[store].url``): the same SQLite file (table ``jobs``) or
-the same Redis (keys under ``x402:{jobs}:``). Both backends implement :class:`JobStore` with the same contract,
-pinned by ``tests/jobs/test_job_store.py``:
+"""Job records: the :class:`JobStore` protocol both backends implement, pinned by ``tests/jobs/test_job_store.py``.
 
 * ``create`` is insert-only (an existing id raises :class:`JobExists`) and keeps at most ``max_jobs`` records:
   it drops the oldest *evictable* ones (those with a ``purge_at``: terminal jobs, front-mode bindings) to make
@@ -17,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from gateway.errors import ConfigError
 from gateway.jobs.model import Job, JobStatus, StatusUpdate
 
-__all__ = ["JobStats", "JobStore", "open_job_store"]
+__all__ = ["JobStats", "JobStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +71,3 @@ class JobStore(Protocol):
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-def open_job_store(url: str) -> JobStore:
-    """The job store on the receipt store's storage (``sqlite:///path``, ``redis://…``, ``rediss://…``,
-    ``unix://…``). Nothing is connected here: ``await store.ping()`` at start-up fails fast."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "sqlite":
-        path = url.removeprefix("sqlite:///")
-        if not url.startswith("sqlite:///") or not path or path.endswith("/") or path == ":memory:" or "?" in path:
-            raise ConfigError("store.url", "a sqlite job store needs sqlite:///path/to/file.db")
-        from gateway.storage.jobs_sqlite import SQLiteJobStore
-
-        return SQLiteJobStore(path)
-    if scheme in ("redis", "rediss", "unix"):
-        from gateway.storage.jobs_redis import RedisJobStore
-
-        return RedisJobStore(url)
-    raise ConfigError("store.url", f"unsupported store scheme {scheme!r}: use sqlite:/// or redis://")

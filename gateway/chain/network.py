@@ -1,0 +1,90 @@
+"""One configured network at run time: its RPC, its receipt watcher, and who settles there.
+
+Either the gateway settles itself (a :class:`Relayer`, batched through Multicall3 where the chain has it), or a
+remote x402 facilitator verifies and settles (docs/protocol.md §3). Built once at start from the configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway.chain import abi
+from gateway.chain.batcher import SettlementBatcher
+from gateway.chain.facilitator import CdpAuth, FacilitatorClient
+from gateway.chain.gas import GasBook
+from gateway.chain.relayer import Relayer
+from gateway.chain.rpc import ChainRpc
+from gateway.chain.watcher import ReceiptWatcher
+from gateway.config import GatewayConfig, NetworkConfig
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway.payments")
+
+
+@dataclass(slots=True)
+class Network:
+    config: NetworkConfig
+    rpc: ChainRpc
+    watcher: ReceiptWatcher
+    relayer: Relayer | None  # local verification and settlement
+    facilitator: FacilitatorClient | None  # or a remote x402 facilitator does both
+    gas: GasBook = field(default_factory=GasBook)  # learned settlement gas (local settlement only)
+    batcher: SettlementBatcher | None = None  # several settlements per transaction, where the chain has Multicall3
+
+    async def start(self, session: aiohttp.ClientSession, config: GatewayConfig) -> None:
+        await self.rpc.start(session)
+        await self.rpc.verify_chain_id()
+        if self.facilitator is not None:
+            await self.facilitator.start(session)
+            await self._check_facilitator(config)
+        elif self.relayer is not None and self.config.settlement_batch > 1 and self.batcher is None:
+            code = await self.rpc.request("eth_getCode", [abi.MULTICALL3_ADDRESS, "latest"])
+            if isinstance(code, str) and len(code) > 2:
+                self.batcher = SettlementBatcher(
+                    self.relayer, abi.MULTICALL3_ADDRESS, max_items=self.config.settlement_batch
+                )
+            else:
+                log.info("no Multicall3 on %s: one settlement per transaction", self.config.name)
+
+    async def _check_facilitator(self, config: GatewayConfig) -> None:
+        """Every route on a facilitator network must be one the facilitator says it supports (fail at start)."""
+        assert self.facilitator is not None
+        kinds = await self.facilitator.supported()
+        if not FacilitatorClient.supports(kinds, version=2, scheme="exact", network=self.config.caip2):
+            routes = [r.route for r in config.routes if self.config.name in r.networks]
+            raise ConfigError(
+                f"networks.{self.config.name}.facilitator",
+                f"the facilitator does not support x402 v2 exact payments on {self.config.caip2} "
+                f"(needed by {', '.join(routes) or 'no route'})",
+            )
+
+    async def aclose(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.aclose()
+        if self.relayer is not None:
+            await self.relayer.aclose()
+        await self.watcher.aclose()
+
+
+def open_networks(config: GatewayConfig) -> dict[str, Network]:
+    """Every configured network, not yet started (no I/O here)."""
+    key = config.payment.relayer_key
+    networks: dict[str, Network] = {}
+    for n in config.networks.values():
+        rpc = ChainRpc(n.name, n.chain_id, n.rpc_urls, timeout=n.rpc_timeout)
+        relayer = facilitator = None
+        if n.verifier == "facilitator":
+            assert n.facilitator is not None
+            f = n.facilitator
+            auth = CdpAuth(f.cdp_key_id_env, f.cdp_key_secret_env) if f.auth == "cdp" else None
+            facilitator = FacilitatorClient(f.url, timeout=f.timeout, auth=auth, name=f"{n.name} facilitator")
+        else:
+            if key is None:
+                raise ValueError("local settlement needs payment.relayer_key_env")
+            relayer = Relayer(rpc, key)
+        watcher = ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
+        networks[n.name] = Network(n, rpc, watcher, relayer, facilitator)
+    return networks

@@ -1,0 +1,44 @@
+"""``[rate_limits]``: per-IP limits on unpaid requests (402 challenges) and per-payer limits on paid ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.config.table import Table
+from gateway.config.values import expand_env, rate
+from gateway.errors import ConfigError
+from gateway.secrets import Secret, redact_url
+
+__all__ = ["RateLimitConfig", "parse_rate_limits"]
+
+_DEFAULT_STORAGE = "memory://"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``limits`` rate strings ("60/minute", "10/second;500/hour"), validated at load time."""
+
+    enabled: bool = True
+    challenge: str = "60/minute"  # per client IP and route: unpaid requests answered with a 402 challenge
+    paid: str = "600/minute"  # per payer address and route: requests carrying a verified payment
+    # counters per process; a Redis URL (which may hold a password) shares them between instances
+    storage_url: Secret = field(default_factory=lambda: Secret(_DEFAULT_STORAGE, _DEFAULT_STORAGE))
+
+
+_DEFAULT = RateLimitConfig()
+
+
+def parse_rate_limits(t: Table, env: Mapping[str, str]) -> RateLimitConfig:
+    url = expand_env(t.get("storage_url", str, _DEFAULT.storage_url.reveal()), t.key("storage_url"), env)
+    scheme = url.partition("://")[0]
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise ConfigError(t.key("storage_url"), "must be memory://, redis://, rediss:// or unix://")
+    cfg = RateLimitConfig(
+        enabled=t.get("enabled", bool, _DEFAULT.enabled),
+        challenge=rate(t, "challenge", _DEFAULT.challenge),
+        paid=rate(t, "paid", _DEFAULT.paid),
+        storage_url=Secret(url, redact_url(url)),
+    )
+    t.done()
+    return cfg

@@ -1,0 +1,163 @@
+"""The claim handle: one claimed payment on its way to being settled and served, whatever its scheme.
+
+It is the only thing that writes a claim's state to the receipt store (:mod:`gateway.storage.receipts` draws the
+state machine). The scheme tells it what happened to the money (:class:`gateway.schemes.base.Claim`); the HTTP
+layer tells it whether the request was served. When the store is down at that moment, the outcome is deferred
+(:mod:`gateway.engine.deferred`) and applied as soon as the store answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Generic
+
+from gateway.engine.deferred import DeferredOutcomes, Step
+from gateway.errors import GatewayError, PaymentInFlight, StoreUnavailable
+from gateway.schemes.base import P, Scheme
+from gateway.storage.receipts import ClaimRecord, ReceiptStore
+from gateway.x402.challenge import Requirement
+from gateway.x402.receipt import receipt_header
+
+log = logging.getLogger("gateway.payments")
+
+
+@dataclass(slots=True)
+class Claims:
+    """The receipt store as the engine uses it: claims with one lease, outcomes deferred through one queue."""
+
+    store: ReceiptStore
+    lease: float
+    deferred: DeferredOutcomes
+
+    async def claim(self, key: str, owner: str, *, now: float, expires_at: float | None) -> ClaimRecord:
+        try:
+            return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
+        except PaymentInFlight:
+            # Held by one of our own requests that a store outage cut short? Then settle its claim now and retry.
+            if not await self.deferred.flush(key):
+                raise
+        return await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=expires_at)
+
+
+class PaidRequest(Generic[P]):
+    """One claimed payment on its way to being settled and served."""
+
+    def __init__(
+        self, claims: Claims, scheme: Scheme[P], payment: P, key: str, owner: str, expires_at: float | None
+    ) -> None:
+        self._claims = claims
+        self._scheme = scheme
+        self.payment = payment
+        self.key = key
+        self._owner = owner
+        self._expires_at = expires_at
+        self._broadcast = False
+        self._money_moved = False  # seen on chain, whether or not the store heard it: the claim is never released
+        self.delivered = False  # the app acted on the payment (its on_paid hooks ran): a failed finish consumes it
+        self.paid = False
+        self.resumed = False
+        self.tx_hash: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme.name
+
+    @property
+    def requirement(self) -> Requirement:
+        return self.payment.requirement
+
+    @property
+    def payer(self) -> str:
+        return self.payment.payer
+
+    @property
+    def version(self) -> int:
+        return self.payment.version
+
+    def in_flight(self, value: bool) -> None:
+        self._broadcast = value
+
+    def mark_resumed(self, tx_hash: str | None) -> None:
+        self.paid = True
+        self.resumed = True
+        self.tx_hash = tx_hash
+
+    async def mark_paid(self, tx_hash: str) -> None:
+        self._money_moved = True
+        try:
+            await self._mark_paid(tx_hash)
+        except StoreUnavailable:
+            # The money moved but the store did not hear it, and this request fails closed: once the store is
+            # back, record the payment as paid-but-unserved, so the same payment is served without paying again.
+            async def paid_unless_lost() -> None:
+                with contextlib.suppress(PaymentInFlight):  # already PAID (the write landed) or no longer ours
+                    await self._mark_paid(tx_hash)
+
+            self._defer(paid_unless_lost, functools.partial(self._finish, served=False))
+            raise
+        self.paid = True
+        self.tx_hash = tx_hash
+
+    async def _mark_paid(self, tx_hash: str) -> None:
+        claims = self._claims
+        await claims.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease)
+
+    async def record_tx(self, tx_hash: str) -> None:
+        claims = self._claims
+        await claims.store.record_tx(self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease)
+
+    async def settle(self, *, simulate_again: bool = False) -> str:
+        """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
+        if self.paid:
+            return self.tx_hash or ""
+        return await self._scheme.settle(self, simulate_again=simulate_again)
+
+    async def finish(self, *, served: bool) -> None:
+        """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not
+        execute anyway); a failed one leaves it paid-but-unserved for a free retry (docs/threat-model.md T11)."""
+        try:
+            await self._finish(served=served)
+        except StoreUnavailable:
+            # A finish that fails leaves the client refused (fail closed): the payment stays usable for a retry,
+            # unless the app already acted on it (a job was created and bound to the payer, who can find it).
+            self._defer(functools.partial(self._finish, served=served and self.delivered))
+            raise
+
+    async def _finish(self, *, served: bool) -> None:
+        await self._claims.store.finish(
+            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+        )
+
+    def _defer(self, *steps: Step) -> None:
+        self._claims.deferred.add(self.key, self._owner, steps, within=self._claims.lease)
+
+    async def release_quietly(self) -> None:
+        """Give the claim back when no money moved and nothing is in flight; keep it otherwise."""
+        if self.paid or self._broadcast or self._money_moved:
+            return
+        store = self._claims.store
+        try:
+            await store.release(self.key, self._owner)
+        except GatewayError:
+            log.warning("could not release a claim; will retry when the store is back", extra={"key": self.key})
+            self._defer(lambda: store.release(self.key, self._owner))
+
+    def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
+        return receipt_header(
+            self.version,
+            self.requirement,
+            success=success,
+            transaction=self.tx_hash or "",
+            payer=self.payer,
+            reason=reason,
+        )
+
+
+# The handle as the HTTP layer sees it: any scheme's payment.
+AnyPaidRequest = PaidRequest[Any]
+
+__all__ = ["AnyPaidRequest", "Claims", "PaidRequest"]

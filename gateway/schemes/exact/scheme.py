@@ -1,0 +1,281 @@
+"""The x402 ``exact`` scheme on EVM: an EIP-3009 authorization that this gateway (or its facilitator) settles.
+
+Sans-IO checks first (:mod:`.check`: garbage costs no I/O), then the claim on ``(chain, asset, payer, nonce)``,
+then one batched RPC round trip (:mod:`.onchain`). Settlement goes through the network's relayer (batched where
+the chain has Multicall3) or its facilitator; either way the money counts only when our own RPC shows the
+authorization's ``AuthorizationUsed`` followed by its ``Transfer`` to us (docs/protocol.md §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.bazaar import facilitator_listing
+from gateway.chain.facilitator import FacilitatorClient, FacilitatorUnavailable
+from gateway.chain.network import Network
+from gateway.config import GatewayConfig
+from gateway.errors import BadGateway, PaymentInFlight, PaymentRequired, ServiceUnavailable, SettlementFailed
+from gateway.schemes.base import Claim, Offer, Presented, PricedRoute
+from gateway.schemes.exact.check import SignatureKind, check_exact, check_window, payment_key, select_requirement
+from gateway.schemes.exact.onchain import (
+    find_prior_settlement,
+    preflight_exact,
+    settlement_calldata,
+    transfer_in_receipt,
+)
+from gateway.storage.receipts import ClaimRecord, ClaimState
+from gateway.x402 import reasons
+from gateway.x402.challenge import Requirement
+from gateway.x402.payload import ExactPayment, parse_exact_payment
+
+log = logging.getLogger("gateway.payments")
+
+# How long a consumed EIP-3009 record outlives its validBefore: after that the authorization cannot execute on
+# chain any more, so nobody can present it again successfully; the margin absorbs clock skew between machines.
+EXPIRY_MARGIN = 3600.0
+
+
+@dataclass(slots=True)
+class ExactAttempt:
+    """One presented authorization, checked against the route's requirement for the network it names."""
+
+    authorization: ExactPayment
+    requirement: Requirement
+    kind: SignatureKind
+    route: PricedRoute
+    method: str
+    gas: int = 0  # the simulated settlement gas (local settlement)
+
+    @property
+    def payer(self) -> str:
+        return self.authorization.payer
+
+    @property
+    def version(self) -> int:
+        return self.authorization.version
+
+
+ExactClaim = Claim[ExactAttempt]
+
+
+class ExactScheme:
+    name = "exact"
+
+    def __init__(self, config: GatewayConfig, networks: Mapping[str, Network]) -> None:
+        self.config = config
+        self.networks = networks
+        self._listings: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def accepts(self, presented: Presented) -> bool:
+        return True  # every x402 payload header that is not another scheme's
+
+    def offer(self, route: PricedRoute, resource: str, method: str) -> Offer:
+        return Offer(accepts=route.requirements)
+
+    def parse(self, route: PricedRoute, presented: Presented) -> ExactAttempt:
+        payment = parse_exact_payment(presented.value, presented.header)
+        req = select_requirement(payment, route.requirements)
+        kind = check_exact(payment, req)
+        return ExactAttempt(payment, req, kind, route, presented.method)
+
+    async def verify(self, payment: ExactAttempt) -> None:
+        return None  # the chain is asked after the claim: concurrent presentations cost one round trip, not N
+
+    def claim_key(self, payment: ExactAttempt, *, now: float) -> tuple[str, float | None]:
+        auth = payment.authorization.authorization
+        return payment_key(payment.requirement, auth), auth.valid_before + EXPIRY_MARGIN
+
+    async def confirm(self, claim: ExactClaim, record: ClaimRecord, *, now: float) -> None:
+        attempt = claim.payment
+        if record.state is ClaimState.PAID:
+            # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
+            if attempt.kind is SignatureKind.CONTRACT:
+                await self._preflight(claim, attempt.kind)
+            claim.mark_resumed(record.tx_hash)
+            return
+        if record.resumed and record.tx_hash and await self._reconcile(claim, record.tx_hash):
+            return
+        pay = self.config.payment
+        try:
+            check_window(
+                attempt.authorization,
+                attempt.requirement,
+                now=int(now),
+                min_validity_seconds=pay.min_validity_seconds,
+                clock_skew_seconds=pay.clock_skew_seconds,
+            )
+        except PaymentRequired as exc:
+            # An expired authorization may still have been executed to us by someone else (docs/threat-model.md T9).
+            if exc.reason == reasons.VALID_BEFORE_EXPIRED and await self._paid_by_someone_else(claim):
+                return
+            raise
+        await self._preflight(claim, attempt.kind)
+
+    async def settle(self, claim: ExactClaim, *, simulate_again: bool) -> str:
+        attempt = claim.payment
+        net = self.networks[attempt.requirement.network]
+        if simulate_again:
+            # T10: the payer may have drained the balance while the upstream worked. Balance and nonce state only:
+            # the simulation of confirm() stands (see preflight_exact).
+            await self._preflight(claim, SignatureKind.EOA, simulate=False)  # the signature kind is settled
+            if claim.paid:
+                return claim.tx_hash or ""
+        if net.facilitator is not None:
+            return await self._settle_remotely(claim, net, net.facilitator)
+        return await self._settle_locally(claim, net)
+
+    # ------------------------------------------------------------------------------------------------- chain
+
+    async def _reconcile(self, claim: ExactClaim, tx_hash: str) -> bool:
+        """A lapsed claim left a settlement hash behind: find out what happened to it (never re-broadcast)."""
+        attempt = claim.payment
+        rpc = self.networks[attempt.requirement.network].rpc
+        receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
+        if isinstance(receipt, dict):
+            if transfer_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization):
+                await claim.mark_paid(tx_hash)
+                return True
+            return False  # it reverted: verify afresh (maybe someone else settled first)
+        known = await rpc.request("eth_getTransactionByHash", [tx_hash])
+        if known is not None:
+            claim.in_flight(True)  # still in the mempool: keep the claim, tell the client to come back
+            raise PaymentInFlight("this payment's settlement is still pending", reason=reasons.SETTLEMENT_PENDING)
+        return False  # never reached the network: safe to settle afresh
+
+    async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:
+        attempt = claim.payment
+        req, auth = attempt.requirement, attempt.authorization.authorization
+        prior = await find_prior_settlement(self.networks[req.network].rpc, req, auth)
+        if prior is None:
+            return False
+        log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
+        await claim.mark_paid(prior)
+        return True
+
+    def _facilitator_payload(self, attempt: ExactAttempt) -> dict[str, Any]:
+        """The payment as x402 v2, whatever version the client spoke: the authorization and signature are the
+        same; ``accepted`` is the server's own requirement, and ``resource`` / ``extensions`` (what a bazaar
+        facilitator catalogues) are the gateway's own listing of the route, never the client's echo: a client must
+        not get a route its operator keeps out of discovery catalogued, or describe ours in its own words."""
+        key = (attempt.route.config.route, attempt.method)
+        listing = self._listings.get(key)
+        if listing is None:
+            listing = self._listings[key] = facilitator_listing(self.config, attempt.route.config, attempt.method)
+        return {
+            "x402Version": 2,
+            **listing,
+            "accepted": attempt.requirement.v2(),
+            "payload": attempt.authorization.raw["payload"],
+        }
+
+    async def _preflight(self, claim: ExactClaim, kind: SignatureKind, *, simulate: bool = True) -> None:
+        attempt = claim.payment
+        req = attempt.requirement
+        net = self.networks[req.network]
+        if net.facilitator is not None:
+            verdict = await net.facilitator.verify(2, self._facilitator_payload(attempt), req.v2())
+            if verdict.is_valid:
+                return
+            if verdict.invalid_reason == reasons.NONCE_ALREADY_USED and await self._paid_by_someone_else(claim):
+                return
+            raise PaymentRequired(
+                "the facilitator refused this payment", reason=verdict.invalid_reason or reasons.FACILITATOR_REJECTED
+            )
+        assert net.relayer is not None
+        # A smart wallet's signature check costs what its code costs: those are always estimated.
+        hint = net.gas.hint() if simulate and kind is SignatureKind.EOA else None
+        result = await preflight_exact(
+            net.rpc, req, attempt.authorization, kind, net.relayer.address, simulate=simulate, gas_hint=hint
+        )
+        if result.nonce_used:
+            if await self._paid_by_someone_else(claim):
+                return
+            raise PaymentRequired("this authorization was already used on chain", reason=reasons.NONCE_ALREADY_USED)
+        if simulate:
+            attempt.gas = result.gas
+            if hint is None and kind is SignatureKind.EOA:
+                net.gas.learn(result.gas)
+
+    async def _confirmed(self, claim: ExactClaim, net: Network, tx_hash: str) -> bool:
+        """Wait for ``tx_hash`` and tell whether it executed this authorization to us (then the claim is PAID)."""
+        attempt = claim.payment
+        try:
+            receipt = await net.watcher.wait(
+                tx_hash, timeout=self.config.payment.settle_timeout, confirmations=net.config.confirmations
+            )
+        except TimeoutError:
+            raise SettlementFailed(
+                "settlement is broadcast but not confirmed yet", reason=reasons.SETTLEMENT_PENDING, unknown=True
+            ) from None
+        if transfer_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization):
+            await claim.mark_paid(tx_hash)
+            return True
+        return False
+
+    async def _settle_remotely(self, claim: ExactClaim, net: Network, facilitator: FacilitatorClient) -> str:
+        attempt = claim.payment
+        try:
+            result = await facilitator.settle(2, self._facilitator_payload(attempt), attempt.requirement.v2())
+        except FacilitatorUnavailable as exc:
+            if exc.request_sent:
+                claim.in_flight(True)  # it may have broadcast: keep the claim, reconcile on chain later
+                raise SettlementFailed(
+                    "the facilitator did not confirm the settlement", reason=reasons.SETTLEMENT_PENDING, unknown=True
+                ) from None
+            raise
+        except BadGateway:
+            claim.in_flight(True)
+            raise
+        if result.success or result.pending:
+            tx_hash = result.transaction
+            claim.in_flight(True)  # the facilitator has broadcast it: the claim stays, even if recording fails
+            await claim.record_tx(tx_hash)
+            # Trust, but verify: the money must show up as a Transfer to us on our own RPC.
+            if await self._confirmed(claim, net, tx_hash):
+                return tx_hash
+        if await self._paid_by_someone_else(claim):
+            return claim.tx_hash or ""
+        claim.in_flight(False)
+        raise SettlementFailed("the facilitator could not settle this payment", reason=result.error_reason)
+
+    async def _settle_locally(self, claim: ExactClaim, net: Network) -> str:
+        attempt = claim.payment
+
+        async def record(tx_hash: str) -> None:
+            await claim.record_tx(tx_hash)
+            claim.in_flight(True)
+
+        assert net.relayer is not None
+        gas = attempt.gas * 5 // 4 + 10_000
+        submitter = net.batcher or net.relayer
+        try:
+            tx_hash = await submitter.submit(
+                attempt.requirement.asset, settlement_calldata(attempt.authorization), gas, record
+            )
+        except ServiceUnavailable:
+            claim.in_flight(False)  # refused before it left: the money did not move, the claim may go
+            raise
+        except asyncio.CancelledError:
+            # A batch records and broadcasts in its own task, which this cancellation does not stop: the hash may
+            # be recorded (or about to be) and the transaction may leave. Keep the claim; it is reconciled by hash.
+            if submitter is net.batcher:
+                claim.in_flight(True)
+            raise
+        if await self._confirmed(claim, net, tx_hash):
+            return tx_hash
+        # Reverted: if someone else executed the same authorization to us first, the money still arrived.
+        req, auth = attempt.requirement, attempt.authorization.authorization
+        prior = await find_prior_settlement(net.rpc, req, auth)
+        if prior is not None:
+            await claim.mark_paid(prior)
+            return prior
+        claim.in_flight(False)  # our transaction failed and moved nothing: the claim may be released
+        net.gas.forget()  # if the limit we learned was too low, the next preflight estimates afresh
+        raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
+
+
+__all__ = ["EXPIRY_MARGIN", "ExactAttempt", "ExactScheme"]

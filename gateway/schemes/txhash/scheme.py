@@ -1,0 +1,97 @@
+"""Tx-hash proofs as a scheme: the money is already on chain; prove it is ours, final, fresh and the caller's.
+
+Offered per route (``tx_hash = true``) beside ``exact``, in the 402's v2 ``extensions.txhash`` and v1
+``payment[]`` (docs/protocol.md §5). Everything is checked before the claim, because the claim key names the
+qualifying log; the claim then consumes that log for ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.chain.network import Network
+from gateway.config import GatewayConfig
+from gateway.errors import PaymentRequired
+from gateway.schemes.base import Claim, Offer, Presented, PricedRoute
+from gateway.schemes.txhash.check import FoundTransfer, binding_digest, binding_signer, find_transfer, tx_payment_key
+from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh, contract_vouches
+from gateway.storage.receipts import ClaimRecord, ClaimState
+from gateway.x402 import reasons
+from gateway.x402.challenge import Requirement
+from gateway.x402.txhash import TxProof, looks_like_tx_hash, parse_tx_proof, tx_option
+
+
+@dataclass(slots=True)
+class TxAttempt:
+    proof: TxProof
+    requirement: Requirement
+    resource: str
+    method: str
+    found: FoundTransfer | None = None  # set by verify()
+    version: int = 1  # receipts go back in the v1 header: the proof came in X-PAYMENT
+
+    @property
+    def payer(self) -> str:
+        assert self.found is not None, "verify() runs before the payer is known"
+        return self.found.payer
+
+
+class TxHashScheme:
+    name = "txhash"
+
+    def __init__(self, config: GatewayConfig, networks: Mapping[str, Network]) -> None:
+        self.config = config
+        self.networks = networks
+
+    def accepts(self, presented: Presented) -> bool:
+        return presented.header == "x-payment" and looks_like_tx_hash(presented.value.strip())
+
+    def offer(self, route: PricedRoute, resource: str, method: str) -> Offer | None:
+        if not route.config.tx_hash:
+            return None
+        options = [tx_option(r, resource, method) for r in route.requirements]
+        return Offer(extensions={"txhash": {"options": options}}, v1_extra={"payment": options})
+
+    def parse(self, route: PricedRoute, presented: Presented) -> TxAttempt:
+        proof = parse_tx_proof(presented.value, presented.network, presented.binding)
+        if not route.config.tx_hash:
+            raise PaymentRequired("this route accepts x402 payments only", reason=reasons.UNSUPPORTED_PAYMENT_KIND)
+        for req in route.requirements:
+            if req.matches_network(proof.network):
+                return TxAttempt(proof, req, presented.resource, presented.method)
+        raise PaymentRequired(
+            f"network {proof.network!r} is not accepted on this route", reason=reasons.NETWORK_MISMATCH
+        )
+
+    async def verify(self, payment: TxAttempt) -> None:
+        net = self.networks[payment.requirement.network]
+        proof = payment.proof
+        receipt = await agreed_receipt(net.rpc, proof.tx_hash)
+        found = find_transfer(receipt, payment.requirement)
+        signer = binding_signer(proof, payment.method, payment.resource)
+        if signer != found.payer and not await contract_vouches(
+            net.rpc, found.payer, binding_digest(proof, payment.method, payment.resource), proof.binding
+        ):
+            raise PaymentRequired(
+                "the payment binding is not signed by the transfer's sender", reason=reasons.BINDING_MISMATCH
+            )
+        await check_final_and_fresh(net, receipt, found, self.config.payment)
+        payment.found = found
+
+    def claim_key(self, payment: TxAttempt, *, now: float) -> tuple[str, float | None]:
+        assert payment.found is not None
+        # A Base transaction never expires: the record is kept for ever (None).
+        return tx_payment_key(payment.requirement.chain_id, payment.proof.tx_hash, payment.found.log_index), None
+
+    async def confirm(self, claim: Claim[TxAttempt], record: ClaimRecord, *, now: float) -> None:
+        if record.state is ClaimState.PAID:
+            claim.mark_resumed(claim.payment.proof.tx_hash)
+        else:
+            await claim.mark_paid(claim.payment.proof.tx_hash)
+
+    async def settle(self, claim: Claim[TxAttempt], *, simulate_again: bool) -> str:
+        return claim.tx_hash or ""  # paid before it arrived: confirm() marked it
+
+
+__all__ = ["TxAttempt", "TxHashScheme"]

@@ -1,0 +1,71 @@
+"""Secrets that must never reach a ``repr``, a log line or an error message, and URLs made fit to show.
+
+Core vocabulary: the gateway's configuration, its stores and the client SDK all use it, so it imports nothing
+but the standard library. (Absolute imports keep ``import secrets`` elsewhere meaning the standard library's.)
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+__all__ = ["Secret", "redact_url"]
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str``; call :meth:`reveal` where it is really used.
+
+    ``label`` is what ``repr`` shows instead, e.g. a :func:`redact_url` of the URL or ``"$X402_RELAYER_KEY"``.
+    """
+
+    __slots__ = ("_label", "_value")
+
+    def __init__(self, value: str, label: str = "***") -> None:
+        self._value = value
+        self._label = label
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self._label})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# Store URLs (Redis, a SQLite file, in-memory counters) carry a secret only as a password; the rest (host, database
+# number, socket path) tells an operator which store is meant, so only the password is masked.
+_PASSWORD_ONLY_SCHEMES = frozenset({"redis", "rediss", "unix", "sqlite", "memory"})
+# scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
+# and ?password=... / &password=... (redis-py reads the password from the query string too)
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as logs and reprs may show it.
+
+    * Store URLs (``redis``, ``rediss``, ``unix``, ``sqlite``, ``memory``): the whole URL with its password
+      masked: ``redis://user:***@host:6379/0``, ``unix:///run/redis.sock?db=1&password=***``.
+    * Any other URL (RPC and facilitator endpoints): the origin only, ``https://user:pw@host:8545/v2/KEY?x=1`` ->
+      ``https://host:8545/…``, because providers put API keys in the userinfo, the path and the query.
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme in _PASSWORD_ONLY_SCHEMES:
+        # String surgery rather than urlsplit/urlunsplit, which would rewrite ``unix:///path`` as ``unix:/path``.
+        url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
+        return _QUERY_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    tail = "/…" if (parts.path not in ("", "/") or parts.query) else ""
+    return f"{parts.scheme}://{host}{port}{tail}"

@@ -1,0 +1,82 @@
+"""Store URLs: the one place that reads ``[store].url`` (and ``[idempotency].store_url``).
+
+``open_backend(url)`` turns a URL into a :data:`Backend`, which the receipt, idempotency and job stores are built
+on (``receipt_store_on``, ``idempotency_store_on``, ``job_store_on``)::
+
+    sqlite:///relative/path.db     one file shared by the gateway processes of one host
+    sqlite:////absolute/path.db
+    redis://[user:password@]host:port/db   rediss://...   unix:///path/to/redis.sock
+                                   shared by gateway instances on several hosts
+
+The stores share the storage, never a connection: on SQLite each keeps its own table (``receipts``,
+``idempotency``, ``jobs``) and worker thread; on Redis its own key prefix (``x402:``, ``x402:idem:``,
+``x402:{jobs}:``) and client. Nothing is connected here: ``await store.ping()`` at start-up fails fast.
+
+A URL that names no usable storage is a :class:`gateway.errors.ConfigError` (a start-up error, never an HTTP
+answer), and its message never shows a password: :func:`redact_url` stands in for the URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from redis.asyncio.connection import parse_url
+
+from gateway.errors import ConfigError
+from gateway.storage.redis_client import redact_url
+
+__all__ = ["Backend", "RedisBackend", "SqliteBackend", "open_backend"]
+
+SQLITE_PREFIX = "sqlite:///"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteBackend:
+    """One SQLite file on a local disk (WAL needs memory shared between the processes: never NFS/SMB)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RedisBackend:
+    """One Redis server (or socket). ``url`` may carry a password: the repr shows it redacted."""
+
+    url: str
+
+    def __repr__(self) -> str:
+        return f"RedisBackend(url={redact_url(self.url)!r})"
+
+
+Backend = SqliteBackend | RedisBackend
+
+
+def open_backend(url: str, *, config_key: str = "store.url") -> Backend:
+    """The storage named by ``url``; ``ConfigError(config_key, ...)`` for anything else."""
+    shown = redact_url(url)
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        if not url.startswith(SQLITE_PREFIX):
+            raise ConfigError(
+                config_key, f"expected sqlite:///relative/path.db or sqlite:////abs/path.db, got {shown!r}"
+            )
+        path = url[len(SQLITE_PREFIX) :]
+        if not path or path.endswith("/") or path == ":memory:" or "?" in path:
+            # An in-memory store forgets every claim on restart and is not shared between processes.
+            raise ConfigError(config_key, f"a sqlite store needs a file path, got {shown!r}")
+        return SqliteBackend(path)
+    if scheme in REDIS_SCHEMES:
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ConfigError(config_key, f"malformed redis url {shown!r}") from exc
+        if scheme != "unix" and not parts.hostname:
+            raise ConfigError(config_key, f"redis url without a host: {shown!r}")
+        try:
+            parse_url(url)  # what the stores' connection pools will read (db number, query options)
+        except ValueError as exc:
+            raise ConfigError(config_key, f"invalid redis url {shown!r}") from exc
+        return RedisBackend(url)
+    raise ConfigError(config_key, f"unsupported store scheme {scheme!r}: use sqlite:/// or redis://")

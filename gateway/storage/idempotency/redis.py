@@ -1,0 +1,141 @@
+"""The shared idempotency store: one Redis hash per record under ``x402:idem:``, every transition one Lua script
+(atomic across gateway instances).
+
+The logical expiry is the hash's ``exp`` field against the caller's clock; the Redis TTL is only garbage
+collection (see :mod:`gateway.storage.redis_client`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from gateway.errors import StoreUnavailable
+from gateway.storage.idempotency.contract import Begun, StoredResponse, decode_headers, encode_headers
+from gateway.storage.redis_client import CONNECT_TIMEOUT, GC_SLACK, SOCKET_TIMEOUT, RedisClient, script_number
+
+__all__ = ["PREFIX", "RedisIdempotencyStore"]
+
+PREFIX = "x402:idem:"
+
+# One hash per record: state, owner, fp, exp (+ status, headers, body once DONE). Redis TTL = exp + slack.
+# KEYS: key. ARGV: fingerprint, owner, now, lease_until, slack.
+# -> {'began', taken_over '0'|'1'} | {'in_flight'} | {'mismatch'} | {'done', status, headers, body}
+_BEGIN = """
+local key, fp, owner, now, lease_until, slack = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local h = redis.call('HMGET', key, 'state', 'owner', 'fp', 'exp')
+local taken = '0'
+if h[1] then
+  if tonumber(h[4]) >= now then
+    if h[3] ~= fp then return {'mismatch'} end
+    if h[1] == 'done' then
+      local r = redis.call('HMGET', key, 'status', 'headers', 'body')
+      return {'done', r[1], r[2], r[3]}
+    end
+    if h[2] ~= owner then return {'in_flight'} end
+  end
+  if h[1] == 'in_flight' and h[2] ~= owner then taken = '1' end
+  redis.call('DEL', key)
+end
+redis.call('HSET', key, 'state', 'in_flight', 'owner', owner, 'fp', fp, 'exp', lease_until)
+redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil((tonumber(lease_until) + tonumber(slack)) * 1000)))
+return {'began', taken}
+"""
+
+# KEYS: key. ARGV: owner, expires_at, status, headers, body, slack. -> 1 | 0
+_COMPLETE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] ~= 'in_flight' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'exp', ARGV[2], 'status', ARGV[3], 'headers', ARGV[4], 'body', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', math.ceil((tonumber(ARGV[2]) + tonumber(ARGV[6])) * 1000)))
+return 1
+"""
+
+# KEYS: key. ARGV: owner. -> 1 | 0
+_ABANDON = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] == 'in_flight' and h[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+class RedisIdempotencyStore:
+    """:class:`gateway.storage.idempotency.IdempotencyStore` on Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = PREFIX,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._prefix = prefix
+        self._client = RedisClient(
+            url,
+            what="idempotency store",
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            decode_responses=False,  # bodies are bytes
+            blocking_pool=False,  # redis-py's default pool, as this store has always used
+        )
+        self._begin = self._client.register_script(_BEGIN)
+        self._complete = self._client.register_script(_COMPLETE)
+        self._abandon = self._client.register_script(_ABANDON)
+
+    def __repr__(self) -> str:
+        return f"RedisIdempotencyStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
+
+    async def _script(self, script: AsyncScript, key: str, *args: str | bytes) -> Any:
+        return await self._client.run_script(script, [self._prefix + key], args)
+
+    async def begin(self, key: str, fingerprint: str, owner: str, *, now: float, lease: float) -> Begun:
+        res = await self._script(
+            self._begin,
+            key,
+            fingerprint,
+            owner,
+            script_number(now),
+            script_number(now + lease),
+            script_number(GC_SLACK),
+        )
+        if not isinstance(res, list) or not res:
+            raise StoreUnavailable("redis idempotency store: unexpected script reply")
+        outcome = _text(res[0])
+        if outcome == "began":
+            return Begun("began", taken_over=_text(res[1]) == "1")
+        if outcome == "done":
+            status, headers, body = res[1:4]
+            return Begun("done", StoredResponse(int(_text(status)), decode_headers(headers), bytes(body)))
+        if outcome == "in_flight":
+            return Begun("in_flight")
+        if outcome == "mismatch":
+            return Begun("mismatch")
+        raise StoreUnavailable("redis idempotency store: unexpected script reply")
+
+    async def complete(self, key: str, owner: str, response: StoredResponse, *, now: float, ttl: float) -> bool:
+        res = await self._script(
+            self._complete,
+            key,
+            owner,
+            script_number(now + ttl),
+            str(response.status),
+            encode_headers(response.headers),
+            response.body,
+            script_number(GC_SLACK),
+        )
+        return bool(res == 1)
+
+    async def abandon(self, key: str, owner: str) -> None:
+        await self._script(self._abandon, key, owner)
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
