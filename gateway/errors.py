@@ -92,6 +92,10 @@ class PaymentInFlight(GatewayError):
     status = 409
     default_reason = reasons.PAYMENT_IN_FLIGHT
 
+    def __init__(self, message: str = "", *, reason: str | None = None, holder: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.holder = holder  # the claim's current owner, when the store said who holds it
+
 
 class ServiceUnavailable(GatewayError):
     status = 503

@@ -20,6 +20,9 @@ _DEFAULT_URL = "sqlite:///x402-gateway.db"
 class StoreConfig:
     url: Secret = field(default_factory=lambda: Secret(_DEFAULT_URL, _DEFAULT_URL))  # a Redis URL may hold a password
     lease_seconds: float = 120.0
+    # Each gateway process proves it is alive in the store this often (a third of it, in fact); a claim held by a
+    # process whose proof lapsed is taken over at once instead of after its lease (docs/threat-model.md T31).
+    heartbeat_seconds: float = 6.0
 
 
 _DEFAULT = StoreConfig()
@@ -43,6 +46,7 @@ def parse_store(t: Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig
     cfg = StoreConfig(
         url=store_url(t.get("url", str, _DEFAULT.url.reveal()), t.key("url"), env, base_dir),
         lease_seconds=t.number("lease_seconds", _DEFAULT.lease_seconds, minimum=1.0),
+        heartbeat_seconds=t.number("heartbeat_seconds", _DEFAULT.heartbeat_seconds, minimum=1.0),
     )
     t.done()
     return cfg

@@ -8,17 +8,19 @@ layer tells it whether the request was served. When the store is down at that mo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Generic
 
 from gateway.engine.deferred import DeferredOutcomes, Step
-from gateway.errors import GatewayError, PaymentInFlight, StoreUnavailable
+from gateway.errors import GatewayError, PaymentInFlight, PaymentReplayed, SettlementFailed, StoreUnavailable
 from gateway.schemes.base import P, Scheme
-from gateway.storage.receipts import ClaimRecord, ReceiptStore
+from gateway.storage.receipts import ClaimRecord, Effect, ReceiptStore
 from gateway.x402.challenge import Requirement
 from gateway.x402.receipt import receipt_header
 
@@ -27,20 +29,49 @@ log = logging.getLogger("gateway.payments")
 
 @dataclass(slots=True)
 class Claims:
-    """The receipt store as the engine uses it: claims with one lease, outcomes deferred through one queue."""
+    """The receipt store as the engine uses it: claims with one lease, outcomes deferred through one queue, and
+    owners named ``<process>.<request>`` so that a claim whose process died is taken over at once."""
 
     store: ReceiptStore
     lease: float
     deferred: DeferredOutcomes
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # this gateway process
+
+    def new_owner(self) -> str:
+        return f"{self.instance}.{uuid.uuid4().hex}"
 
     async def claim(self, key: str, owner: str, *, now: float, expires_at: float | None) -> ClaimRecord:
         try:
             return await self.store.claim(key, owner, now=now, lease=self.lease, expires_at=expires_at)
-        except PaymentInFlight:
+        except PaymentInFlight as exc:
             # Held by one of our own requests that a store outage cut short? Then settle its claim now and retry.
-            if not await self.deferred.flush(key):
+            if await self.deferred.flush(key):
+                return await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=expires_at)
+            holder = exc.holder
+            if holder is None or not await self._holder_is_gone(holder):
                 raise
-        return await self.store.claim(key, owner, now=time.time(), lease=self.lease, expires_at=expires_at)
+        # The process holding it was killed (or lost the store): nothing of it will ever finish this claim. Take it
+        # over now, as after a lapsed lease: the new owner reconciles by the recorded transaction hash
+        # (docs/threat-model.md T31).
+        log.warning("taking over a claim whose gateway process is gone", extra={"key": key})
+        return await self.store.claim(
+            key, owner, now=time.time(), lease=self.lease, expires_at=expires_at, take_over_from=holder
+        )
+
+    async def _holder_is_gone(self, holder: str) -> bool:
+        instance, dot, _request = holder.partition(".")
+        if not dot or instance == self.instance:
+            return False  # one of our own requests is still at it (or an owner from before process names)
+        return not await self.store.alive(instance, now=time.time())
+
+    async def heartbeats(self, interval: float) -> None:
+        """Prove this process alive every ``interval`` / 3 seconds, for ``interval`` seconds each time."""
+        while True:
+            try:
+                await self.store.heartbeat(self.instance, now=time.time(), ttl=interval)
+            except GatewayError:
+                log.warning("could not renew this process's heartbeat in the store")
+            await asyncio.sleep(interval / 3)
 
 
 class PaidRequest(Generic[P]):
@@ -86,25 +117,26 @@ class PaidRequest(Generic[P]):
         self.resumed = True
         self.tx_hash = tx_hash
 
-    async def mark_paid(self, tx_hash: str) -> None:
+    async def mark_paid(self, tx_hash: str, *, effect: Effect | None = None) -> None:
         self._money_moved = True
         try:
-            await self._mark_paid(tx_hash)
+            await self._mark_paid(tx_hash, effect)
         except StoreUnavailable:
             # The money moved but the store did not hear it, and this request fails closed: once the store is
             # back, record the payment as paid-but-unserved, so the same payment is served without paying again.
             async def paid_unless_lost() -> None:
-                with contextlib.suppress(PaymentInFlight):  # already PAID (the write landed) or no longer ours
-                    await self._mark_paid(tx_hash)
+                # already PAID (the write landed), no longer ours, or the transfer already paid for something else
+                with contextlib.suppress(PaymentInFlight, PaymentReplayed):
+                    await self._mark_paid(tx_hash, effect)
 
             self._defer(paid_unless_lost, functools.partial(self._finish, served=False))
             raise
         self.paid = True
         self.tx_hash = tx_hash
 
-    async def _mark_paid(self, tx_hash: str) -> None:
+    async def _mark_paid(self, tx_hash: str, effect: Effect | None) -> None:
         claims = self._claims
-        await claims.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease)
+        await claims.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease, effect=effect)
 
     async def record_tx(self, tx_hash: str) -> None:
         claims = self._claims
@@ -114,7 +146,21 @@ class PaidRequest(Generic[P]):
         """Make the money move (no-op when already paid). Raises SettlementFailed / PaymentRequired."""
         if self.paid:
             return self.tx_hash or ""
-        return await self._scheme.settle(self, simulate_again=simulate_again)
+        try:
+            return await self._scheme.settle(self, simulate_again=simulate_again)
+        except SettlementFailed as exc:
+            if exc.unknown:
+                await self.hand_over()
+            raise
+
+    async def hand_over(self) -> None:
+        """This request ends with its settlement broadcast and recorded by hash but its outcome unknown (503 or
+        409 ``settlement_pending``). The retry should not wait out the lease to learn it: end the lease now, so the
+        next presentation takes the claim and reconciles by the recorded hash (docs/threat-model.md T31)."""
+        if not self._broadcast or self.paid:
+            return
+        with contextlib.suppress(GatewayError):
+            await self._claims.store.lapse(self.key, self._owner, now=time.time())
 
     async def finish(self, *, served: bool) -> None:
         """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not

@@ -10,8 +10,9 @@ chain directly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway.chain.network import Network, open_networks
 from gateway.config import GatewayConfig
 from gateway.engine.claim import AnyPaidRequest, Claims, PaidRequest
 from gateway.engine.deferred import DeferredOutcomes
+from gateway.errors import PaymentInFlight
 from gateway.routes import RouteTable
 from gateway.schemes import build_schemes
 from gateway.schemes.base import Presented, PricedRoute, Scheme, requirements_for
@@ -43,6 +45,7 @@ class PaymentEngine:
         # a shorter lease would let a second presentation resume a payment that is still being served.
         lease = max(config.store.lease_seconds, pay.settle_timeout + config.upstream.read_timeout + 30.0)
         self.claims = Claims(store, lease, DeferredOutcomes())
+        self._heartbeats: asyncio.Task[None] | None = None
 
     @property
     def lease(self) -> float:
@@ -53,8 +56,16 @@ class PaymentEngine:
         for net in self.networks.values():
             await net.start(session, self.config)
         await self.store.ping()
+        interval = self.config.store.heartbeat_seconds
+        await self.store.heartbeat(self.claims.instance, now=time.time(), ttl=interval)
+        self._heartbeats = asyncio.create_task(self.claims.heartbeats(interval), name="x402-heartbeats")
 
     async def aclose(self) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+            self._heartbeats = None
         for net in self.networks.values():
             await net.aclose()
         await self.claims.deferred.aclose()
@@ -111,11 +122,17 @@ class PaymentEngine:
         await scheme.verify(payment)
         now = time.time()
         key, expires_at = scheme.claim_key(payment, now=now)
-        owner = uuid.uuid4().hex
+        owner = self.claims.new_owner()
         record = await self.claims.claim(key, owner, now=now, expires_at=expires_at)
         paid: AnyPaidRequest = PaidRequest(self.claims, scheme, payment, key, owner, expires_at)
         try:
             await scheme.confirm(paid, record, now=now)
+        except PaymentInFlight as exc:
+            if exc.reason == reasons.SETTLEMENT_PENDING:
+                await paid.hand_over()  # found broadcast but not mined: the next retry looks again at once
+            else:
+                await paid.release_quietly()
+            raise
         except BaseException:
             await paid.release_quietly()
             raise

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.config import GatewayConfig, RouteConfig
-from gateway.storage.receipts import ClaimRecord
+from gateway.storage.receipts import ClaimRecord, Effect
 from gateway.x402.challenge import Requirement
 from gateway.x402.payload import HeaderName
 
@@ -53,6 +53,18 @@ def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Require
             )
         )
     return tuple(out)
+
+
+# How long a payment record outlives the last moment it can matter (an authorization's validBefore, the age limit of
+# a transfer): the margin absorbs clocks of several gateways and of the chain that disagree a little.
+RECORD_MARGIN = 3600.0
+
+
+def effect_key(chain_id: int, tx_hash: str, log_index: int) -> str:
+    """The store key of one on-chain effect: the Transfer log that moved the money. Every scheme whose money
+    arrives as a transfer ends on this key, so one transfer pays once, whichever way it is presented
+    (docs/threat-model.md T26)."""
+    return f"tx:{chain_id}:{tx_hash.lower()}:{log_index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +122,10 @@ class Claim(Protocol[P_co]):
     def mark_resumed(self, tx_hash: str | None) -> None:
         """The money moved during an earlier request that failed: serve this one without charging again."""
 
-    async def mark_paid(self, tx_hash: str) -> None:
-        """The money is on chain in ``tx_hash`` (PENDING -> PAID); from here the claim is never given back."""
+    async def mark_paid(self, tx_hash: str, *, effect: Effect | None = None) -> None:
+        """The money is on chain in ``tx_hash`` (PENDING -> PAID); from here the claim is never given back.
+        ``effect``: the transfer's effect key, taken in the same step; raises ``PaymentReplayed`` (and the claim is
+        consumed) when that transfer already paid for something else."""
 
     async def record_tx(self, tx_hash: str) -> None:
         """Store the settlement's hash *before* it is broadcast, so a crash is reconciled by hash, never re-sent."""
@@ -148,5 +162,6 @@ __all__ = [
     "Presented",
     "PricedRoute",
     "Scheme",
+    "effect_key",
     "requirements_for",
 ]

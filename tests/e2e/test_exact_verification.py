@@ -236,6 +236,12 @@ CASES: list[tuple[str, Builder, str]] = [
     ("decimals_confusion_value_times_ten", _value(PRICE * 9, 1), reasons.VALUE_MISMATCH),
     ("expired_valid_before_in_the_past", _window(valid_before=lambda now: now - 10), reasons.VALID_BEFORE_EXPIRED),
     ("expiring_within_the_6s_grace", _window(valid_before=lambda now: now + 3), reasons.VALID_BEFORE_EXPIRED),
+    # settlement "after": the upstream (read_timeout 10 s here) is waited for first, so 6 + 10 s are needed
+    (
+        "expiring_before_the_upstream_could_answer_and_the_settlement_follow",
+        _window(valid_before=lambda now: now + 12),
+        reasons.VALID_BEFORE_EXPIRED,
+    ),
     (
         "valid_before_beyond_max_timeout_plus_skew",
         _window(valid_before=lambda now: now + 300 + 60 + 120),

@@ -10,12 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,17 +18,12 @@ from eth_account import Account
 
 from gateway.dev.chain import DevChain, set_eth_balance
 from tests.support.gateway import GatewayUnderTest
+from tests.support.processes import serve_processes
 from tests.support.servers import RecordingUpstream, serve_asgi
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTANCES = 3
 REQUESTS = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, *, upstream_url: str, redis_url: str, chain: DevChain, pay_to: str) -> None:
@@ -71,38 +60,8 @@ price = "0.10"
 
 @contextlib.contextmanager
 def gateway_processes(config: Path, chain: DevChain, logs: Path, keys: list[str]) -> Iterator[list[str]]:
-    procs: list[tuple[subprocess.Popen[bytes], str, Path]] = []
-    try:
-        for i, key in enumerate(keys):
-            env = dict(os.environ, TEST_RELAYER_KEY=key, PYTHONPATH=str(ROOT))
-            port = free_port()
-            log = logs / f"gateway-{i}.log"
-            cmd = [sys.executable, "-m", "gateway.cli", "serve", "-c", str(config), "--port", str(port)]
-            with log.open("wb") as fh:
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            procs.append((proc, f"http://127.0.0.1:{port}", log))
-        deadline = time.monotonic() + 40
-        for proc, url, log in procs:
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"gateway never became ready:\n{log.read_text()[-3000:]}")
-                time.sleep(0.1)
-        yield [url for _, url, _ in procs]
-    finally:
-        for proc, _, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _, _ in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with serve_processes(config, logs, keys) as procs:
+        yield [p.url for p in procs]
 
 
 async def post_all(targets: list[tuple[str, dict[str, str]]]) -> list[int]:

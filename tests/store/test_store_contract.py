@@ -2,7 +2,7 @@
 
 docs/threat-model.md: T1 (same proof twice), T2 (concurrent race with one payment), T11 (charged for a failure:
 resume an unserved payment without paying again), T12 (never broadcast twice), T17 (store outage: fail closed,
-recover).
+recover), T26 (one transfer pays once: the effect key taken with the payment).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage import ClaimState, ReceiptStore
+from gateway.storage.receipts import Effect
 
 if TYPE_CHECKING:
     from tests.store.conftest import Backend
@@ -279,6 +280,116 @@ async def test_concurrent_resumes_of_an_unserved_payment_have_exactly_one_winner
     winners = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(winners) == 1 and winners[0].resumed and winners[0].state is ClaimState.PAID
     assert all(isinstance(o, PaymentInFlight) for o in outcomes if isinstance(o, BaseException))
+
+
+def new_effect() -> str:
+    return f"tx:8453:0x{uuid.uuid4().hex}{uuid.uuid4().hex}:3"
+
+
+async def test_the_effect_is_taken_with_the_payment_and_refuses_a_second_presentation(
+    store: ReceiptStore, now: float
+) -> None:
+    key, effect = new_key(), new_effect()
+    await store.claim(key, "a", now=now, lease=LEASE, expires_at=now + 3600)
+    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effect=Effect(effect, now + 7200))
+    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effect=Effect(effect, now + 7200))  # idempotent
+    held = await store.get(effect, now=now)
+    assert held is not None and held.state is ClaimState.CONSUMED and held.expires_at == now + 7200
+    with pytest.raises(PaymentReplayed):  # the same transfer presented by its hash
+        await store.claim(effect, "b", now=now, lease=LEASE, expires_at=None)
+
+
+@pytest.mark.parametrize("holder", ["tx-hash proof", "earlier claim of the same payment"])
+async def test_a_payment_whose_transfer_already_paid_is_consumed_not_paid(
+    store: ReceiptStore, now: float, holder: str
+) -> None:
+    key, effect = new_key(), new_effect()
+    if holder == "tx-hash proof":
+        await store.claim(effect, "proof", now=now, lease=LEASE, expires_at=None)
+    else:  # the record of the first claim is gone (expired or lost); the effect it took is not
+        await store.claim(key, "first", now=now, lease=LEASE, expires_at=now + 3600)
+        await store.mark_paid(key, "first", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+        await store.finish(key, "first", served=True, now=now, expires_at=now - 1)
+    await store.claim(key, "again", now=now, lease=LEASE, expires_at=now + 3600)
+    with pytest.raises(PaymentReplayed):
+        await store.mark_paid(key, "again", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+    rec = await store.get(key, now=now)
+    assert rec is not None and rec.state is ClaimState.CONSUMED
+    with pytest.raises(PaymentReplayed):
+        await store.claim(key, "third", now=now, lease=LEASE, expires_at=now + 3600)
+
+
+async def test_a_payment_and_a_proof_of_its_transfer_racing_have_one_winner(backend: Backend, now: float) -> None:
+    stores = [backend.make() for _ in range(6)]
+    for s in stores:
+        await s.ping()
+    go = asyncio.Event()
+    outcomes: list[str] = []
+
+    async def by_authorization(i: int, store: ReceiptStore, effect: str) -> None:
+        key = new_key()
+        await store.claim(key, "x", now=now, lease=LEASE, expires_at=now + 3600)
+        await go.wait()
+        try:
+            await store.mark_paid(key, "x", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+            outcomes.append(f"{effect}:paid")
+        except PaymentReplayed:
+            outcomes.append(f"{effect}:replayed")
+
+    async def by_hash(store: ReceiptStore, effect: str) -> None:
+        await go.wait()
+        try:
+            await store.claim(effect, "proof", now=now, lease=LEASE, expires_at=None)
+            outcomes.append(f"{effect}:paid")
+        except (PaymentReplayed, PaymentInFlight):
+            outcomes.append(f"{effect}:replayed")
+
+    effects = [new_effect() for _ in range(20)]
+    tasks = []
+    for i, effect in enumerate(effects):
+        tasks.append(asyncio.create_task(by_authorization(i, stores[i % 6], effect)))
+        tasks.append(asyncio.create_task(by_hash(stores[(i + 3) % 6], effect)))
+    await asyncio.sleep(0.2)
+    go.set()
+    await asyncio.gather(*tasks)
+    for effect in effects:
+        assert sorted(o.rsplit(":", 1)[1] for o in outcomes if o.startswith(effect + ":")) == ["paid", "replayed"]
+
+
+async def test_a_live_claim_is_taken_over_only_from_the_holder_named(store: ReceiptStore, now: float) -> None:
+    key = new_key()
+    await store.claim(key, "dead.1", now=now, lease=LEASE, expires_at=None)
+    await store.record_tx(key, "dead.1", TX, now=now, lease=LEASE)
+    with pytest.raises(PaymentInFlight) as refused:
+        await store.claim(key, "b", now=now + 1, lease=LEASE, expires_at=None)
+    assert refused.value.holder == "dead.1"
+    with pytest.raises(PaymentInFlight):  # naming anyone else changes nothing
+        await store.claim(key, "b", now=now + 1, lease=LEASE, expires_at=None, take_over_from="other.1")
+    rec = await store.claim(key, "b", now=now + 1, lease=LEASE, expires_at=None, take_over_from="dead.1")
+    assert rec.resumed and rec.owner == "b" and rec.tx_hash == TX and rec.state is ClaimState.PENDING
+    with pytest.raises(PaymentInFlight):  # the old owner can no longer act on it
+        await store.mark_paid(key, "dead.1", TX, now=now + 2, lease=LEASE)
+
+
+async def test_a_lapsed_claim_is_taken_over_at_once_by_the_next_presentation(store: ReceiptStore, now: float) -> None:
+    key = new_key()
+    await store.claim(key, "a", now=now, lease=LEASE, expires_at=None)
+    await store.record_tx(key, "a", TX, now=now, lease=LEASE)
+    await store.lapse(key, "someone else", now=now)  # only the owner can end its lease
+    with pytest.raises(PaymentInFlight):
+        await store.claim(key, "b", now=now + 1, lease=LEASE, expires_at=None)
+    await store.lapse(key, "a", now=now + 1)
+    rec = await store.claim(key, "b", now=now + 2, lease=LEASE, expires_at=None)
+    assert rec.resumed and rec.owner == "b" and rec.tx_hash == TX
+
+
+async def test_an_instance_is_alive_until_its_heartbeat_lapses(store: ReceiptStore) -> None:
+    instance = uuid.uuid4().hex
+    assert not await store.alive(instance, now=time.time())
+    await store.heartbeat(instance, now=time.time(), ttl=0.5)
+    assert await store.alive(instance, now=time.time())
+    await asyncio.sleep(0.7)
+    assert not await store.alive(instance, now=time.time())
 
 
 async def test_claims_survive_restart(backend: Backend, store: ReceiptStore, now: float) -> None:

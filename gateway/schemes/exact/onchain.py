@@ -97,7 +97,17 @@ async def preflight_exact(
     return Preflight(gas=hex_int(gas) if gas_hint is None else gas_hint, nonce_used=False)
 
 
-def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> bool:
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """An execution of one authorization to us, as the chain shows it."""
+
+    tx_hash: str
+    log_index: int  # of the Transfer to us: with the chain and tx hash, the key of this on-chain effect
+    sender: str  # the transaction's sender, lowercase (our relayer's address when we settled it)
+    block_number: int
+
+
+def settlement_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> Settlement | None:
     """Did this (successful) transaction execute *this* authorization, moving exactly the authorised amount from
     the payer to us, as logged by the USDC contract itself?
 
@@ -106,7 +116,7 @@ def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authori
     Transfer alone could be another authorization's of the same payer and amount. Logs of any other contract are
     ignored: a fake token emits identical events."""
     if hex_int(receipt.get("status", "0x0")) != 1:
-        return False
+        return None
     asset = req.asset.lower()
     payer = bytes(12) + bytes.fromhex(auth.from_[2:])
     pay_to = bytes(12) + bytes.fromhex(req.pay_to[2:].lower())
@@ -120,14 +130,25 @@ def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authori
             continue
         topics = [bytes.fromhex(str(t)[2:]) for t in moved.get("topics") or ()]
         amount = int(str(moved.get("data", "0x0"))[2:] or "0", 16)
-        return topics == [abi.TRANSFER_TOPIC, payer, pay_to] and amount == auth.value
-    return False
+        if topics != [abi.TRANSFER_TOPIC, payer, pay_to] or amount != auth.value:
+            return None
+        return Settlement(
+            tx_hash=str(receipt.get("transactionHash", "")).lower(),
+            log_index=hex_int(moved.get("logIndex")),
+            sender=str(receipt.get("from", "")).lower(),
+            block_number=hex_int(receipt.get("blockNumber")),
+        )
+    return None
+
+
+def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> bool:
+    return settlement_in_receipt(receipt, req, auth) is not None
 
 
 async def find_prior_settlement(
     rpc: ChainRpc, req: Requirement, auth: Authorization, *, lookback_blocks: int = 10_000
-) -> str | None:
-    """If someone else already executed this authorization *to us*, the hash of that transaction.
+) -> Settlement | None:
+    """If this authorization was already executed *to us* (by anyone), that execution.
 
     docs/threat-model.md T9: a watcher (or the payer's own facilitator) may front-run our settlement; the money still
     arrived, so the payment counts. Found through the token's ``AuthorizationUsed(from, nonce)`` event.
@@ -153,6 +174,13 @@ async def find_prior_settlement(
         if not isinstance(tx_hash, str):
             continue
         receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
-        if isinstance(receipt, dict) and transfer_in_receipt(receipt, req, auth):
-            return tx_hash
+        found = settlement_in_receipt(receipt, req, auth) if isinstance(receipt, dict) else None
+        if found is not None:
+            return found
     return None
+
+
+async def block_time(rpc: ChainRpc, block_number: int) -> int | None:
+    """The timestamp of block ``block_number`` (None if the node does not have it)."""
+    block = await rpc.request("eth_getBlockByNumber", [hex(block_number), False])
+    return hex_int(block.get("timestamp")) if isinstance(block, dict) else None

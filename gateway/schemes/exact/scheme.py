@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,25 +20,30 @@ from gateway.bazaar import facilitator_listing
 from gateway.chain.facilitator import FacilitatorClient, FacilitatorUnavailable
 from gateway.chain.network import Network
 from gateway.config import GatewayConfig
-from gateway.errors import BadGateway, PaymentInFlight, PaymentRequired, ServiceUnavailable, SettlementFailed
-from gateway.schemes.base import Claim, Offer, Presented, PricedRoute
+from gateway.errors import (
+    BadGateway,
+    PaymentInFlight,
+    PaymentReplayed,
+    PaymentRequired,
+    ServiceUnavailable,
+    SettlementFailed,
+)
+from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute, effect_key
 from gateway.schemes.exact.check import SignatureKind, check_exact, check_window, payment_key, select_requirement
 from gateway.schemes.exact.onchain import (
+    Settlement,
+    block_time,
     find_prior_settlement,
     preflight_exact,
     settlement_calldata,
-    transfer_in_receipt,
+    settlement_in_receipt,
 )
-from gateway.storage.receipts import ClaimRecord, ClaimState
+from gateway.storage.receipts import ClaimRecord, ClaimState, Effect
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.payload import ExactPayment, parse_exact_payment
 
 log = logging.getLogger("gateway.payments")
-
-# How long a consumed EIP-3009 record outlives its validBefore: after that the authorization cannot execute on
-# chain any more, so nobody can present it again successfully; the margin absorbs clock skew between machines.
-EXPIRY_MARGIN = 3600.0
 
 
 @dataclass(slots=True)
@@ -49,6 +56,7 @@ class ExactAttempt:
     route: PricedRoute
     method: str
     gas: int = 0  # the simulated settlement gas (local settlement)
+    own_tx: str | None = None  # the settlement transaction this claim recorded (or took over), if any
 
     @property
     def payer(self) -> str:
@@ -69,6 +77,9 @@ class ExactScheme:
         self.config = config
         self.networks = networks
         self._listings: dict[tuple[str, str], dict[str, Any]] = {}
+        # How long the effect key of a settled transfer is kept: a transfer older than tx_max_age_seconds never
+        # pays (as a tx-hash proof or as a prior settlement), so the key outlives the last moment it could be used.
+        self._effect_retention = config.payment.tx_max_age_seconds + RECORD_MARGIN
 
     def accepts(self, presented: Presented) -> bool:
         return True  # every x402 payload header that is not another scheme's
@@ -87,10 +98,13 @@ class ExactScheme:
 
     def claim_key(self, payment: ExactAttempt, *, now: float) -> tuple[str, float | None]:
         auth = payment.authorization.authorization
-        return payment_key(payment.requirement, auth), auth.valid_before + EXPIRY_MARGIN
+        # After validBefore the authorization cannot execute on chain any more; what it paid stays recorded under
+        # its transfer's effect key (see _collect), which outlives this record.
+        return payment_key(payment.requirement, auth), auth.valid_before + RECORD_MARGIN
 
     async def confirm(self, claim: ExactClaim, record: ClaimRecord, *, now: float) -> None:
         attempt = claim.payment
+        attempt.own_tx = record.tx_hash
         if record.state is ClaimState.PAID:
             # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
             if attempt.kind is SignatureKind.CONTRACT:
@@ -105,7 +119,7 @@ class ExactScheme:
                 attempt.authorization,
                 attempt.requirement,
                 now=int(now),
-                min_validity_seconds=pay.min_validity_seconds,
+                min_validity_seconds=self._min_validity(attempt.route),
                 clock_skew_seconds=pay.clock_skew_seconds,
             )
         except PaymentRequired as exc:
@@ -114,6 +128,15 @@ class ExactScheme:
                 return
             raise
         await self._preflight(claim, attempt.kind)
+
+    def _min_validity(self, route: PricedRoute) -> int:
+        """How long an authorization must still be valid when it is accepted: enough to settle it, and under
+        ``settlement = "after"`` also to wait for the upstream first (its read timeout), so the upstream never
+        works for an authorization that expires before it can be settled (docs/threat-model.md T32)."""
+        pay = self.config.payment
+        if route.config.settlement == "after":
+            return pay.min_validity_seconds + math.ceil(self.config.upstream.read_timeout)
+        return pay.min_validity_seconds
 
     async def settle(self, claim: ExactClaim, *, simulate_again: bool) -> str:
         attempt = claim.payment
@@ -124,6 +147,13 @@ class ExactScheme:
             await self._preflight(claim, SignatureKind.EOA, simulate=False)  # the signature kind is settled
             if claim.paid:
                 return claim.tx_hash or ""
+        if attempt.authorization.authorization.valid_before < time.time() + self.config.payment.min_validity_seconds:
+            # Never broadcast what cannot succeed: the contract refuses an expired authorization, and the relayer
+            # would pay gas for a reverting transaction (a clock jump or a stalled queue can get us here).
+            claim.in_flight(False)
+            raise SettlementFailed(
+                "the authorization expires before it could be settled", reason=reasons.VALID_BEFORE_EXPIRED
+            )
         if net.facilitator is not None:
             return await self._settle_remotely(claim, net, net.facilitator)
         return await self._settle_locally(claim, net)
@@ -136,8 +166,9 @@ class ExactScheme:
         rpc = self.networks[attempt.requirement.network].rpc
         receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
         if isinstance(receipt, dict):
-            if transfer_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization):
-                await claim.mark_paid(tx_hash)
+            found = settlement_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization)
+            if found is not None:
+                await self._collect(claim, found, tx_hash)
                 return True
             return False  # it reverted: verify afresh (maybe someone else settled first)
         known = await rpc.request("eth_getTransactionByHash", [tx_hash])
@@ -146,14 +177,37 @@ class ExactScheme:
             raise PaymentInFlight("this payment's settlement is still pending", reason=reasons.SETTLEMENT_PENDING)
         return False  # never reached the network: safe to settle afresh
 
+    async def _collect(self, claim: ExactClaim, found: Settlement, tx_hash: str) -> None:
+        """The money is on chain in ``tx_hash``: the claim is PAID and, in the same store step, takes the transfer's
+        effect key, the key a tx-hash proof of the same transfer would claim (docs/threat-model.md T26)."""
+        req = claim.payment.requirement
+        effect = Effect(effect_key(req.chain_id, tx_hash, found.log_index), time.time() + self._effect_retention)
+        await claim.mark_paid(tx_hash, effect=effect)
+
     async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:
+        """Was this authorization already executed to us? Then the money arrived and the payment counts, once.
+
+        Not when this gateway's own relayer executed it in a transaction this claim does not know: then an
+        earlier claim collected it, and only a lost or expired record could make it look new
+        (docs/threat-model.md T27, T30). Not when the execution is older than a transfer may be to pay: its
+        effect key may no longer be kept."""
         attempt = claim.payment
         req, auth = attempt.requirement, attempt.authorization.authorization
-        prior = await find_prior_settlement(self.networks[req.network].rpc, req, auth)
+        net = self.networks[req.network]
+        prior = await find_prior_settlement(net.rpc, req, auth)
         if prior is None:
             return False
-        log.info("payment settled by a third party", extra={"tx_hash": prior, "payer": auth.from_})
-        await claim.mark_paid(prior)
+        own = net.relayer.address.lower() if net.relayer is not None else None
+        if prior.sender == own and prior.tx_hash != (attempt.own_tx or "").lower():
+            log.warning(
+                "an authorization this gateway settled before was presented again", extra={"tx_hash": prior.tx_hash}
+            )
+            raise PaymentReplayed("this authorization was already settled by this gateway")
+        mined_at = await block_time(net.rpc, prior.block_number)
+        if mined_at is None or time.time() - mined_at > self.config.payment.tx_max_age_seconds:
+            return False
+        log.info("payment settled by a third party", extra={"tx_hash": prior.tx_hash, "payer": auth.from_})
+        await self._collect(claim, prior, prior.tx_hash)
         return True
 
     def _facilitator_payload(self, attempt: ExactAttempt) -> dict[str, Any]:
@@ -211,8 +265,9 @@ class ExactScheme:
             raise SettlementFailed(
                 "settlement is broadcast but not confirmed yet", reason=reasons.SETTLEMENT_PENDING, unknown=True
             ) from None
-        if transfer_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization):
-            await claim.mark_paid(tx_hash)
+        found = settlement_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization)
+        if found is not None:
+            await self._collect(claim, found, tx_hash)
             return True
         return False
 
@@ -234,6 +289,7 @@ class ExactScheme:
             tx_hash = result.transaction
             claim.in_flight(True)  # the facilitator has broadcast it: the claim stays, even if recording fails
             await claim.record_tx(tx_hash)
+            attempt.own_tx = tx_hash
             # Trust, but verify: the money must show up as a Transfer to us on our own RPC.
             if await self._confirmed(claim, net, tx_hash):
                 return tx_hash
@@ -247,6 +303,7 @@ class ExactScheme:
 
         async def record(tx_hash: str) -> None:
             await claim.record_tx(tx_hash)
+            attempt.own_tx = tx_hash
             claim.in_flight(True)
 
         assert net.relayer is not None
@@ -268,14 +325,11 @@ class ExactScheme:
         if await self._confirmed(claim, net, tx_hash):
             return tx_hash
         # Reverted: if someone else executed the same authorization to us first, the money still arrived.
-        req, auth = attempt.requirement, attempt.authorization.authorization
-        prior = await find_prior_settlement(net.rpc, req, auth)
-        if prior is not None:
-            await claim.mark_paid(prior)
-            return prior
+        if await self._paid_by_someone_else(claim):
+            return claim.tx_hash or ""
         claim.in_flight(False)  # our transaction failed and moved nothing: the claim may be released
         net.gas.forget()  # if the limit we learned was too low, the next preflight estimates afresh
         raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
 
 
-__all__ = ["EXPIRY_MARGIN", "ExactAttempt", "ExactScheme"]
+__all__ = ["ExactAttempt", "ExactScheme"]

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.chain import abi
 from gateway.errors import PaymentRequired
+from gateway.schemes.base import effect_key
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.digests import eip191_digest
@@ -78,4 +79,4 @@ def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
 
 
 def tx_payment_key(chain_id: int, tx_hash: str, log_index: int) -> str:
-    return f"tx:{chain_id}:{tx_hash.lower()}:{log_index}"
+    return effect_key(chain_id, tx_hash, log_index)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from gateway.chain.network import Network
 from gateway.config import GatewayConfig
-from gateway.errors import PaymentRequired
-from gateway.schemes.base import Claim, Offer, Presented, PricedRoute
+from gateway.errors import PaymentReplayed, PaymentRequired
+from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute
 from gateway.schemes.txhash.check import FoundTransfer, binding_digest, binding_signer, find_transfer, tx_payment_key
 from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh, contract_vouches
 from gateway.storage.receipts import ClaimRecord, ClaimState
@@ -76,13 +76,20 @@ class TxHashScheme:
             raise PaymentRequired(
                 "the payment binding is not signed by the transfer's sender", reason=reasons.BINDING_MISMATCH
             )
+        if net.relayer is not None and str(receipt.get("from", "")).lower() == net.relayer.address.lower():
+            # A transfer our own relayer sent is an ``exact`` settlement this gateway already collected (a payer's
+            # proof is a transfer the payer sent): it never pays again, even if its records were lost
+            # (docs/threat-model.md T26, T30).
+            raise PaymentReplayed("this transfer settled a payment this gateway already collected")
         await check_final_and_fresh(net, receipt, found, self.config.payment)
         payment.found = found
 
     def claim_key(self, payment: TxAttempt, *, now: float) -> tuple[str, float | None]:
         assert payment.found is not None
-        # A Base transaction never expires: the record is kept for ever (None).
-        return tx_payment_key(payment.requirement.chain_id, payment.proof.tx_hash, payment.found.log_index), None
+        key = tx_payment_key(payment.requirement.chain_id, payment.proof.tx_hash, payment.found.log_index)
+        # A transfer older than tx_max_age_seconds never pays again, whichever way it is presented, so its record
+        # is kept that long plus a margin for clocks that disagree (docs/threat-model.md T27).
+        return key, now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN
 
     async def confirm(self, claim: Claim[TxAttempt], record: ClaimRecord, *, now: float) -> None:
         if record.state is ClaimState.PAID:

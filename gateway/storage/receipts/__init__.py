@@ -8,16 +8,18 @@ redis.py      one hash per payment under ``x402:``, every transition one Lua scr
 from __future__ import annotations
 
 from gateway.storage.backend import Backend, SqliteBackend
-from gateway.storage.receipts.contract import ClaimRecord, ClaimState, ReceiptStore
+from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, ReceiptStore, link_owner
 from gateway.storage.receipts.redis import RedisReceiptStore
 from gateway.storage.receipts.sqlite import SQLiteReceiptStore
 
 __all__ = [
     "ClaimRecord",
     "ClaimState",
+    "Effect",
     "ReceiptStore",
     "RedisReceiptStore",
     "SQLiteReceiptStore",
+    "link_owner",
     "receipt_store_on",
 ]
 

@@ -51,16 +51,40 @@ class ClaimRecord:
     resumed: bool = False  # set on the record ``claim`` returns when it took over an existing claim
 
 
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """The on-chain transfer a payment's money arrived in, as a store key, and how long it is kept."""
+
+    key: str
+    expires_at: float | None
+
+
+def link_owner(key: str, owner: str) -> str:
+    """The owner recorded on an effect key taken by claim ``(key, owner)``: only that very claim may take it again."""
+    return f"link:{key}:{owner}"
+
+
 @runtime_checkable
 class ReceiptStore(Protocol):
     """Atomic claims on payments. Every method raises ``StoreUnavailable`` when the backend cannot answer."""
 
-    async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
+    async def claim(
+        self,
+        key: str,
+        owner: str,
+        *,
+        now: float,
+        lease: float,
+        expires_at: float | None,
+        take_over_from: str | None = None,
+    ) -> ClaimRecord:
         """Claim ``key`` for ``owner``.
 
         absent (or expired) -> PENDING(owner); UNSERVED -> PAID(owner, resumed); PENDING/PAID with a lapsed
         lease -> same state, new owner, resumed. Raises ``PaymentReplayed`` for CONSUMED and
-        ``PaymentInFlight`` for a PENDING/PAID claim whose lease is live.
+        ``PaymentInFlight`` (with ``holder`` = its owner) for a PENDING/PAID claim whose lease is live, unless
+        that owner is ``take_over_from``: then the claim is taken over as if the lease had lapsed (its owner's
+        process is known to be gone).
         """
         ...
 
@@ -69,8 +93,16 @@ class ReceiptStore(Protocol):
         lease. Raises ``PaymentInFlight`` if ``owner`` no longer holds the claim."""
         ...
 
-    async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
-        """PENDING(owner) -> PAID(owner). Raises ``PaymentInFlight`` if ``owner`` lost the claim."""
+    async def mark_paid(
+        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+    ) -> None:
+        """PENDING(owner) -> PAID(owner). Raises ``PaymentInFlight`` if ``owner`` lost the claim.
+
+        ``effect``: the key of the on-chain transfer this money arrived in (``tx:<chain>:<tx>:<log index>``, the key a
+        tx-hash proof of the same transfer claims). In the same atomic step it is taken for this claim; if it is
+        already held by anything else (a tx-hash proof, or an earlier claim of the same authorization), the money
+        was already spent here: this claim becomes CONSUMED and ``PaymentReplayed`` is raised (one transfer pays
+        once, whichever way it is presented: docs/threat-model.md T26)."""
         ...
 
     async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
@@ -84,6 +116,19 @@ class ReceiptStore(Protocol):
 
     async def get(self, key: str, *, now: float) -> ClaimRecord | None:
         """The live record for ``key`` (None if absent or expired)."""
+        ...
+
+    async def lapse(self, key: str, owner: str, *, now: float) -> None:
+        """End the lease of ``owner``'s PENDING/PAID claim now (its request is over, its outcome recorded by hash),
+        so the next presentation takes it over and reconciles at once. No-op if ``owner`` lost it."""
+        ...
+
+    async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:
+        """Gateway process ``instance`` is alive for ``ttl`` more seconds."""
+        ...
+
+    async def alive(self, instance: str, *, now: float) -> bool:
+        """Whether ``instance`` proved it is alive recently (its last heartbeat has not lapsed)."""
         ...
 
     async def ping(self) -> None:

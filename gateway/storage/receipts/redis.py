@@ -23,7 +23,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
-from gateway.storage.receipts.contract import ClaimRecord, ClaimState
+from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.redis_client import CONNECT_TIMEOUT, GC_SLACK, SOCKET_TIMEOUT, RedisClient, script_number
 
 __all__ = ["PREFIX", "RedisReceiptStore"]
@@ -58,8 +58,8 @@ local function load(key, now)
 end
 """
 
-# KEYS: key. ARGV: owner, now, lease_until, expires_at|'', slack.
-# -> {'ok', state, owner, tx, lease_until, expires_at, updated_at, resumed} | {'replayed'} | {'inflight'}
+# KEYS: key. ARGV: owner, now, lease_until, expires_at|'', slack, take_over_from|''.
+# -> {'ok', state, owner, tx, lease_until, expires_at, updated_at, resumed} | {'replayed'} | {'inflight', holder}
 _CLAIM = (
     _PRELUDE
     + """
@@ -74,8 +74,8 @@ local state = h[1]
 if state == 'consumed' then return {'replayed'} end
 if state == 'unserved' then
   state = 'paid'
-elseif tonumber(h[4]) > tonumber(now_s) then
-  return {'inflight'}
+elseif tonumber(h[4]) > tonumber(now_s) and (ARGV[6] == '' or h[2] ~= ARGV[6]) then
+  return {'inflight', h[2]}
 end
 -- taking over never shortens the record's protection: keep the later expiry ('' = for ever)
 local new_exp = exp
@@ -99,15 +99,30 @@ return 'ok'
 """
 )
 
-# KEYS: key. ARGV: owner, has_tx '1'|'0', tx_hash, now, lease_until, slack. -> 'ok' | 'lost'
+# KEYS: key[, effect key]. ARGV: owner, has_tx '1'|'0', tx_hash, now, lease_until, slack, effect expiry|'', link.
+# -> 'ok' | 'lost' | 'replayed' (the effect key is held by something else: this claim is now CONSUMED)
 _MARK_PAID = (
     _PRELUDE
     + """
 local key = KEYS[1]
-local h = load(key, tonumber(ARGV[4]))
+local now = tonumber(ARGV[4])
+local h = load(key, now)
 if not h or (h[1] ~= 'pending' and h[1] ~= 'paid') or h[2] ~= ARGV[1] then return 'lost' end
 local tx = h[3]
 if ARGV[2] == '1' then tx = ARGV[3] end
+if KEYS[2] then
+  local e = load(KEYS[2], now)
+  if e and e[2] ~= ARGV[8] then
+    redis.call('HSET', key, 'state', 'consumed', 'tx', tx, 'upd', ARGV[4])
+    set_expiry(key, 'consumed', h[4], h[5], tonumber(ARGV[6]))
+    return 'replayed'
+  end
+  if not e then
+    redis.call('HSET', KEYS[2], 'state', 'consumed', 'owner', ARGV[8], 'tx', tx, 'lease', '0', 'exp', ARGV[7],
+      'upd', ARGV[4])
+    set_expiry(KEYS[2], 'consumed', '0', ARGV[7], tonumber(ARGV[6]))
+  end
+end
 redis.call('HSET', key, 'state', 'paid', 'tx', tx, 'lease', ARGV[5], 'upd', ARGV[4])
 set_expiry(key, 'paid', ARGV[5], h[5], tonumber(ARGV[6]))
 return 'ok'
@@ -128,6 +143,16 @@ set_expiry(key, state, h[4], ARGV[4], tonumber(ARGV[5]))
 return 'ok'
 """
 )
+
+# KEYS: key. ARGV: owner, now. -> 1 if the lease ended else 0
+_LAPSE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if (h[1] == 'pending' or h[1] == 'paid') and h[2] == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+  return 1
+end
+return 0
+"""
 
 # KEYS: key. ARGV: owner. -> 1 if deleted else 0
 _RELEASE = """
@@ -161,6 +186,7 @@ class RedisReceiptStore:
         self._mark_paid = self._client.register_script(_MARK_PAID)
         self._finish = self._client.register_script(_FINISH)
         self._release = self._client.register_script(_RELEASE)
+        self._lapse = self._client.register_script(_LAPSE)
 
     def __repr__(self) -> str:
         return f"RedisReceiptStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
@@ -168,7 +194,16 @@ class RedisReceiptStore:
     async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
         return await self._client.run_script(script, [self._prefix + key], args)
 
-    async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
+    async def claim(
+        self,
+        key: str,
+        owner: str,
+        *,
+        now: float,
+        lease: float,
+        expires_at: float | None,
+        take_over_from: str | None = None,
+    ) -> ClaimRecord:
         res = await self._script(
             self._claim,
             key,
@@ -177,13 +212,15 @@ class RedisReceiptStore:
             script_number(now + lease),
             _opt(expires_at),
             script_number(GC_SLACK),
+            take_over_from or "",
         )
         if not isinstance(res, list) or not res:
             raise StoreUnavailable("redis receipt store: unexpected script reply")
         if res[0] == "replayed":
             raise PaymentReplayed("this payment was already used")
         if res[0] == "inflight":
-            raise PaymentInFlight("this payment is being used by another request")
+            holder = str(res[1]) if len(res) > 1 else None
+            raise PaymentInFlight("this payment is being used by another request", holder=holder)
         _status, state, rec_owner, tx, lease_until, exp, upd, resumed = res
         return ClaimRecord(
             key=key,
@@ -209,17 +246,25 @@ class RedisReceiptStore:
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
 
-    async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
-        res = await self._script(
-            self._mark_paid,
-            key,
+    async def mark_paid(
+        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+    ) -> None:
+        # Both keys in one script: the claim and the transfer it spends change together or not at all. (A Redis
+        # Cluster would need both under one hash tag.)
+        keys = [self._prefix + key] if effect is None else [self._prefix + key, self._prefix + effect.key]
+        args = [
             owner,
             "0" if tx_hash is None else "1",
             tx_hash or "",
             script_number(now),
             script_number(now + lease),
             script_number(GC_SLACK),
-        )
+            "" if effect is None else _opt(effect.expires_at),
+            link_owner(key, owner),
+        ]
+        res = await self._client.run_script(self._mark_paid, keys, args)
+        if res == "replayed":
+            raise PaymentReplayed("this payment's transfer was already used")
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
 
@@ -261,6 +306,18 @@ class RedisReceiptStore:
             expires_at=expires_at,
             updated_at=float(upd),
         )
+
+    async def lapse(self, key: str, owner: str, *, now: float) -> None:
+        await self._script(self._lapse, key, owner, script_number(now))
+
+    async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:
+        # Liveness only: the Redis server's own clock expires it, which is all a heartbeat needs.
+        with self._client.guard():
+            await self._client.redis.set(f"{self._prefix}alive:{instance}", "1", px=max(1, int(ttl * 1000)))
+
+    async def alive(self, instance: str, *, now: float) -> bool:
+        with self._client.guard():
+            return bool(await self._client.redis.exists(f"{self._prefix}alive:{instance}"))
 
     async def ping(self) -> None:
         await self._client.ping()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.errors import PaymentInFlight, PaymentReplayed
-from gateway.storage.receipts.contract import ClaimRecord, ClaimState
+from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
 __all__ = ["SQLiteReceiptStore"]
@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS receipts (
 ) WITHOUT ROWID
 """
 _INDEX = "CREATE INDEX IF NOT EXISTS receipts_expires_at ON receipts (expires_at) WHERE expires_at IS NOT NULL"
+# Which gateway processes are alive (their claims must not be taken over before their lease lapses).
+_INSTANCES = "CREATE TABLE IF NOT EXISTS instances (instance TEXT PRIMARY KEY, alive_until REAL NOT NULL) WITHOUT ROWID"
 # SQL is spelled out in full (no string building): every value goes through a ``?``/``:name`` parameter.
 _SELECT = "SELECT key, state, owner, tx_hash, lease_until, expires_at, updated_at FROM receipts WHERE key = ?"
 _INSERT = (
@@ -95,7 +97,11 @@ class SQLiteReceiptStore:
 
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._db = SQLiteFile(
-            path, schema=(_SCHEMA, _INDEX), busy_timeout=busy_timeout, what="receipt store", thread="x402-sqlite-store"
+            path,
+            schema=(_SCHEMA, _INDEX, _INSTANCES),
+            busy_timeout=busy_timeout,
+            what="receipt store",
+            thread="x402-sqlite-store",
         )
 
     def __repr__(self) -> str:
@@ -112,7 +118,9 @@ class SQLiteReceiptStore:
     def _update(conn: sqlite3.Connection, row: _Row) -> None:
         conn.execute(_UPDATE, (*row[1:], row[0]))
 
-    def _claim(self, key: str, owner: str, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
+    def _claim(
+        self, key: str, owner: str, now: float, lease: float, expires_at: float | None, take_over_from: str | None
+    ) -> ClaimRecord:
         def body(conn: sqlite3.Connection) -> ClaimRecord:
             row = self._select(conn, key)
             if row is not None and _expired(row, now):
@@ -122,13 +130,13 @@ class SQLiteReceiptStore:
                 new: _Row = (key, ClaimState.PENDING.value, owner, None, now + lease, expires_at, now)
                 conn.execute(_INSERT, new)
                 return _record(new)
-            _key, state, _old_owner, tx_hash, lease_until, old_expires, _upd = row
+            _key, state, old_owner, tx_hash, lease_until, old_expires, _upd = row
             if state == ClaimState.CONSUMED:
                 raise PaymentReplayed("this payment was already used")
             if state == ClaimState.UNSERVED:
                 state = ClaimState.PAID.value  # the money is on chain: resume without paying again
-            elif lease_until > now:
-                raise PaymentInFlight("this payment is being used by another request")
+            elif lease_until > now and old_owner != take_over_from:
+                raise PaymentInFlight("this payment is being used by another request", holder=old_owner)
             # Taking over keeps the record's own expiry unless the caller's is later: never shorten protection.
             taken: _Row = (key, state, owner, tx_hash, now + lease, _later(old_expires, expires_at), now)
             self._update(conn, taken)
@@ -145,8 +153,12 @@ class SQLiteReceiptStore:
 
         self._db.transaction(body)
 
-    def _mark_paid(self, key: str, owner: str, tx_hash: str | None, now: float, lease: float) -> None:
-        def body(conn: sqlite3.Connection) -> None:
+    def _mark_paid(
+        self, key: str, owner: str, tx_hash: str | None, now: float, lease: float, effect: Effect | None
+    ) -> bool:
+        """True when PAID; False when the effect was already spent (this claim is then CONSUMED)."""
+
+        def body(conn: sqlite3.Connection) -> bool:
             row = self._select(conn, key)
             # PAID(owner) again is accepted (idempotent), so a retried call cannot turn a success into an error.
             if (
@@ -157,9 +169,23 @@ class SQLiteReceiptStore:
             ):
                 raise PaymentInFlight("the claim on this payment was lost")
             new_tx = tx_hash if tx_hash is not None else row[3]
+            if effect is not None:
+                link = link_owner(key, owner)
+                held = self._select(conn, effect.key)
+                if held is not None and _expired(held, now):
+                    conn.execute("DELETE FROM receipts WHERE key = ?", (effect.key,))
+                    held = None
+                if held is not None and held[2] != link:
+                    self._update(conn, (key, ClaimState.CONSUMED.value, owner, new_tx, row[4], row[5], now))
+                    return False
+                if held is None:
+                    conn.execute(
+                        _INSERT, (effect.key, ClaimState.CONSUMED.value, link, new_tx, 0.0, effect.expires_at, now)
+                    )
             self._update(conn, (key, ClaimState.PAID.value, owner, new_tx, now + lease, row[5], now))
+            return True
 
-        self._db.transaction(body)
+        return self._db.transaction(body)
 
     def _finish(self, key: str, owner: str, served: bool, now: float, expires_at: float | None) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -194,14 +220,60 @@ class SQLiteReceiptStore:
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
-    async def claim(self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None) -> ClaimRecord:
-        return await self._db.run(self._claim, key, owner, now, lease, expires_at)
+    async def claim(
+        self,
+        key: str,
+        owner: str,
+        *,
+        now: float,
+        lease: float,
+        expires_at: float | None,
+        take_over_from: str | None = None,
+    ) -> ClaimRecord:
+        return await self._db.run(self._claim, key, owner, now, lease, expires_at, take_over_from)
+
+    def _lapse(self, key: str, owner: str, now: float) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE receipts SET lease_until = ? WHERE key = ? AND owner = ? AND state IN ('pending', 'paid')",
+                (now, key, owner),
+            )
+
+        self._db.transaction(body)
+
+    async def lapse(self, key: str, owner: str, *, now: float) -> None:
+        await self._db.run(self._lapse, key, owner, now)
+
+    def _heartbeat(self, instance: str, now: float, ttl: float) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO instances (instance, alive_until) VALUES (?, ?)"
+                " ON CONFLICT (instance) DO UPDATE SET alive_until = excluded.alive_until",
+                (instance, now + ttl),
+            )
+            conn.execute("DELETE FROM instances WHERE alive_until < ?", (now - 3600.0,))
+
+        self._db.transaction(body)
+
+    def _alive(self, instance: str, now: float) -> bool:
+        conn = self._db.connection()
+        row = conn.execute("SELECT alive_until FROM instances WHERE instance = ?", (instance,)).fetchone()
+        return row is not None and float(row[0]) > now
+
+    async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:
+        await self._db.run(self._heartbeat, instance, now, ttl)
+
+    async def alive(self, instance: str, *, now: float) -> bool:
+        return await self._db.run(self._alive, instance, now)
 
     async def record_tx(self, key: str, owner: str, tx_hash: str, *, now: float, lease: float) -> None:
         await self._db.run(self._record_tx, key, owner, tx_hash, now, lease)
 
-    async def mark_paid(self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float) -> None:
-        await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease)
+    async def mark_paid(
+        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+    ) -> None:
+        if not await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease, effect):
+            raise PaymentReplayed("this payment's transfer was already used")
 
     async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
         await self._db.run(self._finish, key, owner, served, now, expires_at)

@@ -1,0 +1,122 @@
+"""Paid but unanswered recovers fast: a gateway process killed (kill -9) while serving a paid request leaves a
+claim with a live lease (minutes); the next process takes it over as soon as the dead one's heartbeat lapses, and
+the retry of the same payment is served without paying again; a settlement whose outcome was unknown is
+reconciled by the very next retry (docs/threat-model.md T31)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account import Account
+
+from gateway.dev.chain import DevChain, set_eth_balance, start_dev_chain
+from gateway.x402 import reasons
+from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
+from tests.support.processes import serve_processes
+from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
+
+PRICE = 100_000
+
+
+def write_config(path: Path, *, upstream_url: str, store_url: str, chain: DevChain, pay_to: str) -> None:
+    path.write_text(
+        f"""
+[upstream]
+url = "{upstream_url}"
+read_timeout = 60.0
+
+[store]
+url = "{store_url}"
+heartbeat_seconds = 2.0
+
+[payment]
+pay_to = "{pay_to}"
+relayer_key_env = "TEST_RELAYER_KEY"
+
+[networks.base]
+rpc_urls = ["{chain.url}"]
+receipt_poll_interval = 0.02
+
+[[routes]]
+route = "POST /paid"
+price = "0.10"
+settlement = "before"
+"""
+    )
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_payment_whose_gateway_was_killed_mid_request_is_served_by_the_next_one_at_once(
+    base_chain: DevChain, tmp_path: Path, request: pytest.FixtureRequest, store: str
+) -> None:
+    store_url = sqlite_url(tmp_path) if store == "sqlite" else str(request.getfixturevalue("redis_url"))
+    upstream = RecordingUpstream(Behaviour(delay=30.0))  # holds the response start: the request is not served yet
+    pay_to = Account.create().address
+    relayer = Account.create()
+    set_eth_balance(base_chain.anvil, relayer.address, 10**19)
+    key = relayer.key.to_0x_hex()
+    with serve_asgi(upstream) as upstream_url:
+        config = tmp_path / "gateway.toml"
+        write_config(config, upstream_url=upstream_url, store_url=store_url, chain=base_chain, pay_to=pay_to)
+        payer = base_chain.new_payer(1_000_000)
+        before = base_chain.balance(pay_to)
+        with serve_processes(config, tmp_path / "first", [key]) as (killed,):
+            first = killed.url
+            signer = GatewayUnderTest(url=first, config=None, upstream=upstream, chains={}, pay_to=pay_to)  # type: ignore[arg-type]
+            name, value = signer.sign(payer, httpx.post(first + "/paid"))
+
+            def doomed() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(first + "/paid", headers={name: value}, timeout=60)
+
+            threading.Thread(target=doomed, daemon=True).start()
+            assert upstream.wait_for_requests(1, timeout=30)  # settled ("before"), now waiting for the upstream
+            assert base_chain.balance(pay_to) == before + PRICE
+            killed.proc.send_signal(signal.SIGKILL)
+            killed.proc.wait(10)
+        upstream.reset()
+        with serve_processes(config, tmp_path / "second", [key]) as (survivor,):
+            second = survivor.url
+            served = None
+            for _ in range(60):  # the lease would hold it for minutes; the dead process's heartbeat lapses in ~2 s
+                r = httpx.post(second + "/paid", headers={name: value}, timeout=30)
+                if r.status_code == 200:
+                    served = r
+                    break
+                assert r.status_code == 409, (r.status_code, r.text)
+                time.sleep(0.5)
+            assert served is not None, "the claim of the killed process was never taken over"
+            assert len(upstream.requests) == 1
+            assert base_chain.balance(pay_to) == before + PRICE  # charged once, served once
+            again = httpx.post(second + "/paid", headers={name: value}, timeout=30)
+            assert again.status_code == 402
+
+
+def test_a_settlement_whose_outcome_was_unknown_is_resolved_by_the_very_next_retry(tmp_path: Path) -> None:
+    # The settlement was broadcast but not mined within settle_timeout: 503 settlement_pending, the claim kept with
+    # its transaction hash. The retry must not wait out the lease (minutes) to learn the outcome: it takes the
+    # claim over and reconciles by hash at once (pending: 409 settlement_pending; mined: served, charged once).
+    chain = start_dev_chain(8453)
+    try:
+        with running_gateway(chain, store_url=sqlite_url(tmp_path), payment={"settle_timeout": 1.0}) as gw:
+            payer = chain.new_payer(1_000_000)
+            before = chain.balance(gw.pay_to)
+            name, value = gw.sign(payer, httpx.post(gw.url + "/paid-before"))
+            chain.rpc("evm_setAutomine", [False])
+            first = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+            assert first.status_code == 503 and first.json()["error"] == reasons.SETTLEMENT_PENDING, first.text
+            pending = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+            assert pending.status_code == 409 and pending.json()["error"] == reasons.SETTLEMENT_PENDING, pending.text
+            chain.rpc("evm_mine", [])
+            served = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+            assert served.status_code == 200, served.text
+            assert len(gw.upstream.requests) == 1
+            assert chain.balance(gw.pay_to) == before + PRICE
+    finally:
+        chain.stop()
