@@ -31,16 +31,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.http.app import build_app
+    from gateway.http.server import HEAD_SLACK_BYTES, guarded_protocol
     from gateway.ops.logs import configure_logging
 
     config = _load(args.config)
     configure_logging(args.log_level, json=args.log_format == "json")
     host = args.host or config.server.listen_host
     port = args.port or config.server.listen_port
+    server = config.server
     uvicorn.run(
         build_app(config, freeze_heap=True),
         host=host,
         port=port,
+        # httptools with a cap on an unfinished request head (and trailers) and deadlines for it and for a body
+        # left unread (uvicorn has none of them for httptools; docs/threat-model.md T40, gateway/http/server.py)
+        http=guarded_protocol(
+            max_head_bytes=server.max_header_bytes + HEAD_SLACK_BYTES,
+            head_timeout=server.header_read_timeout,
+            drain_timeout=server.body_read_timeout,
+        ),
         log_level=args.log_level,
         log_config=None,  # uvicorn's records go through our handler (format, secret redaction)
         access_log=False,  # gateway.access writes one richer line per request
@@ -58,13 +67,54 @@ def cmd_check(args: argparse.Namespace) -> int:
     for route in config.routes:
         price = f"${format_usd(route.price)} ({route.price} atomic units)"
         print(f"  {route.route}  {price}  on {', '.join(route.networks)}  settle {route.settlement}")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def config_warnings(config: GatewayConfig) -> list[str]:
+    """Settings that are valid but probably not what the operator wants (``check`` prints them)."""
+    warnings: list[str] = []
+    up = config.upstream
+    if up.headers and up.inject_headers_on == "all" and config.server.unpriced == "pass":
+        names = ", ".join(name for name, _ in up.headers)
+        warnings.append(
+            f'upstream.inject_headers_on = "all" with server.unpriced = "pass": every free path reaches the '
+            f"upstream with its credentials ({names}), so anyone can use the upstream's own API through the "
+            'gateway for nothing; use "priced" (the default), a list of the free routes that need them, or '
+            'server.unpriced = "refuse"'
+        )
+    return warnings
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.dev.demo import run_demo
 
     return run_demo()
+
+
+def cmd_store_acknowledge(args: argparse.Namespace) -> int:
+    """docs/threat-model.md T30: payments stay refused after a store lost its records until this is run."""
+    import asyncio
+
+    from gateway.engine.identity import LOST, acknowledge
+    from gateway.storage import open_store
+
+    config = _load(args.config)
+
+    async def run() -> tuple[str | None, str]:
+        store = open_store(config.store.url.reveal())
+        try:
+            return await acknowledge(store)
+        finally:
+            await store.aclose()
+
+    before, after = asyncio.run(run())
+    if before is not None and before.startswith(LOST):
+        print(f"acknowledged: the store had lost its records (was {before}); new identity {after}")
+    else:
+        print(f"new identity {after} (the store was not marked lost: {before or 'no identity'})")
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="one real payment end to end on a local chain")
     demo.set_defaults(func=cmd_demo)
+    store = sub.add_parser("store", help="operator actions on the receipt store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    ack = store_sub.add_parser(
+        "acknowledge", help="accept that the receipt store lost its records: the gateways take payments again"
+    )
+    ack.add_argument("-c", "--config", required=True)
+    ack.set_defaults(func=cmd_store_acknowledge)
     add_client_commands(sub)
     return parser
 

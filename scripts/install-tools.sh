@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the local-chain toolchain into <repo>/.tools (git-ignored): the anvil binary (foundry's npm platform
 # package; --ignore-scripts is enough, the binary ships in its bin/) and solcjs 0.8.28 for contracts/build.mjs; the
-# official x402 TypeScript client (@x402/fetch + @x402/evm + viem) into .tools/x402-ts for tests/interop; as root,
+# official x402 TypeScript client (@x402/fetch + @x402/evm + viem) into .tools/x402-ts for tests/interop; Express and
+# method-override into .tools/express for the Express upstream of tests/proxy; as root,
 # Debian's redis-server and chromium when missing.
 # Idempotent: returns at once when the pinned versions are already there.
 set -euo pipefail
@@ -16,6 +17,9 @@ SOLC_PKG_JSON="$TOOLS/node_modules/solc/package.json"
 X402_TS_VERSION="2.27.0"
 VIEM_VERSION="2.57.20"
 X402_TS="$TOOLS/x402-ts"
+EXPRESS_VERSION="5.3.0"
+METHOD_OVERRIDE_VERSION="3.0.0"
+EXPRESS="$TOOLS/express"
 
 have_solc() {
     [ -f "$SOLC_PKG_JSON" ] && grep -q "\"version\": \"$SOLC_VERSION\"" "$SOLC_PKG_JSON"
@@ -45,7 +49,14 @@ have_x402_ts() {
         grep -q "\"version\": \"$X402_TS_VERSION\"" "$X402_TS/node_modules/@x402/fetch/package.json"
 }
 
-if [ -x "$ANVIL_BIN" ] && have_solc && have_x402_ts; then
+# An Express upstream for tests/proxy (Express routes on the raw path, unlike Starlette): its own directory too.
+have_express() {
+    [ -f "$EXPRESS/node_modules/express/package.json" ] &&
+        grep -q "\"version\": \"$EXPRESS_VERSION\"" "$EXPRESS/node_modules/express/package.json" &&
+        [ -f "$EXPRESS/node_modules/method-override/package.json" ]
+}
+
+if [ -x "$ANVIL_BIN" ] && have_solc && have_x402_ts && have_express; then
     echo "tools already installed in $TOOLS"
     exit 0
 fi
@@ -66,4 +77,11 @@ if ! have_x402_ts; then
     [ -f "$X402_TS/package.json" ] || echo '{"name": "x402-gateway-interop", "private": true}' > "$X402_TS/package.json"
     npm install --prefix "$X402_TS" --ignore-scripts --no-audit --no-fund \
         "@x402/fetch@$X402_TS_VERSION" "@x402/evm@$X402_TS_VERSION" "viem@$VIEM_VERSION"
+fi
+
+if ! have_express; then
+    mkdir -p "$EXPRESS"
+    [ -f "$EXPRESS/package.json" ] || echo '{"name": "x402-gateway-express-upstream", "private": true}' > "$EXPRESS/package.json"
+    npm install --prefix "$EXPRESS" --ignore-scripts --no-audit --no-fund \
+        "express@$EXPRESS_VERSION" "method-override@$METHOD_OVERRIDE_VERSION"
 fi

@@ -1,12 +1,14 @@
 """One configured network at run time: its RPC, its receipt watcher, and who settles there.
 
-Either the gateway settles itself (a :class:`Relayer`, batched through Multicall3 where the chain has it), or a
+Either the gateway settles itself (a :class:`Relayer`, batched through Multicall3 where the chain has it, with a
+:class:`FinalityTracker` that keeps served settlements paid through reorgs, docs/threat-model.md T28), or a
 remote x402 facilitator verifies and settles (docs/protocol.md §3). Built once at start from the configuration.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -14,6 +16,7 @@ import aiohttp
 from gateway.chain import abi
 from gateway.chain.batcher import SettlementBatcher
 from gateway.chain.facilitator import CdpAuth, FacilitatorClient
+from gateway.chain.finality import FinalityTracker, Journal, Submitter
 from gateway.chain.gas import GasBook
 from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import ChainRpc
@@ -33,6 +36,19 @@ class Network:
     facilitator: FacilitatorClient | None  # or a remote x402 facilitator does both
     gas: GasBook = field(default_factory=GasBook)  # learned settlement gas (local settlement only)
     batcher: SettlementBatcher | None = None  # several settlements per transaction, where the chain has Multicall3
+    finality: FinalityTracker | None = None  # served local settlements, watched until final (needs a journal)
+    # Called with the network's name for each served settlement a reorg dropped beyond recovery (metrics).
+    settlement_lost: list[Callable[[str], None]] = field(default_factory=list)
+
+    def track_settlement(self, key: str, asset: str, calldata: bytes, valid_before: int, tx_hash: str) -> None:
+        """A local settlement was confirmed and its request is served: watch it until final (T28). Never waits."""
+        if self.finality is not None:
+            self.finality.track(key, asset, calldata, valid_before, tx_hash)
+
+    def submitter(self) -> Submitter:
+        """Where a settlement goes: the Multicall3 batcher when there is one, else the relayer."""
+        assert self.relayer is not None
+        return self.batcher or self.relayer
 
     async def start(self, session: aiohttp.ClientSession, config: GatewayConfig) -> None:
         await self.rpc.start(session)
@@ -48,6 +64,8 @@ class Network:
                 )
             else:
                 log.info("no Multicall3 on %s: one settlement per transaction", self.config.name)
+        if self.finality is not None:
+            self.finality.start()
 
     async def _check_facilitator(self, config: GatewayConfig) -> None:
         """Every route on a facilitator network must be one the facilitator says it supports (fail at start)."""
@@ -62,19 +80,30 @@ class Network:
             )
 
     async def aclose(self) -> None:
+        if self.finality is not None:  # first: it may be handing a settlement to the relayer
+            await self.finality.aclose()
         if self.batcher is not None:
             await self.batcher.aclose()
         if self.relayer is not None:
             await self.relayer.aclose()
         await self.watcher.aclose()
+        await self.rpc.aclose()
 
 
-def open_networks(config: GatewayConfig) -> dict[str, Network]:
-    """Every configured network, not yet started (no I/O here)."""
+def open_networks(config: GatewayConfig, journal: Callable[[], Journal] | None = None) -> dict[str, Network]:
+    """Every configured network, not yet started (no I/O here). ``journal`` opens the settlement journal (one per
+    network that settles locally, on the receipt store's storage); without it, settlements are not watched."""
     key = config.payment.relayer_key
     networks: dict[str, Network] = {}
     for n in config.networks.values():
-        rpc = ChainRpc(n.name, n.chain_id, n.rpc_urls, timeout=n.rpc_timeout)
+        rpc = ChainRpc(
+            n.name,
+            n.chain_id,
+            n.rpc_urls,
+            timeout=n.rpc_timeout,
+            hedge_after=n.rpc_hedge_after,
+            probe_interval=n.rpc_probe_interval,
+        )
         relayer = facilitator = None
         if n.verifier == "facilitator":
             assert n.facilitator is not None
@@ -86,5 +115,17 @@ def open_networks(config: GatewayConfig) -> dict[str, Network]:
                 raise ValueError("local settlement needs payment.relayer_key_env")
             relayer = Relayer(rpc, key)
         watcher = ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
-        networks[n.name] = Network(n, rpc, watcher, relayer, facilitator)
+        net = networks[n.name] = Network(n, rpc, watcher, relayer, facilitator)
+        if relayer is not None and journal is not None:
+            net.finality = FinalityTracker(
+                n.name,
+                rpc,
+                relayer,
+                net.submitter,
+                journal(),
+                finality=n.settlement_finality,
+                depth=n.settlement_depth,
+                interval=n.settlement_check_interval,
+                on_lost=net.settlement_lost,
+            )
     return networks

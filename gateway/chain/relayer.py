@@ -4,6 +4,10 @@
   without asking the node for a nonce each time (docs/threat-model.md T12).
 * The transaction hash is handed to ``before_broadcast`` (which records it in the store) *before* the raw
   transaction leaves, so a crash or a timeout is always reconciled by hash and never broadcast twice.
+* A nonce keeper watches the sequence on the node while transactions are outstanding: a transaction that
+  disappeared (dropped from the mempool, reorganised away) is sent again, a gap nobody can fill is filled with a
+  no-op, and a transaction passed over block after block is replaced with higher fees, so one lost nonce never
+  stalls every later settlement (docs/threat-model.md T29); it lives in :mod:`gateway.chain.nonces`.
 * Receipts are awaited by :mod:`gateway.chain.watcher`; batches are formed by :mod:`gateway.chain.batcher`.
 """
 
@@ -14,12 +18,13 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from coincurve import PrivateKey
 from eth_account import Account
 
+from gateway.chain.nonces import NonceKeeper, Recorder, Slot
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.chain.transactions import sign_eip1559
 from gateway.config import Secret
@@ -27,6 +32,9 @@ from gateway.errors import ChainUnavailable, ServiceUnavailable, SettlementFaile
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.settle")
+
+# What nodes answer when a transaction's fees are below what the next block needs (geth, reth, anvil, erigon).
+_FEE_REFUSALS = ("base fee", "basefee", "fee cap", "feecap", "underpriced", "max fee per gas less than")
 
 
 async def _answer_of(call: Awaitable[Any]) -> Any:
@@ -37,26 +45,7 @@ async def _answer_of(call: Awaitable[Any]) -> Any:
         return exc
 
 
-class _Slot:
-    """One nonce of the relayer's sequence, from signing to broadcast."""
-
-    __slots__ = ("done", "filler", "nonce", "raw", "ready", "tx_hash")
-
-    def __init__(self, nonce: int, tx_hash: str, raw: str, *, filler: bool = False) -> None:
-        self.nonce = nonce
-        self.tx_hash = tx_hash
-        self.raw = raw
-        self.filler = filler  # a no-op that only fills the nonce (its settlement was abandoned or refused)
-        self.ready = filler  # recorded by before_broadcast: may leave
-        # "sent" | "retry" (never sent: sign again) | "unknown" (sent, no answer) | "refused: <node's text>"
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def resolve(self, outcome: str) -> None:
-        if not self.done.done():
-            self.done.set_result(outcome)
-
-
-class Relayer:
+class Relayer(NonceKeeper):
     """Signs and broadcasts settlement transactions for one network with one key, many in flight at once.
 
     A settlement takes the next local nonce and signs (no I/O), has its hash recorded (``before_broadcast``,
@@ -68,7 +57,17 @@ class Relayer:
     A nonce that will not carry its settlement (recording failed, the request was cancelled, the node refused
     it while later nonces were already out) is filled with a zero-value transfer to ourselves, so the ones after
     it do not wait for ever. When the sequence may be wrong ("nonce too low": someone else used the key; a batch
-    without an answer) the queue is handed back to be signed again and the next nonce is read from the node.
+    without an answer) the queue is handed back to be signed again and the next nonce is read from the node. A
+    transaction refused for its fees is signed again at the same nonce with the current price.
+
+    The nonce keeper (``_keep``) runs while transactions are outstanding or recently sent. Every
+    ``check_interval`` it reads the key's mined and pending counts: when the node's pending count stays below our
+    local sequence (a hole: a transaction of ours was dropped from the mempool or reorganised away), each missing
+    nonce is sent again as it was signed (if it would still succeed; else a no-op fills it), or filled with a no-op
+    when we do not know what was there; when our lowest unmined transaction is passed over for ``stuck_blocks``
+    blocks, or was evicted for a fee below the base fee, it is replaced at the same nonce with higher fees (its new
+    hash recorded through the same ``before_broadcast`` first; if that cannot be recorded, a no-op replaces it and
+    its settlement is reconciled by hash as never sent).
     """
 
     # Raw transactions per HTTP request, sent one request at a time in nonce order. On a slow link this is what
@@ -88,11 +87,17 @@ class Relayer:
         self._fees: tuple[float, int, int] | None = None
         self._fees_task: asyncio.Task[tuple[float, int, int]] | None = None
         self._fee_ttl = fee_ttl
-        self._queue: collections.deque[_Slot] = collections.deque()
+        self._queue: collections.deque[Slot] = collections.deque()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._max_batch: int | None = None  # max_batch, or 1 against an automining anvil (see max_batch)
         self._probes = 0
+        self._sending = False  # a broadcast request is out: its nonces are in neither the queue nor _sent
+        self._sent: dict[int, Slot] = {}  # the last transaction broadcast at each nonce (see retain)
+        self._keeper: asyncio.Task[None] | None = None
+        self._hole: int | None = None  # the pending count at which the last check saw a hole
+        self._bumps: dict[int, int] = {}  # replacements per nonce
+        self.repairs = 0  # transactions the keeper sent again, filled or replaced (for tests and logs)
 
     def __repr__(self) -> str:
         return f"Relayer(network={self._rpc.name!r}, address={self.address})"
@@ -126,7 +131,7 @@ class Relayer:
         self._nonce = nonce + 1
         return nonce
 
-    def _enqueue(self, slot: _Slot) -> None:
+    def _enqueue(self, slot: Slot) -> None:
         """Slots are signed in nonce order, but a re-read nonce may be lower than queued ones: keep the order."""
         queue = self._queue
         if not queue or queue[-1].nonce < slot.nonce:
@@ -139,22 +144,50 @@ class Relayer:
         self._wake.set()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_loop(), name=f"relayer-{self._rpc.name}")
+        self._keep_watch()
 
-    def _filler(self, nonce: int, max_fee: int, priority: int) -> _Slot:
+    def _keep_watch(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name=f"relayer-nonces-{self._rpc.name}")
+
+    def _filler(self, nonce: int, max_fee: int, priority: int, *, repair: bool = False) -> Slot:
         tx_hash, raw = sign_eip1559(self._key, self._rpc.chain_id, nonce, self.address, b"", 21_000, max_fee, priority)
-        return _Slot(nonce, tx_hash, raw, filler=True)
+        return Slot(
+            nonce,
+            tx_hash,
+            raw,
+            to=self.address,
+            data=b"",
+            gas=21_000,
+            max_fee=max_fee,
+            priority=priority,
+            filler=True,
+            repair=repair,
+        )
 
-    async def submit(self, to: str, data: bytes, gas: int, before_broadcast: Callable[[str], Awaitable[None]]) -> str:
+    async def submit(self, to: str, data: bytes, gas: int, before_broadcast: Recorder) -> str:
         """Sign, record (``before_broadcast``), broadcast; return the tx hash.
 
         Raises ``ServiceUnavailable`` (``relayer_refused``) when the node refuses the transaction (nothing was
         sent) and ``SettlementFailed(unknown=True)`` when the broadcast's fate is unknown (reconcile by hash).
         """
-        max_fee, priority = await self._fees_now()
-        for _attempt in range(2):
-            nonce = await self._next_nonce()
+        nonce: int | None = None
+        for _attempt in range(4):
+            max_fee, priority = await self._fees_now()
+            if nonce is None:
+                nonce = await self._next_nonce()
             tx_hash, raw = sign_eip1559(self._key, self._rpc.chain_id, nonce, to, data, gas, max_fee, priority)
-            slot = _Slot(nonce, tx_hash, raw)
+            slot = Slot(
+                nonce,
+                tx_hash,
+                raw,
+                to=to,
+                data=data,
+                gas=gas,
+                max_fee=max_fee,
+                priority=priority,
+                before_broadcast=before_broadcast,
+            )
             self._enqueue(slot)
             try:
                 await before_broadcast(tx_hash)
@@ -172,7 +205,10 @@ class Relayer:
             if outcome == "sent":
                 return tx_hash
             if outcome == "retry":
+                nonce = None
                 continue  # never sent: sign again with a fresh nonce (the store takes the new hash)
+            if outcome == "reprice":
+                continue  # refused for its fees, nothing sent: the same nonce again at the current price
             if outcome == "unknown":
                 raise SettlementFailed(
                     "settlement broadcast got no answer; it is reconciled by transaction hash",
@@ -182,7 +218,12 @@ class Relayer:
             # Refused outright (e.g. the relayer has no gas money): nothing was broadcast, and it is our fault,
             # not the payer's, so a 503 and not a 402.
             raise ServiceUnavailable("the network refused the settlement transaction", reason=reasons.RELAYER_REFUSED)
-        # Both attempts were handed back unsent (the key's nonce moved under us twice): our fault, nothing left.
+        if nonce is not None:
+            # Handed back for its fees every time: the nonce is ours and must still leave, or every later one waits.
+            max_fee, priority = await self._fees_now()
+            self._enqueue(self._filler(nonce, max_fee, priority, repair=True))
+            self._kick()
+        # Every attempt was handed back unsent (the key's nonce moved under us, or the price kept rising).
         raise ServiceUnavailable("could not obtain a relayer nonce", reason=reasons.RELAYER_REFUSED)
 
     async def _batch_size(self) -> int:
@@ -203,7 +244,7 @@ class Relayer:
         queue = self._queue
         while queue:
             size = await self._batch_size()
-            batch: list[_Slot] = []
+            batch: list[Slot] = []
             for slot in queue:
                 if not slot.ready or len(batch) == size:
                     break
@@ -215,6 +256,7 @@ class Relayer:
                 continue
             for _ in batch:
                 queue.popleft()
+            self._sending = True
             try:
                 if len(batch) == 1:
                     results = [await _answer_of(self._rpc.request("eth_sendRawTransaction", [batch[0].raw]))]
@@ -225,27 +267,47 @@ class Relayer:
             except Exception:  # a bug must not strand the waiters: treat as no answer
                 log.exception("relayer sender failed")
                 results = None
+            finally:
+                self._sending = False
             if results is None:
                 # The node may or may not have them: reconcile those by hash, re-read the nonce, re-sign the rest.
                 for s in batch:
+                    self._remember(s)  # if the node has them, the keeper can still send them again after a reorg
                     s.resolve("unknown")
                 self._resync()
                 continue
             self._settle_batch(batch, results)
 
-    def _settle_batch(self, batch: list[_Slot], results: list[Any]) -> None:
-        refused: list[_Slot] = []
+    def _remember(self, slot: Slot) -> None:
+        slot.sent_at = time.monotonic()
+        self._sent[slot.nonce] = slot
+        self._keep_watch()
+
+    def _settle_batch(self, batch: list[Slot], results: list[Any]) -> None:
+        refused: list[Slot] = []
         resync = False
         for slot, result in zip(batch, results, strict=True):
-            if not isinstance(result, RpcError):
+            text = result.message.lower() if isinstance(result, RpcError) else ""
+            if not isinstance(result, RpcError) or "already known" in text or "known transaction" in text:
+                self._remember(slot)
                 slot.resolve("sent")
                 continue
-            text = result.message.lower()
-            if "already known" in text:
-                slot.resolve("sent")
-            elif "nonce too low" in text:
-                resync = True  # someone else used this key: the sequence is behind the node's
+            if slot.repair:
+                # The keeper's re-send, filler or replacement of a nonce that is ours already: whatever the node
+                # says, the sequence stays ("nonce too low": that nonce was mined meanwhile, nothing to repair).
+                if "nonce too low" not in text:
+                    log.warning("relayer repair refused", extra={"network": self._rpc.name, "code": result.code})
+                slot.resolve("refused")
+                continue
+            if "nonce too low" in text or "replacement" in text:
+                # Someone else used this key (mined, or holds the nonce in the pool): our sequence is behind.
+                resync = True
                 slot.resolve("retry")
+            elif any(marker in text for marker in _FEE_REFUSALS):
+                # The base fee rose past our cap since the price was read: nothing was sent; the submitter signs
+                # the same nonce again at the current price (the nonce stays reserved for it).
+                self._fees = None
+                slot.resolve("reprice")
             else:
                 log.error("settlement broadcast refused", extra={"network": self._rpc.name, "code": result.code})
                 if slot.filler:
@@ -261,20 +323,24 @@ class Relayer:
                 self._nonce = slot.nonce
                 continue
             fees = self._fees
-            assert fees is not None
-            self._queue.appendleft(self._filler(slot.nonce, fees[1], fees[2]))
+            if fees is None:
+                self._enqueue(self._filler(slot.nonce, slot.max_fee, slot.priority))
+            else:
+                self._enqueue(self._filler(slot.nonce, fees[1], fees[2]))
 
     def _resync(self) -> None:
         """Forget the local sequence; what is queued was never sent and is signed again by its submitter."""
         self._nonce = None
+        self._hole = None
         while self._queue:
             slot = self._queue.popleft()
             slot.resolve("retry")
 
     async def aclose(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sender
+        for task in (self._keeper, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         while self._queue:  # recorded but maybe never sent: their claims are reconciled by hash
             self._queue.popleft().resolve("unknown")

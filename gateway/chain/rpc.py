@@ -7,6 +7,27 @@ Raw JSON-RPC also reads Polygon's proof-of-authority blocks as they are, so no P
 
 A JSON-RPC *error answer* (a revert, "nonce too low") is a real answer and raises :class:`RpcError`; no
 answer at all raises :class:`~gateway.errors.ChainUnavailable` (503, fail closed).
+
+Several endpoints (docs/threat-model.md T18, T42): one that is down or slow must cost neither the start nor every
+call.
+
+* At start every endpoint is asked its chain id, all at once; the gateway starts with those serving the configured
+  chain and fails only when none does. One serving another chain is never used (T7), one that did not answer is
+  used once it answers with the right chain id (checked by a probe, or before use when no other is left).
+* Each endpoint keeps a health score: the moving averages (EWMA) of its answer time and of its failures. Calls go
+  to the best one (kept while it stays within a margin of the others, so consecutive calls see one node's view);
+  a failure fails over at once and cools the endpoint off (1 s, doubling to 30 s).
+* A read the best endpoint has not answered within ``hedge_after`` (or three times its usual answer time) is
+  also sent to the next one, and the first answer wins; the slow one's score shows it, so it is demoted. Writes
+  (``eth_sendRawTransaction``) and nonce reads are never hedged. Endpoints not in use are probed every
+  ``probe_interval`` seconds while there is traffic, so a recovered endpoint can win its place back.
+* Tx-hash proofs (:meth:`ChainRpc.request_all`, :meth:`ChainRpc.request_agreed`) still need a majority of all
+  configured endpoints to answer and every answer to agree, and their callers take the lowest head; once a
+  majority answered, a straggler is waited for only as long again (it cannot change what a majority that includes
+  an honest endpoint already decides).
+
+Scores, ranking and hedging live in :mod:`gateway.chain.endpoints`. This module stays over ~400 lines because
+sending, coalescing, chain-id checks and quorum reads share one endpoint list, id counter and call queue.
 """
 
 from __future__ import annotations
@@ -19,11 +40,14 @@ from typing import Any
 
 import aiohttp
 
+from gateway.chain.endpoints import Endpoint, hedgeable, hedged, ranked
 from gateway.config import Secret
 from gateway.errors import ChainUnavailable
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.chain")
+
+_QUORUM_GRACE = 0.25  # seconds at least a straggler is waited for once a majority answered
 
 
 class RpcError(Exception):
@@ -43,22 +67,37 @@ def hex_int(value: Any) -> int:
 
 
 class ChainRpc:
-    """JSON-RPC to one chain through one or more endpoints (tried in order; a dead one is skipped)."""
+    """JSON-RPC to one chain through one or more endpoints (health-scored, hedged; see the module docstring)."""
 
-    def __init__(self, name: str, chain_id: int, urls: Sequence[Secret], *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        chain_id: int,
+        urls: Sequence[Secret],
+        *,
+        timeout: float = 10.0,
+        hedge_after: float = 0.5,
+        probe_interval: float = 15.0,
+    ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is required")
         self.name = name
         self.chain_id = chain_id
         self._urls = tuple(urls)
+        self._endpoints = [Endpoint(i, url) for i, url in enumerate(self._urls)]
+        self._timeout_seconds = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._hedge_after = hedge_after  # 0: never hedge
+        self._probe_interval = probe_interval  # 0: never probe
         self._session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
         self._preferred = 0
+        self._verifying: asyncio.Future[None] | None = None
         self._queue: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._flush_pending = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"ChainRpc({self.name!r}, chain_id={self.chain_id}, urls={list(self._urls)!r})"
@@ -66,16 +105,135 @@ class ChainRpc:
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
+    async def aclose(self) -> None:
+        """Stop the probes in flight (calls in flight belong to their callers)."""
+        probes, self._probes = self._probes, set()
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+    # -- endpoints ------------------------------------------------------------------------------------------------
+
     async def verify_chain_id(self) -> None:
-        """Every endpoint must serve the chain it is configured for (docs/threat-model.md T7: other-chain answers)."""
-        for i, url in enumerate(self._urls):
-            answer = await self._post(url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, i)
-            got = hex_int(answer.get("result"))
-            if got != self.chain_id:
-                raise ChainUnavailable(
-                    f"RPC endpoint {url!r} of network {self.name} serves chain {got}, not {self.chain_id}",
-                    reason=reasons.CHAIN_ID_MISMATCH,
+        """Ask every endpoint its chain id at once; fail only when none serves the configured chain (T7, T42).
+        Once one does, the others get as long again (at least a second): one that hangs must not hold the start
+        for the whole RPC timeout (it is checked again before it is used)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pending = {asyncio.ensure_future(self._verify(ep)) for ep in self._endpoints}
+        grace_end: float | None = None
+        try:
+            while pending:
+                timeout = None if grace_end is None else max(0.0, grace_end - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                if grace_end is None and any(task.result() for task in done):
+                    grace_end = loop.time() + max(1.0, loop.time() - started)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if any(ep.state == "ok" for ep in self._endpoints):
+            for ep in self._endpoints:
+                if ep.state == "unverified":
+                    log.warning(
+                        "rpc endpoint did not answer at start; it is used once it answers with the right chain id",
+                        extra={"network": self.name, "endpoint": ep.index},
+                    )
+            return
+        wrong = [ep for ep in self._endpoints if ep.state == "wrong_chain"]
+        if wrong:
+            raise ChainUnavailable(
+                f"RPC endpoint {wrong[0].url!r} of network {self.name} serves chain {wrong[0].chain_seen}, "
+                f"not {self.chain_id}",
+                reason=reasons.CHAIN_ID_MISMATCH,
+            )
+        raise ChainUnavailable(f"network {self.name}: no RPC endpoint answered")
+
+    def endpoint_states(self) -> list[str]:
+        """``ok``, ``cooling``, ``unverified`` or ``wrong_chain`` per endpoint, in configuration order."""
+        now = asyncio.get_running_loop().time()
+        return ["cooling" if ep.state == "ok" and ep.cool_until > now else ep.state for ep in self._endpoints]
+
+    async def _verify(self, ep: Endpoint) -> bool:
+        """Whether ``ep`` answers with the configured chain id; one serving another chain is never used again."""
+        ep.probing = True
+        try:
+            body = {"jsonrpc": "2.0", "id": next(self._ids), "method": "eth_chainId", "params": []}
+            try:
+                answer = await self._timed(ep, body)
+                got = hex_int(answer.get("result") if isinstance(answer, dict) else None)
+            except ChainUnavailable:
+                return False
+            except ValueError:
+                ep.failed()
+                return False
+        finally:
+            ep.probing = False
+        ep.chain_seen = got
+        if got != self.chain_id:
+            if ep.state != "wrong_chain":
+                log.error(
+                    "rpc endpoint serves another chain; it is not used",
+                    extra={"network": self.name, "endpoint": ep.index, "chain_id": got},
                 )
+            ep.state = "wrong_chain"
+            return False
+        ep.state = "ok"
+        return True
+
+    def _ranked(self) -> list[Endpoint]:
+        return ranked(self._endpoints, self._preferred)
+
+    async def _usable(self) -> list[Endpoint]:
+        order = self._ranked()
+        if not order:  # none verified (yet): check the others' chain ids first, once for every waiting caller
+            if self._verifying is None or self._verifying.done():
+                self._verifying = asyncio.ensure_future(self._verify_unverified())
+            await asyncio.shield(self._verifying)
+            order = self._ranked()
+            if not order:
+                raise ChainUnavailable(f"network {self.name}: no RPC endpoint serving chain {self.chain_id} answered")
+        self._maybe_probe(order[0])
+        return order
+
+    async def _verify_unverified(self) -> None:
+        await asyncio.gather(*(self._verify(ep) for ep in self._endpoints if ep.state == "unverified"))
+
+    def _maybe_probe(self, in_use: Endpoint) -> None:
+        """Re-measure endpoints that calls do not reach (and check their chain id): a recovered or faster one can
+        take over. Only while calls are made, at most once per ``probe_interval`` per endpoint."""
+        if self._probe_interval <= 0 or len(self._endpoints) < 2:
+            return
+        now = asyncio.get_running_loop().time()
+        for ep in self._endpoints:
+            if ep is in_use or ep.probing or ep.state == "wrong_chain":
+                continue
+            if now - ep.last_seen >= self._probe_interval:
+                ep.probing = True
+                task = asyncio.ensure_future(self._probe(ep))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, ep: Endpoint) -> None:
+        try:
+            await self._verify(ep)
+        except Exception:  # a session closing under it at shutdown: nothing to learn
+            ep.probing = False
+
+    async def _timed(self, ep: Endpoint, body: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            answer = await self._post(ep.url, body, ep.index)
+        except ChainUnavailable:
+            ep.failed()
+            raise
+        ep.answered(loop.time() - started)
+        return answer
+
+    # -- sending ------------------------------------------------------------------------------------------------
 
     async def _post(self, url: Secret, body: Any, index: int) -> Any:
         if self._session is None:
@@ -92,20 +250,38 @@ class ChainRpc:
             ) from None
 
     async def _send(self, body: Any) -> Any:
+        """``body`` to the best endpoint, failing over at once; a read is hedged (see the module docstring)."""
+        order = await self._usable()
+        if self._hedge_after > 0 and len(order) > 1 and hedgeable(body):
+            return await self._hedged(order, body)
         last: ChainUnavailable | None = None
-        n = len(self._urls)
-        for step in range(n):
-            index = (self._preferred + step) % n
+        for ep in order:
             try:
-                answer = await self._post(self._urls[index], body, index)
+                answer = await self._timed(ep, body)
             except ChainUnavailable as exc:
                 last = exc
-                log.warning("rpc endpoint failed", extra={"network": self.name, "endpoint": index})
+                log.warning("rpc endpoint failed", extra={"network": self.name, "endpoint": ep.index})
                 continue
-            self._preferred = index
+            self._use(ep)
             return answer
         assert last is not None
         raise last
+
+    async def _hedged(self, order: list[Endpoint], body: Any) -> Any:
+        ep, answer = await hedged(
+            order,
+            lambda ep: self._timed(ep, body),
+            hedge_after=self._hedge_after,
+            timeout=self._timeout_seconds,
+            network=self.name,
+        )
+        self._use(ep)
+        return answer
+
+    def _use(self, ep: Endpoint) -> None:
+        if ep.index != self._preferred:
+            log.info("rpc endpoint in use", extra={"network": self.name, "endpoint": ep.index})
+            self._preferred = ep.index
 
     async def request(self, method: str, params: list[Any]) -> Any:
         (result,) = await self._call([(method, params)])
@@ -226,19 +402,47 @@ class ChainRpc:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def request_all(self, method: str, params: list[Any]) -> list[Any]:
-        """The answers of every endpoint that answered; a majority must answer (quorum), else ChainUnavailable."""
+        """The answers of the endpoints that answered; a majority of all configured endpoints must answer (quorum),
+        else ChainUnavailable. Once a majority answered, the others are waited for only as long again (at least
+        ``_QUORUM_GRACE``): a majority with an honest endpoint in it already bounds the lowest head and catches a
+        lie, and a slow endpoint must not hold every proof."""
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
-        answers = await asyncio.gather(
-            *(self._post(url, body, i) for i, url in enumerate(self._urls)), return_exceptions=True
-        )
+        need = len(self._endpoints) // 2 + 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def ask(ep: Endpoint) -> Any:
+            if ep.state != "ok" and not await self._verify(ep):  # never an answer from an unchecked chain
+                raise ChainUnavailable(f"network {self.name}: RPC endpoint {ep.index} is not in use")
+            return await self._timed(ep, body)
+
+        pending = {asyncio.ensure_future(ask(ep)) for ep in self._endpoints if ep.state != "wrong_chain"}
         results: list[Any] = []
-        for answer in answers:
-            if isinstance(answer, ChainUnavailable):
-                continue
-            if isinstance(answer, BaseException):
-                raise answer
-            results.append(_result(answer))
-        if len(results) < len(self._urls) // 2 + 1:
+        grace_end: float | None = None
+        try:
+            while pending and len(results) + len(pending) >= need:
+                timeout = None if grace_end is None else max(0.0, grace_end - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # the stragglers had their grace
+                failure: BaseException | None = None
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        try:
+                            results.append(_result(task.result()))
+                        except (RpcError, ChainUnavailable) as err:
+                            failure = failure or err
+                    elif not isinstance(exc, ChainUnavailable):
+                        failure = failure or exc
+                if failure is not None:
+                    raise failure
+                if grace_end is None and len(results) >= need:
+                    grace_end = loop.time() + max(_QUORUM_GRACE, loop.time() - started)
+        finally:
+            for task in pending:
+                task.cancel()
+        if len(results) < need:
             raise ChainUnavailable(f"network {self.name}: too few RPC endpoints answered", reason=reasons.RPC_NO_QUORUM)
         return results
 

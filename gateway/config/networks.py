@@ -35,11 +35,22 @@ class NetworkConfig:
     confirmations: int = 1
     receipt_poll_interval: float = 0.1
     rpc_timeout: float = 10.0
+    # Several rpc_urls (docs/threat-model.md T42): a read the best endpoint has not answered after this long (or
+    # three times its usual answer time) also goes to the next one (0: never); endpoints not in use are re-measured
+    # this often while there is traffic (0: never), so a recovered one can take over again.
+    rpc_hedge_after: float = 0.5
+    rpc_probe_interval: float = 15.0
     finality: Literal["latest", "safe", "finalized"] = "latest"  # tx-hash proofs: block tag they must be under
     verifier: Literal["local", "facilitator"] = "local"  # who verifies and settles x402 exact payments
     facilitator: FacilitatorConfig | None = None
     # Up to this many settlements share one transaction through Multicall3 when the chain has it (1: one each).
     settlement_batch: int = 50
+    # A served settlement is watched until it is final, and re-submitted if a reorg drops it (docs/threat-model.md
+    # T28): final at the "safe" or "finalized" block tag, or ("depth") settlement_depth blocks deep. The depth is also
+    # the fallback when a node does not serve the tag. Known chains override both (_SETTLEMENT_FINALITY).
+    settlement_finality: Literal["safe", "finalized", "depth"] = "finalized"
+    settlement_depth: int = 64
+    settlement_check_interval: float = 2.0  # seconds between the finality tracker's passes
 
     @property
     def caip2(self) -> str:
@@ -48,6 +59,18 @@ class NetworkConfig:
 
 _NETWORK = Defaults(NetworkConfig)
 _FACILITATOR = Defaults(FacilitatorConfig)
+
+# When a settlement of a known chain (by chain id) is final, unless configured (gateway.example.toml says why).
+# Base (and its testnet): an OP-stack L2; only blocks the sequencer has not yet posted to L1 can be reorganised, and
+# only shallowly, so the "safe" tag (derived from L1 batch data) ends the watch; 150 blocks (5 min) if it is not served.
+# Polygon PoS: reorgs of many blocks have happened (up to ~150 in 2023); "finalized" follows its milestones and
+# checkpoints; 256 blocks (~9 min) if it is not served.
+_SETTLEMENT_FINALITY: dict[int, tuple[Literal["safe", "finalized", "depth"], int]] = {
+    8453: ("safe", 150),
+    84532: ("safe", 150),
+    137: ("finalized", 256),
+    80002: ("finalized", 256),
+}
 
 
 def parse_networks(t: Table, env: Mapping[str, str]) -> dict[str, NetworkConfig]:
@@ -81,6 +104,8 @@ def _network(name: str, t: Table, env: Mapping[str, str]) -> NetworkConfig:
     for key, value in (("chain_id", chain_id), ("usdc", usdc), ("eip712_name", eip712_name)):
         if value is None:
             raise ConfigError(t.key(key), f"is required for a network the gateway does not know ({name!r})")
+    confirmations = t.integer("confirmations", _NETWORK.confirmations, minimum=0)
+    finality, depth = _SETTLEMENT_FINALITY.get(chain_id, (_NETWORK.settlement_finality, _NETWORK.settlement_depth))
     cfg = NetworkConfig(
         name=name,
         chain_id=chain_id,
@@ -88,13 +113,21 @@ def _network(name: str, t: Table, env: Mapping[str, str]) -> NetworkConfig:
         usdc=address(usdc, t.key("usdc")),
         eip712_name=eip712_name,
         eip712_version=eip712_version or _NETWORK.eip712_version,
-        confirmations=t.integer("confirmations", _NETWORK.confirmations, minimum=0),
+        confirmations=confirmations,
         receipt_poll_interval=t.number("receipt_poll_interval", _NETWORK.receipt_poll_interval, minimum=0.01),
         rpc_timeout=t.number("rpc_timeout", _NETWORK.rpc_timeout, minimum=0.1),
+        rpc_hedge_after=t.number("rpc_hedge_after", _NETWORK.rpc_hedge_after),
+        rpc_probe_interval=t.number("rpc_probe_interval", _NETWORK.rpc_probe_interval),
         finality=t.choice("finality", ("latest", "safe", "finalized"), _NETWORK.finality),
         verifier=t.choice("verifier", ("local", "facilitator"), _NETWORK.verifier),
         facilitator=_facilitator(t, env),
         settlement_batch=max(1, min(t.integer("settlement_batch", _NETWORK.settlement_batch, minimum=1), 200)),
+        settlement_finality=t.choice("settlement_finality", ("safe", "finalized", "depth"), finality),
+        # never final before the request it paid for could be served
+        settlement_depth=t.integer("settlement_depth", max(depth, confirmations), minimum=max(confirmations, 1)),
+        settlement_check_interval=t.number(
+            "settlement_check_interval", _NETWORK.settlement_check_interval, minimum=0.05
+        ),
     )
     if cfg.verifier == "facilitator" and cfg.facilitator is None:
         raise ConfigError(t.key("facilitator"), 'verifier = "facilitator" needs a [networks.NAME.facilitator] table')

@@ -1,4 +1,5 @@
-"""``[rate_limits]``: per-IP limits on unpaid requests (402 challenges) and per-payer limits on paid ones."""
+"""``[rate_limits]``: per-IP limits on unpaid requests (402 challenges) and on payments that turned out invalid, and
+per-payer limits on verified ones."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class RateLimitConfig:
     enabled: bool = True
     challenge: str = "60/minute"  # per client IP and route: unpaid requests answered with a 402 challenge
     paid: str = "600/minute"  # per payer address and route: requests carrying a verified payment
+    # per client IP and route: payments that turned out invalid (verified ones never count here); over it, that
+    # address's payments are verified one at a time instead of all at once (docs/threat-model.md T41)
+    invalid_payments: str = "60/minute"
     # counters per process; a Redis URL (which may hold a password) shares them between instances
     storage_url: Secret = field(default_factory=lambda: Secret(_DEFAULT_STORAGE, _DEFAULT_STORAGE))
 
@@ -38,6 +42,7 @@ def parse_rate_limits(t: Table, env: Mapping[str, str]) -> RateLimitConfig:
         enabled=t.get("enabled", bool, _DEFAULT.enabled),
         challenge=rate(t, "challenge", _DEFAULT.challenge),
         paid=rate(t, "paid", _DEFAULT.paid),
+        invalid_payments=rate(t, "invalid_payments", _DEFAULT.invalid_payments),
         storage_url=Secret(url, redact_url(url)),
     )
     t.done()

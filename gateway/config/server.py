@@ -22,6 +22,7 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     body_read_timeout: float = 30.0
     max_header_bytes: int = 16 * 1024  # request line path + all header names and values; above -> 431
+    header_read_timeout: float = 10.0  # seconds from a connection's start (or a request's first byte) to its head's end
     health_path: str = "/healthz"  # "" disables; answered before route matching, never priced
     ready_path: str = "/readyz"
     metrics_path: str = "/metrics"
@@ -52,6 +53,7 @@ def parse_server(t: Table) -> ServerConfig:
         max_body_bytes=t.integer("max_body_bytes", _DEFAULT.max_body_bytes, minimum=1),
         body_read_timeout=t.number("body_read_timeout", _DEFAULT.body_read_timeout, minimum=0.1),
         max_header_bytes=t.integer("max_header_bytes", _DEFAULT.max_header_bytes, minimum=1024),
+        header_read_timeout=t.number("header_read_timeout", _DEFAULT.header_read_timeout, minimum=0.1),
         health_path=local_path(t, "health_path", _DEFAULT.health_path),
         ready_path=local_path(t, "ready_path", _DEFAULT.ready_path),
         metrics_path=local_path(t, "metrics_path", _DEFAULT.metrics_path),

@@ -23,6 +23,10 @@ class StoreConfig:
     # Each gateway process proves it is alive in the store this often (a third of it, in fact); a claim held by a
     # process whose proof lapsed is taken over at once instead of after its lease (docs/threat-model.md T31).
     heartbeat_seconds: float = 6.0
+    # Where this process remembers the store's identity marker across restarts, so that a store wiped while the
+    # gateway was down is noticed at start (docs/threat-model.md T30). Absent: next to a SQLite file
+    # ("<file>.identity"), none for Redis (set one on a persistent volume); "" turns it off.
+    identity_file: Path | None = None
 
 
 _DEFAULT = StoreConfig()
@@ -42,11 +46,24 @@ def store_url(raw: str, key: str, env: Mapping[str, str], base_dir: Path) -> Sec
     return Secret(url, redact_url(url))
 
 
+def _identity_file(t: Table, url: str, env: Mapping[str, str], base_dir: Path) -> Path | None:
+    raw = t.get("identity_file", str, None)
+    if raw is not None:
+        path = expand_env(raw, t.key("identity_file"), env)
+        return (base_dir / path).resolve() if path else _DEFAULT.identity_file
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        db = Path(url.removeprefix("sqlite:///"))  # absolute: store_url() resolved it
+        return db.with_name(db.name + ".identity")
+    return _DEFAULT.identity_file
+
+
 def parse_store(t: Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig:
+    url = store_url(t.get("url", str, _DEFAULT.url.reveal()), t.key("url"), env, base_dir)
     cfg = StoreConfig(
-        url=store_url(t.get("url", str, _DEFAULT.url.reveal()), t.key("url"), env, base_dir),
+        url=url,
         lease_seconds=t.number("lease_seconds", _DEFAULT.lease_seconds, minimum=1.0),
         heartbeat_seconds=t.number("heartbeat_seconds", _DEFAULT.heartbeat_seconds, minimum=1.0),
+        identity_file=_identity_file(t, url.reveal(), env, base_dir),
     )
     t.done()
     return cfg

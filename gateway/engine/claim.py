@@ -8,7 +8,6 @@ layer tells it whether the request was served. When the store is down at that mo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -63,15 +62,6 @@ class Claims:
         if not dot or instance == self.instance:
             return False  # one of our own requests is still at it (or an owner from before process names)
         return not await self.store.alive(instance, now=time.time())
-
-    async def heartbeats(self, interval: float) -> None:
-        """Prove this process alive every ``interval`` / 3 seconds, for ``interval`` seconds each time."""
-        while True:
-            try:
-                await self.store.heartbeat(self.instance, now=time.time(), ttl=interval)
-            except GatewayError:
-                log.warning("could not renew this process's heartbeat in the store")
-            await asyncio.sleep(interval / 3)
 
 
 class PaidRequest(Generic[P]):

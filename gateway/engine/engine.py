@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,13 +23,17 @@ from gateway.chain.network import Network, open_networks
 from gateway.config import GatewayConfig
 from gateway.engine.claim import AnyPaidRequest, Claims, PaidRequest
 from gateway.engine.deferred import DeferredOutcomes
-from gateway.errors import PaymentInFlight
+from gateway.engine.identity import StoreIdentity
+from gateway.errors import GatewayError, PaymentInFlight
 from gateway.routes import RouteTable
 from gateway.schemes import build_schemes
 from gateway.schemes.base import Presented, PricedRoute, Scheme, requirements_for
 from gateway.storage.receipts import ReceiptStore
+from gateway.storage.settlements import open_settlement_journal
 from gateway.x402 import reasons
 from gateway.x402.challenge import Challenge, build_challenge
+
+log = logging.getLogger("gateway.payments")
 
 
 class PaymentEngine:
@@ -38,14 +43,17 @@ class PaymentEngine:
         self.routes: RouteTable[PricedRoute] = RouteTable(
             [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
         )
-        self.networks: dict[str, Network] = open_networks(config)
+        # Served settlements are watched until final in a journal on the receipt store's storage (T28).
+        journal_url = config.store.url.reveal()
+        self.networks: dict[str, Network] = open_networks(config, lambda: open_settlement_journal(journal_url))
         self.schemes: tuple[Scheme[Any], ...] = build_schemes(config, self.networks)
         pay = config.payment
         # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
         # a shorter lease would let a second presentation resume a payment that is still being served.
         lease = max(config.store.lease_seconds, pay.settle_timeout + config.upstream.read_timeout + 30.0)
         self.claims = Claims(store, lease, DeferredOutcomes())
-        self._heartbeats: asyncio.Task[None] | None = None
+        self.identity = StoreIdentity(store, config.store.identity_file)
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def lease(self) -> float:
@@ -56,20 +64,34 @@ class PaymentEngine:
         for net in self.networks.values():
             await net.start(session, self.config)
         await self.store.ping()
-        interval = self.config.store.heartbeat_seconds
-        await self.store.heartbeat(self.claims.instance, now=time.time(), ttl=interval)
-        self._heartbeats = asyncio.create_task(self.claims.heartbeats(interval), name="x402-heartbeats")
+        await self.identity.start()
+        await self._beat()
+        self._watch = asyncio.create_task(self._watch_store(), name="x402-store-watch")
 
     async def aclose(self) -> None:
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeats
-            self._heartbeats = None
+                await self._watch
+            self._watch = None
         for net in self.networks.values():
             await net.aclose()
         await self.claims.deferred.aclose()
         await self.store.aclose()
+
+    async def _beat(self) -> None:
+        await self.store.heartbeat(self.claims.instance, now=time.time(), ttl=self.config.store.heartbeat_seconds)
+
+    async def _watch_store(self) -> None:
+        """Every third of ``store.heartbeat_seconds``: prove this process alive (docs/threat-model.md T31) and
+        check that the store is still the one whose records it trusts (T30)."""
+        while True:
+            await asyncio.sleep(self.config.store.heartbeat_seconds / 3)
+            try:
+                await self._beat()
+                await self.identity.check()
+            except GatewayError:
+                log.warning("could not renew the heartbeat or check the store's identity")
 
     def challenge(
         self,
@@ -117,6 +139,7 @@ class PaymentEngine:
         self, route: PricedRoute, presented: Presented, scheme: Scheme[Any] | None = None
     ) -> AnyPaidRequest:
         """Check, claim and confirm a payment for ``route``; raises the refusal (400/402/409/5xx) otherwise."""
+        self.identity.require()
         scheme = scheme or self.scheme_for(presented)
         payment = scheme.parse(route, presented)
         await scheme.verify(payment)

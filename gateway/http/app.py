@@ -54,16 +54,23 @@ class Gateway:
             connect_timeout=up.connect_timeout,
             read_timeout=up.read_timeout,
             max_connections=up.max_connections,
+            reserved_for_paid=up.reserved_for_paid,
+            max_uploads_per_client=up.max_uploads_per_client,
             max_body_bytes=server.max_body_bytes,
             body_read_timeout=server.body_read_timeout,
             public_scheme=_scheme(server.public_url),
+            public_url=server.public_url,
+            inject_on=up.inject_headers_on,
+            strip_method_override=up.strip_method_override,
         )
         self.metrics = PrometheusMetrics()
         self.observers: list[Observer] = [self.metrics, AccessLog(), *observers]
         self.limiter = RateLimiter.from_config(config) if config.rate_limits.enabled else None
         # [jobs]: ``outer`` answers the free job calls before the payment layer, ``inner`` takes the paid
         # submit after it (gateway/jobs/layer.py). Without [jobs] both are the identity.
-        self.jobs = build_jobs(config, self.proxy)
+        # Its free calls are made for a proven payer on the job API the operator configured: with the upstream's
+        # headers, whatever [upstream] inject_headers_on says about free paths.
+        self.jobs = build_jobs(config, self.proxy.credentialed())
         if self.jobs is not None:
             self.jobs.observers = self.observers  # its free calls never reach the payment layer's observers
         inner: ASGIApp = self.jobs.inner(self.proxy) if self.jobs else self.proxy
@@ -80,6 +87,8 @@ class Gateway:
             discovery=self.discovery,
         )
         self.routes = self.payments.engine.routes
+        for net in self.payments.engine.networks.values():  # served settlements a reorg dropped for good (T28)
+            net.settlement_lost.append(self.metrics.settlement_lost)
         self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
         paid: ASGIApp = self.payments
         self.idempotency: IdempotencyLayer | None = None

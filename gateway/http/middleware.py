@@ -7,18 +7,24 @@ as Starlette's own GZipMiddleware holds ``http.response.start``. Guarantees:
 
 * nothing is served unless its payment settled (a failed settlement swallows the app's body and answers 402,
   or 503 if the outcome is unknown);
-* nothing is charged for a failed request (status >= 400 under ``after``: no settlement; under ``before``: the
-  paid payment stays usable for a retry until one request succeeds with it);
+* nothing is charged for a request that was not served: only a 2xx (or a WebSocket the app accepted) is
+  content; a 3xx, 4xx or 5xx is not (under ``after``: no settlement; under ``before``: the paid payment stays
+  usable for a retry until one request succeeds with it);
 * a fault of ours (store, chain) is a 5xx, never a 402.
+
+It is over ~400 lines because it holds the one paid-request flow end to end, read top to bottom; what is not
+that flow lives beside it (``cors``: preflights; ``websocket``: handshakes in HTTP terms).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -26,10 +32,12 @@ import aiohttp
 from gateway.config import GatewayConfig
 from gateway.engine.claim import AnyPaidRequest
 from gateway.engine.engine import PaymentEngine
-from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
+from gateway.errors import BadRequest, GatewayError, SettlementFailed, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
-from gateway.http.context import RequestContext, request_context
-from gateway.ops.events import Limiter, Observer, RequestRecord, notify
+from gateway.http.context import RequestContext, request_context, strip_method_override
+from gateway.http.cors import cors_preflight, without_body
+from gateway.http.websocket import WebSocketSend, http_terms
+from gateway.ops.events import Limiter, Observer, PaymentVerification, RequestRecord, notify
 from gateway.schemes.base import Presented, PricedRoute
 from gateway.storage import open_store
 from gateway.x402 import reasons
@@ -90,7 +98,7 @@ class PaymentMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, lifespan_hooks(receive, self.startup, self.shutdown), send)
             return
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         if not self._started:
@@ -103,6 +111,11 @@ class PaymentMiddleware:
                 record.status = message["status"]
             await send(message)
 
+        if scope["type"] == "websocket":
+            # A handshake is a GET of its path and priced like one (docs/threat-model.md T35): the flow
+            # below runs unchanged, answering in HTTP terms that WebSocketSend turns into the handshake's answer.
+            observed_send = WebSocketSend(scope, send, record)
+
         try:
             await self._http(ctx, record, scope, receive, observed_send)
         finally:
@@ -111,7 +124,24 @@ class PaymentMiddleware:
     async def _http(
         self, ctx: RequestContext, record: RequestRecord, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        if ctx.ambiguous is not None:
+            # Upstream frameworks would route this path differently (docs/threat-model.md T33): no price is right
+            # for all of them, so nothing is priced, served or forwarded.
+            ambiguous = BadRequest(f"ambiguous request path: {ctx.ambiguous}", reason=reasons.AMBIGUOUS_PATH)
+            record.outcome, record.reason = "refused", ambiguous.reason
+            await send_error(send, ambiguous)
+            return
+        if self.config.upstream.strip_method_override:
+            scope = strip_method_override(scope)  # the price is the request line's (docs/threat-model.md T34)
         route = ctx.route
+        preflight = cors_preflight(scope)
+        if preflight is not None and (route is not None or ctx.priced_for(preflight)):
+            # A browser's CORS preflight carries no payment and cannot (the Fetch standard sends it without
+            # credentials or custom headers): a 402 would stop every cross-origin call before it could pay. It is
+            # passed on (the app or upstream owns its CORS policy) without its answer's body, never priced.
+            record.outcome = "free"
+            await self.app(scope, receive, without_body(send))
+            return
         if route is None:
             if self.config.server.unpriced == "refuse":
                 exc = GatewayError("no priced route matches this request", reason=reasons.ROUTE_NOT_FOUND)
@@ -152,6 +182,11 @@ class PaymentMiddleware:
         extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         headers, body = challenge.headers + list(extra), challenge.body
+        if header(scope, b"origin") is not None:
+            # A cross-origin caller (a browser app paying for itself) must be able to read the challenge, and only
+            # the gateway can say so: the upstream never sees this answer. It holds nothing but public terms (price,
+            # recipient, networks), and paying still needs the caller's wallet (docs/threat-model.md T38).
+            headers.append((b"access-control-allow-origin", b"*"))
         accept = header(scope, b"accept") or b""
         if self.paywall is not None and b"text/html" in accept:
             # A person in a browser: same status and x402 headers, but a page they can pay from.
@@ -191,11 +226,20 @@ class PaymentMiddleware:
         wait = await self.limiter.retry_after(kind, key, record.route)
         if wait is None:
             return False
+        await self._send_limited(record, wait, send)
+        return True
+
+    def _verifying(self, record: RequestRecord) -> AbstractAsyncContextManager[PaymentVerification]:
+        if self.limiter is None or record.route is None:
+            return contextlib.nullcontext(_UNLIMITED)
+        return self.limiter.verifying(f"ip:{record.client or '?'}", record.route)
+
+    @staticmethod
+    async def _send_limited(record: RequestRecord, wait: float, send: Send) -> None:
         record.outcome, record.reason = "limited", reasons.RATE_LIMITED
         exc = GatewayError("too many requests; slow down", reason=reasons.RATE_LIMITED)
         exc.status = 429  # type: ignore[misc]
         await send_error(send, exc, [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
-        return True
 
     async def _priced(
         self, ctx: RequestContext, record: RequestRecord, route: PricedRoute, scope: Scope, receive: Receive, send: Send
@@ -207,20 +251,28 @@ class PaymentMiddleware:
             record.outcome, record.reason = "challenge", reasons.PAYMENT_REQUIRED
             await self._send_challenge(scope, route, send, self.challenge(ctx, route))
             return
-        # Verifying a payment costs a store claim and RPC calls before the payer is known: bound what one client
-        # address can make us do with made-up payments (docs/threat-model.md T20), then per payer below.
-        if await self._limited(record, "paid", f"ip:{record.client or '?'}", send):
-            return
+        # Verifying a payment costs a store claim and RPC calls before the payer is known: what one client address
+        # can make us do with made-up payments is bounded (docs/threat-model.md T20, T41), by payments that turned
+        # out invalid only (a genuine payer behind the same address never pays for them); then per payer below.
         paid: AnyPaidRequest
+        failed: GatewayError | None = None
         t0 = time.perf_counter()
-        try:
-            scheme = self.engine.scheme_for(presented)
-            record.kind = scheme.name
-            paid = await self.engine.begin(route, presented, scheme)
-        except GatewayError as exc:
+        async with self._verifying(record) as verification:
+            if verification.retry_after is not None:
+                await self._send_limited(record, verification.retry_after, send)
+                return
+            try:
+                scheme = self.engine.scheme_for(presented)
+                record.kind = scheme.name
+                paid = await self.engine.begin(route, presented, scheme)
+            except GatewayError as exc:
+                failed = exc
+                if exc.status < 500:  # the payment's fault, not ours (store, chain)
+                    await verification.invalid()
+        if failed is not None:
             record.verify_seconds = time.perf_counter() - t0
-            record.outcome, record.reason = "refused" if exc.status < 500 else "error", exc.reason
-            await self._refuse(send, ctx, route, scope, exc)
+            record.outcome, record.reason = "refused" if failed.status < 500 else "error", failed.reason
+            await self._refuse(send, ctx, route, scope, failed)
             return
         record.verify_seconds = time.perf_counter() - t0
         record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
@@ -274,7 +326,11 @@ class PaymentMiddleware:
         async def wrapped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.upstream_seconds = time.perf_counter() - upstream_t0
-                ok = message["status"] < 400
+                # Served means the priced content: a 2xx, or a WebSocket the app accepted (101). A redirect or
+                # 304 is not content (docs/threat-model.md T37): like a failure, nothing is settled under
+                # "after", and a "before" payment stays usable for a retry.
+                status = message["status"]
+                ok = 200 <= status < 300 or (status == 101 and scope["type"] == "websocket")
                 try:
                     if ok and not paid.paid:
                         t0 = time.perf_counter()
@@ -329,7 +385,7 @@ class PaymentMiddleware:
         self, scope: Scope, receive: Receive, wrapped_send: Send, state: dict[str, Any], finish: Any, send: Send
     ) -> None:
         try:
-            await self.app(scope, receive, wrapped_send)
+            await self.app(scope, receive, http_terms(scope, wrapped_send))
         except Exception:
             log.exception("application error on a paid route")
             if not state["finished"]:
@@ -343,6 +399,18 @@ class PaymentMiddleware:
             await _quietly(finish(False))
             if not state["started"]:
                 await send_error(send, GatewayError("the application sent no response", reason=reasons.INTERNAL_ERROR))
+
+
+class _Unlimited:
+    """No limiter: every verification is admitted and nothing is counted."""
+
+    retry_after: float | None = None
+
+    async def invalid(self) -> None:
+        return None
+
+
+_UNLIMITED = _Unlimited()
 
 
 async def _quietly(coro: Any) -> None:

@@ -10,6 +10,13 @@ the gateway *sets* ``X-Forwarded-*`` and ``inject_headers`` overwrite client hea
 with nothing sent; 413 over ``max_body_bytes``, 408 on a stalled body, bounded upstream timeouts; error messages
 are fixed sentences (no origin URL, credentials or injected value) and ``repr`` names injected headers only.
 
+What the upstream routes is what the gateway priced (docs/threat-model.md T34, T36, T37): method and URL override
+headers and ``_method`` query parameters are dropped (``strip_method_override``); ``inject_headers`` go only on
+requests a verified payment let through, on the gateway's own job calls (:meth:`UpstreamProxy.credentialed`) and
+where ``inject_on`` says; a ``Location`` or ``Content-Location`` naming the upstream's origin is rewritten to the
+gateway's public URL (or to a path), and a redirect that named it loses its body.
+The rules for what is forwarded (headers, target, answer URLs) live in :mod:`gateway.http.forwarding`.
+
 Failure after ``http.response.start`` raises :class:`UpstreamAborted` so the server closes the connection and the
 client sees a truncated body, never a second response. A client that disconnects aborts the upstream request
 and ``__call__`` returns without (further) sending.
@@ -19,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
 
 from yarl import URL
 
 from gateway.config import ServerConfig, UpstreamConfig
+from gateway.config.upstream import InjectHeadersOn
 from gateway.errors import (
     BadGateway,
     BadRequest,
@@ -35,37 +43,22 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.http.asgi import Message, Receive, Scope, Send, send_error
-from gateway.http.upstream import ConnectFailed, ReadTimeout, UpstreamError, UpstreamPool
+from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
+from gateway.http.forwarding import CREDENTIALS_KEY, Forwarding, upstream_path
+from gateway.http.upstream import ClientBusy, ConnectFailed, Lease, ReadTimeout, UpstreamError, UpstreamPool
 from gateway.x402 import reasons
 
 # Library defaults are the configuration's defaults, written once (gateway/config/).
 _UPSTREAM = UpstreamConfig()
 _SERVER = ServerConfig()
 
-# RFC 9110 7.6.1; Proxy-Connection is the pre-standard spelling. Expect is answered by our own server (uvicorn
-# sends 100 Continue), so forwarding it would make the upstream wait for a continue that we never await.
-HOP_BY_HOP = frozenset(
-    b"connection keep-alive proxy-authenticate proxy-authorization te trailer transfer-encoding upgrade "
-    b"proxy-connection expect".split()
-)
-# Answered by our own server: the upstream's copy would be a second Date / Server field in the answer (Date is a
-# singleton, RFC 9110 6.6.1), which strict clients refuse. nginx drops the same two by default.
-UPSTREAM_OWN = frozenset({b"date", b"server"})
-PAYMENT_HEADERS = frozenset(b"x-payment payment-signature x-payment-network x-payment-auth x-payment-binding".split())
-# A client must not be able to claim an address, scheme or host: upstreams use these for auth and links.
-FORWARDING_HEADERS = frozenset(
-    b"forwarded x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port x-real-ip".split()
-)
-_RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_OWN
 # Methods whose upstream answer can reflect the injected API key (TRACE) or open a tunnel (CONNECT).
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
-# Everything that may appear unescaped in a path or query; anything else (raw non-ASCII, '#', '\\', space) is
-# percent-encoded so no upstream parser can re-read or truncate it. '%' is safe: existing escapes pass untouched.
-_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
-_DOT_SEGMENTS = frozenset({".", ".."})
 WATCH_AFTER = 0.05  # seconds into an exchange before a client's disconnect is watched for (see UpstreamProxy._http)
+# A request body up to this size is read whole before an upstream connection is taken, so a client that sends it
+# slowly holds nothing upstream; a larger one streams from here on, under the pool's per-client upload bound
+# (docs/threat-model.md T39).
+PREFETCH_BYTES = 64 * 1024
 
 
 class UpstreamAborted(RuntimeError):
@@ -86,30 +79,6 @@ class _Exchange:
 
 class _BodyAborted(Exception):
     pass
-
-
-def upstream_path(base: str, raw_path: str) -> str:
-    """``base`` + the request path with dot segments (also ``%2e`` forms) resolved and empty segments merged.
-
-    Resolution happens on the request path alone, so ``..`` can at most reach ``base``. Empty segments are merged
-    so ``//evil/x`` cannot be read as a network-path reference by an upstream. A segment hiding ``..`` behind an
-    encoded ``/`` or ``\\`` (``..%2F..``) is refused: an upstream that decodes before resolving would climb.
-    """
-    out: list[str] = []
-    trailing = ""
-    for seg in quote(raw_path, safe=_PATH_SAFE).split("/"):
-        decoded = unquote(seg) if "%" in seg else seg
-        trailing = "/" if not seg or decoded in _DOT_SEGMENTS else ""
-        if decoded in _DOT_SEGMENTS:
-            if decoded == ".." and out:
-                out.pop()
-        elif "%" in seg and ".." in decoded.replace("\\", "/").split("/"):
-            raise BadRequest("encoded path traversal", reason=reasons.INVALID_PATH)
-        elif seg:
-            out.append(seg)
-    if not out:
-        return base.rstrip("/") + "/"
-    return f"{base.rstrip('/')}/{'/'.join(out)}{trailing}"
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -137,9 +106,14 @@ class UpstreamProxy:
         connect_timeout: float = _UPSTREAM.connect_timeout,
         read_timeout: float = _UPSTREAM.read_timeout,
         max_connections: int = _UPSTREAM.max_connections,
+        reserved_for_paid: float = _UPSTREAM.reserved_for_paid,
+        max_uploads_per_client: int = _UPSTREAM.max_uploads_per_client,
         max_body_bytes: int | None = _SERVER.max_body_bytes,
         body_read_timeout: float = _SERVER.body_read_timeout,
         public_scheme: str | None = None,
+        public_url: str | None = None,
+        inject_on: InjectHeadersOn = _UPSTREAM.inject_headers_on,
+        strip_method_override: bool = _UPSTREAM.strip_method_override,
     ) -> None:
         url = URL(origin)
         if url.scheme not in ("http", "https") or not url.host or url.raw_query_string or url.raw_fragment:
@@ -155,24 +129,36 @@ class UpstreamProxy:
             # credentials in the origin become a header: never part of a request line or an error message
             userinfo = f"{url.user or ''}:{url.password or ''}".encode()
             self._inject["authorization"] = "Basic " + base64.b64encode(userinfo).decode("ascii")
-        self._drop = (
-            HOP_BY_HOP
-            | PAYMENT_HEADERS
-            | FORWARDING_HEADERS
-            | {b"host"}
-            | {k.encode("latin-1") for k in self._inject}
-            | {h.lower().encode("latin-1") for h in strip_headers}
-            | {b"content-length"}  # framing is the pool's: it writes the length (or chunks) it sends
+        self._forwarding = Forwarding(
+            scheme=self._scheme,
+            host=self._host,
+            port=self._port,
+            base=self._base,
+            inject=self._inject,
+            strip_headers=strip_headers,
+            inject_on=inject_on,
+            strip_method_override=strip_method_override,
+            public_scheme=public_scheme,
+            public_url=public_url,
         )
-        self._inject_raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._inject.items()]
         # connect also bounds DNS and the wait for a pooled connection: a saturated pool answers 502, not a queue.
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_connections = max_connections
+        self._reserved = int(max_connections * reserved_for_paid)
+        self._uploads_per_client = max_uploads_per_client
         self._max_body = max_body_bytes
         self._body_timeout = body_read_timeout
-        self._public_scheme = public_scheme
         self._pool: UpstreamPool | None = None
+
+    def credentialed(self) -> ASGIApp:
+        """This proxy for calls the gateway itself decided to make (the jobs layer's status, cancel, list and
+        health calls for a proven payer): the ``inject_headers`` go with them whatever ``inject_on`` says."""
+
+        async def call(scope: Scope, receive: Receive, send: Send) -> None:
+            await self({**scope, CREDENTIALS_KEY: True}, receive, send)
+
+        return call
 
     def __repr__(self) -> str:
         names = sorted(self._inject)  # names only: the values are the upstream's API keys
@@ -186,6 +172,8 @@ class UpstreamProxy:
                 tls=self._scheme == "https",
                 authority=self._authority,
                 max_connections=self._max_connections,
+                reserved=self._reserved,
+                per_client=self._uploads_per_client,
                 connect_timeout=self._connect_timeout,
                 read_timeout=self._read_timeout,
             )
@@ -213,37 +201,6 @@ class UpstreamProxy:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
 
-    def _request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
-        raw: list[tuple[bytes, bytes]] = scope["headers"]
-        named: set[bytes] = set()
-        hosts: list[bytes] = []
-        for k, v in raw:
-            name = k.lower()
-            if name == b"connection":  # the headers it names are hop-by-hop too (RFC 9110 7.6.1)
-                named.update(t.strip().lower() for t in v.split(b","))
-            elif name == b"host":
-                hosts.append(v)
-        drop = self._drop | named if named else self._drop
-        if len(hosts) > 1:  # which one the upstream would trust in X-Forwarded-Host is anyone's guess
-            raise BadRequest("repeated Host header", reason=reasons.INVALID_HOST)
-        out = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
-        client = scope.get("client")
-        if client:
-            out.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
-        out.append((b"x-forwarded-proto", (self._public_scheme or str(scope.get("scheme", "http"))).encode("latin-1")))
-        if hosts:
-            out.append((b"x-forwarded-host", hosts[0]))
-        out.extend(self._inject_raw)
-        return out
-
-    def _target(self, scope: Scope) -> str:
-        """The request target sent upstream: the base path plus the resolved path, and the query."""
-        raw = scope.get("raw_path")
-        path = raw.decode("latin-1") if raw else quote(scope["path"], safe=_PATH_SAFE)
-        query = quote(scope.get("query_string", b"").decode("latin-1"), safe=_QUERY_SAFE)
-        target = upstream_path(self._base, path)
-        return f"{target}?{query}" if query else target
-
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if scope["method"] in REFUSED_METHODS:
@@ -251,8 +208,8 @@ class UpstreamProxy:
             length = _content_length(scope["headers"])
             if length is not None and self._max_body is not None and length > self._max_body:
                 raise PayloadTooLarge("request body exceeds the limit")
-            headers = self._request_headers(scope)
-            target = self._target(scope)
+            headers = self._forwarding.request_headers(scope)
+            target = self._forwarding.target(scope)
         except GatewayError as exc:  # refused before a byte went upstream
             await send_error(send, exc)
             return
@@ -273,7 +230,14 @@ class UpstreamProxy:
         )
         try:
             await self._exchange(
-                scope["method"], target, headers=headers, body=body, length=length, state=state, send=send
+                scope["method"],
+                target,
+                headers=headers,
+                body=body,
+                length=length,
+                state=state,
+                send=send,
+                lease=_lease(scope),
             )
         except asyncio.CancelledError:
             if state.cancelled and task.uncancel() == 0:
@@ -295,23 +259,31 @@ class UpstreamProxy:
         length: int | None,
         state: _Exchange,
         send: Send,
+        lease: Lease,
     ) -> None:
         await self.start()
         assert self._pool is not None
         try:
-            resp = await self._pool.request(method, target, headers, body, content_length=length)
+            if body is not None:  # a connection is taken only once there is something to send
+                body, whole = await _prefetch(body)
+                lease.uploading = not whole
+            resp = await self._pool.request(method, target, headers, body, content_length=length, lease=lease)
             try:
-                drop = _RESPONSE_DROP
-                for k, v in resp.headers:
-                    if k.lower() == b"connection":
-                        drop = drop | {t.strip().lower() for t in v.split(b",")}
-                out = [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
+                out, rewritten = self._forwarding.response_headers(resp.headers)
+                # A redirect's body is a note repeating its Location (Express: "Redirecting to http://..."): when
+                # that named the upstream's origin, the note goes too, so the origin is not shown there instead.
+                silent = rewritten and 300 <= resp.status < 400
+                if silent:
+                    out = [(k, v) for k, v in out if k != b"content-length"] + [(b"content-length", b"0")]
                 state.started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 chunk = b"" if method == "HEAD" else await resp.next_chunk()
                 while not (method == "HEAD" or resp.at_eof):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if not silent:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     chunk = await resp.next_chunk()
+                if silent:
+                    chunk = b""
                 # the last chunk (a small answer's only one) ends the body: no empty message after it
                 state.finished = True  # from here a disconnect notice is the server's end-of-response, not a cancel
                 await send({"type": "http.response.body", "body": chunk, "more_body": False})
@@ -322,7 +294,8 @@ class UpstreamProxy:
                 return
             if state.started:
                 raise UpstreamAborted("upstream failed after the response started") from None
-            await send_error(send, state.error or _map_error(exc))
+            error = state.error or _map_error(exc)
+            await send_error(send, error, [(b"retry-after", b"1")] if error.status == 429 else ())
 
     async def _body(self, receive: Receive, state: _Exchange) -> AsyncIterator[bytes]:
         """Stream the client's body upstream, enforcing the size cap and the per-chunk deadline."""
@@ -363,8 +336,56 @@ class UpstreamProxy:
             task.cancel()
 
 
+def _lease(scope: Scope) -> Lease:
+    """Who holds the upstream connection for this request: a verified payment's payer (PaymentMiddleware put it in
+    the scope's state), or else the client's address; an IPv6 client counts by its /64, the block one host gets."""
+    state = scope.get("state")
+    paid = state.get("x402") if isinstance(state, dict) else None
+    if isinstance(paid, dict) and paid.get("payer"):
+        return Lease(paid=True, client=f"payer:{str(paid['payer']).lower()}")
+    client = scope.get("client")
+    if not client:
+        return Lease()
+    address = str(client[0])
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return Lease(client=f"ip:{address}")
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return Lease(client=f"ip:{ip.ipv4_mapped}")
+        return Lease(client=f"ip:{ipaddress.ip_network(f'{ip}/64', strict=False)}")
+    return Lease(client=f"ip:{ip}")
+
+
+async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool]:
+    """Read up to :data:`PREFETCH_BYTES` of ``body``; the same body to send, and whether it is all there."""
+    parts: list[bytes] = []
+    size = 0
+    while size < PREFETCH_BYTES:
+        try:
+            chunk = await anext(body)
+        except StopAsyncIteration:
+            return _replay(parts, None), True
+        parts.append(chunk)
+        size += len(chunk)
+    return _replay(parts, body), False
+
+
+async def _replay(parts: list[bytes], rest: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:
+    if parts:
+        yield b"".join(parts)  # one write with the head for a small body
+    if rest is not None:
+        async for chunk in rest:
+            yield chunk
+
+
 def _map_error(exc: BaseException) -> GatewayError:
     """A fixed sentence per failure class (the client's own messages never name the origin either)."""
+    if isinstance(exc, ClientBusy):
+        busy = GatewayError("too many uploads in progress from this client", reason=reasons.TOO_MANY_UPLOADS)
+        busy.status = 429  # type: ignore[misc]
+        return busy
     if isinstance(exc, ConnectFailed):
         return UpstreamUnreachable("upstream could not be reached")
     if isinstance(exc, ReadTimeout):
@@ -372,4 +393,4 @@ def _map_error(exc: BaseException) -> GatewayError:
     return BadGateway("upstream answered in a way that could not be relayed")
 
 
-__all__ = ["UpstreamAborted", "UpstreamProxy", "upstream_path"]
+__all__ = ["CREDENTIALS_KEY", "UpstreamAborted", "UpstreamProxy", "upstream_path"]

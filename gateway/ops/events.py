@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -73,4 +74,17 @@ def notify(observers: Iterable[Observer], record: RequestRecord) -> None:
 class Limiter(Protocol):
     async def retry_after(self, kind: Literal["challenge", "paid"], key: str, route: str) -> float | None:
         """None to let the request through, else the seconds the client should wait (429 Retry-After)."""
+        ...
+
+    def verifying(self, key: str, route: str) -> AbstractAsyncContextManager[PaymentVerification]:
+        """Around one payment's verification for client address ``key``: admitted, or refused with
+        ``retry_after`` (gateway/ops/ratelimit.py: only invalid payments spend the address's budget)."""
+        ...
+
+
+class PaymentVerification(Protocol):
+    retry_after: float | None  # not None: refuse with 429
+
+    async def invalid(self) -> None:
+        """The payment turned out invalid: count it against the client address."""
         ...

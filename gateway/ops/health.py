@@ -71,7 +71,7 @@ class Readiness:
 
     async def _store(self) -> str:
         await self._engine.store.ping()
-        return OK
+        return "identity_lost" if self._engine.identity.lost else OK
 
     @staticmethod
     async def _rpc(net: Network) -> str:

@@ -23,6 +23,8 @@ Metric names (all prefixed ``x402_gateway_``)::
     request_seconds{outcome}                           histogram: whole request in the gateway
     dependency_up{check}                               gauge: 1 if the last readiness check of it passed
     jobs{status}                                       gauge: jobs by status (set_jobs, for the job runner)
+    settlements_lost_total{network}                    served settlements a reorg dropped that could not be
+                                                       settled again (settlement_lost, docs/threat-model.md T28)
 """
 
 from __future__ import annotations
@@ -157,6 +159,14 @@ class PrometheusMetrics:
         )
         # Hook for the job runner (not built yet): it calls set_jobs(status, count) whenever its counts change.
         self.jobs = Gauge("jobs", "Jobs by status", ["status"], namespace=ns, registry=r)
+        # Hook for each network's finality tracker (Network.settlement_lost): a served request left unpaid.
+        self.settlements_lost = Counter(
+            "settlements_lost",
+            "Served settlements dropped by a reorg that could not be settled again",
+            ["network"],
+            namespace=ns,
+            registry=r,
+        )
 
     # ------------------------------------------------------------------------------------------- Observer
 
@@ -208,6 +218,9 @@ class PrometheusMetrics:
 
     def set_jobs(self, status: str, count: int) -> None:
         self.jobs.labels(status).set(count)
+
+    def settlement_lost(self, network: str) -> None:
+        self.settlements_lost.labels(network).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type. Our names are plain ASCII, so the classic 0.0.4 type (what

@@ -1,10 +1,15 @@
 """Rate limits (docs/threat-model.md T20: challenge flooding) with the ``limits`` library, behind the middleware's
 ``Limiter``.
 
-Two kinds of bucket, each per route:
+Three kinds of bucket, each per route:
 
 * ``challenge``: per client IP, consulted before a 402 challenge is built for an unpaid request;
-* ``paid``: per payer address, consulted once a payment verified (a payer hammering a cheap route).
+* ``paid``: per payer address, consulted once a payment verified (a payer hammering a cheap route);
+* ``invalid``: per client IP, spent only by payments that turned out invalid (docs/threat-model.md T41). A
+  verified payment never spends it, so genuine payers behind one address (a NAT, a proxy, an agent platform) do
+  not use up each other's budget; and an address over it is not refused: its payments are verified one at a time
+  (:meth:`RateLimiter.verifying`), which bounds the verification work made-up payments can cost to one
+  verification's latency, while a genuine payer behind that address still gets through.
 
 The sliding-window-counter strategy keeps two integers per (kind, route, key) and window, expiring with the
 window: the memory (or Redis) footprint is bounded by the number of distinct clients in one window, never by the
@@ -18,9 +23,12 @@ stays fail-closed in the receipt store.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Literal
 
 from limits import RateLimitItem, parse_many
@@ -31,8 +39,12 @@ from gateway.config import GatewayConfig, RateLimitConfig
 
 log = logging.getLogger("gateway.ratelimit")
 
-Kind = Literal["challenge", "paid"]
+Kind = Literal["challenge", "paid", "invalid"]
 _WARN_EVERY = 10.0  # seconds between "storage unavailable" warnings while it stays down
+# An address over its invalid-payment budget: its payments wait for the one verification slot it has (in this
+# process) at most this long, at most this many at once; beyond either, 429 with the budget's Retry-After.
+_SLOT_WAIT = 5.0
+_SLOT_QUEUE = 16
 
 
 def open_storage(url: str) -> Storage:
@@ -52,6 +64,33 @@ def open_storage(url: str) -> Storage:
     )
 
 
+class Verification:
+    """One payment's verification under :meth:`RateLimiter.verifying`: refused (``retry_after``), or admitted;
+    :meth:`invalid` spends the client address's budget when the payment turned out invalid."""
+
+    __slots__ = ("_key", "_limiter", "_route", "retry_after")
+
+    def __init__(self, limiter: RateLimiter | None, key: str, route: str) -> None:
+        self._limiter = limiter
+        self._key = key
+        self._route = route
+        self.retry_after: float | None = None
+
+    async def invalid(self) -> None:
+        if self._limiter is not None:
+            await self._limiter.spend("invalid", self._key, self._route)
+
+
+class _Slot:
+    """The one verification at a time of an address over its invalid-payment budget."""
+
+    __slots__ = ("lock", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
 class RateLimiter:
     """Implements :class:`gateway.ops.events.Limiter`."""
 
@@ -59,7 +98,9 @@ class RateLimiter:
         self._defaults: dict[Kind, list[RateLimitItem]] = {
             "challenge": parse_many(limits.challenge),
             "paid": parse_many(limits.paid),
+            "invalid": parse_many(limits.invalid_payments),
         }
+        self._slots: dict[str, _Slot] = {}  # addresses over budget with a verification running or waiting
         self._routes: dict[tuple[Kind, str], list[RateLimitItem]] = {}
         for route, (challenge, paid) in per_route.items():
             if challenge is not None:
@@ -80,21 +121,71 @@ class RateLimiter:
     def items(self, kind: Kind, route: str) -> list[RateLimitItem]:
         return self._routes.get((kind, route)) or self._defaults[kind]
 
-    async def retry_after(self, kind: Kind, key: str, route: str) -> float | None:
+    async def retry_after(self, kind: Kind, key: str, route: str, *, spend: bool = True) -> float | None:
+        """None to let the request through, else the seconds to wait. ``spend=False``: only look (the bucket is
+        full or not), without counting this request."""
         wait: float | None = None
         try:
             for item in self.items(kind, route):
-                if not await self._strategy.hit(item, kind, route, key):
+                admitted = await (self._strategy.hit if spend else self._strategy.test)(item, kind, route, key)
+                if not admitted:
                     stats = await self._strategy.get_window_stats(item, kind, route, key)
                     seconds = max(stats.reset_time - time.time(), 1.0)
                     wait = seconds if wait is None else max(wait, seconds)
         except Exception as exc:  # storage down: let the request through (see the module docstring)
-            now = time.monotonic()
-            if now - self._last_warning > _WARN_EVERY:
-                self._last_warning = now
-                log.warning("rate limit storage unavailable; not limiting", extra={"error": type(exc).__name__})
+            self._storage_down(exc)
             return None
         return None if wait is None else float(math.ceil(wait))
+
+    async def spend(self, kind: Kind, key: str, route: str) -> None:
+        """Count one request in ``kind``'s buckets, whatever they say."""
+        try:
+            for item in self.items(kind, route):
+                await self._strategy.hit(item, kind, route, key)
+        except Exception as exc:
+            self._storage_down(exc)
+
+    @contextlib.asynccontextmanager
+    async def verifying(self, key: str, route: str) -> AsyncIterator[Verification]:
+        """Around the verification of a payment presented by client address ``key`` (see the module docstring):
+        under the address's invalid-payment budget at once; over it, in the address's one slot."""
+        verification = Verification(self, key, route)
+        over = await self.retry_after("invalid", key, route, spend=False)
+        if over is None:
+            yield verification
+            return
+        slot = self._slots.setdefault(key, _Slot())
+        if slot.waiting >= _SLOT_QUEUE:
+            verification.retry_after = over
+            yield verification
+            return
+        slot.waiting += 1
+        try:
+            async with asyncio.timeout(_SLOT_WAIT):
+                await slot.lock.acquire()
+        except TimeoutError:
+            verification.retry_after = over
+        finally:
+            slot.waiting -= 1
+        if verification.retry_after is not None:
+            self._drop_slot(key, slot)
+            yield verification
+            return
+        try:
+            yield verification
+        finally:
+            slot.lock.release()
+            self._drop_slot(key, slot)
+
+    def _drop_slot(self, key: str, slot: _Slot) -> None:
+        if not slot.waiting and not slot.lock.locked() and self._slots.get(key) is slot:
+            del self._slots[key]
+
+    def _storage_down(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > _WARN_EVERY:
+            self._last_warning = now
+            log.warning("rate limit storage unavailable; not limiting", extra={"error": type(exc).__name__})
 
     async def aclose(self) -> None:
         if isinstance(self.storage, RedisStorage):
@@ -106,7 +197,10 @@ class RateLimiter:
                 log.debug("rate limit storage did not close cleanly")
 
     def __repr__(self) -> str:
-        return f"RateLimiter(challenge={self._defaults['challenge']}, paid={self._defaults['paid']})"
+        return (
+            f"RateLimiter(challenge={self._defaults['challenge']}, paid={self._defaults['paid']}, "
+            f"invalid={self._defaults['invalid']})"
+        )
 
 
-__all__ = ["RateLimiter", "open_storage"]
+__all__ = ["RateLimiter", "Verification", "open_storage"]

@@ -51,6 +51,7 @@ HEADERS_TOO_LARGE = "headers_too_large"
 REQUEST_TIMEOUT = "request_timeout"
 SERVICE_UNAVAILABLE = "service_unavailable"
 STORE_UNAVAILABLE = "store_unavailable"
+STORE_IDENTITY_LOST = "store_identity_lost"  # the store lost its records: payments wait for an operator
 CHAIN_UNAVAILABLE = "chain_unavailable"
 BAD_GATEWAY = "bad_gateway"
 UPSTREAM_UNREACHABLE = "upstream_unreachable"
@@ -88,3 +89,10 @@ SHUTTING_DOWN = "shutting_down"
 FACILITATOR_UNAVAILABLE = "facilitator_unavailable"
 FACILITATOR_BAD_ANSWER = "facilitator_bad_answer"
 FACILITATOR_REJECTED = "facilitator_rejected"
+
+# Pricing holds on every path (issue "Money invariants under attack and under faults", items 8-13)
+AMBIGUOUS_PATH = "ambiguous_path"  # the path means different routes to different upstream frameworks
+
+# Slow or hostile clients never starve paying ones (issue "Money invariants under attack and under faults", items
+# 14-16)
+TOO_MANY_UPLOADS = "too_many_uploads"  # the client's bodies still streaming up hold all the connections it may use

@@ -26,13 +26,16 @@ class RpcRelay:
     """ASGI app forwarding JSON-RPC POSTs on ANY path to ``target`` (anvil answers 404 off ``/``), so a gateway
     can be given an RPC URL with a provider-style key in its path (``/v2/<key>``). ``mode`` makes it misbehave:
     ``wrong_chain`` answers ``eth_chainId`` with another chain, ``down`` answers HTTP 503, ``hang`` never answers.
-    ``paths`` records the paths it was called on."""
+    ``paths`` records the paths it was called on, ``methods`` the JSON-RPC methods asked; ``delay`` holds every
+    answer back that long (a slow endpoint)."""
 
     target: str
     mode: Mode = "forward"
+    delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.paths: list[str] = []
+        self.methods: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -42,6 +45,11 @@ class RpcRelay:
             return
         body = await read_body(receive)
         self.paths.append(scope["path"])
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(body)
+            self.methods += [c.get("method", "") for c in (parsed if isinstance(parsed, list) else [parsed])]
+        if self.delay:
+            await asyncio.sleep(self.delay)
         mode = self.mode
         if mode == "hang":
             await asyncio.sleep(30)

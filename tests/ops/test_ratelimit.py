@@ -8,7 +8,9 @@ from pathlib import Path
 
 import httpx
 import redis
+from eth_account import Account
 
+from gateway.config import RateLimitConfig
 from gateway.dev.chain import DevChain, RedisServer
 from gateway.ops.ratelimit import RateLimiter
 from tests.ops.support import samples, value
@@ -175,3 +177,76 @@ def test_behind_a_trusted_proxy_the_limit_follows_the_address_the_proxy_appended
         # Not trusted: the header is ignored, every request is the socket's address.
         codes = [c.get("/dear", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(3)]
         assert codes == [402, 402, 429]
+
+
+# --- invalid payments count apart from verified ones (docs/threat-model.md T41) -----------------------------------
+
+
+def test_garbage_payments_from_one_address_never_lock_out_a_genuine_payer_behind_it(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    limits = {"paid": "3/minute", "invalid_payments": "3/minute"}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        challenge = c.get("/cheap")
+        unfunded = Account.create()  # a well-signed authorization from a wallet without the money
+        garbage = [{"X-PAYMENT": "not-a-payment"}, dict([gw.sign(unfunded, challenge)])] * 5
+        codes = [c.get("/cheap", headers=h).status_code for h in garbage]
+        assert all(400 <= code < 500 and code != 429 for code in codes)  # refused for what they are, every one
+        payer = base_chain.new_payer(1_000_000)
+        r = c.get("/cheap", headers=dict([gw.sign(payer, c.get("/cheap"))]))
+        assert r.status_code == 200, r.text
+        assert [u.path for u in gw.upstream.requests] == ["/cheap"]
+
+
+def test_verified_payments_never_spend_their_addresss_budget(base_chain: DevChain, tmp_path: Path) -> None:
+    """Many genuine payers behind one address: each is limited as a payer, none by the others' payments."""
+    limits = {"paid": "2/minute", "invalid_payments": "1/minute"}
+    with (
+        running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
+        gw.client() as c,
+    ):
+        payers = [base_chain.new_payer(1_000_000) for _ in range(5)]
+        for payer in payers:
+            for _ in range(2):
+                r = c.get("/cheap", headers=dict([gw.sign(payer, c.get("/cheap"))]))
+                assert r.status_code == 200, r.text
+        limited = c.get("/cheap", headers=dict([gw.sign(payers[0], c.get("/cheap"))]))
+        assert limited.status_code == 429  # the per-payer limit still holds
+        assert len(gw.upstream.requests) == 10
+
+
+async def test_an_address_over_its_invalid_budget_is_verified_one_payment_at_a_time() -> None:
+    limiter = RateLimiter(RateLimitConfig(invalid_payments="2/minute"), {})
+    route = "GET /cheap"
+    for _ in range(2):
+        async with limiter.verifying("ip:a", route) as v:
+            assert v.retry_after is None
+            await v.invalid()
+    inside = peak = 0
+
+    async def verify(key: str) -> float | None:
+        nonlocal inside, peak
+        async with limiter.verifying(key, route) as v:
+            if v.retry_after is not None:
+                return v.retry_after
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.02)
+            inside -= 1
+            return None
+
+    # Over budget: admitted (a genuine payer behind this address still gets through), but one at a time.
+    assert await asyncio.gather(*(verify("ip:a") for _ in range(8))) == [None] * 8
+    assert peak == 1
+    # Another address is not held up by it.
+    peak = 0
+    assert await asyncio.gather(*(verify("ip:b") for _ in range(4))) == [None] * 4
+    assert peak == 4
+    # A queue longer than the slot keeps is refused at once with the budget's Retry-After, and nothing lingers.
+    results = await asyncio.gather(*(verify("ip:a") for _ in range(40)))
+    refused = [r for r in results if r is not None]
+    assert len(refused) >= 40 - 17 and all(1 <= r <= 60 for r in refused)
+    assert limiter._slots == {}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.http.upstream import ConnectFailed, ProtocolFailure, ReadTimeout, UpstreamPool
+from gateway.http.upstream import ClientBusy, ConnectFailed, Lease, ProtocolFailure, ReadTimeout, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -368,4 +368,204 @@ async def test_header_values_that_would_break_the_framing_are_never_written() ->
             with pytest.raises(ProtocolFailure):
                 await pool.request("GET", "/x", [(b"x-forwarded-host", bad)])
         assert seen == []
+        await pool.aclose()
+
+
+# --- slow clients never starve paying ones (docs/threat-model.md T39) ---------------------------------------------
+
+
+def hanging(seen: list[bytes] | None = None) -> Handler:
+    """An upstream that reads a request head and never answers (a slow upstream call in progress)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if seen is not None:
+            seen.append(head)
+        await asyncio.sleep(30)
+
+    return handler
+
+
+async def stalled_body(first: bytes, gate: asyncio.Event) -> AsyncIterator[bytes]:
+    """A body whose first part arrives and whose rest never does (until ``gate``)."""
+    yield first
+    await gate.wait()
+    yield b"end"
+
+
+async def test_free_requests_never_take_the_connections_reserved_for_paid_ones() -> None:
+    async with scripted(hanging()) as state:
+        pool = pool_for(state, max_connections=4, reserved=1, connect_timeout=0.3)  # type: ignore[arg-type]
+        free = [asyncio.create_task(pool.request("GET", "/x", [])) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert pool.held_by_free_requests == 3
+        with pytest.raises(ConnectFailed):  # the fourth is a paid request's
+            await pool.request("GET", "/x", [], lease=Lease(client="ip:10.0.0.1"))
+        paid = asyncio.create_task(pool.request("GET", "/x", [], lease=Lease(paid=True, client="payer:0xabc")))
+        await asyncio.sleep(0.1)
+        assert state.connections == 4  # the paid request got the reserved one at once
+        for task in [*free, paid]:
+            task.cancel()
+        await asyncio.gather(*free, paid, return_exceptions=True)
+        await pool.aclose()
+
+
+async def test_a_paid_request_waiting_for_a_full_pool_goes_before_free_ones_that_came_earlier() -> None:
+    seen: list[bytes] = []
+    async with scripted(answering(OK, delay=0.2, seen=seen)) as state:
+        pool = pool_for(state, max_connections=1, connect_timeout=5)
+        order: list[str] = []
+
+        async def one(name: str, lease: Lease) -> None:
+            assert await fetch_with(pool, lease, name) == b"ok"
+            order.append(name)
+
+        first = asyncio.create_task(one("first", Lease(client="ip:a")))
+        await asyncio.sleep(0.05)
+        frees = [asyncio.create_task(one(f"free{i}", Lease(client=f"ip:{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        paid = asyncio.create_task(one("paid", Lease(paid=True, client="payer:0x1")))
+        await asyncio.gather(first, *frees, paid)
+        assert order[:2] == ["first", "paid"]
+        await pool.aclose()
+
+
+async def fetch_with(pool: UpstreamPool, lease: Lease, name: str = "x") -> bytes:
+    resp = await pool.request("GET", "/" + name, [], lease=lease)
+    try:
+        out = b""
+        while not resp.at_eof:
+            out += await resp.next_chunk()
+        return out
+    finally:
+        resp.close()
+
+
+async def test_one_clients_streaming_uploads_are_bounded_and_never_block_another_client() -> None:
+    seen: list[bytes] = []
+    async with scripted(hanging(seen)) as state:
+        pool = pool_for(state, max_connections=8, per_client=2, connect_timeout=0.5)  # type: ignore[arg-type]
+        gate = asyncio.Event()
+
+        def upload(client: str) -> asyncio.Task[object]:
+            body = stalled_body(b"x" * 1000, gate)
+            lease = Lease(client=client, uploading=True)
+            return asyncio.create_task(pool.request("POST", "/up", [], body, lease=lease))
+
+        mine = [upload("ip:a") for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert len(seen) == 2
+        with pytest.raises(ClientBusy):  # a third upload of the same client waits for one of its own, then 429
+            await upload("ip:a")
+        other = upload("ip:b")  # another client is not held up by the first one's waiting upload
+        plain = asyncio.create_task(pool.request("GET", "/x", [], lease=Lease(client="ip:a")))  # not an upload
+        await asyncio.sleep(0.1)
+        assert len(seen) == 4
+        for task in [*mine, other, plain]:
+            task.cancel()
+        await asyncio.gather(*mine, other, plain, return_exceptions=True)
+        gate.set()
+        await pool.aclose()
+
+
+async def test_a_waiter_its_client_bound_holds_back_never_blocks_the_queue_behind_it() -> None:
+    async with scripted(hanging()) as state:
+        pool = pool_for(state, max_connections=2, per_client=1, connect_timeout=1.0)  # type: ignore[arg-type]
+        gate = asyncio.Event()
+        first = asyncio.create_task(
+            pool.request("POST", "/up", [], stalled_body(b"x", gate), lease=Lease(client="ip:a", uploading=True))
+        )
+        filler = asyncio.create_task(pool.request("GET", "/x", [], lease=Lease(client="ip:c")))
+        await asyncio.sleep(0.1)
+        blocked = asyncio.create_task(
+            pool.request("POST", "/up", [], stalled_body(b"x", gate), lease=Lease(client="ip:a", uploading=True))
+        )
+        await asyncio.sleep(0.05)
+        later = asyncio.create_task(pool.request("GET", "/y", [], lease=Lease(client="ip:b")))
+        await asyncio.sleep(0.05)
+        filler.cancel()  # a connection frees: it goes to the later request, not to the one held back
+        await asyncio.sleep(0.2)
+        assert state.connections == 3
+        assert not blocked.done()
+        for task in (first, blocked, later):
+            task.cancel()
+        await asyncio.gather(first, filler, blocked, later, return_exceptions=True)
+        gate.set()
+        await pool.aclose()
+
+
+async def test_a_complete_answer_frees_its_connection_before_the_client_has_read_it() -> None:
+    blob = b"y" * 500_000
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(blob) + blob)
+
+    async with scripted(handler) as state:
+        pool = pool_for(state, max_connections=1, connect_timeout=1.0)
+        slow_reader = await pool.request("GET", "/big", [])  # a client that does not read (yet)
+        await asyncio.sleep(0.2)
+        for _ in range(3):  # the one connection serves others meanwhile
+            assert await fetch(pool) == blob
+        got = b""
+        while not slow_reader.at_eof:
+            got += await slow_reader.next_chunk()
+        slow_reader.close()
+        assert got == blob
+        assert state.connections == 1
+        await pool.aclose()
+
+
+async def test_every_lease_comes_back_whatever_happens_to_the_requests() -> None:
+    """Answers, early closes, timeouts, cancellations and uploads mixed: afterwards nothing is counted as held."""
+    import random
+
+    rng = random.Random(7)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        while True:
+            await read_request(reader)
+            roll = rng.random()
+            if roll < 0.15:
+                return  # closes without an answer
+            await asyncio.sleep(rng.random() * 0.02)
+            writer.write(OK if roll < 0.9 else b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab")  # truncated
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            await asyncio.sleep(rng.random() * 0.01)
+            yield b"x" * 100
+
+    async with scripted(handler) as state:
+        limits = {"max_connections": 6, "reserved": 2, "per_client": 2, "connect_timeout": 0.3, "read_timeout": 0.2}
+        pool = pool_for(state, **limits)
+
+        async def one(i: int) -> None:
+            lease = Lease(paid=i % 3 == 0, client=f"ip:{i % 4}", uploading=i % 2 == 0)
+            up = body() if lease.uploading else None
+            with contextlib.suppress(ProtocolFailure, ConnectFailed, ReadTimeout):
+                resp = await pool.request("POST", "/x", [], up, lease=lease)
+                try:
+                    while not resp.at_eof:
+                        await resp.next_chunk()
+                finally:
+                    resp.close()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(200)]
+        await asyncio.sleep(0.05)
+        for task in tasks[::7]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)  # close callbacks
+        assert pool.held_by_free_requests == 0
+        assert pool._uploads == {}
+        assert pool._waiters == []
+        assert pool.open_connections == len(pool._live)
+        for _ in range(20):  # and it still works (the scripted upstream drops some requests on purpose)
+            with contextlib.suppress(ProtocolFailure, ReadTimeout):
+                if await fetch(pool) == b"ok":
+                    break
+        else:
+            raise AssertionError("the pool no longer serves")
         await pool.aclose()

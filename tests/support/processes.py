@@ -1,8 +1,16 @@
-"""``x402-gateway serve`` as real processes: what the scale-out and crash tests run."""
+"""``x402-gateway serve`` as real processes, for tests that depend on the server it runs (uvicorn, its protocol and
+limits, several instances on one store, a crash), not only on the ASGI app.
+
+Two launchers over one start / wait / stop: :func:`serve_processes` (the scale-out and crash tests: a config file
+of the caller's, one process per relayer key, each ready on ``/readyz``) and :func:`served_gateway` (one process
+over a dev chain and an upstream, its config file written here, answering on ``/healthz``). Every process gets
+its own port and log file, and is stopped with SIGTERM (then SIGKILL).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,8 +20,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+from eth_account import Account
+
+from gateway.dev.chain import DevChain
+from tests.support.gateway import network_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +35,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _start(cmd_args: list[str], key: str, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m gateway.cli serve <cmd_args>`` from the repository, relayer key in ``TEST_RELAYER_KEY``."""
+    env = dict(os.environ, TEST_RELAYER_KEY=key, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", *cmd_args]
+    with log.open("wb") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen[bytes], url: str, log: Path, deadline: float, *, ready: bool) -> None:
+    """Until ``url`` answers 200 on ``/readyz`` (``ready``) or ``/healthz``; fails if the process exits first."""
+    path, never = ("/readyz", "never became ready") if ready else ("/healthz", "never answered")
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gateway {never}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every process still running, then wait for each (SIGKILL after 10 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ------------------------------------------------------------------------------------------ several processes
 
 
 @dataclass
@@ -39,32 +90,91 @@ def serve_processes(config: Path, logs: Path, keys: list[str]) -> Iterator[list[
     procs: list[ServeProcess] = []
     try:
         for i, key in enumerate(keys):
-            env = dict(os.environ, TEST_RELAYER_KEY=key, PYTHONPATH=str(ROOT))
             port = free_port()
             log = logs / f"gateway-{i}.log"
-            cmd = [sys.executable, "-m", "gateway.cli", "serve", "-c", str(config), "--port", str(port)]
-            with log.open("wb") as fh:
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc = _start(["-c", str(config), "--port", str(port)], key, log)
             procs.append(ServeProcess(proc, f"http://127.0.0.1:{port}", log))
         deadline = time.monotonic() + 40
         for p in procs:
-            while True:
-                if p.proc.poll() is not None:
-                    raise AssertionError(f"gateway exited with {p.proc.returncode}:\n{p.log.read_text()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(p.url + "/readyz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"gateway never became ready:\n{p.log.read_text()[-3000:]}")
-                time.sleep(0.1)
+            _wait(p.proc, p.url, p.log, deadline, ready=True)
         yield procs
     finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait(5)
+        _stop([p.proc for p in procs])
+
+
+# ------------------------------------------------------------------------------ one process, config written here
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def config_text(sections: dict[str, dict[str, Any]], routes: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+        lines.append("")
+    for route in routes:
+        lines.append("[[routes]]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in route.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class ServedGateway:
+    url: str
+    port: int
+    pid: int
+    pay_to: str
+    log: Path
+
+    def rss_bytes(self) -> int:
+        """The process's resident memory (``VmRSS``)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@contextlib.contextmanager
+def served_gateway(
+    chain: DevChain,
+    tmp_path: Path,
+    *,
+    upstream_url: str,
+    routes: list[dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
+) -> Iterator[ServedGateway]:
+    """``x402-gateway serve`` over ``chain`` and ``upstream_url``; ``sections`` are merged into the config."""
+    port = free_port()
+    pay_to = Account.create().address
+    doc: dict[str, dict[str, Any]] = {
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "upstream": {"url": upstream_url, "read_timeout": 10.0},
+        "store": {"url": f"sqlite:///{tmp_path / 'receipts.db'}"},
+        "payment": {"pay_to": pay_to, "relayer_key_env": "TEST_RELAYER_KEY"},
+        "rate_limits": {"enabled": False},
+        f"networks.{network_name(chain)}": {"rpc_urls": [chain.url], "receipt_poll_interval": 0.02},
+    }
+    for name, table in sections.items():
+        doc.setdefault(name, {}).update(table)
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text(doc, routes or [{"route": "POST /paid", "price": "0.10"}]))
+    log = tmp_path / "gateway.log"
+    proc = _start(["-c", str(config), "--log-format", "text"], chain.relayer_key, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(proc, url, log, time.monotonic() + 40, ready=False)
+        yield ServedGateway(url=url, port=port, pid=proc.pid, pay_to=pay_to, log=log)
+    finally:
+        _stop([proc])

@@ -10,6 +10,9 @@ What it does, and the rules it keeps:
 
 * One origin (host, port, optional TLS) per pool, at most ``max_connections`` open; a request that finds none free
   waits up to ``connect_timeout`` for one, then fails as unreachable (a saturated pool answers 502, not a queue).
+* Who holds a connection is a :class:`Lease`: a share of the pool is reserved for paid requests, and a client may
+  have only so many bodies streaming up at once; a complete answer frees its connection before the client has
+  read it (``pool``: slow clients never starve paying ones).
 * Idle connections are reused newest first and dropped after ``idle_timeout`` (below the common 5 s keep-alive
   of upstream servers, so we rarely reuse one the server is closing). A request on a reused connection that
   fails before any byte of an answer came back is sent once more on a fresh connection only if it is replayable
@@ -31,11 +34,13 @@ a stale reused connection).
 """
 
 from gateway.http.upstream.connection import UpstreamResponse
-from gateway.http.upstream.errors import ConnectFailed, ProtocolFailure, ReadTimeout, UpstreamError
-from gateway.http.upstream.pool import UpstreamPool
+from gateway.http.upstream.errors import ClientBusy, ConnectFailed, ProtocolFailure, ReadTimeout, UpstreamError
+from gateway.http.upstream.pool import Lease, UpstreamPool
 
 __all__ = [
+    "ClientBusy",
     "ConnectFailed",
+    "Lease",
     "ProtocolFailure",
     "ReadTimeout",
     "UpstreamError",

@@ -7,6 +7,10 @@ complete answer the server did not mark ``Connection: close``, to a request that
 talking out of turn (bytes nobody asked for, a second answer) is never trusted with the next request. Reading
 pauses above ``_HIGH_WATER`` buffered bytes, and the read timeout does not run while it is paused (the client is
 slow, not the upstream).
+
+A complete answer no longer needs its connection: its buffered body moves to the :class:`UpstreamResponse` and the
+connection goes back to the pool at once, so a client slow to read an answer of up to ``_HIGH_WATER`` bytes holds
+no upstream connection while it reads (docs/threat-model.md T39).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import httptools
 from gateway.http.upstream.errors import ProtocolFailure, ReadTimeout, StaleConnection, UpstreamError
 
 if TYPE_CHECKING:
-    from gateway.http.upstream.pool import UpstreamPool
+    from gateway.http.upstream.pool import Lease, UpstreamPool
 
 __all__ = ["Connection", "UpstreamResponse"]
 
@@ -32,26 +36,32 @@ _LOW_WATER = 1 << 18
 class UpstreamResponse:
     """Status line and headers as received; the body through :meth:`next_chunk`. Always :meth:`close` it."""
 
-    __slots__ = ("_conn", "headers", "status")
+    __slots__ = ("_conn", "_rest", "headers", "status")
 
     def __init__(self, conn: Connection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
+        self._rest: collections.deque[bytes] | None = None  # the body left to hand out once the connection is gone
         self.status = status
         self.headers = headers
 
     @property
     def at_eof(self) -> bool:
         """The whole body was received and handed out."""
+        if self._rest is not None:
+            return not self._rest
         conn = self._conn
         return conn.complete and not conn.chunks
 
     async def next_chunk(self) -> bytes:
         """The next piece of the body; ``b""`` once it is all read. Raises ``ProtocolFailure``/``ReadTimeout``."""
+        if self._rest is not None:
+            return self._rest.popleft() if self._rest else b""
         return await self._conn.next_chunk()
 
     def close(self) -> None:
         """Give the connection back (a complete, reusable answer) or close it."""
-        self._conn.finish()
+        if self._rest is None:  # else it went back to the pool when the answer completed (maybe in use again)
+            self._conn.finish()
 
 
 class Connection(asyncio.Protocol):
@@ -70,12 +80,15 @@ class Connection(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.lease: Lease | None = None  # who holds the connection (set and ended by the pool)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
         """Forget the exchange in progress: a connection carries one at a time, each with a parser of its own."""
         self.parser: Any = None
         self.head: asyncio.Future[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.sending = False  # the request (head or body) is still being written
         self.head_only = False
         self.received = False  # a byte of the answer arrived
         self.headers: list[tuple[bytes, bytes]] = []
@@ -157,7 +170,8 @@ class Connection(asyncio.Protocol):
             return
         # Read now: llhttp forgets the message's framing flags once it is complete.
         self.keep_alive = parser.should_keep_alive()
-        self.head.set_result(UpstreamResponse(self, status, self.headers))
+        self.response = UpstreamResponse(self, status, self.headers)
+        self.head.set_result(self.response)
         if self.head_only:
             self._message_complete()
 
@@ -195,6 +209,28 @@ class Connection(asyncio.Protocol):
         self.complete = True
         self._stop_timer()
         self._wake()
+        if self.response is not None:
+            # Not from inside the parser's callback: the connection must not start another exchange mid-feed.
+            self.loop.call_soon(self._hand_over, self.response)
+
+    def _hand_over(self, response: UpstreamResponse) -> None:
+        """The answer is complete: the body not yet read moves to ``response``, the connection to the pool."""
+        if (
+            self.response is not response
+            or self.released
+            or self.sending  # it answered before the request was whole: finish() decides once sending stops
+            or self.error is not None
+            or self.transport is None
+            or self.transport.is_closing()
+        ):
+            return
+        response._rest = collections.deque(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused_reading:
+            self.paused_reading = False
+            self.transport.resume_reading()
+        self.finish()
 
     def _fail(self, error: UpstreamError, *, closed: bool = False) -> None:
         """``closed``: the connection went away; on a reused one before any byte came back, that is the server's
@@ -264,12 +300,17 @@ class Connection(asyncio.Protocol):
                 if not self._write(head):
                     raise StaleConnection() if self.reused else ProtocolFailure("the upstream closed the connection")
             else:
+                self.sending = True
                 await self._send_body(head, body, chunked)
+                self.sending = False
+                self.pool.upload_done(self)
             if self.closed and not future.done():
                 self._fail(ProtocolFailure("the upstream closed the connection without an answer"), closed=True)
             self._arm_timer()
             return await future
         except BaseException:
+            if not future.done():
+                future.cancel()  # nobody will read it: its failure must not be reported as never retrieved
             self.close()
             raise
 
@@ -331,10 +372,7 @@ class Connection(asyncio.Protocol):
         self._reset_exchange()
         self.released = True
         self._stop_timer()
-        if reusable:
-            self.pool._give_back(self)
-        else:
-            self.close()
+        self.pool.release(self, reusable=reusable)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

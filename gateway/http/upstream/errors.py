@@ -3,7 +3,7 @@ origin (its host may be private, its URL may carry credentials)."""
 
 from __future__ import annotations
 
-__all__ = ["ConnectFailed", "ProtocolFailure", "ReadTimeout", "StaleConnection", "UpstreamError"]
+__all__ = ["ClientBusy", "ConnectFailed", "ProtocolFailure", "ReadTimeout", "StaleConnection", "UpstreamError"]
 
 
 class UpstreamError(Exception):
@@ -12,6 +12,11 @@ class UpstreamError(Exception):
 
 class ConnectFailed(UpstreamError):
     """No connection: refused, unresolvable, TLS failure, connect timeout or a saturated pool."""
+
+
+class ClientBusy(ConnectFailed):
+    """No connection this request may hold became free in time because its own client's uploads hold all it may
+    use (the pool's per-client bound on bodies still streaming up)."""
 
 
 class ReadTimeout(UpstreamError, TimeoutError):

@@ -7,11 +7,11 @@ which simulates and prices it at once), and, for a contract wallet, does ``isVal
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.chain import abi
+from gateway.chain.authorization import transfer_log
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.errors import ChainUnavailable, PaymentRequired
 from gateway.schemes.exact.check import SignatureKind
@@ -109,36 +109,16 @@ class Settlement:
 
 def settlement_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> Settlement | None:
     """Did this (successful) transaction execute *this* authorization, moving exactly the authorised amount from
-    the payer to us, as logged by the USDC contract itself?
-
-    The token logs ``AuthorizationUsed(payer, nonce)`` and, as the very next log, the ``Transfer`` it made. The
-    pair is required: a transaction may carry several settlements (a Multicall3 batch, ours or anyone's), and a
-    Transfer alone could be another authorization's of the same payer and amount. Logs of any other contract are
-    ignored: a fake token emits identical events."""
-    if hex_int(receipt.get("status", "0x0")) != 1:
+    the payer to us, as logged by the USDC contract itself (:func:`gateway.chain.authorization.transfer_log`)?"""
+    moved = transfer_log(receipt, req.asset, auth.from_, req.pay_to, auth.value, auth.nonce)
+    if moved is None:
         return None
-    asset = req.asset.lower()
-    payer = bytes(12) + bytes.fromhex(auth.from_[2:])
-    pay_to = bytes(12) + bytes.fromhex(req.pay_to[2:].lower())
-    logs = [e for e in receipt.get("logs") or () if str(e.get("address", "")).lower() == asset]
-    for used, moved in itertools.pairwise(logs):
-        if [bytes.fromhex(str(t)[2:]) for t in used.get("topics") or ()] != [
-            abi.AUTHORIZATION_USED_TOPIC,
-            payer,
-            auth.nonce,
-        ]:
-            continue
-        topics = [bytes.fromhex(str(t)[2:]) for t in moved.get("topics") or ()]
-        amount = int(str(moved.get("data", "0x0"))[2:] or "0", 16)
-        if topics != [abi.TRANSFER_TOPIC, payer, pay_to] or amount != auth.value:
-            return None
-        return Settlement(
-            tx_hash=str(receipt.get("transactionHash", "")).lower(),
-            log_index=hex_int(moved.get("logIndex")),
-            sender=str(receipt.get("from", "")).lower(),
-            block_number=hex_int(receipt.get("blockNumber")),
-        )
-    return None
+    return Settlement(
+        tx_hash=str(receipt.get("transactionHash", "")).lower(),
+        log_index=hex_int(moved.get("logIndex")),
+        sender=str(receipt.get("from", "")).lower(),
+        block_number=hex_int(receipt.get("blockNumber")),
+    )
 
 
 def transfer_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Authorization) -> bool:

@@ -323,6 +323,14 @@ class ExactScheme:
                 claim.in_flight(True)
             raise
         if await self._confirmed(claim, net, tx_hash):
+            # Served from here on: watched until final, settled again if a reorg drops it (T28; never waits).
+            net.track_settlement(
+                payment_key(attempt.requirement, attempt.authorization.authorization),
+                attempt.requirement.asset,
+                settlement_calldata(attempt.authorization),
+                attempt.authorization.authorization.valid_before,
+                tx_hash,
+            )
             return tx_hash
         # Reverted: if someone else executed the same authorization to us first, the money still arrived.
         if await self._paid_by_someone_else(claim):

@@ -118,6 +118,14 @@ class ReceiptStore(Protocol):
         """The live record for ``key`` (None if absent or expired)."""
         ...
 
+    async def identity(self) -> str | None:
+        """The store's identity marker (None when absent: a new store, or one that lost its data)."""
+        ...
+
+    async def set_identity(self, value: str, *, only_if_absent: bool) -> str:
+        """Write the identity marker (``only_if_absent``: unless there is one) and return the marker now stored."""
+        ...
+
     async def lapse(self, key: str, owner: str, *, now: float) -> None:
         """End the lease of ``owner``'s PENDING/PAID claim now (its request is over, its outcome recorded by hash),
         so the next presentation takes it over and reconciles at once. No-op if ``owner`` lost it."""

@@ -310,6 +310,18 @@ class RedisReceiptStore:
     async def lapse(self, key: str, owner: str, *, now: float) -> None:
         await self._script(self._lapse, key, owner, script_number(now))
 
+    async def identity(self) -> str | None:
+        with self._client.guard():
+            value = await self._client.redis.get(f"{self._prefix}meta:identity")
+        return None if value is None else str(value)
+
+    async def set_identity(self, value: str, *, only_if_absent: bool) -> str:
+        key = f"{self._prefix}meta:identity"
+        with self._client.guard():
+            await self._client.redis.set(key, value, nx=only_if_absent)
+            stored = await self._client.redis.get(key)
+        return str(stored) if stored is not None else value
+
     async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:
         # Liveness only: the Redis server's own clock expires it, which is all a heartbeat needs.
         with self._client.guard():

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS receipts (
 _INDEX = "CREATE INDEX IF NOT EXISTS receipts_expires_at ON receipts (expires_at) WHERE expires_at IS NOT NULL"
 # Which gateway processes are alive (their claims must not be taken over before their lease lapses).
 _INSTANCES = "CREATE TABLE IF NOT EXISTS instances (instance TEXT PRIMARY KEY, alive_until REAL NOT NULL) WITHOUT ROWID"
+# The store's identity marker (docs/threat-model.md T30): a wiped or replaced file has none.
+_META = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
 # SQL is spelled out in full (no string building): every value goes through a ``?``/``:name`` parameter.
 _SELECT = "SELECT key, state, owner, tx_hash, lease_until, expires_at, updated_at FROM receipts WHERE key = ?"
 _INSERT = (
@@ -98,7 +100,7 @@ class SQLiteReceiptStore:
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._db = SQLiteFile(
             path,
-            schema=(_SCHEMA, _INDEX, _INSTANCES),
+            schema=(_SCHEMA, _INDEX, _INSTANCES, _META),
             busy_timeout=busy_timeout,
             what="receipt store",
             thread="x402-sqlite-store",
@@ -243,6 +245,27 @@ class SQLiteReceiptStore:
 
     async def lapse(self, key: str, owner: str, *, now: float) -> None:
         await self._db.run(self._lapse, key, owner, now)
+
+    def _identity(self) -> str | None:
+        row = self._db.connection().execute("SELECT value FROM meta WHERE name = 'identity'").fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_identity(self, value: str, only_if_absent: bool) -> str:
+        def body(conn: sqlite3.Connection) -> str:
+            if only_if_absent:
+                conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('identity', ?)", (value,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('identity', ?)", (value,))
+            row = conn.execute("SELECT value FROM meta WHERE name = 'identity'").fetchone()
+            return str(row[0])
+
+        return self._db.transaction(body)
+
+    async def identity(self) -> str | None:
+        return await self._db.run(self._identity)
+
+    async def set_identity(self, value: str, *, only_if_absent: bool) -> str:
+        return await self._db.run(self._set_identity, value, only_if_absent)
 
     def _heartbeat(self, instance: str, now: float, ttl: float) -> None:
         def body(conn: sqlite3.Connection) -> None:

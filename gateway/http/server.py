@@ -1,0 +1,212 @@
+"""The HTTP/1.1 server protocol ``x402-gateway serve`` runs: uvicorn's httptools protocol plus the two limits it
+lacks before a request reaches any ASGI layer (docs/threat-model.md T40).
+
+uvicorn bounds an unfinished request head only with h11 (``h11_max_incomplete_event_size``). With httptools, llhttp
+hands the URL and every header over in pieces and they are joined in memory until the head ends, so a head that
+never ends grows without bound (measured: 10 connections sending 20 MB of one header each, +260 MB). And nothing
+times a head out: uvicorn's keep-alive timer runs only between requests, so a connection that trickles its head, or
+never sends a byte, holds a socket for ever. The gateway's own 431 (``server.max_header_bytes``, gateway/http/app.py)
+runs only once the head is complete, too late for both.
+
+:func:`guarded_protocol` returns uvicorn's protocol class with:
+
+* a cap on the bytes of one request head (request line, headers, blank line): a connection whose head grows past
+  it gets ``431`` and is closed before the parser holds more. The trailer block of a chunked body is a header
+  block too (llhttp hands trailers over like headers): it has the same cap;
+* a deadline for the head: ``head_timeout`` seconds from the connection's start, or from the first byte of a
+  later request on a kept-alive connection, to the end of the head. Past it: ``408`` and close (a connection that
+  sent nothing at all is closed without an answer);
+* a deadline for the rest of a body the app answered without reading (a 402, a 413): uvicorn then discards it
+  but cancels its keep-alive timer on every byte, so a client trickling that body, or just stopping, held the
+  socket for ever. It gets ``drain_timeout`` seconds to finish (enough for a client that uploads before it reads
+  the answer), then the connection is closed.
+
+They act at the transport, so they hold for any ASGI app behind it. A body the app is reading is timed by the
+app (the proxy bounds each chunk with ``server.body_read_timeout``); uvicorn pauses reading above 64 KiB buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.x402 import reasons
+
+__all__ = ["HEAD_SLACK_BYTES", "guarded_protocol"]
+
+log = logging.getLogger("gateway.server")
+
+# A head the gateway's own 431 would accept (path, query and header lines <= server.max_header_bytes) is at most
+# this much longer on the wire: method, " HTTP/1.1", line ends, optional whitespace, an absolute-form target.
+HEAD_SLACK_BYTES = 1024
+
+
+def _answer(status: bytes, reason: str, message: str) -> bytes:
+    body = json.dumps({"error": reason, "message": message}).encode()
+    return b"".join(
+        (
+            b"HTTP/1.1 " + status + b"\r\n",
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+_TOO_LARGE = _answer(
+    b"431 Request Header Fields Too Large", reasons.HEADERS_TOO_LARGE, "request headers exceed the limit"
+)
+_TIMEOUT = _answer(b"408 Request Timeout", reasons.REQUEST_TIMEOUT, "request headers not received in time")
+
+
+class _GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded, timed request head (see the module docstring)."""
+
+    max_head_bytes: ClassVar[int] = 16 * 1024 + HEAD_SLACK_BYTES
+    head_timeout: ClassVar[float] = 10.0
+    drain_timeout: ClassVar[float] = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the parser is built (it registers the chunk callbacks this class defines).
+        self._in_head = True  # the parser is between requests or inside a head
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._after_chunk_header = False  # a chunk header was parsed and no body byte followed (yet)
+        self._trailer_bytes = 0
+        super().__init__(*args, **kwargs)
+
+    # -- transport events ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()  # a connection that never sends its head must not hold the socket
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        self._cancel_drain_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        while data:
+            if not self._in_head:
+                in_trailers = self._after_chunk_header
+                super().data_received(data)
+                if in_trailers and self._after_chunk_header:
+                    # A whole read after the last chunk's header with no body byte: trailer bytes, which the
+                    # parser keeps until each trailer line ends (a non-final chunk would have had body bytes).
+                    self._trailer_bytes += len(data)
+                    if self._trailer_bytes > self.max_head_bytes and not self.transport.is_closing():
+                        self._refuse(_TOO_LARGE)
+                return
+            if self._head_timer is None:
+                self._arm_head_timer()  # the first byte of a request on a kept-alive connection
+            room = self.max_head_bytes - self._head_bytes
+            if len(data) <= room:
+                self._head_bytes += len(data)
+                super().data_received(data)
+                return
+            # Feed only what the cap allows: if the head ends within it, the rest is body or the next request.
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            if piece:
+                super().data_received(piece)
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # the parser refused it (400), or the connection was upgraded
+            if self._in_head:
+                self._refuse(_TOO_LARGE)
+                return
+
+    # -- parser callbacks -----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head = True  # whatever follows is the next request's head: counted and timed afresh
+        self._head_bytes = 0
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
+        self._cancel_drain_timer()
+        super().on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+
+    def on_chunk_complete(self) -> None:
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._in_head and self.transport is not None and not self.transport.is_closing():
+            # Answered before its body was read whole: the rest gets a deadline (see the module docstring).
+            self._cancel_drain_timer()
+            self._drain_timer = self.loop.call_later(self.drain_timeout, self._drain_timed_out)
+
+    # -- limits -------------------------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _cancel_drain_timer(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
+    def _drain_timed_out(self) -> None:
+        self._drain_timer = None
+        if not self._in_head and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport is None or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a response still being sent: never cut that response short; the head gets
+            # a fresh deadline (the response itself is bounded by the upstream's timeouts).
+            self._arm_head_timer()
+            return
+        if self._head_bytes:
+            self._refuse(_TIMEOUT)
+        else:
+            self.transport.close()  # nothing asked, nothing to answer
+
+    def _refuse(self, answer: bytes) -> None:
+        self._cancel_head_timer()
+        log.debug("request head refused", extra={"client": self.client[0] if self.client else None})
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(answer)  # never in the middle of another response on this connection
+        self.transport.close()
+
+
+def guarded_protocol(*, max_head_bytes: int, head_timeout: float, drain_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with these limits (pass it as ``uvicorn.run(..., http=...)``)."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (_GuardedHttpTools,),
+        {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "drain_timeout": drain_timeout},
+    )
