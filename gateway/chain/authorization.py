@@ -64,7 +64,7 @@ def transfer_log(
         topics = [bytes.fromhex(str(t)[2:]) for t in moved.get("topics") or ()]
         amount = int(str(moved.get("data", "0x0"))[2:] or "0", 16)
         ok = topics == [abi.TRANSFER_TOPIC, payer_word, pay_to_word] and amount == value
-        return dict(moved) if ok else None
+        return moved if ok else None
     return None
 
 

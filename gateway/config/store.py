@@ -22,7 +22,7 @@ class StoreConfig:
     lease_seconds: float = 120.0
     # Each gateway process proves it is alive in the store this often (a third of it, in fact); a claim held by a
     # process whose proof lapsed is taken over at once instead of after its lease (docs/threat-model.md T31).
-    heartbeat_seconds: float = 6.0
+    heartbeat_seconds: float = 15.0  # well above the store's own timeouts: two missed beats are not death
     # Where this process remembers the store's identity marker across restarts, so that a store wiped while the
     # gateway was down is noticed at start (docs/threat-model.md T30). Absent: next to a SQLite file
     # ("<file>.identity"), none for Redis (set one on a persistent volume); "" turns it off.

@@ -20,6 +20,7 @@ from gateway.engine.deferred import DeferredOutcomes, Step
 from gateway.errors import GatewayError, PaymentInFlight, PaymentReplayed, SettlementFailed, StoreUnavailable
 from gateway.schemes.base import P, Scheme
 from gateway.storage.receipts import ClaimRecord, Effect, ReceiptStore
+from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.receipt import receipt_header
 
@@ -156,15 +157,19 @@ class PaidRequest(Generic[P]):
         """Record the outcome: a served request consumes the payment (for ever, or until an authorization could not
         execute anyway); a failed one leaves it paid-but-unserved for a free retry (docs/threat-model.md T11)."""
         try:
-            await self._finish(served=served)
+            held = await self._finish(served=served)
         except StoreUnavailable:
             # A finish that fails leaves the client refused (fail closed): the payment stays usable for a retry,
             # unless the app already acted on it (a job was created and bound to the payer, who can find it).
             self._defer(functools.partial(self._finish, served=served and self.delivered))
             raise
+        if served and not held:
+            # Another request took this claim over (our lease lapsed, or our process was taken for dead): that
+            # request is the one the payment pays for. Serving this one too would serve one payment twice.
+            raise PaymentInFlight("this payment was taken over by another request", reason=reasons.PAYMENT_IN_FLIGHT)
 
-    async def _finish(self, *, served: bool) -> None:
-        await self._claims.store.finish(
+    async def _finish(self, *, served: bool) -> bool:
+        return await self._claims.store.finish(
             self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
         )
 

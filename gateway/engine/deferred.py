@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, StoreUnavailable
 
 log = logging.getLogger("gateway.deferred")
 
-Step = Callable[[], Awaitable[None]]
+Step = Callable[[], Awaitable[object]]  # what a step returns is ignored
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.engine.claim import AnyPaidRequest, Claims, PaidRequest
 from gateway.engine.deferred import DeferredOutcomes
 from gateway.engine.identity import StoreIdentity
-from gateway.errors import GatewayError, PaymentInFlight
+from gateway.errors import PaymentInFlight
 from gateway.routes import RouteTable
 from gateway.schemes import build_schemes
 from gateway.schemes.base import Presented, PricedRoute, Scheme, requirements_for
@@ -90,8 +90,8 @@ class PaymentEngine:
             try:
                 await self._beat()
                 await self.identity.check()
-            except GatewayError:
-                log.warning("could not renew the heartbeat or check the store's identity")
+            except Exception:  # never let one failure end the heartbeats: others would take our claims over
+                log.warning("could not renew the heartbeat or check the store's identity", exc_info=True)
 
     def challenge(
         self,

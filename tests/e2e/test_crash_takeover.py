@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from eth_account import Account
 
 from gateway.dev.chain import DevChain, set_eth_balance, start_dev_chain
 from gateway.x402 import reasons
+from tests.e2e.helpers import HookedUpstream
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 from tests.support.processes import serve_processes
 from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
@@ -120,3 +122,36 @@ def test_a_settlement_whose_outcome_was_unknown_is_resolved_by_the_very_next_ret
             assert chain.balance(gw.pay_to) == before + PRICE
     finally:
         chain.stop()
+
+
+def test_a_request_whose_claim_was_taken_over_is_not_served_as_well(base_chain: DevChain, tmp_path: Path) -> None:
+    # Request 1 holds a paid claim while its upstream is slow; its lease lapses (a trickling body, a stalled
+    # process) and request 2 with the same payment takes the claim over and is served. When request 1's upstream
+    # finally answers, the claim is no longer its own: it is refused, never served too (one payment, one answer).
+    store_url = sqlite_url(tmp_path)
+    upstream = HookedUpstream()
+    with running_gateway(base_chain, store_url=store_url, upstream=upstream) as gw:
+        payer = base_chain.new_payer(1_000_000)
+        before = base_chain.balance(gw.pay_to)
+        name, value = gw.sign(payer, httpx.post(gw.url + "/paid-before"))
+        release, arrived = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            arrived.set()
+            release.wait(30)
+
+        upstream.on_request = hold
+        first: list[httpx.Response] = []
+        worker = threading.Thread(
+            target=lambda: first.append(httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=60))
+        )
+        worker.start()
+        assert arrived.wait(30)  # paid ("before") and now with the upstream
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            conn.execute("UPDATE receipts SET lease_until = 0")  # the lease lapsed
+        second = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+        assert second.status_code == 200, second.text
+        release.set()
+        worker.join(30)
+        assert first and first[0].status_code == 409, first[0].text if first else "no answer"
+        assert base_chain.balance(gw.pay_to) == before + PRICE

@@ -10,6 +10,7 @@ our relayer already settled is refused even when its claim record is gone (expir
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,25 @@ def test_an_authorization_that_expires_while_the_upstream_works_is_never_broadca
             assert "eth_sendRawTransaction" not in tap.methods
             assert len(gw.upstream.requests) == 1
             balances.assert_unchanged()
+
+
+def test_no_authorization_makes_a_record_that_never_expires(
+    gw: GatewayUnderTest, base_chain: DevChain, store_url: str
+) -> None:
+    # validBefore = 2**256 - 1 is refused (too far); its claim, made before that check, must still expire soon.
+    payer = base_chain.new_payer(1_000_000)
+    auth = craft.authorization(payer.address, gw.pay_to, PRICE, valid_before=2**256 - 1)
+    doc = craft.v1_envelope(auth, craft.sign_for(payer, auth, base_chain))
+    refused = httpx.post(gw.url + "/paid", headers={"X-PAYMENT": craft.encode(doc)}, timeout=30)
+    assert_402(refused, reasons.VALID_BEFORE_TOO_FAR)
+    if store_url.startswith("redis"):
+        client = redis.Redis.from_url(store_url)
+        try:
+            for key in client.scan_iter("x402:exact:*"):
+                assert 0 < client.ttl(key) < 3 * 3600, key
+        finally:
+            client.close()
+    else:
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            rows = conn.execute("SELECT expires_at FROM receipts WHERE key LIKE 'exact:%'").fetchall()
+        assert all(exp is not None and exp < time.time() + 3 * 3600 for (exp,) in rows), rows

@@ -102,7 +102,7 @@ class Settlement:
     """An execution of one authorization to us, as the chain shows it."""
 
     tx_hash: str
-    log_index: int  # of the Transfer to us: with the chain and tx hash, the key of this on-chain effect
+    log_index: int  # position of the Transfer to us in the receipt: with the chain and tx hash, the effect's key
     sender: str  # the transaction's sender, lowercase (our relayer's address when we settled it)
     block_number: int
 
@@ -115,7 +115,7 @@ def settlement_in_receipt(receipt: dict[str, Any], req: Requirement, auth: Autho
         return None
     return Settlement(
         tx_hash=str(receipt.get("transactionHash", "")).lower(),
-        log_index=hex_int(moved.get("logIndex")),
+        log_index=(receipt.get("logs") or []).index(moved),  # position in the receipt: see txhash.check
         sender=str(receipt.get("from", "")).lower(),
         block_number=hex_int(receipt.get("blockNumber")),
     )

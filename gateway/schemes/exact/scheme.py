@@ -57,6 +57,7 @@ class ExactAttempt:
     method: str
     gas: int = 0  # the simulated settlement gas (local settlement)
     own_tx: str | None = None  # the settlement transaction this claim recorded (or took over), if any
+    resumed: bool = False  # this claim existed before (taken over): an earlier settlement of ours may be its own
 
     @property
     def payer(self) -> str:
@@ -100,15 +101,18 @@ class ExactScheme:
         auth = payment.authorization.authorization
         # After validBefore the authorization cannot execute on chain any more; what it paid stays recorded under
         # its transfer's effect key (see _collect), which outlives this record.
-        return payment_key(payment.requirement, auth), auth.valid_before + RECORD_MARGIN
+        # Bounded by what the window check accepts, so that no authorization can make a record live for ever.
+        pay = self.config.payment
+        latest = now + payment.requirement.max_timeout_seconds + pay.clock_skew_seconds
+        return payment_key(payment.requirement, auth), min(auth.valid_before, latest) + RECORD_MARGIN
 
     async def confirm(self, claim: ExactClaim, record: ClaimRecord, *, now: float) -> None:
         attempt = claim.payment
         attempt.own_tx = record.tx_hash
+        attempt.resumed = record.resumed
         if record.state is ClaimState.PAID:
-            # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge.
-            if attempt.kind is SignatureKind.CONTRACT:
-                await self._preflight(claim, attempt.kind)
+            # A paid payment whose earlier request failed (or whose gateway died): serve it, don't charge. The chain
+            # is not asked again: the money moved under this very claim, and its nonce is used on chain by now.
             claim.mark_resumed(record.tx_hash)
             return
         if record.resumed and record.tx_hash and await self._reconcile(claim, record.tx_hash):
@@ -187,8 +191,9 @@ class ExactScheme:
     async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:
         """Was this authorization already executed to us? Then the money arrived and the payment counts, once.
 
-        Not when this gateway's own relayer executed it in a transaction this claim does not know: then an
-        earlier claim collected it, and only a lost or expired record could make it look new
+        Not when this gateway's own relayer executed it in a transaction this claim does not know, and the claim
+        is new (not taken over from an earlier owner of the same record): then an earlier claim collected it, and
+        only a lost or expired record could make it look new
         (docs/threat-model.md T27, T30). Not when the execution is older than a transfer may be to pay: its
         effect key may no longer be kept."""
         attempt = claim.payment
@@ -198,7 +203,7 @@ class ExactScheme:
         if prior is None:
             return False
         own = net.relayer.address.lower() if net.relayer is not None else None
-        if prior.sender == own and prior.tx_hash != (attempt.own_tx or "").lower():
+        if prior.sender == own and prior.tx_hash != (attempt.own_tx or "").lower() and not attempt.resumed:
             log.warning(
                 "an authorization this gateway settled before was presented again", extra={"tx_hash": prior.tx_hash}
             )

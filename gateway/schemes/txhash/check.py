@@ -9,8 +9,9 @@ Known implementations of this mode check only the hash's format. Here a proof pa
 * the block has enough confirmations and is not older than the route's window (:mod:`.onchain`);
 * the transfer's sender signed the binding message (:mod:`gateway.x402.txhash`), so a hash read off a block
   explorer cannot be spent by anyone else (T3);
-* it is consumed exactly once, for ever: the store key is ``tx:<chain>:<hash>:<log index>`` of the *first*
-  qualifying log, so a transaction carrying several Transfer logs still pays once, on one route.
+* it is consumed exactly once: the store key is ``tx:<chain>:<hash>:<log position>`` of the *first* qualifying log
+  (its position in the transaction's receipt, stable across reorgs), so a transaction carrying several Transfer
+  logs still pays once, on one route.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def binding_signer(proof: TxProof, method: str, resource: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class FoundTransfer:
-    log_index: int
+    log_index: int  # the log's position in its transaction's receipt: unlike the block-wide logIndex, a reorg that
+    # includes the same transaction elsewhere does not change it, so the effect key stays the same
     payer: str  # lowercase
     value: int
     block_number: int
@@ -51,7 +53,7 @@ def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
         raise PaymentRequired("the transaction reverted", reason=reasons.TX_REVERTED)
     pay_to = bytes(12) + bytes.fromhex(req.pay_to[2:].lower())
     best_short: int | None = None
-    for entry in receipt.get("logs") or ():
+    for position, entry in enumerate(receipt.get("logs") or ()):
         if str(entry.get("address", "")).lower() != req.asset.lower():
             continue  # any other contract's Transfer event is worthless, however identical it looks
         topics = [str(t) for t in entry.get("topics") or ()]
@@ -64,7 +66,7 @@ def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
             best_short = value if best_short is None else max(best_short, value)
             continue
         return FoundTransfer(
-            log_index=int(str(entry["logIndex"]), 16),
+            log_index=position,
             payer="0x" + topics[1][-40:].lower(),
             value=value,
             block_number=int(str(receipt["blockNumber"]), 16),

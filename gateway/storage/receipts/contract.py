@@ -105,9 +105,12 @@ class ReceiptStore(Protocol):
         once, whichever way it is presented: docs/threat-model.md T26)."""
         ...
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
+    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
         """PAID(owner) -> CONSUMED when ``served`` else UNSERVED; ``expires_at`` replaces the record's expiry
-        (None: keep for ever). A lost claim is not an error here: the caller has nothing left to undo."""
+        (None: keep for ever). A lost claim is not an error here: the caller has nothing left to undo.
+
+        Returns whether ``owner`` still held the claim. A caller about to serve must not when it did not: the
+        claim was taken over, and the request that took it is the one the payment pays for."""
         ...
 
     async def release(self, key: str, owner: str) -> None:

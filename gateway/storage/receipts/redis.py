@@ -268,9 +268,9 @@ class RedisReceiptStore:
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
-        # A lost claim ('lost') is not an error here: the caller has nothing left to undo.
-        await self._script(
+    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
+        # A lost claim ('lost') is not an error here, but the caller must know before it serves.
+        res = await self._script(
             self._finish,
             key,
             owner,
@@ -279,6 +279,7 @@ class RedisReceiptStore:
             _opt(expires_at),
             script_number(GC_SLACK),
         )
+        return bool(res == "ok")
 
     async def release(self, key: str, owner: str) -> None:
         await self._script(self._release, key, owner)

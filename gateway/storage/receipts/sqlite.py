@@ -189,15 +189,16 @@ class SQLiteReceiptStore:
 
         return self._db.transaction(body)
 
-    def _finish(self, key: str, owner: str, served: bool, now: float, expires_at: float | None) -> None:
-        def body(conn: sqlite3.Connection) -> None:
+    def _finish(self, key: str, owner: str, served: bool, now: float, expires_at: float | None) -> bool:
+        def body(conn: sqlite3.Connection) -> bool:
             row = self._select(conn, key)
             if row is None or _expired(row, now) or row[1] != ClaimState.PAID or row[2] != owner:
-                return  # lost the claim: nothing left to undo
+                return False  # lost the claim: nothing left to undo (but nothing to serve either)
             state = ClaimState.CONSUMED if served else ClaimState.UNSERVED
             self._update(conn, (key, state.value, owner, row[3], row[4], expires_at, now))
+            return True
 
-        self._db.transaction(body)
+        return self._db.transaction(body)
 
     def _release(self, key: str, owner: str) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -298,8 +299,8 @@ class SQLiteReceiptStore:
         if not await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease, effect):
             raise PaymentReplayed("this payment's transfer was already used")
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> None:
-        await self._db.run(self._finish, key, owner, served, now, expires_at)
+    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
+        return await self._db.run(self._finish, key, owner, served, now, expires_at)
 
     async def release(self, key: str, owner: str) -> None:
         await self._db.run(self._release, key, owner)
