@@ -24,7 +24,6 @@ from gateway.config import GatewayConfig
 from gateway.engine.claim import AnyPaidRequest, Claims, PaidRequest
 from gateway.engine.deferred import DeferredOutcomes
 from gateway.engine.identity import StoreIdentity
-from gateway.errors import PaymentInFlight
 from gateway.routes import RouteTable
 from gateway.schemes import build_schemes
 from gateway.schemes.base import Presented, PricedRoute, Scheme, requirements_for
@@ -150,11 +149,11 @@ class PaymentEngine:
         paid: AnyPaidRequest = PaidRequest(self.claims, scheme, payment, key, owner, expires_at)
         try:
             await scheme.confirm(paid, record, now=now)
-        except PaymentInFlight as exc:
-            if exc.reason == reasons.SETTLEMENT_PENDING:
-                await paid.hand_over()  # found broadcast but not mined: the next retry looks again at once
-            else:
-                await paid.release_quietly()
+        except Exception:
+            await paid.release_quietly()
+            # Kept because a settlement of it is recorded (found pending, or the chain could not be asked): this
+            # request is over, so the next retry takes the claim at once and reconciles by hash.
+            await paid.hand_over()
             raise
         except BaseException:
             await paid.release_quietly()

@@ -277,7 +277,10 @@ class PaymentMiddleware:
         record.verify_seconds = time.perf_counter() - t0
         record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
         if await self._limited(record, "paid", paid.payer, send):
-            await paid.release_quietly()
+            if paid.paid:  # resumed, already paid: left unserved for the retry, not locked for a lease
+                await _quietly(paid.finish(served=False))
+            else:
+                await paid.release_quietly()
             return
         if route.config.settlement == "before" and not paid.paid:
             t0 = time.perf_counter()

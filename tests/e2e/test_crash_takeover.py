@@ -18,7 +18,7 @@ from eth_account import Account
 
 from gateway.dev.chain import DevChain, set_eth_balance, start_dev_chain
 from gateway.x402 import reasons
-from tests.e2e.helpers import HookedUpstream
+from tests.e2e.helpers import HookedUpstream, RpcTap
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 from tests.support.processes import serve_processes
 from tests.support.servers import Behaviour, RecordingUpstream, serve_asgi
@@ -155,3 +155,41 @@ def test_a_request_whose_claim_was_taken_over_is_not_served_as_well(base_chain: 
         worker.join(30)
         assert first and first[0].status_code == 409, first[0].text if first else "no answer"
         assert base_chain.balance(gw.pay_to) == before + PRICE
+
+
+def test_a_claim_with_a_recorded_settlement_is_kept_when_the_chain_cannot_be_asked(tmp_path: Path) -> None:
+    # The settlement left but its outcome is unknown (503); the retry takes the claim over while the RPC is down.
+    # That retry fails (503) but must not give the claim back: with its recorded hash gone, the mined settlement
+    # would look like someone else's and the payer would be charged and refused. Once the chain answers: served.
+    chain = start_dev_chain(8453)
+    tap = RpcTap(chain.url)
+    try:
+        with serve_asgi(tap) as rpc_url:
+            networks = {"base": {"rpc_urls": [rpc_url], "receipt_poll_interval": 0.02}}
+            with running_gateway(
+                chain, store_url=sqlite_url(tmp_path), networks=networks, payment={"settle_timeout": 1.0}
+            ) as gw:
+                payer = chain.new_payer(1_000_000)
+                before = chain.balance(gw.pay_to)
+                name, value = gw.sign(payer, httpx.post(gw.url + "/paid-before"))
+                chain.rpc("evm_setAutomine", [False])
+                first = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+                assert first.status_code == 503, first.text
+                tap.down = True
+                during = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+                assert during.status_code in (503, 409), during.text
+                tap.down = False
+                chain.rpc("evm_mine", [])
+                served = None
+                for _ in range(40):
+                    r = httpx.post(gw.url + "/paid-before", headers={name: value}, timeout=30)
+                    if r.status_code == 200:
+                        served = r
+                        break
+                    assert r.status_code in (409, 503), r.text  # never a 402: the money moved for this claim
+                    time.sleep(0.25)
+                assert served is not None
+                assert tap.methods.count("eth_sendRawTransaction") == 1
+                assert chain.balance(gw.pay_to) == before + PRICE
+    finally:
+        chain.stop()

@@ -115,6 +115,10 @@ class ExactScheme:
             # is not asked again: the money moved under this very claim, and its nonce is used on chain by now.
             claim.mark_resumed(record.tx_hash)
             return
+        if record.tx_hash:
+            # A settlement of this claim was recorded (and may be on its way): whatever goes wrong from here, the
+            # claim is kept, never released with that hash in it (a release would let it be settled a second time).
+            claim.in_flight(True)
         if record.resumed and record.tx_hash and await self._reconcile(claim, record.tx_hash):
             return
         pay = self.config.payment
@@ -174,7 +178,8 @@ class ExactScheme:
             if found is not None:
                 await self._collect(claim, found, tx_hash)
                 return True
-            return False  # it reverted: verify afresh (maybe someone else settled first)
+            claim.in_flight(False)  # it reverted and moved nothing: the claim may go if what follows fails
+            return False  # verify afresh (maybe someone else settled first)
         known = await rpc.request("eth_getTransactionByHash", [tx_hash])
         if known is not None:
             claim.in_flight(True)  # still in the mempool: keep the claim, tell the client to come back
