@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -41,6 +41,7 @@ __all__ = [
     "POOL_SIZE",
     "SOCKET_TIMEOUT",
     "RedisClient",
+    "RedisStore",
     "connect",
     "redact_url",
     "script_number",
@@ -151,3 +152,43 @@ class RedisClient:
         self._closed = True
         with contextlib.suppress(RedisError, OSError):  # closing a dead connection: nothing to do
             await self.redis.aclose()
+
+
+class RedisStore:
+    """What every store on Redis shares: a :class:`RedisClient` named for it, its key prefix, a repr that never
+    shows a password, ping and close. A subclass names itself (``WHAT``), sets its ``PREFIX`` and registers its
+    scripts in :meth:`_register`."""
+
+    WHAT: ClassVar[str]
+    PREFIX: ClassVar[str]
+    CLIENT_OPTIONS: ClassVar[dict[str, bool]] = {}  # e.g. decode_responses / blocking_pool for one store
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        socket_timeout: float = SOCKET_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._prefix = self.PREFIX if prefix is None else prefix
+        self._client = RedisClient(
+            url,
+            what=self.WHAT,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            **self.CLIENT_OPTIONS,
+        )
+        self._register()
+
+    def _register(self) -> None:
+        """Register this store's Lua scripts on ``self._client``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self._client.redacted!r}, prefix={self._prefix!r})"
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -7,13 +7,13 @@ collection (see :mod:`gateway.storage.redis_client`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
 from gateway.storage.idempotency.contract import Begun, StoredResponse, decode_headers, encode_headers
-from gateway.storage.redis_client import CONNECT_TIMEOUT, GC_SLACK, SOCKET_TIMEOUT, RedisClient, script_number
+from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
 
 __all__ = ["PREFIX", "RedisIdempotencyStore"]
 
@@ -64,32 +64,18 @@ def _text(value: Any) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
-class RedisIdempotencyStore:
+class RedisIdempotencyStore(RedisStore):
     """:class:`gateway.storage.idempotency.IdempotencyStore` on Redis (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = PREFIX,
-        socket_timeout: float = SOCKET_TIMEOUT,
-        connect_timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self._prefix = prefix
-        self._client = RedisClient(
-            url,
-            what="idempotency store",
-            socket_timeout=socket_timeout,
-            connect_timeout=connect_timeout,
-            decode_responses=False,  # bodies are bytes
-            blocking_pool=False,  # redis-py's default pool, as this store has always used
-        )
+    WHAT = "idempotency store"
+    PREFIX = PREFIX
+    # Bodies are bytes; redis-py's default pool, as this store has always used.
+    CLIENT_OPTIONS: ClassVar[dict[str, bool]] = {"decode_responses": False, "blocking_pool": False}
+
+    def _register(self) -> None:
         self._begin = self._client.register_script(_BEGIN)
         self._complete = self._client.register_script(_COMPLETE)
         self._abandon = self._client.register_script(_ABANDON)
-
-    def __repr__(self) -> str:
-        return f"RedisIdempotencyStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
     async def _script(self, script: AsyncScript, key: str, *args: str | bytes) -> Any:
         return await self._client.run_script(script, [self._prefix + key], args)
@@ -133,9 +119,3 @@ class RedisIdempotencyStore:
 
     async def abandon(self, key: str, owner: str) -> None:
         await self._script(self._abandon, key, owner)
-
-    async def ping(self) -> None:
-        await self._client.ping()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

@@ -26,7 +26,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.jobs.model import Job, JobExists, JobStatus, JobStoreFull, StatusUpdate, decode_field, encode_field
 from gateway.storage.jobs.contract import JobStats
-from gateway.storage.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT, RedisClient
+from gateway.storage.redis_client import RedisStore
 
 __all__ = ["PREFIX", "RedisJobStore"]
 
@@ -219,21 +219,13 @@ def _decode(snapshot: Any) -> Job | None:
     return Job.from_doc(doc)
 
 
-class RedisJobStore:
+class RedisJobStore(RedisStore):
     """:class:`gateway.storage.jobs.JobStore` on Redis (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = PREFIX,
-        socket_timeout: float = SOCKET_TIMEOUT,
-        connect_timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self._prefix = prefix
-        self._client = RedisClient(
-            url, what="job store", socket_timeout=socket_timeout, connect_timeout=connect_timeout
-        )
+    WHAT = "job store"
+    PREFIX = PREFIX
+
+    def _register(self) -> None:
         self._create = self._client.register_script(_CREATE)
         self._transition = self._client.register_script(_TRANSITION)
         self._append = self._client.register_script(_APPEND)
@@ -241,9 +233,6 @@ class RedisJobStore:
         self._list = self._client.register_script(_LIST)
         self._stale = self._client.register_script(_STALE)
         self._purge = self._client.register_script(_PURGE)
-
-    def __repr__(self) -> str:
-        return f"RedisJobStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
     async def _call(self, script: AsyncScript, *args: Any) -> Any:
         # One key of the {jobs} hash tag rides along as KEYS[1]: a cluster client routes the script by it.
@@ -304,9 +293,3 @@ class RedisJobStore:
                 res = await pipe.execute()
         counts = {status: int(n) for status, n in zip(JobStatus, res[:-1], strict=True) if int(n)}
         return JobStats(counts=counts, completed_ms_total=int(res[-1] or 0))
-
-    async def ping(self) -> None:
-        await self._client.ping()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
-from gateway.storage.redis_client import CONNECT_TIMEOUT, GC_SLACK, SOCKET_TIMEOUT, RedisClient, script_number
+from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
 
 __all__ = ["PREFIX", "RedisReceiptStore"]
 
@@ -166,30 +166,19 @@ def _opt(value: float | None) -> str:
     return "" if value is None else script_number(value)
 
 
-class RedisReceiptStore:
+class RedisReceiptStore(RedisStore):
     """:class:`gateway.storage.receipts.ReceiptStore` on Redis (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = PREFIX,
-        socket_timeout: float = SOCKET_TIMEOUT,
-        connect_timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self._prefix = prefix
-        self._client = RedisClient(
-            url, what="receipt store", socket_timeout=socket_timeout, connect_timeout=connect_timeout
-        )
+    WHAT = "receipt store"
+    PREFIX = PREFIX
+
+    def _register(self) -> None:
         self._claim = self._client.register_script(_CLAIM)
         self._record_tx = self._client.register_script(_RECORD_TX)
         self._mark_paid = self._client.register_script(_MARK_PAID)
         self._finish = self._client.register_script(_FINISH)
         self._release = self._client.register_script(_RELEASE)
         self._lapse = self._client.register_script(_LAPSE)
-
-    def __repr__(self) -> str:
-        return f"RedisReceiptStore(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
     async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
         return await self._client.run_script(script, [self._prefix + key], args)
@@ -331,9 +320,3 @@ class RedisReceiptStore:
     async def alive(self, instance: str, *, now: float) -> bool:
         with self._client.guard():
             return bool(await self._client.redis.exists(f"{self._prefix}alive:{instance}"))
-
-    async def ping(self) -> None:
-        await self._client.ping()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import StoreUnavailable
-from gateway.storage.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT, RedisClient, script_number
+from gateway.storage.redis_client import RedisStore, script_number
 from gateway.storage.settlements.contract import GC_SECONDS, JournalEntry
 
 __all__ = ["PREFIX", "RedisSettlementJournal"]
@@ -84,28 +84,17 @@ def _opt_int(value: str) -> int | None:
     return int(value) if value else None
 
 
-class RedisSettlementJournal:
+class RedisSettlementJournal(RedisStore):
     """:class:`gateway.storage.settlements.SettlementJournal` on Redis (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = PREFIX,
-        socket_timeout: float = SOCKET_TIMEOUT,
-        connect_timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self._prefix = prefix
-        self._client = RedisClient(
-            url, what="settlement journal", socket_timeout=socket_timeout, connect_timeout=connect_timeout
-        )
+    WHAT = "settlement journal"
+    PREFIX = PREFIX
+
+    def _register(self) -> None:
         self._add = self._client.register_script(_ADD)
         self._take = self._client.register_script(_TAKE)
         self._update = self._client.register_script(_UPDATE)
         self._remove = self._client.register_script(_REMOVE)
-
-    def __repr__(self) -> str:
-        return f"RedisSettlementJournal(url={self._client.redacted!r}, prefix={self._prefix!r})"
 
     def _entry_key(self, key: str) -> str:
         return f"{self._prefix}e:{key}"
@@ -206,9 +195,3 @@ class RedisSettlementJournal:
             return False
         res = await self._client.run_script(self._remove, [self._entry_key(key), self._index(network)], [owner, key])
         return bool(res == 1)
-
-    async def ping(self) -> None:
-        await self._client.ping()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
