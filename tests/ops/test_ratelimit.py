@@ -203,7 +203,9 @@ def test_garbage_payments_from_one_address_never_lock_out_a_genuine_payer_behind
 
 def test_verified_payments_never_spend_their_addresss_budget(base_chain: DevChain, tmp_path: Path) -> None:
     """Many genuine payers behind one address: each is limited as a payer, none by the others' payments."""
-    limits = {"paid": "2/minute", "invalid_payments": "1/minute"}
+    # Per day: a sliding-window counter forgives part of the last window once a new one starts, so a per-minute
+    # limit would let the third payment through whenever the test straddles a minute boundary.
+    limits = {"paid": "2/day", "invalid_payments": "1/day"}
     with (
         running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, rate_limits=limits) as gw,
         gw.client() as c,
