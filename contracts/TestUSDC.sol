@@ -2,8 +2,9 @@
 pragma solidity ^0.8.20;
 
 /// @title TestUSDC - a USDC-like EIP-3009 token for local chains only.
-/// @notice Behaves like Circle's FiatToken v2.2 where the gateway can observe it (EIP-712 domain, both
-/// transferWithAuthorization overloads, ERC-1271 payers, revert reasons, events), without the admin machinery.
+/// @notice Behaves like Circle's FiatToken v2.2 where the gateway can observe it (EIP-712 domain, both overloads
+/// of transferWithAuthorization and receiveWithAuthorization, ERC-1271 payers, revert reasons, events), without
+/// the admin machinery.
 /// `mint` is open to anyone: never deploy this anywhere that holds value.
 /// @dev Everything the EIP-712 domain needs lives in code (immutables) or is read at call time
 /// (block.chainid, address(this)), so the runtime code can be copied with `anvil_setCode` onto the canonical USDC
@@ -155,6 +156,24 @@ contract TestUSDC {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
         _transferWithAuthorization(
             RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
+        );
+    }
+
+    /// @notice The `bytes signature` overload (FiatToken v2.2): what a contract pulling a payer's funds calls, e.g.
+    /// the batch-settlement deposit collector. The payee rule stops anyone who saw the authorization from
+    /// front-running the payee's call with it.
+    function receiveWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes memory signature
+    ) external {
+        require(to == msg.sender, "FiatTokenV2: caller must be the payee");
+        _transferWithAuthorization(
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
         );
     }
 

@@ -6,7 +6,7 @@
 //   node contracts/build.mjs            rebuild the artifacts
 //   node contracts/build.mjs --check    exit 1 if the committed artifacts differ from a fresh build
 
-import { readFileSync, writeFileSync, existsSync } from "node:fs";
+import { readFileSync, writeFileSync, existsSync, readdirSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -15,7 +15,8 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const TOOLS = join(ROOT, ".tools");
 const OUT = join(ROOT, "contracts_abi");
 const SOLC_VERSION = "0.8.28";
-const CONTRACTS = ["TestUSDC", "TestWallet1271", "Multicall3"];
+// Contracts with an artifact; every contracts/*.sol is compiled (the interfaces they import live there too).
+const CONTRACTS = ["TestUSDC", "TestWallet1271", "Multicall3", "X402BatchSettlement", "ERC3009DepositCollector"];
 // evmVersion "cancun": the newest fork solc 0.8.28 and every anvil since 2024 agree on (anvil defaults newer).
 const SETTINGS = {
   optimizer: { enabled: true, runs: 200 },
@@ -34,6 +35,28 @@ const EIP3009_SUBSET = [
   ["function", "DOMAIN_SEPARATOR"],
   ["event", "Transfer"],
   ["event", "AuthorizationUsed"],
+];
+
+// What the gateway calls on the batch-settlement contract at run time (claims, settlement, refunds, the channel
+// reads), every event (WithdrawInitiated tells it to claim before a withdrawal lands) and every error, taken from
+// the compiled X402BatchSettlement so the subset cannot drift from it.
+const BATCH_SETTLEMENT_SUBSET = [
+  ["function", "deposit"],
+  ["function", "claim"],
+  ["function", "claimWithSignature"],
+  ["function", "settle"],
+  ["function", "refund"],
+  ["function", "refundWithSignature"],
+  ["function", "multicall"],
+  ["function", "getChannelId"],
+  ["function", "getVoucherDigest"],
+  ["function", "getRefundDigest"],
+  ["function", "getClaimBatchDigest"],
+  ["function", "channels"],
+  ["function", "pendingWithdrawals"],
+  ["function", "refundNonce"],
+  ["function", "receivers"],
+  ["function", "eip712Domain"],
 ];
 
 function loadSolc() {
@@ -70,8 +93,8 @@ function main() {
   const check = process.argv.includes("--check");
   const solc = loadSolc();
   const sources = {};
-  for (const name of CONTRACTS) {
-    const path = `contracts/${name}.sol`;
+  for (const file of readdirSync(join(ROOT, "contracts")).filter((f) => f.endsWith(".sol")).sort()) {
+    const path = `contracts/${file}`;
     sources[path] = { content: readFileSync(join(ROOT, path), "utf8") };
   }
   const input = { language: "Solidity", sources, settings: SETTINGS };
@@ -119,6 +142,25 @@ function main() {
     contractName: "ERC1271",
     description: "ERC-1271 isValidSignature; generated from TestWallet1271 by contracts/build.mjs",
     abi: pick(abis.TestWallet1271, [["function", "isValidSignature"]]),
+  });
+
+  const settlementAbi = abis.X402BatchSettlement;
+  const everyOf = (abi, type) => abi.filter((e) => e.type === type).map((e) => [type, e.name]);
+  files["batch_settlement.json"] = dump({
+    contractName: "X402BatchSettlement",
+    description:
+      "x402 batch-settlement channel contract subset the gateway calls, with every event and error; generated from contracts/X402BatchSettlement.sol by contracts/build.mjs",
+    abi: pick(settlementAbi, [
+      ...BATCH_SETTLEMENT_SUBSET,
+      ...everyOf(settlementAbi, "event"),
+      ...everyOf(settlementAbi, "error"),
+    ]),
+  });
+  files["deposit_collector.json"] = dump({
+    contractName: "ERC3009DepositCollector",
+    description:
+      "ERC-3009 deposit collector (collect, its settlement address, its errors); generated from contracts/ERC3009DepositCollector.sol by contracts/build.mjs",
+    abi: abis.ERC3009DepositCollector.filter((e) => e.type !== "constructor"),
   });
 
   let stale = 0;

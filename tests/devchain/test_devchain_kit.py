@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 import redis
+from eth_abi import decode, encode
 from eth_account import Account
+from eth_utils import keccak
 
+from gateway.chain.abi import MULTICALL3_ADDRESS
 from gateway.dev.chain import (
+    BATCH_SETTLEMENT_ADDRESS,
     DEV_KEYS,
     DEV_MNEMONIC,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
     Anvil,
     DevChain,
     RedisServer,
+    RpcError,
+    call,
     find_anvil,
     load_artifact,
     set_eth_balance,
@@ -116,3 +123,27 @@ def test_committed_artifacts_match_a_fresh_build() -> None:
     assert result.returncode == 0, result.stderr
     artifact = json.loads((ROOT / "contracts_abi/TestUSDC.json").read_text())
     assert sorted(artifact) == ["abi", "bytecode", "compiler", "contractName", "deployedBytecode"]
+
+
+def test_dev_chain_has_the_batch_settlement_contracts_at_their_canonical_addresses(base_chain: DevChain) -> None:
+    assert base_chain.sessions is not None
+    assert base_chain.sessions.settlement == BATCH_SETTLEMENT_ADDRESS
+    assert base_chain.sessions.erc3009_collector == ERC3009_DEPOSIT_COLLECTOR_ADDRESS
+    runtime = load_artifact("X402BatchSettlement")["deployedBytecode"]
+    assert base_chain.rpc("eth_getCode", [BATCH_SETTLEMENT_ADDRESS, "latest"]) == runtime
+    # The collector's immutable names the canonical settlement contract.
+    out = call(base_chain.anvil, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, keccak(text="x402BatchSettlement()")[:4])
+    assert decode(["address"], out)[0].lower() == BATCH_SETTLEMENT_ADDRESS.lower()
+
+
+def test_multicall3_try_aggregate_reports_failures_unless_success_is_required(base_chain: DevChain) -> None:
+    """The official facilitator reads channel state through Multicall3's tryAggregate."""
+    balance_of = keccak(text="balanceOf(address)")[:4] + encode(["address"], [MULTICALL3_ADDRESS])
+    calls = [(base_chain.usdc, balance_of), (base_chain.usdc, b"\xde\xad\xbe\xef")]
+    selector = keccak(text="tryAggregate(bool,(address,bytes)[])")[:4]
+    out = call(base_chain.anvil, MULTICALL3_ADDRESS, selector + encode(["bool", "(address,bytes)[]"], [False, calls]))
+    (results,) = decode(["(bool,bytes)[]"], out)
+    assert [ok for ok, _ in results] == [True, False]
+    assert decode(["uint256"], results[0][1]) == (base_chain.balance(MULTICALL3_ADDRESS),)
+    with pytest.raises(RpcError, match="Multicall3: call failed"):
+        call(base_chain.anvil, MULTICALL3_ADDRESS, selector + encode(["bool", "(address,bytes)[]"], [True, calls]))

@@ -382,3 +382,70 @@ def test_contract_wallet_rejects_signature_not_by_its_owner(
         [bytes(32), b"\x00" * 65],
         at=address,
     ) == bytes.fromhex("ffffffff")
+
+
+# ------------------------------------------------------------------------------------------------ receive (payee pulls)
+
+RWA_VRS = "receiveWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+RWA_BYTES = "receiveWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+PAYEE_KEY = DEV_KEYS[4]
+PAYEE = Account.from_key(PAYEE_KEY).address
+
+
+def sign_receive(chain: DevChain, signer: LocalAccount, auth: dict[str, Any]) -> bytes:
+    typed = typed_authorization(chain, auth)
+    typed["types"]["ReceiveWithAuthorization"] = typed["types"].pop("TransferWithAuthorization")
+    typed["primaryType"] = "ReceiveWithAuthorization"
+    return bytes(signer.sign_message(encode_typed_data(full_message=typed)).signature)
+
+
+def receive_calldata(overload: str, auth: dict[str, Any], sig: bytes) -> bytes:
+    if overload == "vrs":
+        types = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"]
+        return sel(RWA_VRS) + encode(types, [*_auth_args(auth), sig[64], sig[:32], sig[32:64]])
+    types = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"]
+    return sel(RWA_BYTES) + encode(types, [*_auth_args(auth), sig])
+
+
+@pytest.mark.parametrize("overload", ["vrs", "bytes"])
+def test_receive_with_authorization_pays_only_when_the_payee_calls(base_chain: DevChain, overload: str) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    auth = authorization(payer.address, value=40_000, to=PAYEE)
+    data = receive_calldata(overload, auth, sign_receive(base_chain, payer, auth))
+    # Anyone else who saw the authorization (the relayer here) cannot front-run the payee with it.
+    assert "FiatTokenV2: caller must be the payee" in revert_reason(base_chain, data)
+    before = base_chain.balance(PAYEE)
+    send_transaction(base_chain.anvil, PAYEE_KEY, base_chain.usdc, data)
+    assert base_chain.balance(PAYEE) == before + 40_000
+    assert base_chain.balance(payer.address) == 960_000
+    assert auth_state(base_chain, auth) is True
+    with pytest.raises(RpcError, match="authorization is used or canceled"):
+        base_chain.rpc("eth_call", [{"from": PAYEE, "to": base_chain.usdc, "data": "0x" + data.hex()}, "latest"])
+
+
+def test_receive_and_transfer_authorizations_are_not_interchangeable_but_share_nonces(base_chain: DevChain) -> None:
+    payer = base_chain.new_payer()
+    auth = authorization(payer.address, to=PAYEE)
+
+    def as_payee(data: bytes) -> None:
+        base_chain.rpc("eth_call", [{"from": PAYEE, "to": base_chain.usdc, "data": "0x" + data.hex()}, "latest"])
+
+    # A TransferWithAuthorization signature does not authorize a receive (different EIP-712 type), nor back.
+    with pytest.raises(RpcError, match="FiatTokenV2: invalid signature"):
+        as_payee(receive_calldata("bytes", auth, sign(base_chain, payer, auth)))
+    assert "invalid signature" in revert_reason(base_chain, calldata_bytes(auth, sign_receive(base_chain, payer, auth)))
+    # One nonce space: a receive spends the nonce for transfers too.
+    received = receive_calldata("bytes", auth, sign_receive(base_chain, payer, auth))
+    send_transaction(base_chain.anvil, PAYEE_KEY, base_chain.usdc, received)
+    assert "used or canceled" in revert_reason(base_chain, calldata_bytes(auth, sign(base_chain, payer, auth)))
+
+
+def test_receive_with_authorization_from_a_contract_wallet_uses_erc1271(
+    base_chain: DevChain, wallet: tuple[str, LocalAccount]
+) -> None:
+    address, owner = wallet
+    auth = authorization(address, value=2_000, to=PAYEE)
+    before = base_chain.balance(address)
+    data = receive_calldata("bytes", auth, sign_receive(base_chain, owner, auth))
+    send_transaction(base_chain.anvil, PAYEE_KEY, base_chain.usdc, data)
+    assert base_chain.balance(address) == before - 2_000
