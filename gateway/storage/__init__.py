@@ -6,6 +6,7 @@
     receipts/         a payment is claimed exactly once (``open_store``)
     idempotency/      a paid answer kept for the retry whose response was lost (``open_idempotency_store``)
     jobs/             job records, answered by any gateway instance (``open_job_store``)
+    channels/         batch-settlement payment channels: one request at a time each (``open_channel_store``)
 
 Every store fails closed: a backend that cannot answer raises :class:`gateway.errors.StoreUnavailable`.
 """

@@ -79,6 +79,10 @@ JOB_STORE_FULL = "job_store_full"
 UPSTREAM_ANSWER_UNREADABLE = "upstream_answer_unreadable"
 UPSTREAM_ANSWER_TOO_LARGE = "upstream_answer_too_large"
 UPSTREAM_JOB_ID_MISSING = "upstream_job_id_missing"
+PAYER_AUTH_REQUIRED = "payer_auth_required"  # list without X-Payer-Auth
+PAYER_AUTH_MALFORMED = "payer_auth_malformed"
+PAYER_AUTH_EXPIRED = "payer_auth_expired"
+PAYER_AUTH_WRONG_MESSAGE = "payer_auth_wrong_message"  # the payer's key signed a near-miss of the message
 
 # Chain access, relayer and facilitator (the metrics count a reason starting with ``rpc_`` as an RPC failure)
 CHAIN_ID_MISMATCH = "chain_id_mismatch"
@@ -96,3 +100,31 @@ AMBIGUOUS_PATH = "ambiguous_path"  # the path means different routes to differen
 # Slow or hostile clients never starve paying ones (issue "Money invariants under attack and under faults", items
 # 14-16)
 TOO_MANY_UPLOADS = "too_many_uploads"  # the client's bodies still streaming up hold all the connections it may use
+
+# Sessions: the ``batch-settlement`` scheme (docs/sessions.md). The official client acts on these strings (it
+# resynchronises on a cumulative mismatch), so they are the x402 reference names.
+SESSION_PAYLOAD_TYPE = "invalid_batch_settlement_evm_payload_type"
+SESSION_CHANNEL_ID_MISMATCH = "invalid_batch_settlement_evm_channel_id_mismatch"
+SESSION_RECEIVER_MISMATCH = "invalid_batch_settlement_evm_receiver_mismatch"
+SESSION_RECEIVER_AUTHORIZER_MISMATCH = "invalid_batch_settlement_evm_receiver_authorizer_mismatch"
+SESSION_TOKEN_MISMATCH = "invalid_batch_settlement_evm_token_mismatch"  # noqa: S105 - a reason, not a secret
+SESSION_WITHDRAW_DELAY_MISMATCH = "invalid_batch_settlement_evm_withdraw_delay_mismatch"
+SESSION_VOUCHER_SIGNATURE = "invalid_batch_settlement_evm_voucher_signature"
+SESSION_VOUCHER_PAYLOAD = "invalid_batch_settlement_evm_voucher_payload"
+SESSION_DEPOSIT_PAYLOAD = "invalid_batch_settlement_evm_deposit_payload"
+SESSION_DEPOSIT_BELOW_MIN = "invalid_batch_settlement_evm_deposit_below_min_deposit"
+SESSION_DEPOSIT_SIGNATURE = "invalid_batch_settlement_evm_receive_authorization_signature"
+SESSION_DEPOSIT_VALID_AFTER = "invalid_batch_settlement_evm_payload_authorization_valid_after"
+SESSION_DEPOSIT_VALID_BEFORE = "invalid_batch_settlement_evm_payload_authorization_valid_before"
+SESSION_DEPOSIT_SIMULATION_FAILED = "invalid_batch_settlement_evm_deposit_simulation_failed"
+SESSION_DEPOSIT_FAILED = "invalid_batch_settlement_evm_deposit_transaction_failed"
+SESSION_CHANNEL_NOT_FOUND = "invalid_batch_settlement_evm_channel_not_found"
+SESSION_CHANNEL_BUSY = "invalid_batch_settlement_evm_channel_busy"
+SESSION_CUMULATIVE_MISMATCH = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+SESSION_CUMULATIVE_BELOW_CLAIMED = "invalid_batch_settlement_evm_cumulative_below_claimed"
+SESSION_CUMULATIVE_EXCEEDS_BALANCE = "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+SESSION_WITHDRAWING = "invalid_batch_settlement_evm_withdrawal_pending"  # ours: the channel is closing too soon
+SESSION_REFUND_NO_BALANCE = "invalid_batch_settlement_evm_refund_no_balance"
+SESSION_REFUND_AMOUNT_INVALID = "invalid_batch_settlement_evm_refund_amount_invalid"
+SESSION_REFUND_FAILED = "invalid_batch_settlement_evm_refund_transaction_failed"
+SESSION_METER_INVALID = "metered_charge_invalid"  # ours: the upstream reported a usage we cannot charge
