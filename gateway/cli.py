@@ -84,13 +84,17 @@ def config_warnings(config: GatewayConfig) -> list[str]:
             'gateway for nothing; use "priced" (the default), a list of the free routes that need them, or '
             'server.unpriced = "refuse"'
         )
+    if config.jobs is not None:
+        from gateway.config.jobs import jobs_warnings
+
+        warnings.extend(jobs_warnings(config.jobs, config.routes))
     return warnings
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.dev.demo import run_demo
+    from gateway.dev.demo import run_demo, run_jobs_demo
 
-    return run_demo()
+    return run_jobs_demo() if args.jobs else run_demo()
 
 
 def cmd_store_acknowledge(args: argparse.Namespace) -> int:
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="one real payment end to end on a local chain")
+    demo.add_argument(
+        "--jobs", action="store_true", help="a paid job instead: submit, live progress, free polls by the payer only"
+    )
     demo.set_defaults(func=cmd_demo)
     store = sub.add_parser("store", help="operator actions on the receipt store")
     store_sub = store.add_subparsers(dest="store_command", required=True)

@@ -32,7 +32,15 @@ if TYPE_CHECKING:
         TransientError,
         X402ClientError,
     )
-    from gateway.client._models import Job, JobList, PaymentReceipt, StatusUpdate, SubmitResult, payment_receipt
+    from gateway.client._models import (
+        Job,
+        JobList,
+        JobsHealth,
+        PaymentReceipt,
+        StatusUpdate,
+        SubmitResult,
+        payment_receipt,
+    )
     from gateway.client._spend import SpendControls
     from gateway.client._sync import X402Client
     from gateway.client._tokens import FileTokenStore, MemoryTokenStore, TokenStore
@@ -58,7 +66,9 @@ _HOME = {
         ],
         "_errors",
     ),
-    **dict.fromkeys(["Job", "JobList", "PaymentReceipt", "StatusUpdate", "SubmitResult", "payment_receipt"], "_models"),
+    **dict.fromkeys(
+        ["Job", "JobList", "JobsHealth", "PaymentReceipt", "StatusUpdate", "SubmitResult", "payment_receipt"], "_models"
+    ),
     **dict.fromkeys(["SpendControls"], "_spend"),
     **dict.fromkeys(["X402Client"], "_sync"),
     **dict.fromkeys(["FileTokenStore", "MemoryTokenStore", "TokenStore"], "_tokens"),
@@ -76,6 +86,7 @@ __all__ = [
     "JobList",
     "JobPaths",
     "JobTimedOut",
+    "JobsHealth",
     "MemoryTokenStore",
     "PaymentFailed",
     "PaymentReceipt",

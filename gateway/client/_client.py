@@ -10,6 +10,9 @@ like the seeds' ``pollForCompletion``, so the happy path is a plain return value
 ``cancel_job`` return the :class:`Job` whatever its status. Status, cancel and list are free calls: the client
 never pays for them (a 402 there is an :class:`ApiError`). They open the job with its ``X-Job-Token`` (given, or
 kept by ``tokens`` from the submit), else with the wallet's signature (``X-Payer-Auth``); list always signs.
+``get_jobs_health`` reads style B's ``/jobs/health`` (no proof: counts only). A call the gateway does not offer
+(style A's list without a ``[jobs] list``, a fronted style B API's cancel) is an :class:`ApiError` with reason
+``not_supported`` that says what is missing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 import inspect
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -27,7 +30,7 @@ from eth_account.signers.local import LocalAccount
 
 from gateway.client._config import JobPaths, RetryPolicy, Style, TxHashPayments
 from gateway.client._errors import ApiError, JobCancelled, JobFailed, JobTimedOut, TransientError, X402ClientError
-from gateway.client._models import Job, JobList, StatusUpdate, SubmitResult, payment_receipt
+from gateway.client._models import Job, JobList, JobsHealth, StatusUpdate, SubmitResult, payment_receipt
 from gateway.client._paying import PayingClient, PayWith, error_of, json_doc
 from gateway.client._spend import SpendControls
 from gateway.client._tokens import MemoryTokenStore, TokenStore
@@ -37,6 +40,13 @@ __all__ = ["AsyncX402Client"]
 
 OnUpdate = Callable[[StatusUpdate], Any]
 OnPoll = Callable[[Job], Any]
+
+_NOT_OFFERED = "job_call_not_offered"  # the gateway's 404 for a call its [jobs] section does not offer
+_NO_LIST = {
+    "agent": "style agent's API has no list call: a gateway offers one only when its [jobs] section names it "
+    '(list = "GET /agent/jobs"), and in front mode only if the upstream itself has a list',
+    "messaging": "the gateway's [jobs] section offers no list call, or its upstream has none",
+}
 
 
 async def _call(callback: Callable[[Any], Any] | None, value: Any) -> None:
@@ -108,6 +118,9 @@ class AsyncX402Client(PayingClient):
         if response.status_code < 400:
             return
         reason, message = error_of(response)
+        # The gateway's own job-call refusals name their reason beside the seeds' short ``error``.
+        specific = (json_doc(response) or {}).get("reason")
+        reason = specific if isinstance(specific, str) else reason
         if self._retryable(response):
             raise TransientError(message, status=response.status_code, reason=reason, job_id=job_id)
         raise ApiError(message, status=response.status_code, reason=reason, job_id=job_id)
@@ -197,6 +210,19 @@ class AsyncX402Client(PayingClient):
             raise X402ClientError("this job API has no cancel call", reason="not_supported", job_id=job_id)
         path = self.paths.job(self.paths.cancel, job_id)
         response, _ = await self._send("POST", path, headers=self._auth("POST", path, job_id, token))
+        if response.status_code == 404 and (json_doc(response) or {}).get("reason") == _NOT_OFFERED:
+            missing = (
+                "a fronted style messaging API has none (the seeds' messaging API cannot cancel; the gateway's "
+                "runner mode adds POST /api/messaging/jobs/{id}/cancel)"
+                if self.style == "messaging"
+                else "the gateway's [jobs] section names no cancel call"
+            )
+            raise ApiError(
+                f"the gateway offers no cancel call at POST {path}: {missing}",
+                status=404,
+                reason="not_supported",
+                job_id=job_id,
+            )
         return Job.parse(self._document(response, job_id), job_id=job_id)
 
     async def list_jobs(self, *, status: str | None = None, limit: int | None = None) -> JobList:
@@ -213,7 +239,27 @@ class AsyncX402Client(PayingClient):
         path = self.paths.list
         headers = payer_auth_headers(self.account, "GET", self._base_path + path)
         response, _ = await self._send("GET", path, params=params or None, headers=headers)
+        if _no_such_call(response):
+            raise ApiError(
+                f"the gateway offers no job list at GET {path}: {_NO_LIST[self.style]}",
+                status=response.status_code,
+                reason="not_supported",
+            )
         return JobList.parse(self._document(response))
+
+    async def get_jobs_health(self) -> JobsHealth:
+        """The job service's counts by status and its rates (style B's ``GET /api/messaging/jobs/health``; free,
+        no proof needed: it shows no job)."""
+        if not self.paths.health:
+            raise X402ClientError("this job API has no health call", reason="not_supported")
+        response, _ = await self._send("GET", self.paths.health)
+        if response.status_code == 404:
+            raise ApiError(
+                f"the gateway offers no jobs health call at GET {self.paths.health}",
+                status=404,
+                reason="not_supported",
+            )
+        return JobsHealth.parse(self._document(response))
 
     async def poll_job(
         self,
@@ -222,19 +268,25 @@ class AsyncX402Client(PayingClient):
         interval: float = 2.0,
         max_attempts: int = 150,
         timeout: float = 300.0,
+        backoff: float = 1.0,
+        max_interval: float | None = None,
         on_update: OnUpdate | None = None,
         on_poll: OnPoll | None = None,
         token: str | None = None,
     ) -> Job:
-        """Poll every ``interval`` s until the job is final; ``on_update`` (sync or async) is called once per new
-        status update, in order; ``on_poll`` with every Job read. Returns the completed :class:`Job`; raises
-        :class:`JobFailed` / :class:`JobCancelled` / :class:`JobTimedOut` (``reason="poll_timeout"`` when
-        ``max_attempts`` or ``timeout`` run out first)."""
+        """Poll until the job is final: the first wait is ``interval`` s, each next one ``backoff`` times longer,
+        at most ``max_interval`` s (default: no cap). ``backoff=1`` (the default) polls at a fixed interval, as
+        seeds 000-003 do (every 2 s); ``interval=0.5, backoff=1.5, max_interval=5`` is seed 004's exponential
+        strategy. ``on_update`` (sync or async) is called once per new status update, in order; ``on_poll`` with
+        every Job read. Returns the completed :class:`Job`; raises :class:`JobFailed` / :class:`JobCancelled` /
+        :class:`JobTimedOut` (``reason="poll_timeout"`` when ``max_attempts`` or ``timeout`` run out first)."""
         return await self._poll(
             job_id,
             interval=interval,
             max_attempts=max_attempts,
             timeout=timeout,
+            backoff=backoff,
+            max_interval=max_interval,
             on_update=on_update,
             on_poll=on_poll,
             token=token,
@@ -252,7 +304,10 @@ class AsyncX402Client(PayingClient):
         on_poll: OnPoll | None,
         token: str | None,
         submission: SubmitResult | None,
+        backoff: float = 1.0,
+        max_interval: float | None = None,
     ) -> Job:
+        waits = poll_waits(interval, backoff, max_interval)
         deadline = time.monotonic() + timeout
         seen: Counter[tuple[str, Any]] = Counter()
         job: Job | None = None
@@ -271,9 +326,10 @@ class AsyncX402Client(PayingClient):
             await _call(on_poll, job)
             if job.terminal:
                 return _final(job)
-            if time.monotonic() + interval > deadline:
+            wait = next(waits)
+            if time.monotonic() + wait > deadline:
                 break
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
         assert job is not None
         raise JobTimedOut(
             f"job {job_id} is still {job.status}: gave up waiting after {timeout:g} s / {max_attempts} polls",
@@ -288,6 +344,8 @@ class AsyncX402Client(PayingClient):
         interval: float = 2.0,
         max_attempts: int = 150,
         timeout: float = 300.0,
+        backoff: float = 1.0,
+        max_interval: float | None = None,
         on_update: OnUpdate | None = None,
         on_poll: OnPoll | None = None,
         thread_id: str | None = None,
@@ -296,8 +354,8 @@ class AsyncX402Client(PayingClient):
         metadata: Mapping[str, Any] | None = None,
         timeout_ms: int | None = None,
     ) -> Job:
-        """Submit, pay, and poll until the job completes. The returned Job (and the ``job`` of a raised
-        :class:`JobError`) carries ``submission``: the job token and the payment's tx hash."""
+        """Submit, pay, and poll until the job completes (polling as :meth:`poll_job`). The returned Job (and the
+        ``job`` of a raised :class:`JobError`) carries ``submission``: the job token and the payment's tx hash."""
         submitted = await self.prompt(
             text, thread_id=thread_id, user_id=user_id, agent_id=agent_id, metadata=metadata, timeout_ms=timeout_ms
         )
@@ -306,6 +364,8 @@ class AsyncX402Client(PayingClient):
             interval=interval,
             max_attempts=max_attempts,
             timeout=timeout,
+            backoff=backoff,
+            max_interval=max_interval,
             on_update=on_update,
             on_poll=on_poll,
             token=submitted.token,
@@ -320,6 +380,8 @@ class AsyncX402Client(PayingClient):
         interval: float = 2.0,
         max_attempts: int = 150,
         timeout: float = 300.0,
+        backoff: float = 1.0,
+        max_interval: float | None = None,
     ) -> list[Job | X402ClientError]:
         """Submit every prompt (at most ``concurrency`` submits at once) and wait for all of them. Returns, in the
         prompts' order, the completed Job or the :class:`X402ClientError` that prompt ended with."""
@@ -336,6 +398,8 @@ class AsyncX402Client(PayingClient):
                     interval=interval,
                     max_attempts=max_attempts,
                     timeout=timeout,
+                    backoff=backoff,
+                    max_interval=max_interval,
                     on_update=None,
                     on_poll=None,
                     token=submitted.token,
@@ -345,6 +409,31 @@ class AsyncX402Client(PayingClient):
                 return exc
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def _no_such_call(response: httpx.Response) -> bool:
+    """Is this the answer to a list call the gateway does not offer? The gateway's own list answers 401 only with
+    a ``payer_auth_*`` reason; a 404 (there is no job id to be unknown), or a 401 without one (the request went on
+    to an upstream that has no such call and wants its API key), means there is no list here at all."""
+    if response.status_code not in (401, 404):
+        return False
+    reason = (json_doc(response) or {}).get("reason")
+    return not (isinstance(reason, str) and reason.startswith("payer_auth_"))
+
+
+def poll_waits(interval: float, backoff: float = 1.0, max_interval: float | None = None) -> Iterator[float]:
+    """The waits between polls: ``interval``, then each ``backoff`` times the one before, capped at
+    ``max_interval``."""
+    if interval < 0 or backoff < 1.0 or (max_interval is not None and max_interval < 0):
+        raise ValueError("interval and max_interval must be >= 0 and backoff >= 1")  # now, not at the first wait
+
+    def waits() -> Iterator[float]:
+        wait = interval
+        while True:
+            yield wait if max_interval is None else min(wait, max_interval)
+            wait *= backoff
+
+    return waits()
 
 
 def _final(job: Job) -> Job:

@@ -8,8 +8,11 @@ Job tokens: a paid submit's ``X-Job-Token`` is kept in a small JSON file (``$X40
 ``~/.config/x402-gateway/jobs.json``, mode 0600) so ``status`` and ``cancel`` in a later run can open the job
 without the wallet; for a job not in the file they sign with the wallet (``X-Payer-Auth``) instead.
 
-Exit codes: 0 completed (or the call succeeded), 1 the job failed / was cancelled / timed out or the server
-refused the call, 2 usage or configuration error, 3 payment refused (by the spend controls or the server).
+Exit codes: 0 the call did what was asked (``prompt``: the job completed; ``status``: the job is pending,
+processing or completed; ``cancel``: the job is cancelled, also when it already was; ``jobs``: listed), 1 the job
+ended failed / cancelled / timed out (``prompt``, ``status``) or the server refused the call (``cancel`` of a
+finished job), 2 usage or configuration error (also a call the gateway does not offer: reason ``not_supported``),
+3 payment refused (by the spend controls or the server).
 """
 
 from __future__ import annotations

@@ -58,15 +58,17 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-_PRESETS: dict[str, tuple[str, str, str, str]] = {
-    # submit, status, cancel, list. Style A's list is not one of the seeds' calls: the gateway offers it when
-    # configured (``[jobs] list = "GET /agent/jobs"``).
-    "agent": ("/agent/prompt", "/agent/job/{id}", "/agent/job/{id}/cancel", "/agent/jobs"),
+_PRESETS: dict[str, tuple[str, str, str, str, str | None]] = {
+    # submit, status, cancel, list, health. Style A's list is not one of the seeds' calls: the gateway offers it
+    # when configured (``[jobs] list = "GET /agent/jobs"``). Style B's cancel is the runner's addition: a fronted
+    # style B API has none (docs/jobs.md).
+    "agent": ("/agent/prompt", "/agent/job/{id}", "/agent/job/{id}/cancel", "/agent/jobs", None),
     "messaging": (
         "/api/messaging/jobs",
         "/api/messaging/jobs/{id}",
         "/api/messaging/jobs/{id}/cancel",
         "/api/messaging/jobs",
+        "/api/messaging/jobs/health",
     ),
 }
 
@@ -79,17 +81,24 @@ class JobPaths:
     status: str
     cancel: str | None
     list: str | None
+    health: str | None = None
 
     @classmethod
     def for_style(cls, style: Style, *, prefix: str = "") -> JobPaths:
         """The seeds' paths for ``style`` ("agent": ``/agent/prompt``…; "messaging": ``/api/messaging/jobs``…),
         under ``prefix`` (e.g. ``"/v1"``)."""
         try:
-            submit, status, cancel, listing = _PRESETS[style]
+            submit, status, cancel, listing, health = _PRESETS[style]
         except KeyError:
             raise ValueError(f"style must be 'agent' or 'messaging', not {style!r}") from None
         base = prefix.rstrip("/")
-        return cls(submit=base + submit, status=base + status, cancel=base + cancel, list=base + listing)
+        return cls(
+            submit=base + submit,
+            status=base + status,
+            cancel=base + cancel,
+            list=base + listing,
+            health=base + health if health else None,
+        )
 
     def job(self, template: str, job_id: str) -> str:
         return template.replace("{id}", quote(job_id, safe=""))

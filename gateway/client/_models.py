@@ -20,6 +20,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Job",
     "JobList",
+    "JobsHealth",
     "PaymentReceipt",
     "StatusUpdate",
     "SubmitResult",
@@ -166,6 +167,42 @@ class JobList:
             jobs=jobs,
             total=_int(doc.get("total")) or len(jobs),
             filtered=_int(doc.get("filtered")) or len(jobs),
+            raw=dict(doc),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobsHealth:
+    """The job service's health (style B's ``GET /api/messaging/jobs/health``): counts by status and rates over
+    finished jobs. ``status_counts`` holds whatever statuses the server counts (this gateway's runner adds
+    ``cancelled``); ``metrics`` the rates as sent (``successRate``, ``failureRate``, ``timeoutRate``,
+    ``averageProcessingTimeMs``)."""
+
+    healthy: bool
+    total_jobs: int
+    max_jobs: int | None = None
+    status_counts: Mapping[str, int] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> JobsHealth:
+        counts = doc.get("statusCounts")
+        metrics = doc.get("metrics")
+        return cls(
+            healthy=doc.get("healthy") is True,
+            total_jobs=_int(doc.get("totalJobs")) or 0,
+            max_jobs=_int(doc.get("maxJobs")),
+            status_counts={
+                str(k): n for k, v in (counts.items() if isinstance(counts, dict) else ()) if (n := _int(v)) is not None
+            },
+            metrics={
+                str(k): float(v)
+                for k, v in (metrics.items() if isinstance(metrics, dict) else ())
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            },
+            timestamp=_time(doc.get("timestamp")),
             raw=dict(doc),
         )
 

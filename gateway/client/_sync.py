@@ -16,7 +16,7 @@ import httpx
 
 from gateway.client._client import AsyncX402Client, OnPoll, OnUpdate
 from gateway.client._errors import X402ClientError
-from gateway.client._models import Job, JobList, SubmitResult
+from gateway.client._models import Job, JobList, JobsHealth, SubmitResult
 
 __all__ = ["X402Client"]
 
@@ -97,6 +97,8 @@ class X402Client:
         interval: float = 2.0,
         max_attempts: int = 150,
         timeout: float = 300.0,
+        backoff: float = 1.0,
+        max_interval: float | None = None,
         on_update: OnUpdate | None = None,
         on_poll: OnPoll | None = None,
         token: str | None = None,
@@ -107,6 +109,8 @@ class X402Client:
                 interval=interval,
                 max_attempts=max_attempts,
                 timeout=timeout,
+                backoff=backoff,
+                max_interval=max_interval,
                 on_update=on_update,
                 on_poll=on_poll,
                 token=token,
@@ -118,6 +122,9 @@ class X402Client:
 
     def list_jobs(self, *, status: str | None = None, limit: int | None = None) -> JobList:
         return self._run(self.aio.list_jobs(status=status, limit=limit))
+
+    def get_jobs_health(self) -> JobsHealth:
+        return self._run(self.aio.get_jobs_health())
 
     def batch_prompts(self, prompts: Iterable[str], **kwargs: Any) -> list[Job | X402ClientError]:
         return self._run(self.aio.batch_prompts(prompts, **kwargs))

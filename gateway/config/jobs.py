@@ -18,7 +18,7 @@ from gateway.errors import ConfigError
 if TYPE_CHECKING:
     from gateway.jobs.api import JobRoutes, Kind
 
-__all__ = ["JobsConfig", "parse_jobs"]
+__all__ = ["JobsConfig", "jobs_warnings", "parse_jobs"]
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _RESERVED_HEADERS = frozenset({"authorization", "x-payer-auth", "content-type", "content-length", "host"})
@@ -160,3 +160,40 @@ def _check_pricing(t: Table, routes: JobRoutes, priced: Sequence[RouteConfig]) -
                 f"{pattern.text!r} is matched by the priced route {hit.route!r}: status, cancel, list and health"
                 " are free (only the payer's own jobs are shown)",
             )
+
+
+def jobs_warnings(jobs: JobsConfig, priced: Sequence[RouteConfig]) -> list[str]:
+    """What a valid ``[jobs]`` section does not offer, or charges for, that its users may expect (``x402-gateway
+    check`` prints these): the calls the client commands would get a 404 for, and what ``settlement = "before"``
+    on the submit means for a refused submit."""
+    from gateway.jobs.api import example_path
+
+    out: list[str] = []
+    if jobs.routes.listing is None:
+        if jobs.mode == "runner":
+            how = f'add list = "GET {_list_path(jobs)}" and the gateway serves it from its job store'
+        else:
+            how = (
+                'the seeds\' agent API has no list call; name one (list = "GET /path") only if the upstream has it'
+                if jobs.style == "agent"
+                else 'name the upstream\'s list call (list = "GET /path") if it has one'
+            )
+        out.append(f"[jobs] offers no list call: `x402-gateway jobs` and the SDK's list_jobs() get a 404 here; {how}")
+    if jobs.routes.cancel is None:
+        why = " (the seeds' messaging API has none; runner mode adds one)" if jobs.style == "messaging" else ""
+        out.append(f"[jobs] offers no cancel call{why}: `x402-gateway cancel` and cancel_job() get a 404 here")
+    submit = jobs.routes.submit
+    method = next(iter(submit.methods or {"POST"}))
+    route = next((r for r in priced if r.pattern.match(method, example_path(submit)) is not None), None)
+    if route is not None and route.settlement == "before":
+        refused = "the upstream refuses (4xx/5xx)" if jobs.mode == "front" else "the runner refuses (400, 503)"
+        out.append(
+            f'the job submit route {route.route!r} settles "before": a submit {refused} has been paid (the same '
+            'payment stays usable for a retry until a submit succeeds with it); with "after" (the default) a '
+            "refused submit costs nothing"
+        )
+    return out
+
+
+def _list_path(jobs: JobsConfig) -> str:
+    return "/agent/jobs" if jobs.wire == "agent" else "/api/messaging/jobs"

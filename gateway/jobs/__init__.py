@@ -9,8 +9,9 @@ style B; ``"custom"`` templates for a fronted API)::
              upstream call in the background (gateway.jobs.serve, gateway.jobs.runner)
 
 Modules: ``model`` (the record), ``wire`` (both styles' JSON), ``auth`` (how the payer proves it), ``api``
-(presets, matching), ``stream`` (the runner's upstream contract), ``store`` + ``store_sqlite`` + ``store_redis``,
-``settings`` (``[jobs]``), ``layer`` (shared ASGI plumbing).
+(presets, matching), ``stream`` (parsing the runner upstream's answers; the contract is in docs/jobs.md),
+``layer`` (shared ASGI plumbing). The job stores live in :mod:`gateway.storage.jobs`, ``[jobs]`` in
+:mod:`gateway.config.jobs`.
 """
 
 from __future__ import annotations

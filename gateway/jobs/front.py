@@ -30,7 +30,6 @@ from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import new_token
 from gateway.jobs.layer import _MAX_CACHED, JobsLayer, _Expiring, without_headers
 from gateway.jobs.model import Job, JobStatus, now_ms
-from gateway.jobs.wire import authentication_required
 from gateway.storage.jobs import JobStore
 from gateway.x402 import reasons
 
@@ -209,10 +208,9 @@ class FrontJobs(JobsLayer):
         await self.proxy(self._scope(scope, path=path, parse=False), receive, send)
 
     async def _list(self, match: Match, scope: Scope, receive: Receive, send: Send) -> None:
-        payer = self.payer_proof(scope, match)
-        if payer is None:
-            raise authentication_required()
-        mine, total = await self.store.list_for_payer(payer, statuses=None, limit=self.config.max_jobs)
+        _, mine, total = await self.list_caller(
+            scope, match, lambda payer: self.store.list_for_payer(payer, statuses=None, limit=self.config.max_jobs)
+        )
         ids = {job.job_id for job in mine}
         params = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         limit = _limit(params)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from gateway.config.jobs import JobsConfig
@@ -26,9 +26,18 @@ from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreU
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
 from gateway.http.context import request_id_of
 from gateway.jobs.api import FREE_KINDS, Kind, Match
-from gateway.jobs.auth import PAYER_AUTH_HEADER, bearer_token, token_matches, verify_payer_auth
+from gateway.jobs.auth import (
+    PAYER_AUTH_HEADER,
+    SignedRequest,
+    bearer_token,
+    header_problem,
+    mistaken_signers,
+    payer_auth_signers,
+    token_matches,
+    wrong_message,
+)
 from gateway.jobs.model import Job, now_ms
-from gateway.jobs.wire import WireError, job_id_required, not_found
+from gateway.jobs.wire import WireError, authentication_required, job_id_required, not_found, payer_auth_refused
 from gateway.ops.events import Observer, RequestRecord, notify
 from gateway.storage.jobs import JobStore
 from gateway.x402 import reasons
@@ -97,7 +106,15 @@ class JobsLayer:
                 refused = RequestRecord.of_scope(
                     scope, request_id_of(scope), status=404, outcome="refused", reason=reasons.JOB_CALL_NOT_OFFERED
                 )
-                await send_json(send, 404, {"error": "Not found", "message": "This job API call is not offered"})
+                await send_json(
+                    send,
+                    404,
+                    {
+                        "error": "Not found",
+                        "message": "This job API call is not offered",
+                        "reason": reasons.JOB_CALL_NOT_OFFERED,
+                    },
+                )
                 notify(self.observers, refused)
                 return
             if match is None or match.kind not in FREE_KINDS:
@@ -156,6 +173,8 @@ class JobsLayer:
             await handler(match, scope, receive, tracking_send)
         except WireError as exc:
             if not started:
+                if record is not None and isinstance(exc.body.get("reason"), str):
+                    record.reason = exc.body["reason"]
                 await send_json(tracking_send, exc.status, exc.body)
         except GatewayError as exc:
             if started:
@@ -177,38 +196,86 @@ class JobsLayer:
 
     def payer_proof(self, scope: Scope, match: Match) -> str | None:
         """The address whose signature (X-Payer-Auth) this request carries, or None."""
+        signers = self.payer_signers(scope, match)
+        return signers[0] if signers else None
+
+    def payer_signers(self, scope: Scope, match: Match) -> tuple[str, ...]:
+        """Who signed X-Payer-Auth for this request: one address per accepted spelling of the path (as sent, and
+        decoded with dot segments resolved; usually the same, so one), or () if the header is missing,
+        malformed or stale."""
         value = header(scope, _PAYER_AUTH)
         if value is None:
-            return None
+            return ()
         now = int(time.time())
         skew = self.config.auth_max_skew_seconds
-        key = (value, scope["method"], match.path)
+        raw = _raw_path(scope, match)
+        key = (value, scope["method"], match.path, raw)
         cached = self._signers.get(key, now)
         if cached is not None:
-            signer, timestamp = cached
+            signers, timestamp = cached
             if abs(now - timestamp) <= skew:  # the clock may also have stepped back
-                return str(signer)
+                return tuple(signers)
             self._signers.pop(key)
-        signer = verify_payer_auth(value, scope["method"], match.path, now=now, max_skew=skew)
-        if signer is not None:
+        found = payer_auth_signers(value, scope["method"], (raw, match.path), now=now, max_skew=skew)
+        if found:
             timestamp = int(value.decode("latin-1").strip().partition(".")[0])  # well formed: it verified
-            self._signers.put(key, (signer, timestamp), timestamp + skew)
-        return signer
+            self._signers.put(key, (found, timestamp), timestamp + skew)
+        return found
 
     def opens(self, job: Job, scope: Scope, match: Match) -> bool:
         """Does this request prove it comes from ``job``'s payer (its token, or its wallet's signature)?"""
         token = bearer_token(header(scope, b"authorization"), header(scope, self._token_header))
         if token_matches(token, job.token_hash):
             return True
-        return self.payer_proof(scope, match) == job.payer
+        return job.payer in self.payer_signers(scope, match)
 
     async def owned_job(self, scope: Scope, match: Match) -> Job:
-        """The job named by the request if the caller proves it paid for it; else the upstream's own 404."""
+        """The job named by the request if the caller proves it paid for it; else the upstream's own 404, or a
+        401 saying what is wrong with an X-Payer-Auth header (:meth:`payer_auth_refusal`)."""
         assert match.job_id
         job = await self.load_job(match.job_id)
-        if job is None or not self.opens(job, scope, match):
-            raise not_found(match.job_id)
-        return job
+        if job is not None and self.opens(job, scope, match):
+            return job
+        refusal = self.payer_auth_refusal(scope, match, job.payer if job is not None else None)
+        raise refusal if refusal is not None else not_found(match.job_id)
+
+    def payer_auth_refusal(self, scope: Scope, match: Match, payer: str | None) -> WireError | None:
+        """A 401 for an X-Payer-Auth header that proves nothing for a reason that says nothing about any job: it
+        is malformed or stale (whoever sent it, whatever the job), or ``payer``'s own key signed a recognisably
+        wrong text (only the payer can make that signature). None: answer as for an unknown job."""
+        value = header(scope, _PAYER_AUTH)
+        if value is None:
+            return None
+        problem = header_problem(value, now=int(time.time()), max_skew=self.config.auth_max_skew_seconds)
+        if problem is None and payer is not None:
+            request = _signed_request(scope, match)
+            what = next((w for signer, w in mistaken_signers(value, request) if signer == payer), None)
+            problem = wrong_message(value, request, what) if what is not None else None
+        return payer_auth_refused(problem) if problem is not None else None
+
+    async def list_caller(
+        self, scope: Scope, match: Match, fetch: Callable[[str], Awaitable[tuple[list[Job], int]]]
+    ) -> tuple[str, list[Job], int]:
+        """(the wallet a list call proves, ``fetch(wallet)``). A header that proves no wallet is a 401 that says
+        why; one whose wallet has no jobs at all, but that recovers a wallet with jobs when read as a common
+        mistake (the path with its query string...), is a 401 naming the mistake, not a silent empty list."""
+        value = header(scope, _PAYER_AUTH)
+        signers = self.payer_signers(scope, match)
+        if value is None or not signers:
+            problem = None if value is None else self.payer_auth_refusal(scope, match, None)
+            raise problem or authentication_required()
+        jobs, total = await fetch(signers[0])
+        if total:
+            return signers[0], jobs, total
+        for other in signers[1:]:
+            found = await fetch(other)
+            if found[1]:
+                return other, *found
+        request = _signed_request(scope, match)
+        for signer, what in mistaken_signers(value, request):
+            if (await self.store.list_for_payer(signer, statuses=None, limit=1))[1]:
+                raise payer_auth_refused(wrong_message(value, request, what))
+        return signers[0], jobs, total
 
     async def load_job(self, job_id: str) -> Job | None:
         """The job record to check a caller against (front mode keeps its immutable bindings in memory)."""
@@ -271,6 +338,20 @@ async def read_body(receive: Receive, *, limit: int, chunk_timeout: float) -> by
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _raw_path(scope: Scope, match: Match) -> str:
+    """The request path as sent (escapes intact, no query string), as a client signs it."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if isinstance(raw, bytes) and raw else match.path
+
+
+def _signed_request(scope: Scope, match: Match) -> SignedRequest:
+    host = header(scope, b"host")
+    scheme = scope.get("scheme", "http")
+    origin = f"{scheme}://{host.decode('latin-1')}" if host else None
+    query = scope.get("query_string", b"").decode("latin-1")
+    return SignedRequest(scope["method"], _raw_path(scope, match), query, origin)
 
 
 def without_headers(scope: Scope, drop: Iterable[bytes]) -> list[tuple[bytes, bytes]]:

@@ -4,7 +4,7 @@ A job is launched only from the submit's ``on_paid`` hook, i.e. after its paymen
 never runs a job. One task per job on the gateway instance that took the submit:
 
 * ``pending -> processing`` (compare-and-set: a job cancelled before it started never runs), then the upstream
-  call (contract in :mod:`gateway.jobs.stream`), its progress lines appended to ``statusUpdates`` as they come;
+  call (the contract: docs/jobs.md), its progress lines appended to ``statusUpdates`` as they come;
 * the call runs under the job's deadline (``created_at + timeoutMs``): past it the connection is closed and the
   job becomes ``timeout``;
 * a heartbeat renews ``runner_lease_until`` every third of ``runner_lease_seconds`` while the job is processing;

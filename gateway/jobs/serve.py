@@ -27,7 +27,6 @@ from gateway.jobs.runner import JobRunner
 from gateway.jobs.wire import (
     agent_cancelled,
     agent_submitted,
-    authentication_required,
     cancel_refused,
     details,
     health,
@@ -142,15 +141,14 @@ class RunnerJobs(JobsLayer):
         await send_json(send, 200, body)
 
     async def _list(self, match: Match, scope: Scope, send: Send) -> None:
-        payer = self.payer_proof(scope, match)
-        if payer is None:
-            raise authentication_required()
         params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         statuses = statuses_shown_as(self.style, params["status"]) if params.get("status") else None
         raw_limit = params.get("limit", "50")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
             raise invalid("limit must be an integer from 1 to 1000")
-        jobs, total = await self.store.list_for_payer(payer, statuses=statuses, limit=int(raw_limit))
+        _, jobs, total = await self.list_caller(
+            scope, match, lambda payer: self.store.list_for_payer(payer, statuses=statuses, limit=int(raw_limit))
+        )
         now = now_ms()
         jobs = [await self.runner.reconcile(job, now) if job.active else job for job in jobs]
         await send_json(send, 200, job_list(self.style, jobs, total))

@@ -1,26 +1,8 @@
-"""The built-in runner's contract with a synchronous agent endpoint, and its parser (sans-IO).
+"""The parser of the runner's answers from a synchronous agent endpoint (sans-IO): NDJSON lines, server-sent
+events, or one body, turned into progress, a result or a failure.
 
-**Request.** ``POST <upstream.url><jobs.runner_upstream_path>`` with the ``[upstream.headers]`` (the upstream's
-API key), ``X-Job-Id: <id>``, ``Accept: application/x-ndjson, text/event-stream;q=0.9, application/json;q=0.8``
-and the JSON body ``{"jobId", "prompt", "payer", "threadId"?, "userId"?, "agentId"?, "metadata"?}``. Cancelling
-the job, or its timeout, closes the connection: the upstream sees the client go away.
-
-**Answer.** A status >= 300 fails the job (``upstream answered 503: <its "message" or "error">``). Otherwise, by
-``Content-Type``:
-
-* ``application/x-ndjson`` (or ``application/jsonl``): one JSON object per line, as the work goes on::
-
-      {"status": "Checking balance..."}                      a progress message -> statusUpdates
-      {"response": "text", "richData": [...], "transactions": [...], "metadata": {...}}
-                                                             the result -> completed (all but response optional)
-      {"error": "Insufficient balance"}                      the job failed with this error
-
-  The first result or error line decides the job; a stream that ends without one fails it. Lines that are not
-  JSON objects, or carry none of these keys, are ignored (room for heartbeats).
-* ``text/event-stream``: the same objects as the ``data:`` of server-sent events (``event:`` names are ignored;
-  non-JSON data such as ``[DONE]`` too).
-* anything else: the whole body is the answer: a JSON object read as above (an object with neither
-  ``response`` nor ``error`` becomes the response as JSON text), a JSON string, or plain text as the response.
+The contract itself (what the gateway sends, what the upstream may answer, limits, timeouts, cancel) is documented
+for upstream authors in docs/jobs.md, "The runner's upstream contract"; :mod:`gateway.jobs.runner` makes the call.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from gateway.jobs.auth import PAYER_AUTH_REQUIRED, AuthProblem
 from gateway.jobs.model import Job, JobStatus
 from gateway.storage.jobs import JobStats
 
@@ -56,8 +57,16 @@ def job_id_required() -> WireError:
 
 def authentication_required() -> WireError:
     return WireError(
-        401, "Authentication required", "Sign the request with the paying wallet (X-Payer-Auth) to list its jobs"
+        401,
+        "Authentication required",
+        "Sign the request with the paying wallet (X-Payer-Auth) to list its jobs",
+        reason=PAYER_AUTH_REQUIRED,
     )
+
+
+def payer_auth_refused(problem: AuthProblem) -> WireError:
+    """401 in the seeds' words (``Authentication required``), with what is wrong in ``reason`` and ``message``."""
+    return WireError(401, "Authentication required", problem.message, reason=problem.reason)
 
 
 def invalid(message: str) -> WireError:

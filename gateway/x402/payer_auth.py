@@ -3,7 +3,7 @@
 What a client and the gateway must agree on; who may use the proof, and for what, is decided in
 :mod:`gateway.jobs.auth`::
 
-    X-Payer-Auth: <unix-seconds>.<0x EIP-191 personal_sign signature of the message below>
+    X-Payer-Auth: <unix-seconds>.<EIP-191 personal_sign signature of the message below, 0x optional>
 
     x402 jobs
     <METHOD> <path>
@@ -22,7 +22,7 @@ from gateway.x402.digests import eip191_digest
 PAYER_AUTH_HEADER = "X-Payer-Auth"
 MAX_SKEW_SECONDS = 300
 _MAX_HEADER_BYTES = 200  # a valid header is ~145 bytes; refuse longer ones before running a regex over them
-_PAYER_AUTH = re.compile(r"^([0-9]{1,12})\.0x([0-9a-fA-F]{130})$")
+_PAYER_AUTH = re.compile(r"^([0-9]{1,12})\.(?:0x)?([0-9a-fA-F]{130})$")  # wallets print signatures both ways
 
 
 def payer_auth_message(method: str, path: str, timestamp: int) -> str:

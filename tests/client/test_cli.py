@@ -21,8 +21,9 @@ from gateway.client._models import Job, StatusUpdate
 from gateway.dev.chain import DevChain
 from tests.client.conftest import STEPS
 from tests.e2e.helpers import Balances
-from tests.jobs.helpers import PRICE
-from tests.support.gateway import GatewayUnderTest
+from tests.jobs.helpers import PRICE, jobs_gateway
+from tests.support.gateway import GatewayUnderTest, sqlite_url
+from tests.support.jobs_upstreams import FakeJobsApi
 
 ROOT = Path(__file__).resolve().parents[2]
 TX = re.compile(r"tx: (0x[0-9a-f]{64})")
@@ -221,3 +222,91 @@ def test_progress_is_a_spinner_line_on_a_terminal_and_plain_lines_when_piped(tty
         assert "update: Thinking...\n" in out
     else:
         assert out == "status: pending\nupdate: Thinking...\nstatus: processing\nupdate: More\n"
+
+
+def test_cli_cancel_exits_0_and_a_finished_job_cannot_be_cancelled_exits_1(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    env = cli_env(tmp_path, agent_gateway, payer)
+    running = cli(env, "prompt", "sleep 20", "--no-wait").stdout.strip()
+    cancelled = cli(env, "cancel", running)
+    assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"{running}: cancelled"), cancelled.stderr
+    done = cli(env, "prompt", "quick", "--json", "--interval", "0.02")
+    assert done.returncode == 0, done.stderr
+    finished = cli(env, "cancel", json.loads(done.stdout)["jobId"])
+    assert finished.returncode == 1 and "Job already completed" in finished.stderr
+
+
+def _jobs_toml(tmp_path: Path, jobs: str, route: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[upstream]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x{"1" * 40}"
+relayer_key_env = "X402_TEST_RELAYER"
+[networks.base]
+rpc_urls = ["http://127.0.0.1:8545"]
+[[routes]]
+{route}
+[jobs]
+{jobs}
+"""
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("jobs", "route", "said"),
+    [
+        ('mode = "front"\nstyle = "agent"', 'route = "POST /agent/prompt"\nprice = "0.10"', "offers no list call"),
+        (
+            'mode = "front"\nstyle = "messaging"',
+            'route = "POST /api/messaging/jobs"\nprice = "0.02"',
+            "offers no cancel call",
+        ),
+        (
+            'mode = "front"\nstyle = "agent"\nlist = "GET /agent/jobs"',
+            'route = "POST /agent/prompt"\nprice = "0.10"\nsettlement = "before"',
+            "has been paid",
+        ),
+    ],
+)
+def test_check_accepts_a_jobs_config_but_says_what_it_does_not_offer(
+    tmp_path: Path, jobs: str, route: str, said: str
+) -> None:
+    env = {**cli_env(tmp_path, None, None), "X402_TEST_RELAYER": "0x" + "11" * 32}
+    run = cli(env, "check", "-c", str(_jobs_toml(tmp_path, jobs, route)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("ok: 1 priced route(s)")
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and said in warnings[0], run.stderr
+
+
+def test_cli_jobs_against_a_fronted_agent_api_says_what_is_missing_and_exits_2(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    with jobs_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), upstream=FakeJobsApi("agent"), mode="front", style="agent"
+    ) as gw:
+        run = cli(cli_env(tmp_path, gw, payer), "jobs")
+    assert run.returncode == 2, run.stderr
+    assert "[not_supported] the gateway offers no job list at GET /agent/jobs" in run.stderr
+    assert 'list = "GET /agent/jobs"' in run.stderr
+
+
+def test_cli_cancel_against_a_fronted_messaging_api_says_it_has_none_and_exits_2(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    api = FakeJobsApi("messaging", complete_after=60)
+    with jobs_gateway(base_chain, store_url=sqlite_url(tmp_path), upstream=api, mode="front", style="messaging") as gw:
+        env = cli_env(tmp_path, gw, payer)
+        submit = cli(env, "prompt", "hello", "--style", "messaging", "--no-wait")
+        assert submit.returncode == 0, submit.stderr
+        run = cli(env, "cancel", submit.stdout.strip(), "--style", "messaging")
+    assert run.returncode == 2, run.stderr
+    assert "fronted style messaging API has none" in run.stderr

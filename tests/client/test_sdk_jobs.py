@@ -3,6 +3,8 @@ list, batch. Every job is paid exactly once, whatever becomes of it."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from gateway.client import (
     SpendControls,
     StatusUpdate,
     X402Client,
+    X402ClientError,
 )
+from gateway.client._client import poll_waits
 from gateway.dev.chain import DevChain
 from tests.client.conftest import POLL, STEPS
 from tests.e2e.helpers import Balances
@@ -173,3 +177,64 @@ async def test_messaging_style_jobs_parse_into_the_same_job_type(base_chain: Dev
             listed = await client.list_jobs()
             statuses: dict[str, Any] = {j.job_id: j.status for j in listed.jobs}
             assert statuses == {job.job_id: "completed", sub.job_id: "cancelled"}
+
+
+async def test_get_jobs_health_reads_style_b_counts_and_a_style_a_client_has_no_such_call(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    agent = SlowAgent(steps=STEPS[:1], step_delay=0.02)
+    with jobs_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), upstream=agent, mode="runner", style="messaging"
+    ) as gw:
+        async with AsyncX402Client(gw.url, account=payer, style="messaging") as client:
+            assert (await client.get_jobs_health()).total_jobs == 0
+            await client.prompt_and_wait("one", **POLL)
+            with pytest.raises(JobFailed):
+                await client.prompt_and_wait("fail", **POLL)
+            health = await client.get_jobs_health()
+        async with AsyncX402Client(gw.url, style="messaging") as anonymous:  # free, public: counts only
+            assert (await anonymous.get_jobs_health()).status_counts == health.status_counts
+        with X402Client(gw.url, style="agent") as wrong_style:
+            with pytest.raises(X402ClientError) as caught:
+                wrong_style.get_jobs_health()
+            assert caught.value.reason == "not_supported"
+    assert (health.healthy, health.total_jobs, health.max_jobs) == (True, 2, 10_000)
+    assert (health.status_counts["completed"], health.status_counts["failed"]) == (1, 1)
+    assert health.metrics["successRate"] == health.metrics["failureRate"] == 0.5
+    assert health.timestamp is not None and health.raw["statusCounts"] == dict(health.status_counts)
+
+
+def test_poll_waits_grow_by_the_backoff_up_to_the_cap_and_bad_settings_fail_at_once() -> None:
+    waits = poll_waits(0.5, 1.5, 5.0)
+    assert [round(next(waits), 4) for _ in range(8)] == [0.5, 0.75, 1.125, 1.6875, 2.5312, 3.7969, 5.0, 5.0]
+    fixed = poll_waits(2.0)
+    assert [next(fixed) for _ in range(3)] == [2.0, 2.0, 2.0]  # the seeds' fixed 2 s by default
+    for bad in ((1.0, 0.5, None), (-1.0, 1.0, None), (1.0, 2.0, -1.0)):
+        with pytest.raises(ValueError):
+            poll_waits(*bad)
+
+
+async def test_poll_job_with_backoff_waits_longer_between_polls_and_still_sees_every_update(
+    agent_gateway: GatewayUnderTest, base_chain: DevChain
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    polled: list[float] = []
+    updates: list[str] = []
+    async with AsyncX402Client(agent_gateway.url, account=payer) as client:
+        sub = await client.prompt("backoff please")
+        job = await client.poll_job(
+            sub.job_id,
+            interval=0.02,
+            backoff=2.0,
+            max_interval=0.3,
+            timeout=20,
+            on_poll=lambda _: polled.append(time.monotonic()),
+            on_update=lambda u: updates.append(u.message),
+        )
+    assert job.status == "completed" and updates == list(STEPS)
+    gaps = [b - a for a, b in itertools.pairwise(polled)]
+    expected = [min(0.02 * 2**i, 0.3) for i in range(len(gaps))]
+    # Lower bounds only (a poll's own round trip adds to each gap): the waits grow as asked, up to the cap.
+    assert all(gap >= want - 0.005 for gap, want in zip(gaps, expected, strict=True)), (gaps, expected)
+    assert len(gaps) >= 4  # the job took ~0.9 s: the schedule was walked up to the cap

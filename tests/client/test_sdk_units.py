@@ -48,6 +48,7 @@ def test_the_public_api_is_pinned_and_every_error_is_an_x402_client_error() -> N
         "JobList",
         "JobPaths",
         "JobTimedOut",
+        "JobsHealth",
         "MemoryTokenStore",
         "PaymentFailed",
         "PaymentReceipt",
