@@ -27,7 +27,7 @@ does not pay again into a broken endpoint; a 402 always means "this payment does
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from gateway.x402 import reasons
 
@@ -82,6 +82,17 @@ class PaymentRequired(GatewayError):
 
     status = 402
     default_reason = reasons.PAYMENT_REQUIRED
+
+
+class Resynchronise(PaymentRequired):
+    """A payment built on a stale view of its session channel: the 402 carries, in the offer for ``scheme`` on
+    ``network`` (CAIP-2), the ``extra`` keys the client resynchronises from (docs/sessions.md)."""
+
+    def __init__(self, message: str, *, reason: str, scheme: str, network: str, extra: dict[str, Any]) -> None:
+        super().__init__(message, reason=reason)
+        self.scheme = scheme
+        self.network = network
+        self.extra = extra
 
 
 class PaymentReplayed(PaymentRequired):
@@ -153,6 +164,7 @@ __all__ = [
     "PaymentReplayed",
     "PaymentRequired",
     "RequestTimeout",
+    "Resynchronise",
     "ServiceUnavailable",
     "SettlementFailed",
     "StoreUnavailable",

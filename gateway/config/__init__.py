@@ -7,7 +7,8 @@ shows them.
 
 One module per section, each holding its frozen dataclass (where every default is written, once) and its parser:
 ``server``, ``upstream``, ``store``, ``idempotency``, ``ratelimits``, ``payment``, ``networks``, ``routes``,
-``discovery`` (with ``[paywall]`` and the routes' documentation keys) and ``jobs``; ``table`` reads a TOML table
+``discovery`` (with ``[paywall]`` and the routes' documentation keys),
+``jobs`` and ``sessions``; ``table`` reads a TOML table
 key by key, ``values`` checks the values several sections share, ``loader`` assembles :class:`GatewayConfig`.
 """
 
@@ -20,6 +21,7 @@ from gateway.config.payment import PaymentConfig
 from gateway.config.ratelimits import RateLimitConfig
 from gateway.config.routes import RouteConfig, Settlement
 from gateway.config.server import ServerConfig
+from gateway.config.sessions import MeterConfig, SessionsConfig
 from gateway.config.store import StoreConfig
 from gateway.config.upstream import UpstreamConfig
 from gateway.errors import ConfigError
@@ -33,6 +35,7 @@ __all__ = [
     "GatewayConfig",
     "IdempotencyConfig",
     "JobsConfig",
+    "MeterConfig",
     "NetworkConfig",
     "PaymentConfig",
     "PaywallConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "RouteDocs",
     "Secret",
     "ServerConfig",
+    "SessionsConfig",
     "Settlement",
     "StoreConfig",
     "UpstreamConfig",

@@ -18,6 +18,7 @@ from gateway.config.payment import PaymentConfig, parse_payment
 from gateway.config.ratelimits import RateLimitConfig, parse_rate_limits
 from gateway.config.routes import RouteConfig, parse_routes
 from gateway.config.server import ServerConfig, parse_server
+from gateway.config.sessions import SessionsConfig, parse_sessions
 from gateway.config.store import StoreConfig, parse_store
 from gateway.config.table import Table
 from gateway.config.upstream import UpstreamConfig, parse_upstream
@@ -39,6 +40,7 @@ class GatewayConfig:
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     paywall: PaywallConfig = field(default_factory=PaywallConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)  # [sessions]: batch-settlement channels
 
 
 def parse_config(
@@ -69,6 +71,8 @@ def parse_config(
     )
     discovery = parse_discovery(root.table("discovery"), server)
     paywall = parse_paywall(root.table("paywall"))
+    sessions = parse_sessions(root.table("sessions"), env, relayer_key=payment.relayer_key)
+    _check_sessions(routes, networks, sessions)
     root.done()
     return GatewayConfig(
         payment=payment,
@@ -82,7 +86,28 @@ def parse_config(
         idempotency=idempotency,
         discovery=discovery,
         paywall=paywall,
+        sessions=sessions,
     )
+
+
+def _check_sessions(
+    routes: tuple[RouteConfig, ...], networks: Mapping[str, NetworkConfig], sessions: SessionsConfig
+) -> None:
+    """A route offering sessions needs the receiver authorizer's key and networks the gateway settles itself
+    (deposits and claims are the relayer's transactions; no facilitator takes part)."""
+    for i, r in enumerate(routes):
+        if "batch-settlement" not in r.schemes:
+            continue
+        if sessions.authorizer_key is None:
+            raise ConfigError(
+                "sessions.authorizer_key_env",
+                f"routes[{i}] offers batch-settlement: set the receiver authorizer's key in the environment",
+            )
+        for name in r.networks:
+            if networks[name].verifier != "local":
+                raise ConfigError(
+                    f"routes[{i}].schemes", f"batch-settlement needs local verification on network {name!r}"
+                )
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> GatewayConfig:

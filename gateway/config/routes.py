@@ -5,20 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from gateway.config.discovery import RouteDocs, parse_route_docs
 from gateway.config.networks import NetworkConfig
 from gateway.config.payment import PaymentConfig
+from gateway.config.sessions import MeterConfig, parse_meter
 from gateway.config.table import Defaults, Table
 from gateway.config.values import rate
 from gateway.errors import ConfigError
 from gateway.money import parse_usd
 from gateway.routes import RoutePattern
 
-__all__ = ["RouteConfig", "Settlement", "parse_routes"]
+__all__ = ["RouteConfig", "Settlement", "TxHashBinding", "parse_routes"]
 
 Settlement = Literal["before", "after"]
+SCHEMES = ("exact", "batch-settlement")  # what ``schemes`` may list
+TxHashBinding = Literal["required", "optional"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +34,14 @@ class RouteConfig:
     settlement: Settlement = "after"  # "after": no charge when the upstream fails
     max_timeout_seconds: int = Defaults(PaymentConfig).max_timeout_seconds  # in a file: payment.max_timeout_seconds
     tx_hash: bool = True  # also accept tx-hash proofs (x-payment: 0x<hash> + x-payment-network)
+    # "optional": a tx-hash proof without X-PAYMENT-BINDING is served to its first presenter, whoever that is
+    # (docs/threat-model.md T43); "required": refused with payment_binding_required
+    tx_hash_binding: TxHashBinding = "required"
     rate_limit_challenge: str | None = None  # None: rate_limits.challenge
     rate_limit_paid: str | None = None  # None: rate_limits.paid
     docs: RouteDocs = field(default_factory=RouteDocs)  # discovery and paywall metadata
+    schemes: tuple[str, ...] = ("exact",)  # x402 schemes offered; "batch-settlement": sessions (docs/sessions.md)
+    meter: MeterConfig | None = None  # sessions only: the charge comes from the answer, up to ``price``
 
     @property
     def route(self) -> str:
@@ -74,6 +82,20 @@ def _route(t: Table, networks: Mapping[str, NetworkConfig], payment: PaymentConf
     settlement = t.get("settlement", str, _DEFAULT.settlement)
     if settlement not in ("before", "after"):
         raise ConfigError(t.key("settlement"), 'must be "before" or "after"')
+    tx_hash = t.get("tx_hash", bool, _DEFAULT.tx_hash)
+    tx_hash_binding = t.choice("tx_hash_binding", get_args(TxHashBinding), _DEFAULT.tx_hash_binding)
+    if tx_hash_binding == "optional" and not tx_hash:
+        raise ConfigError(t.key("tx_hash_binding"), '"optional" needs tx_hash = true (no tx-hash proofs here)')
+    schemes = tuple(t.get("schemes", list, list(_DEFAULT.schemes)))
+    for i, name in enumerate(schemes):
+        if name not in SCHEMES:
+            raise ConfigError(f"{t.key('schemes')}[{i}]", f"unknown scheme {name!r} (known: {', '.join(SCHEMES)})")
+    if not schemes or len(set(schemes)) != len(schemes):
+        raise ConfigError(t.key("schemes"), "needs at least one scheme, each once")
+    raw_meter = t.get("meter", dict, None)
+    meter = None if raw_meter is None else parse_meter(raw_meter, t.key("meter"))
+    if meter is not None and "batch-settlement" not in schemes:
+        raise ConfigError(t.key("meter"), 'a metered price needs schemes = [..., "batch-settlement"]')
     cfg = RouteConfig(
         pattern=pattern,
         price=price,
@@ -82,10 +104,13 @@ def _route(t: Table, networks: Mapping[str, NetworkConfig], payment: PaymentConf
         mime_type=t.get("mime_type", str, _DEFAULT.mime_type),
         settlement=settlement,
         max_timeout_seconds=t.integer("max_timeout_seconds", payment.max_timeout_seconds, minimum=10),
-        tx_hash=t.get("tx_hash", bool, _DEFAULT.tx_hash),
+        tx_hash=tx_hash,
+        tx_hash_binding=tx_hash_binding,
         rate_limit_challenge=rate(t, "rate_limit_challenge", _DEFAULT.rate_limit_challenge),
         rate_limit_paid=rate(t, "rate_limit_paid", _DEFAULT.rate_limit_paid),
         docs=parse_route_docs(t, pattern, base_dir),
+        schemes=schemes,
+        meter=meter,
     )
     t.done()
     return cfg

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import Generic
 
 from gateway.engine.deferred import DeferredOutcomes, Step
 from gateway.errors import GatewayError, PaymentInFlight, PaymentReplayed, SettlementFailed, StoreUnavailable
@@ -67,6 +67,9 @@ class Claims:
 
 class PaidRequest(Generic[P]):
     """One claimed payment on its way to being settled and served."""
+
+    charges_after_serving = False  # settled before the app under ``settlement = "before"``
+    answer: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None  # never answered without the app
 
     def __init__(
         self, claims: Claims, scheme: Scheme[P], payment: P, key: str, owner: str, expires_at: float | None
@@ -187,6 +190,9 @@ class PaidRequest(Generic[P]):
             log.warning("could not release a claim; will retry when the store is back", extra={"key": self.key})
             self._defer(lambda: store.release(self.key, self._owner))
 
+    def metered(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return headers  # a fixed price: the answer does not change it
+
     def receipt(self, *, success: bool = True, reason: str | None = None) -> tuple[bytes, bytes]:
         return receipt_header(
             self.version,
@@ -198,7 +204,4 @@ class PaidRequest(Generic[P]):
         )
 
 
-# The handle as the HTTP layer sees it: any scheme's payment.
-AnyPaidRequest = PaidRequest[Any]
-
-__all__ = ["AnyPaidRequest", "Claims", "PaidRequest"]
+__all__ = ["Claims", "PaidRequest"]

@@ -15,37 +15,44 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
 from gateway.chain.network import Network, open_networks
 from gateway.config import GatewayConfig
-from gateway.engine.claim import AnyPaidRequest, Claims, PaidRequest
+from gateway.engine.claim import Claims, PaidRequest
+from gateway.engine.claimer import Claimer
 from gateway.engine.deferred import DeferredOutcomes
 from gateway.engine.identity import StoreIdentity
+from gateway.engine.sessions import SessionRequest, Sessions
+from gateway.errors import PaymentRequired, Resynchronise
 from gateway.routes import RouteTable
 from gateway.schemes import build_schemes
-from gateway.schemes.base import Presented, PricedRoute, Scheme, requirements_for
+from gateway.schemes.base import Offering, Presented, PricedRoute, Scheme, requirements_for
+from gateway.schemes.batch.check import session_requirements
+from gateway.schemes.batch.scheme import BatchSettlementScheme
+from gateway.storage.channels import open_channel_store
 from gateway.storage.receipts import ReceiptStore
 from gateway.storage.settlements import open_settlement_journal
 from gateway.x402 import reasons
-from gateway.x402.challenge import Challenge, build_challenge
+from gateway.x402.challenge import Challenge, Requirement, build_challenge
 
 log = logging.getLogger("gateway.payments")
+
+# The handle the HTTP layer gets for any payment: one claimed payment, or one session request on its channel.
+AnyPaidRequest = PaidRequest[Any] | SessionRequest
 
 
 class PaymentEngine:
     def __init__(self, config: GatewayConfig, store: ReceiptStore) -> None:
         self.config = config
         self.store = store
-        self.routes: RouteTable[PricedRoute] = RouteTable(
-            [(r.pattern, PricedRoute(r, requirements_for(config, r))) for r in config.routes]
-        )
         # Served settlements are watched until final in a journal on the receipt store's storage (T28).
         journal_url = config.store.url.reveal()
         self.networks: dict[str, Network] = open_networks(config, lambda: open_settlement_journal(journal_url))
-        self.schemes: tuple[Scheme[Any], ...] = build_schemes(config, self.networks)
+        self.schemes: tuple[Offering, ...] = build_schemes(config, self.networks)
         pay = config.payment
         # A claim must outlive everything its owner may still do with it (settle, then wait for the upstream);
         # a shorter lease would let a second presentation resume a payment that is still being served.
@@ -53,6 +60,27 @@ class PaymentEngine:
         self.claims = Claims(store, lease, DeferredOutcomes())
         self.identity = StoreIdentity(store, config.store.identity_file)
         self._watch: asyncio.Task[None] | None = None
+        # Sessions (batch-settlement channels) when a route offers them: a channel store beside the receipts.
+        self.sessions: Sessions | None = None
+        self.claimer: Claimer | None = None
+        if any(SessionRequest.scheme in r.schemes for r in config.routes):
+            self.sessions = Sessions(
+                config,
+                open_channel_store(journal_url),
+                self.networks,
+                instance=self.claims.instance,
+                lease=lease,
+                alive=lambda instance: store.alive(instance, now=time.time()),
+            )
+            self.claimer = Claimer(self.sessions, config.sessions)
+        authorizer = self.sessions.authorizer if self.sessions is not None else ""
+        self.routes: RouteTable[PricedRoute] = RouteTable(
+            [(r.pattern, self._priced(r, authorizer)) for r in config.routes]
+        )
+
+    def _priced(self, route: Any, authorizer: str) -> PricedRoute:
+        base = requirements_for(self.config, route)
+        return PricedRoute(route, base, session_requirements(self.config, route, base, authorizer))
 
     @property
     def lease(self) -> float:
@@ -63,9 +91,13 @@ class PaymentEngine:
         for net in self.networks.values():
             await net.start(session, self.config)
         await self.store.ping()
+        if self.sessions is not None:
+            await self.sessions.store.ping()
         await self.identity.start()
         await self._beat()
         self._watch = asyncio.create_task(self._watch_store(), name="x402-store-watch")
+        if self.claimer is not None:
+            self.claimer.start()
 
     async def aclose(self) -> None:
         if self._watch is not None:
@@ -73,6 +105,10 @@ class PaymentEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
+        if self.claimer is not None:
+            await self.claimer.aclose()  # before the networks: a last pass may still send a claim
+        if self.sessions is not None:
+            await self.sessions.store.aclose()
         for net in self.networks.values():
             await net.aclose()
         await self.claims.deferred.aclose()
@@ -102,10 +138,12 @@ class PaymentEngine:
         method: str = "GET",
         extensions: Mapping[str, Any] | None = None,
         resource_extra: Mapping[str, Any] | None = None,
+        correction: Resynchronise | None = None,
     ) -> Challenge:
         """The 402 for ``route``: every scheme's offer, then ``extensions`` the HTTP layer adds (discovery's
-        ``bazaar``) and ``resource_extra`` (service metadata), built and encoded once."""
-        accepts: list[Any] = []
+        ``bazaar``) and ``resource_extra`` (service metadata), built and encoded once. A ``correction`` adds the
+        channel state a session client resynchronises from to its offer."""
+        accepts: list[Requirement] = []
         merged: dict[str, Any] = {}
         v1_extra: dict[str, Any] = {}
         for scheme in self.schemes:
@@ -115,6 +153,13 @@ class PaymentEngine:
                 merged.update(offer.extensions)
                 v1_extra.update(offer.v1_extra)
         merged.update(extensions or {})
+        if correction is not None:
+            accepts = [
+                replace(r, more=(*r.more, *correction.extra.items()))
+                if r.scheme == correction.scheme and r.caip2 == correction.network
+                else r
+                for r in accepts
+            ]
         return build_challenge(
             tuple(accepts),
             resource=resource,
@@ -127,26 +172,29 @@ class PaymentEngine:
             resource_extra=resource_extra,
         )
 
-    def scheme_for(self, presented: Presented) -> Scheme[Any]:
+    def scheme_for(self, presented: Presented) -> Offering:
         """The scheme a presented payment belongs to (the first that accepts it)."""
         for scheme in self.schemes:
             if scheme.accepts(presented):
                 return scheme
         raise AssertionError("the last scheme accepts every payment")  # build_schemes ends with exact
 
-    async def begin(
-        self, route: PricedRoute, presented: Presented, scheme: Scheme[Any] | None = None
-    ) -> AnyPaidRequest:
+    async def begin(self, route: PricedRoute, presented: Presented, offering: Offering | None = None) -> AnyPaidRequest:
         """Check, claim and confirm a payment for ``route``; raises the refusal (400/402/409/5xx) otherwise."""
         self.identity.require()
-        scheme = scheme or self.scheme_for(presented)
+        offering = offering or self.scheme_for(presented)
+        if isinstance(offering, BatchSettlementScheme):
+            if self.sessions is None or not route.sessions:
+                raise PaymentRequired("this route is not paid with sessions", reason=reasons.UNSUPPORTED_SCHEME)
+            return await self.sessions.begin(route, presented)
+        scheme: Scheme[Any] = offering  # type: ignore[assignment]  # every other scheme claims its money
         payment = scheme.parse(route, presented)
         await scheme.verify(payment)
         now = time.time()
         key, expires_at = scheme.claim_key(payment, now=now)
         owner = self.claims.new_owner()
         record = await self.claims.claim(key, owner, now=now, expires_at=expires_at)
-        paid: AnyPaidRequest = PaidRequest(self.claims, scheme, payment, key, owner, expires_at)
+        paid = PaidRequest(self.claims, scheme, payment, key, owner, expires_at)
         try:
             await scheme.confirm(paid, record, now=now)
         except Exception:
@@ -161,4 +209,4 @@ class PaymentEngine:
         return paid
 
 
-__all__ = ["PaymentEngine"]
+__all__ = ["AnyPaidRequest", "PaymentEngine"]

@@ -187,6 +187,9 @@ class Gateway:
         await send_json(send, 503 if failing else 200, body, [(b"cache-control", b"no-store")])
 
     async def _metrics(self, send: Send) -> None:
+        claimer = self.payments.engine.claimer
+        if claimer is not None:
+            self.metrics.observe_sessions(claimer.stats)
         payload, content_type = self.metrics.render()
         headers = [
             (b"content-type", content_type.encode("latin-1")),

@@ -30,15 +30,17 @@ from typing import Any, Literal, Protocol
 import aiohttp
 
 from gateway.config import GatewayConfig
-from gateway.engine.claim import AnyPaidRequest
-from gateway.engine.engine import PaymentEngine
-from gateway.errors import BadRequest, GatewayError, SettlementFailed, StoreUnavailable
+from gateway.engine.engine import AnyPaidRequest, PaymentEngine
+from gateway.engine.sessions import SessionRequest
+from gateway.errors import BadRequest, GatewayError, Resynchronise, SettlementFailed, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
 from gateway.http.context import RequestContext, request_context, strip_method_override
 from gateway.http.cors import cors_preflight, without_body
+from gateway.http.metering import metering_send
 from gateway.http.websocket import WebSocketSend, http_terms
 from gateway.ops.events import Limiter, Observer, PaymentVerification, RequestRecord, notify
 from gateway.schemes.base import Presented, PricedRoute
+from gateway.schemes.txhash.scheme import TxAttempt
 from gateway.storage import open_store
 from gateway.x402 import reasons
 from gateway.x402.challenge import EXPOSE_HEADERS, Challenge
@@ -158,7 +160,12 @@ class PaymentMiddleware:
     # ----------------------------------------------------------------------------------------------- requests
 
     def challenge(
-        self, ctx: RequestContext, route: PricedRoute, reason: str | None = None, message: str = ""
+        self,
+        ctx: RequestContext,
+        route: PricedRoute,
+        reason: str | None = None,
+        message: str = "",
+        correction: Resynchronise | None = None,
     ) -> Challenge:
         """The 402 for this request, built and encoded once, with discovery's extensions when it has any."""
         extensions = resource_extra = None
@@ -171,6 +178,7 @@ class PaymentMiddleware:
             method=ctx.method,
             extensions=extensions,
             resource_extra=resource_extra,
+            correction=correction,
         )
 
     async def _send_challenge(
@@ -216,7 +224,9 @@ class PaymentMiddleware:
         if paid is not None and isinstance(exc, SettlementFailed):
             extra.append(paid.receipt(success=False, reason=exc.reason))
         if exc.status == 402:
-            await self._send_challenge(scope, route, send, self.challenge(ctx, route, exc.reason, exc.message), extra)
+            correction = exc if isinstance(exc, Resynchronise) else None
+            challenge = self.challenge(ctx, route, exc.reason, exc.message, correction)
+            await self._send_challenge(scope, route, send, challenge, extra)
         else:
             await send_error(send, exc, [(b"access-control-expose-headers", EXPOSE_HEADERS), *extra])
 
@@ -276,13 +286,24 @@ class PaymentMiddleware:
             return
         record.verify_seconds = time.perf_counter() - t0
         record.payer, record.network, record.resumed = paid.payer, paid.requirement.network, paid.resumed
+        record.unbound = (
+            not isinstance(paid, SessionRequest) and isinstance(paid.payment, TxAttempt) and paid.payment.unbound
+        )  # docs/threat-model.md T43
         if await self._limited(record, "paid", paid.payer, send):
             if paid.paid:  # resumed, already paid: left unserved for the retry, not locked for a lease
                 await _quietly(paid.finish(served=False))
             else:
                 await paid.release_quietly()
             return
-        if route.config.settlement == "before" and not paid.paid:
+        if paid.answer is not None:
+            # Answered by the payment itself (a session's cooperative refund): the app never runs.
+            record.outcome = "refund"
+            status, headers, body = paid.answer
+            headers = [*headers, (b"access-control-expose-headers", EXPOSE_HEADERS)]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if route.config.settlement == "before" and not paid.paid and not paid.charges_after_serving:
             t0 = time.perf_counter()
             try:
                 await paid.settle()
@@ -334,6 +355,8 @@ class PaymentMiddleware:
                 # "after", and a "before" payment stays usable for a retry.
                 status = message["status"]
                 ok = 200 <= status < 300 or (status == 101 and scope["type"] == "websocket")
+                # A metered price reads its charge from the answer's headers (and strips the meter's header).
+                message = {**message, "headers": paid.metered(list(message.get("headers", ())))}
                 try:
                     if ok and not paid.paid:
                         t0 = time.perf_counter()
@@ -375,13 +398,17 @@ class PaymentMiddleware:
                 return
             await send(message)
 
+        target: Send = wrapped_send
+        if isinstance(paid, SessionRequest) and paid.reads_body:
+            target = metering_send(paid, wrapped_send)  # the charge is in the body: hold the answer for it
         try:
-            await self._call_app(scope, receive, wrapped_send, state, finish, send)
+            await self._call_app(scope, receive, target, state, finish, send)
         finally:
             if record.outcome == "free":
                 record.outcome = "unserved"  # verified, but the request failed: nothing charged or a free retry
             if paid.paid and not paid.resumed:
-                record.amount = paid.requirement.amount  # revenue: the money moved during this request
+                # revenue: the money moved during this request (a session: the charge committed)
+                record.amount = paid.charge if isinstance(paid, SessionRequest) else paid.requirement.amount
             record.tx_hash = paid.tx_hash
 
     async def _call_app(

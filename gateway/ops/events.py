@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 log = logging.getLogger("gateway.events")
 
-Outcome = Literal["free", "challenge", "paid", "unserved", "refused", "error", "limited"]
+Outcome = Literal["free", "challenge", "paid", "unserved", "refused", "error", "limited", "refund"]
 
 
 @dataclass(slots=True)
@@ -35,6 +35,7 @@ class RequestRecord:
     amount: int = 0  # atomic units actually collected (0 unless paid and served)
     tx_hash: str | None = None
     resumed: bool = False
+    unbound: bool = False  # paid by a tx-hash proof without a payer binding (tx_hash_binding = "optional")
     started: float = field(default_factory=time.perf_counter)
     verify_seconds: float = 0.0
     settle_seconds: float = 0.0

@@ -25,15 +25,32 @@ Metric names (all prefixed ``x402_gateway_``)::
     jobs{status}                                       gauge: jobs by status (set_jobs, for the job runner)
     settlements_lost_total{network}                    served settlements a reorg dropped that could not be
                                                        settled again (settlement_lost, docs/threat-model.md T28)
+    unbound_txhash_total{route}                        requests served on a tx-hash proof without a payer binding
+                                                       (tx_hash_binding = "optional", docs/threat-model.md T43)
+    session_unclaimed_atomic                           gauge: session charges not yet claimed on chain (as of the
+                                                       claimer's last pass, docs/sessions.md)
+    session_channels_owing                             gauge: channels with something unclaimed
+    session_claim_transactions_total                   claim transactions that landed
+    session_vouchers_claimed_total                     channel claims in them
+    session_claimed_atomic_total                       USDC moved from channels to us by claims, atomic units
+    session_claims_dropped_total                       channels left out of a batch because their claim would revert
+    session_withdrawals_seen_total                     payer-initiated withdrawals the claimer reacted to
+    session_sweeps_total                               sweeps of claimed USDC to pay_to
+(voucher refusals by reason: payments_failed_total{kind="batch-settlement"}; session revenue: revenue_atomic_total)
+    log_dropped_total                                  log lines dropped because the log's reader fell behind
+                                                       (process-wide; gateway/ops/logs.py, BufferedHandler)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway.ops.events import RequestRecord
 from gateway.x402 import reasons
@@ -65,12 +82,35 @@ def is_rpc_reason(reason: str | None) -> bool:
     return reason is not None and (reason in _RPC_REASONS or reason.startswith("rpc_"))
 
 
+class DropCount:
+    """Log lines dropped in this process (the log handler is process-wide, so is its count)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # lines are logged (and dropped) from any thread
+        self.value = 0
+
+    def add(self, lines: int) -> None:
+        with self._lock:
+            self.value += lines
+
+
+LOG_DROPS = DropCount()
+
+
+class _LogDropsCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_log_dropped", "Log lines dropped because the log's reader fell behind", value=LOG_DROPS.value
+        )
+
+
 class PrometheusMetrics:
     """Observer that counts; :meth:`render` gives the exposition for ``GET /metrics``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, ns = self.registry, NAMESPACE
+        r.register(_LogDropsCollector())
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "requests",
@@ -167,6 +207,30 @@ class PrometheusMetrics:
             namespace=ns,
             registry=r,
         )
+        self.unbound_txhash = Counter(
+            "unbound_txhash",
+            "Requests served on a tx-hash proof without a payer binding (first presenter wins)",
+            ["route"],
+            namespace=ns,
+            registry=r,
+        )
+        self.session_unclaimed = Gauge(
+            "session_unclaimed_atomic", "Session charges not yet claimed on chain", namespace=ns, registry=r
+        )
+        self.session_owing = Gauge(
+            "session_channels_owing", "Session channels with something unclaimed", namespace=ns, registry=r
+        )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, namespace=ns, registry=r)
+
+        self.session_claim_txs = counter("session_claim_transactions", "Claim transactions that landed")
+        self.session_vouchers = counter("session_vouchers_claimed", "Channel claims in landed claim transactions")
+        self.session_claimed = counter("session_claimed_atomic", "USDC claimed from session channels, atomic units")
+        self.session_dropped = counter("session_claims_dropped", "Channels left out of a claim that would revert")
+        self.session_withdrawals = counter("session_withdrawals_seen", "Payer-initiated withdrawals seen")
+        self.session_sweeps = counter("session_sweeps", "Sweeps of claimed USDC to pay_to")
+        self._session_seen: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------- Observer
 
@@ -187,6 +251,8 @@ class PrometheusMetrics:
         reason = record.reason
         if record.status == 402:
             self.payment_required.labels(route, reason or reasons.PAYMENT_REQUIRED).inc()
+        if record.unbound and record.outcome == "paid":
+            self.unbound_txhash.labels(route).inc()
         if record.outcome == "limited":
             self.rate_limited.labels(route, "paid" if record.payer else "challenge").inc()
         network = record.network or "unknown"
@@ -218,6 +284,23 @@ class PrometheusMetrics:
 
     def set_jobs(self, status: str, count: int) -> None:
         self.jobs.labels(status).set(count)
+
+    def observe_sessions(self, stats: Any) -> None:
+        """Copy the session claimer's counters (a :class:`gateway.engine.claimer.ClaimerStats`) at scrape time."""
+        self.session_unclaimed.set(stats.unclaimed_value)
+        self.session_owing.set(stats.channels_owing)
+        for counter, value in (
+            (self.session_claim_txs, stats.claim_transactions),
+            (self.session_vouchers, stats.vouchers_claimed),
+            (self.session_claimed, stats.value_claimed),
+            (self.session_dropped, stats.dropped),
+            (self.session_withdrawals, stats.withdrawals_seen),
+            (self.session_sweeps, stats.settlements),
+        ):
+            seen = self._session_seen.get(id(counter), 0)
+            if value > seen:
+                counter.inc(value - seen)
+                self._session_seen[id(counter)] = value
 
     def settlement_lost(self, network: str) -> None:
         self.settlements_lost.labels(network).inc()

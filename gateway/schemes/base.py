@@ -34,6 +34,7 @@ class PricedRoute:
 
     config: RouteConfig
     requirements: tuple[Requirement, ...]
+    sessions: tuple[Requirement, ...] = ()  # batch-settlement offers (amount = the per-request ceiling)
 
 
 def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Requirement, ...]:
@@ -134,12 +135,19 @@ class Claim(Protocol[P_co]):
         """Whether a transaction for this claim may be on its way (True keeps the claim on failure)."""
 
 
-class Scheme(Protocol, Generic[P]):
+class Offering(Protocol):
+    """What every scheme does: recognise its payments and offer itself in the 402."""
+
     name: str  # also the ``kind`` in access logs and metrics
 
     def accepts(self, presented: Presented) -> bool: ...
 
     def offer(self, route: PricedRoute, resource: str, method: str) -> Offer | None: ...
+
+
+class Scheme(Offering, Protocol, Generic[P]):
+    """A scheme whose every payment is one claim of money (``exact``, tx-hash proofs); a session scheme is only an
+    :class:`Offering` (:mod:`gateway.engine.sessions` drives it)."""
 
     def parse(self, route: PricedRoute, presented: Presented) -> P: ...
 
@@ -158,6 +166,7 @@ class Scheme(Protocol, Generic[P]):
 __all__ = [
     "Claim",
     "Offer",
+    "Offering",
     "Payment",
     "Presented",
     "PricedRoute",

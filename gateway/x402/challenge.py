@@ -29,6 +29,8 @@ class Requirement:
     eip712_name: str
     eip712_version: str
     scheme: str = "exact"
+    more: tuple[tuple[str, Any], ...] = ()  # further ``extra`` keys of this scheme (batch-settlement's terms)
+    legacy: bool = True  # also listed in the v1 body (a scheme v1 clients do not know is v2-only)
 
     @property
     def caip2(self) -> str:
@@ -37,8 +39,8 @@ class Requirement:
     def matches_network(self, network: str) -> bool:
         return network in (self.network, self.caip2)
 
-    def extra(self) -> dict[str, str]:
-        return {"name": self.eip712_name, "version": self.eip712_version}
+    def extra(self) -> dict[str, Any]:
+        return {"name": self.eip712_name, "version": self.eip712_version, **dict(self.more)}
 
     def v1(self, resource: str, description: str, mime_type: str) -> dict[str, Any]:
         return {
@@ -105,7 +107,7 @@ def build_challenge(
     v1: dict[str, Any] = {
         "x402Version": 1,
         "error": reason,
-        "accepts": [r.v1(resource, description, mime_type) for r in accepts],
+        "accepts": [r.v1(resource, description, mime_type) for r in accepts if r.legacy],
     }
     if message:
         v1["message"] = message

@@ -24,9 +24,14 @@ from eth_account.signers.local import LocalAccount
 from gateway.client.exact import Option, choose_requirement, parse_challenge, sign_exact_payment
 from gateway.config import GatewayConfig, parse_config
 from gateway.dev.chain import DevChain
+from gateway.dev.keys import DEV_KEYS
 from gateway.http.app import build_app
 from gateway.networks import KNOWN_NETWORKS
 from tests.support.servers import RecordingUpstream, serve_asgi
+
+# The receiver authorizer of session channels (signs claims and refunds; never sends a transaction).
+AUTHORIZER_KEY = DEV_KEYS[7]
+SESSIONS = {"authorizer_key_env": "TEST_AUTHORIZER_KEY", "withdraw_delay": 900}
 
 DEFAULT_ROUTES: list[dict[str, Any]] = [
     {"route": "POST /paid", "price": "0.10", "settlement": "after", "description": "paid after success"},
@@ -96,7 +101,7 @@ def gateway_config(
         doc["rate_limits"] = {"enabled": False}
     for name, value in sections.items():
         doc.setdefault(name, {}).update(value)
-    env = dict(os.environ, TEST_RELAYER_KEY=relayer_key or chains[0].relayer_key)
+    env = dict(os.environ, TEST_RELAYER_KEY=relayer_key or chains[0].relayer_key, TEST_AUTHORIZER_KEY=AUTHORIZER_KEY)
     return parse_config(doc, env=env, base_dir=Path.cwd())
 
 
@@ -109,6 +114,7 @@ def running_gateway(
     upstream: RecordingUpstream | Any | None = None,
     wrap: Any = None,
     upstream_settings: dict[str, Any] | None = None,
+    pay_to: str | None = None,
     **sections: Any,
 ) -> Iterator[GatewayUnderTest]:
     """``wrap``: an optional function app -> app (e.g. to strip the v2 header and force v1 clients).
@@ -116,7 +122,7 @@ def running_gateway(
     (e.g. ``{"headers": {"X-API-Key": ...}}``), since the ``upstream`` keyword names the app."""
     chain_list = [chains] if isinstance(chains, DevChain) else list(chains)
     upstream = upstream or RecordingUpstream()
-    pay_to = Account.create().address
+    pay_to = pay_to or Account.create().address  # fresh unless a test restarts "the same" gateway
     with serve_asgi(upstream) as upstream_url:
         if upstream_settings:
             sections = {**sections, "upstream": upstream_settings}

@@ -85,11 +85,13 @@ class ExactScheme:
     def accepts(self, presented: Presented) -> bool:
         return True  # every x402 payload header that is not another scheme's
 
-    def offer(self, route: PricedRoute, resource: str, method: str) -> Offer:
-        return Offer(accepts=route.requirements)
+    def offer(self, route: PricedRoute, resource: str, method: str) -> Offer | None:
+        return Offer(accepts=route.requirements) if "exact" in route.config.schemes else None
 
     def parse(self, route: PricedRoute, presented: Presented) -> ExactAttempt:
         payment = parse_exact_payment(presented.value, presented.header)
+        if "exact" not in route.config.schemes:
+            raise PaymentRequired("this route is not paid with the exact scheme", reason=reasons.UNSUPPORTED_SCHEME)
         req = select_requirement(payment, route.requirements)
         kind = check_exact(payment, req)
         return ExactAttempt(payment, req, kind, route, presented.method)

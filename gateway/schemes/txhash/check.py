@@ -8,7 +8,7 @@ Known implementations of this mode check only the hash's format. Here a proof pa
   from calldata: a fake token emits identical events) to ``payTo`` with ``value >= price``;
 * the block has enough confirmations and is not older than the route's window (:mod:`.onchain`);
 * the transfer's sender signed the binding message (:mod:`gateway.x402.txhash`), so a hash read off a block
-  explorer cannot be spent by anyone else (T3);
+  explorer cannot be spent by anyone else (T3), unless the route takes unbound proofs (T43: first presenter wins);
 * it is consumed exactly once: the store key is ``tx:<chain>:<hash>:<log position>`` of the *first* qualifying log
   (its position in the transaction's receipt, stable across reorgs), so a transaction carrying several Transfer
   logs still pays once, on one route.
@@ -34,7 +34,9 @@ def binding_digest(proof: TxProof, method: str, resource: str) -> bytes:
 
 
 def binding_signer(proof: TxProof, method: str, resource: str) -> str | None:
-    """The EOA that signed the binding (lowercase), or None (maybe a contract wallet: ask ERC-1271)."""
+    """The EOA that signed the binding (lowercase), or None (none sent, or maybe a contract wallet: ask ERC-1271)."""
+    if proof.binding is None:
+        return None
     return recover_signer(binding_digest(proof, method, resource), proof.binding)
 
 

@@ -3,6 +3,9 @@
 Offered per route (``tx_hash = true``) beside ``exact``, in the 402's v2 ``extensions.txhash`` and v1
 ``payment[]`` (docs/protocol.md §5). Everything is checked before the claim, because the claim key names the
 qualifying log; the claim then consumes that log for ever.
+
+A route with ``tx_hash_binding = "optional"`` also takes a proof without ``X-PAYMENT-BINDING``: every other check
+still runs, and the same claim key makes its first presenter the only one served (docs/threat-model.md T43).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh
 from gateway.storage.receipts import ClaimRecord, ClaimState
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
-from gateway.x402.txhash import TxProof, looks_like_tx_hash, parse_tx_proof, tx_option
+from gateway.x402.txhash import TxProof, looks_like_tx_hash, parse_tx_proof, tx_extension, tx_option
 
 
 @dataclass(slots=True)
@@ -33,8 +36,14 @@ class TxAttempt:
 
     @property
     def payer(self) -> str:
+        """The transfer's sender. For an unbound proof that is whose money it was, not who presented it."""
         assert self.found is not None, "verify() runs before the payer is known"
         return self.found.payer
+
+    @property
+    def unbound(self) -> bool:
+        """Presented without a payer binding (a route with ``tx_hash_binding = "optional"``)."""
+        return self.proof.binding is None
 
 
 class TxHashScheme:
@@ -50,11 +59,14 @@ class TxHashScheme:
     def offer(self, route: PricedRoute, resource: str, method: str) -> Offer | None:
         if not route.config.tx_hash:
             return None
-        options = [tx_option(r, resource, method) for r in route.requirements]
-        return Offer(extensions={"txhash": {"options": options}}, v1_extra={"payment": options})
+        required = route.config.tx_hash_binding == "required"
+        options = [tx_option(r, resource, method, binding_required=required) for r in route.requirements]
+        extension = tx_extension(options, binding_required=required)
+        return Offer(extensions={"txhash": extension}, v1_extra={"payment": options})
 
     def parse(self, route: PricedRoute, presented: Presented) -> TxAttempt:
-        proof = parse_tx_proof(presented.value, presented.network, presented.binding)
+        required = route.config.tx_hash_binding == "required"
+        proof = parse_tx_proof(presented.value, presented.network, presented.binding, binding_required=required)
         if not route.config.tx_hash:
             raise PaymentRequired("this route accepts x402 payments only", reason=reasons.UNSUPPORTED_PAYMENT_KIND)
         for req in route.requirements:
@@ -69,13 +81,10 @@ class TxHashScheme:
         proof = payment.proof
         receipt = await agreed_receipt(net.rpc, proof.tx_hash)
         found = find_transfer(receipt, payment.requirement)
-        signer = binding_signer(proof, payment.method, payment.resource)
-        if signer != found.payer and not await contract_vouches(
-            net.rpc, found.payer, binding_digest(proof, payment.method, payment.resource), proof.binding
-        ):
-            raise PaymentRequired(
-                "the payment binding is not signed by the transfer's sender", reason=reasons.BINDING_MISMATCH
-            )
+        # No binding: parse() let it through only on a route that takes unbound proofs (docs/threat-model.md T43).
+        # A binding that is sent must be the sender's, on every route (T3).
+        if proof.binding is not None:
+            await self._check_binding(net, payment, proof.binding, found)
         if net.relayer is not None and str(receipt.get("from", "")).lower() == net.relayer.address.lower():
             # A transfer our own relayer sent is an ``exact`` settlement this gateway already collected (a payer's
             # proof is a transfer the payer sent): it never pays again, even if its records were lost
@@ -83,6 +92,16 @@ class TxHashScheme:
             raise PaymentReplayed("this transfer settled a payment this gateway already collected")
         await check_final_and_fresh(net, receipt, found, self.config.payment)
         payment.found = found
+
+    async def _check_binding(self, net: Network, payment: TxAttempt, binding: bytes, found: FoundTransfer) -> None:
+        proof = payment.proof
+        signer = binding_signer(proof, payment.method, payment.resource)
+        if signer != found.payer and not await contract_vouches(
+            net.rpc, found.payer, binding_digest(proof, payment.method, payment.resource), binding
+        ):
+            raise PaymentRequired(
+                "the payment binding is not signed by the transfer's sender", reason=reasons.BINDING_MISMATCH
+            )
 
     def claim_key(self, payment: TxAttempt, *, now: float) -> tuple[str, float | None]:
         assert payment.found is not None

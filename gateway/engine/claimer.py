@@ -1,0 +1,258 @@
+"""The claimer: session charges turned into money on chain, in batches, before any payer can take them back.
+
+Every ``claim_interval`` seconds, per network (docs/sessions.md):
+
+1. read ``WithdrawInitiated`` logs since the last pass: such a channel is refreshed from the chain and claimed on
+   this pass, whatever its size (the payer can take the unclaimed balance once the delay ends);
+2. pick the channels that are due: more than ``max_unclaimed_per_channel`` owed, owed for longer than
+   ``claim_after``, withdrawing, or all of them when the total owed passes ``max_unclaimed_total``; a channel
+   whose request died after its answer left is folded first (its charge committed);
+3. claim them with ``claimWithSignature`` (the receiver authorizer signs the batch), as many per transaction as
+   fit ``max_claim_gas`` by the measured gas per voucher; a batch whose simulation fails is split and the
+   channel that would revert (drained by a withdrawal, say) is dropped, never the whole batch;
+4. every ``settle_interval``, sweep what was claimed to ``pay_to`` with ``settle``.
+
+Claims are idempotent on chain (a claim sets a channel's ``totalClaimed``; claiming a total again moves
+nothing), so a crash or a second gateway instance claiming the same channel can cost gas, never money.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from eth_utils.address import to_checksum_address
+
+from gateway.config import SessionsConfig
+from gateway.engine.sessions import Sessions
+from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
+from gateway.schemes.batch.onchain import SETTLE, ChannelChain, VoucherClaim, claim_calldata
+from gateway.storage.channels import Channel
+from gateway.x402.sessions import ChannelConfig, claim_batch_digest
+
+log = logging.getLogger("gateway.sessions")
+
+__all__ = ["Claimer", "ClaimerStats"]
+
+_BATCH_OVERHEAD_GAS = 60_000  # the transaction and the batch signature, before any voucher
+_SCAN = 1000  # channels read per pass and network
+
+
+@dataclass
+class ClaimerStats:
+    passes: int = 0
+    claim_transactions: int = 0
+    vouchers_claimed: int = 0
+    value_claimed: int = 0  # atomic units moved from channels to the receiver's claimed balance
+    dropped: int = 0  # channels left out of a batch because their claim would revert
+    settlements: int = 0
+    gas_per_voucher: int = 0  # the last measurement
+    last_claim_tx: str = ""
+    withdrawals_seen: int = 0
+    failures: int = 0
+    unclaimed_value: int = 0  # owed to us and not claimed yet, all networks (as of the last pass)
+    channels_owing: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Claimer:
+    def __init__(self, sessions: Sessions, config: SessionsConfig) -> None:
+        self.sessions = sessions
+        self.config = config
+        self.stats = ClaimerStats()
+        self._task: asyncio.Task[None] | None = None
+        self._from_block: dict[str, int] = {}
+        self._urgent: dict[str, set[str]] = {}  # network -> channel ids with a withdrawal pending
+        self._last_settle = 0.0
+        self._lock = asyncio.Lock()  # one pass at a time (the loop, or an operator's "claim now")
+        self._gas_per_voucher = config.claim_gas_per_voucher
+        # When this process first saw each channel owing (the age that ``claim_after`` bounds; a restart starts
+        # the clock again, so a charge waits at most one ``claim_after`` per restart).
+        self._owing_since: dict[str, float] = {}
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="x402-session-claimer")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.claim_interval)
+            try:
+                await self.run_once()
+            except Exception:  # never let one failure end the claims: the next pass tries again
+                self.stats.failures += 1
+                log.warning("a claim pass failed", exc_info=True)
+
+    async def run_once(self, *, everything: bool = False, now: float | None = None) -> ClaimerStats:
+        """One pass over every network; ``everything``: claim every channel that owes anything, and sweep."""
+        async with self._lock:
+            now = time.time() if now is None else now
+            owed = owing = 0
+            for name, chain in self.sessions.chains.items():
+                await self._watch_withdrawals(name, chain, now)
+                left = await self._claim(name, chain, now, everything=everything)
+                owed, owing = owed + sum(ch.unclaimed for ch in left), owing + len(left)
+            self.stats.unclaimed_value, self.stats.channels_owing = owed, owing
+            if everything or now - self._last_settle >= self.config.settle_interval:
+                await self.sweep()
+                self._last_settle = now
+            self.stats.passes += 1
+            return self.stats
+
+    # ------------------------------------------------------------------------------------------- withdrawals
+
+    async def _watch_withdrawals(self, name: str, chain: ChannelChain, now: float) -> None:
+        start = self._from_block.get(name, 0)
+        try:
+            head, ids = await chain.withdrawals_since(start)
+        except GatewayError:
+            log.warning("could not read withdrawal logs on %s; trying again next pass", name)
+            return
+        urgent = self._urgent.setdefault(name, set())
+        for cid in ids:
+            state = await chain.state(cid)
+            if await self.sessions.store.sync(cid, state, now=now) is not None:
+                self.stats.withdrawals_seen += 1
+                urgent.add(cid)
+        # Only once every withdrawal read is recorded: one the store (or the chain) failed to take mid-pass is read
+        # again on the next pass; skipped, it would let the payer take back every charge not claimed yet.
+        self._from_block[name] = head + 1
+
+    # ------------------------------------------------------------------------------------------------ claims
+
+    def _due(self, ch: Channel, now: float, total: int, urgent: set[str], everything: bool) -> bool:
+        cfg = self.config
+        return (
+            everything
+            or ch.channel_id in urgent
+            or ch.withdraw_requested_at > 0
+            or ch.unclaimed >= cfg.max_unclaimed_per_channel
+            or total >= cfg.max_unclaimed_total
+            or now - self._owing_since.setdefault(ch.channel_id, now) >= cfg.claim_after
+        )
+
+    async def _claim(self, name: str, chain: ChannelChain, now: float, *, everything: bool) -> list[Channel]:
+        """Claim what is due on one network; returns the channels still owing afterwards."""
+        store = self.sessions.store
+        chain_id = chain.rpc.chain_id
+        owed = await store.unclaimed(chain_id, now=now, limit=_SCAN)
+        folded: list[Channel] = []
+        for owing in owed:
+            lapsed = owing.holder is not None and owing.held_until <= now
+            folded.append((await store.fold(owing.channel_id, now=now) if lapsed else None) or owing)
+        total = sum(max(ch.unclaimed, 0) for ch in folded)
+        urgent = self._urgent.get(name, set())
+        due = [
+            ch for ch in folded if ch.unclaimed > 0 and ch.signature and self._due(ch, now, total, urgent, everything)
+        ]
+        per_tx = max(1, (self.config.max_claim_gas - _BATCH_OVERHEAD_GAS) // max(self._gas_per_voucher, 1))
+        for i in range(0, len(due), per_tx):
+            await self._send_batch(chain, due[i : i + per_tx])
+        for ch in due:
+            urgent.discard(ch.channel_id)
+        claimed = {ch.channel_id for ch in due if ch.channel_id not in self._owing_since}
+        return [ch for ch in folded if ch.unclaimed > 0 and ch.channel_id not in claimed]
+
+    def _entries(self, channels: list[Channel]) -> list[VoucherClaim]:
+        return [
+            VoucherClaim(_config_of(ch), ch.signed_max, bytes.fromhex(ch.signature.removeprefix("0x")), ch.charged)
+            for ch in channels
+        ]
+
+    def _calldata(self, chain: ChannelChain, channels: list[Channel]) -> bytes:
+        entries = self._entries(channels)
+        digest = claim_batch_digest(
+            [(ch.channel_id, e.max_claimable, e.total_claimed) for ch, e in zip(channels, entries, strict=True)],
+            chain.rpc.chain_id,
+        )
+        return claim_calldata(entries, self.sessions.sign(digest))
+
+    async def _send_batch(self, chain: ChannelChain, channels: list[Channel]) -> None:
+        if not channels:
+            return
+        data = self._calldata(chain, channels)
+        gas = await chain.estimate(data)
+        if gas is None:
+            if len(channels) == 1:
+                # This channel's claim would revert (drained by a finished withdrawal, or claimed meanwhile): its
+                # state is read again, and it is left out rather than holding up everyone else's.
+                self.stats.dropped += 1
+                ch = channels[0]
+                log.warning("a channel's claim would revert; refreshing it from the chain")
+                with contextlib.suppress(GatewayError):
+                    await self.sessions.store.sync(ch.channel_id, await chain.state(ch.channel_id), now=time.time())
+                return
+            half = len(channels) // 2
+            await self._send_batch(chain, channels[:half])
+            await self._send_batch(chain, channels[half:])
+            return
+        if gas > self.config.max_claim_gas and len(channels) > 1:
+            half = len(channels) // 2
+            await self._send_batch(chain, channels[:half])
+            await self._send_batch(chain, channels[half:])
+            return
+        # What one more voucher costs, measured on this batch: it sizes the next batches.
+        self._gas_per_voucher = max(1, (gas - _BATCH_OVERHEAD_GAS // 2) // len(channels))
+        self.stats.gas_per_voucher = self._gas_per_voucher
+        try:
+            tx_hash, _receipt = await chain.send(data, gas + gas // 5)
+        except (SettlementFailed, GatewayError) as exc:
+            self.stats.failures += 1
+            log.warning("a claim transaction failed (%s); the next pass tries again", exc.reason)
+            return
+        self.stats.claim_transactions += 1
+        self.stats.last_claim_tx = tx_hash
+        now = time.time()
+        for ch in channels:
+            try:
+                await self.sessions.store.record_claimed(ch.channel_id, ch.charged, now=now)
+            except StoreUnavailable:
+                log.warning("a landed claim could not be recorded; the chain's totalClaimed is read next time")
+            self._owing_since.pop(ch.channel_id, None)
+            self.stats.vouchers_claimed += 1
+            self.stats.value_claimed += ch.charged - ch.total_claimed
+
+    # ---------------------------------------------------------------------------------------------- sweeping
+
+    async def sweep(self) -> None:
+        """Move what was claimed for ``pay_to`` from the settlement contract to ``pay_to`` (one call per token)."""
+        pay_to = to_checksum_address(self.sessions.config.payment.pay_to)
+        for name, chain in self.sessions.chains.items():
+            token = to_checksum_address(self.sessions.config.networks[name].usdc)
+            try:
+                if await chain.unsettled(pay_to, token) <= 0:
+                    continue  # nothing to sweep: a settle would cost gas and move nothing
+            except GatewayError:
+                continue
+            data = SETTLE.encode(pay_to, token)
+            gas = await chain.estimate(data)
+            if gas is None:
+                continue
+            try:
+                await chain.send(data, gas + gas // 5)
+            except GatewayError as exc:
+                log.warning("sweeping claimed funds failed on %s (%s)", name, exc.reason)
+                continue
+            self.stats.settlements += 1
+
+
+def _config_of(ch: Channel) -> ChannelConfig:
+    return ChannelConfig(
+        payer=ch.payer.lower(),
+        payer_authorizer=ch.payer_authorizer.lower(),
+        receiver=ch.receiver.lower(),
+        receiver_authorizer=ch.receiver_authorizer.lower(),
+        token=ch.token.lower(),
+        withdraw_delay=ch.withdraw_delay,
+        salt=ch.salt,
+    )
