@@ -2,8 +2,9 @@
 
 Every ``claim_interval`` seconds, per network (docs/sessions.md):
 
-1. read ``WithdrawInitiated`` logs since the last pass: such a channel is refreshed from the chain and claimed on
-   this pass, whatever its size (the payer can take the unclaimed balance once the delay ends);
+1. read ``WithdrawInitiated`` logs since the last pass (a fresh process: since one withdrawal delay ago), in the
+   block ranges the node accepts: such a channel is refreshed from the chain and claimed on this pass, whatever
+   its size (the payer can take the unclaimed balance once the delay ends);
 2. pick the channels that are due: more than ``max_unclaimed_per_channel`` owed, owed for longer than
    ``claim_after``, withdrawing, or all of them when the total owed passes ``max_unclaimed_total``; a channel
    whose request died after its answer left is folded first (its charge committed);
@@ -21,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 from eth_utils.address import to_checksum_address
 
+from gateway.chain.rpc import RpcError
 from gateway.config import SessionsConfig
 from gateway.engine.sessions import Sessions
 from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
@@ -39,6 +42,12 @@ __all__ = ["Claimer", "ClaimerStats"]
 
 _BATCH_OVERHEAD_GAS = 60_000  # the transaction and the batch signature, before any voucher
 _SCAN = 1000  # channels read per pass and network
+# Withdrawal logs are read in block ranges: hosted nodes cap eth_getLogs (10 blocks on some free tiers, 10,000 on
+# others), so a range the node refuses is halved until it answers, and the catch-up after a start goes on over the
+# next passes (each reads at most _LOG_READS ranges, oldest first: the oldest withdrawal ends first).
+_LOG_SPAN = 2_000
+_LOG_READS = 50
+_LOOKBACK_SAMPLE = 1_000  # blocks whose timestamps measure the block time (how far back a withdrawal delay reaches)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Claimer:
         self.stats = ClaimerStats()
         self._task: asyncio.Task[None] | None = None
         self._from_block: dict[str, int] = {}
+        self._log_span: dict[str, int] = {}  # network -> blocks per eth_getLogs the node accepts
         self._urgent: dict[str, set[str]] = {}  # network -> channel ids with a withdrawal pending
         self._last_settle = 0.0
         self._lock = asyncio.Lock()  # one pass at a time (the loop, or an operator's "claim now")
@@ -112,21 +122,48 @@ class Claimer:
     # ------------------------------------------------------------------------------------------- withdrawals
 
     async def _watch_withdrawals(self, name: str, chain: ChannelChain, now: float) -> None:
-        start = self._from_block.get(name, 0)
         try:
-            head, ids = await chain.withdrawals_since(start)
-        except GatewayError:
+            head = await chain.head()
+            start = self._from_block.get(name)
+            if start is None:
+                start = self._from_block[name] = await self._first_block(chain, head)
+            for _ in range(_LOG_READS):
+                if start > head:
+                    return
+                span = self._log_span.get(name, _LOG_SPAN)
+                last = min(head, start + span - 1)
+                try:
+                    ids = await chain.withdrawals_between(start, last)
+                except RpcError:
+                    if span == 1:
+                        raise
+                    self._log_span[name] = span // 2  # the node caps the range: ask for less
+                    continue
+                await self._record_withdrawals(name, chain, ids, now)
+                # Only once every withdrawal read is recorded: one the store (or the chain) failed to take is read
+                # again on the next pass; skipped, it would let the payer take back every charge not claimed yet.
+                start = self._from_block[name] = last + 1
+        except (GatewayError, RpcError):
             log.warning("could not read withdrawal logs on %s; trying again next pass", name)
-            return
+
+    async def _first_block(self, chain: ChannelChain, head: int) -> int:
+        """Where a process starts reading withdrawals: a withdrawal delay back (one started earlier can already be
+        finalized), measured in blocks by the chain's recent block time."""
+        sample = min(head, _LOOKBACK_SAMPLE)
+        if sample == 0:
+            return 0
+        elapsed = await chain.block_time(head) - await chain.block_time(head - sample)
+        if elapsed <= 0:
+            return 0
+        return max(0, head - math.ceil(self.config.withdraw_delay * 1.25 * sample / elapsed))
+
+    async def _record_withdrawals(self, name: str, chain: ChannelChain, ids: list[str], now: float) -> None:
         urgent = self._urgent.setdefault(name, set())
         for cid in ids:
             state = await chain.state(cid)
             if await self.sessions.store.sync(cid, state, now=now) is not None:
                 self.stats.withdrawals_seen += 1
                 urgent.add(cid)
-        # Only once every withdrawal read is recorded: one the store (or the chain) failed to take mid-pass is read
-        # again on the next pass; skipped, it would let the payer take back every charge not claimed yet.
-        self._from_block[name] = head + 1
 
     # ------------------------------------------------------------------------------------------------ claims
 

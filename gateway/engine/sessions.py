@@ -163,7 +163,7 @@ class Sessions:
             if payment.kind == "refund":
                 await request.refund(chain)
             else:
-                request.check_cover(self.config.sessions.withdraw_margin, now)
+                await request.check_cover(chain, self.config.sessions.withdraw_margin, now)
         except BaseException:
             await request.release_quietly()
             raise
@@ -292,7 +292,18 @@ class SessionRequest:
         if synced is not None:
             self.channel = synced
 
-    def check_cover(self, margin: float, now: float) -> None:
+    async def check_cover(self, chain: ChannelChain, margin: float, now: float) -> None:
+        """The voucher is within the channel's balance and the channel is not closing. A refusal is decided on the
+        chain's word, not the mirror's: the mirror is read again first (a deposit someone else sent, a withdrawal
+        that finished), which costs an RPC call on this refusal path only."""
+        try:
+            self._cover(margin, now)
+        except PaymentRequired:
+            synced = await self.store.sync(self.channel_id, await chain.state(self.channel_id), now=now)
+            self.channel = synced or self.channel
+            self._cover(margin, now)
+
+    def _cover(self, margin: float, now: float) -> None:
         ch = self.channel
         voucher_max = self._checked.payment.voucher.max_claimable
         if voucher_max > ch.balance:

@@ -166,21 +166,27 @@ class ChannelChain:
         claimed, settled = RECEIVERS.decode_output(bytes.fromhex(answer[2:]))
         return int(claimed) - int(settled)
 
-    async def withdrawals_since(self, from_block: int) -> tuple[int, list[str]]:
-        """Channel ids with a ``WithdrawInitiated`` logged from ``from_block`` on, and the head it read up to."""
-        head = hex_int(await self.rpc.request("eth_blockNumber", []))
-        if head < from_block:
-            return head, []
+    async def head(self) -> int:
+        return hex_int(await self.rpc.request("eth_blockNumber", []))
+
+    async def block_time(self, number: int) -> int:
+        block = await self.rpc.request("eth_getBlockByNumber", [hex(number), False])
+        if not isinstance(block, dict):
+            raise ChainUnavailable(f"network {self.rpc.name}: block {number} is unknown to the node")
+        return hex_int(block["timestamp"])
+
+    async def withdrawals_between(self, first: int, last: int) -> list[str]:
+        """Channel ids with a ``WithdrawInitiated`` logged in blocks ``first`` to ``last``. The node's own refusal
+        (a block range over its cap, most often) is raised as :class:`RpcError`."""
         logs = await self.rpc.request(
             "eth_getLogs",
             [
                 {
                     "address": self.contract,
-                    "fromBlock": hex(from_block),
-                    "toBlock": hex(head),
+                    "fromBlock": hex(first),
+                    "toBlock": hex(last),
                     "topics": ["0x" + WITHDRAW_INITIATED_TOPIC.hex()],
                 }
             ],
         )
-        ids = [str(log["topics"][1]).lower() for log in logs or [] if len(log.get("topics", ())) > 1]
-        return head, ids
+        return [str(log["topics"][1]).lower() for log in logs or [] if len(log.get("topics", ())) > 1]
