@@ -1,5 +1,6 @@
-"""The x402 client SDK: pay 402s automatically (x402 ``exact`` or a USDC transfer), within spend controls, and
-drive job APIs (submit, poll with live status updates, cancel, list, batch) with retries that never pay twice.
+"""The x402 client SDK: pay 402s automatically (x402 ``exact``, a USDC transfer, or a ``batch-settlement``
+session: one deposit, then a signed voucher per request), within spend controls, and drive job APIs (submit,
+poll with live status updates, cancel, list, batch) with retries that never pay twice.
 
     from eth_account import Account
     from gateway.client import X402Client, SpendControls
@@ -9,8 +10,8 @@ drive job APIs (submit, poll with live status updates, cancel, list, batch) with
         job = client.prompt_and_wait("What is the price of ETH?", on_update=lambda u: print(u.message))
         print(job.response, job.submission.tx_hash)
 
-The public names are re-exported here (the modules starting with ``_`` are private); ``exact``, ``txhash`` and
-``jobauth`` are the low-level signers the SDK is built on. The exception tree is drawn in ``_errors``.
+The public names are re-exported here (the modules starting with ``_`` are private); ``exact``, ``txhash``,
+``session`` and ``jobauth`` are the low-level signers the SDK is built on. The exception tree is drawn in ``_errors``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.client._channels import FileSessionStore, MemorySessionStore, SessionChannel, SessionStore
     from gateway.client._client import AsyncX402Client
-    from gateway.client._config import JobPaths, RetryPolicy, TxHashPayments
+    from gateway.client._config import JobPaths, RetryPolicy, SessionSettings, TxHashPayments
     from gateway.client._errors import (
         ApiError,
         JobCancelled,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
         SubmitResult,
         payment_receipt,
     )
+    from gateway.client._sessions import SessionRefund
     from gateway.client._spend import SpendControls
     from gateway.client._sync import X402Client
     from gateway.client._tokens import FileTokenStore, MemoryTokenStore, TokenStore
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
 # cost. ``from gateway.client import X402Client`` works as with eager imports (PEP 562).
 _HOME = {
     **dict.fromkeys(["AsyncX402Client"], "_client"),
-    **dict.fromkeys(["JobPaths", "RetryPolicy", "TxHashPayments"], "_config"),
+    **dict.fromkeys(["FileSessionStore", "MemorySessionStore", "SessionChannel", "SessionStore"], "_channels"),
+    **dict.fromkeys(["JobPaths", "RetryPolicy", "SessionSettings", "TxHashPayments"], "_config"),
     **dict.fromkeys(
         [
             "ApiError",
@@ -69,6 +73,7 @@ _HOME = {
     **dict.fromkeys(
         ["Job", "JobList", "JobsHealth", "PaymentReceipt", "StatusUpdate", "SubmitResult", "payment_receipt"], "_models"
     ),
+    **dict.fromkeys(["SessionRefund"], "_sessions"),
     **dict.fromkeys(["SpendControls"], "_spend"),
     **dict.fromkeys(["X402Client"], "_sync"),
     **dict.fromkeys(["FileTokenStore", "MemoryTokenStore", "TokenStore"], "_tokens"),
@@ -78,6 +83,7 @@ _HOME = {
 __all__ = [
     "ApiError",
     "AsyncX402Client",
+    "FileSessionStore",
     "FileTokenStore",
     "Job",
     "JobCancelled",
@@ -87,11 +93,16 @@ __all__ = [
     "JobPaths",
     "JobTimedOut",
     "JobsHealth",
+    "MemorySessionStore",
     "MemoryTokenStore",
     "PaymentFailed",
     "PaymentReceipt",
     "PaymentRefused",
     "RetryPolicy",
+    "SessionChannel",
+    "SessionRefund",
+    "SessionSettings",
+    "SessionStore",
     "SpendControls",
     "StatusUpdate",
     "SubmitResult",

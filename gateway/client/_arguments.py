@@ -1,7 +1,8 @@
-"""The client commands' command line (``prompt``, ``status``, ``cancel``, ``jobs``): their options, the environment
-they read, and the key redaction every usage error goes through. ``x402-gateway`` (gateway/cli.py) adds them to
-its parser; the commands themselves live in :mod:`gateway.client._commands`, loaded only to run one (eth_account
-alone takes ~0.7 s to import, which a usage error should not cost), so this module imports nothing heavy.
+"""The client commands' command line (``prompt``, ``status``, ``cancel``, ``jobs``, ``session open|status|refund``):
+their options, the environment they read, and the key redaction every usage error goes through. ``x402-gateway``
+(gateway/cli.py) adds them to its parser; the commands themselves live in :mod:`gateway.client._commands`, loaded
+only to run one (eth_account alone takes ~0.7 s to import, which a usage error should not cost), so this module
+imports nothing heavy.
 
 The wallet key is read from ``$X402_WALLET_KEY`` or ``--key-file`` only: no option takes the key itself (argv is
 visible to every process on the machine and lands in shell history).
@@ -16,8 +17,9 @@ from typing import Any
 KEY_ENV = "X402_WALLET_KEY"
 URL_ENV = "X402_GATEWAY_URL"
 RPC_ENV_PREFIX = "X402_RPC_URL_"
+SESSIONS_ENV = "X402_GATEWAY_SESSIONS_FILE"
 KEY_LIKE = re.compile(r"(0x)?[0-9a-fA-F]{64}")
-CLIENT_COMMANDS = ("prompt", "status", "cancel", "jobs")
+CLIENT_COMMANDS = ("prompt", "status", "cancel", "jobs", "session")
 
 
 def redact_keys(text: str) -> str:
@@ -66,3 +68,44 @@ def add_client_commands(sub: Any) -> None:
     jobs.add_argument("--limit", type=int, help="at most this many (default: the server's, 50)")
     for command in (prompt, status, cancel, jobs):
         command.set_defaults(func=run_client_command)
+    _add_session_commands(sub)
+
+
+def _add_session_commands(sub: Any) -> None:
+    """``session open URL``, ``session status [URL]``, ``session refund URL``: channels kept in a local file."""
+    store = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    store.add_argument(
+        "--sessions-file",
+        metavar="PATH",
+        help=f"where channels are kept (default: ${SESSIONS_ENV}, else ~/.config/x402-gateway/sessions.json)",
+    )
+    store.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    paying = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    paying.add_argument("--key-file", metavar="PATH", help=f"file holding the wallet key (default: ${KEY_ENV})")
+    paying.add_argument("--max-price", metavar="USD", help="refuse a price or a deposit above this (default 1.00)")
+    paying.add_argument(
+        "--network", action="append", metavar="NAME", help="only pay on this network (repeatable; e.g. base)"
+    )
+    paying.add_argument("--method", default="GET", help="the paid route's HTTP method (default GET)")
+    paying.add_argument("url", metavar="URL", help="a paid URL of the server that offers sessions")
+
+    session = sub.add_parser(
+        "session",
+        help="pay through a channel: one deposit, then a signed voucher per request (batch-settlement)",
+        description=f"RPC URLs from ${RPC_ENV_PREFIX}<NETWORK>, if set, let the client check the server's account "
+        "of a channel against the chain.",
+    )
+    actions = session.add_subparsers(dest="session_command", required=True)
+    opening = actions.add_parser(
+        "open",
+        parents=[paying, store],
+        help="open a channel with URL's server (one paid request at URL carries the deposit)",
+    )
+    opening.add_argument("--deposit", metavar="USD", help="deposit this much (default: the server's minDeposit)")
+    status = actions.add_parser("status", parents=[store], help="the channels in the local store")
+    status.add_argument("url", metavar="URL", nargs="?", help="only channels with this URL's server")
+    refund = actions.add_parser(
+        "refund", parents=[paying, store], help="get back what a channel holds beyond what was charged"
+    )
+    refund.add_argument("--amount", metavar="USD", help="only this much (default: all that is left)")
+    session.set_defaults(func=run_client_command)

@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from gateway.client._config import JobPaths, RetryPolicy, Style, TxHashPayments
+from gateway.client._channels import SessionStore
+from gateway.client._config import JobPaths, RetryPolicy, SessionSettings, Style, TxHashPayments
 from gateway.client._errors import ApiError, JobCancelled, JobFailed, JobTimedOut, TransientError, X402ClientError
 from gateway.client._models import Job, JobList, JobsHealth, StatusUpdate, SubmitResult, payment_receipt
 from gateway.client._paying import PayingClient, PayWith, error_of, json_doc
@@ -64,7 +65,12 @@ class AsyncX402Client(PayingClient):
     * ``account``: an ``eth_account`` ``LocalAccount``; without one a 402 is :class:`PaymentRefused`.
     * ``spend``: :class:`SpendControls` (default: at most $1.00 per payment, no budget).
     * ``pay_with``: ``"exact"`` (x402 EIP-3009 signatures, the default), ``"txhash"`` (USDC transfers, needs
-      ``tx_hash`` settings) or ``"auto"`` (exact, else a transfer where a tx-hash option is allowed).
+      ``tx_hash`` settings), ``"auto"`` (exact, else a transfer where a tx-hash option is allowed) or
+      ``"session"`` (a ``batch-settlement`` channel where offered: one deposit, then a voucher per request; else
+      exact).
+    * ``sessions``: :class:`SessionSettings` (deposit size, optional RPC URLs, busy retries); ``session_store``:
+      where channels are kept (:class:`MemorySessionStore` by default; :class:`FileSessionStore` to reuse them in a
+      later process).
     * ``retry``: :class:`RetryPolicy` (4 tries, jittered exponential backoff from 0.5 s).
     * ``style`` / ``paths``: the job API (``"agent"``: ``/agent/prompt``…, ``"messaging"``:
       ``/api/messaging/jobs``…), or explicit :class:`JobPaths`.
@@ -81,6 +87,8 @@ class AsyncX402Client(PayingClient):
         spend: SpendControls | None = None,
         pay_with: PayWith = "exact",
         tx_hash: TxHashPayments | None = None,
+        sessions: SessionSettings | None = None,
+        session_store: SessionStore | None = None,
         style: Style = "agent",
         paths: JobPaths | None = None,
         retry: RetryPolicy | None = None,
@@ -98,6 +106,8 @@ class AsyncX402Client(PayingClient):
             pay_with=pay_with,
             tx_hash=tx_hash,
             retry=retry,
+            sessions=sessions,
+            session_store=session_store,
             timeout=timeout,
             headers=headers,
             transport=transport,

@@ -1,5 +1,5 @@
-"""The client commands of ``x402-gateway``: ``prompt``, ``status``, ``cancel``, ``jobs`` (options in
-:mod:`gateway.client._arguments`, wired in gateway/cli.py).
+"""The client commands of ``x402-gateway``: ``prompt``, ``status``, ``cancel``, ``jobs``, ``session
+open|status|refund`` (options in :mod:`gateway.client._arguments`, wired in gateway/cli.py).
 
 Secrets: the wallet key comes from ``X402_WALLET_KEY`` or ``--key-file`` only, never from an argument value
 (argv is visible to every process on the machine and lands in shell history); no message ever echoes it.
@@ -8,11 +8,16 @@ Job tokens: a paid submit's ``X-Job-Token`` is kept in a small JSON file (``$X40
 ``~/.config/x402-gateway/jobs.json``, mode 0600) so ``status`` and ``cancel`` in a later run can open the job
 without the wallet; for a job not in the file they sign with the wallet (``X-Payer-Auth``) instead.
 
+Session channels: kept in a JSON file (``--sessions-file``, else ``$X402_GATEWAY_SESSIONS_FILE``, else
+``~/.config/x402-gateway/sessions.json``, mode 0600): it holds each channel's salt, without which its money cannot
+be named again, so it is never pruned.
+
 Exit codes: 0 the call did what was asked (``prompt``: the job completed; ``status``: the job is pending,
-processing or completed; ``cancel``: the job is cancelled, also when it already was; ``jobs``: listed), 1 the job
-ended failed / cancelled / timed out (``prompt``, ``status``) or the server refused the call (``cancel`` of a
-finished job), 2 usage or configuration error (also a call the gateway does not offer: reason ``not_supported``),
-3 payment refused (by the spend controls or the server).
+processing or completed; ``cancel``: the job is cancelled, also when it already was; ``jobs``: listed; ``session``:
+opened, listed, refunded), 1 the job ended failed / cancelled / timed out (``prompt``, ``status``) or the server
+refused the call (``cancel`` of a finished job, a refund with nothing to return, no channel to refund), 2 usage or
+configuration error (also a call the gateway does not offer: reason ``not_supported``; a URL that asks no
+payment), 3 payment refused (by the spend controls or the server).
 """
 
 from __future__ import annotations
@@ -30,17 +35,20 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from gateway.client._arguments import KEY_ENV, KEY_LIKE, RPC_ENV_PREFIX, URL_ENV, redact_keys
+from gateway.client._channels import FileSessionStore, SessionChannel
 from gateway.client._client import AsyncX402Client
-from gateway.client._config import TxHashPayments
+from gateway.client._config import SessionSettings, TxHashPayments
 from gateway.client._errors import JobError, PaymentFailed, PaymentRefused, X402ClientError
 from gateway.client._models import Job, StatusUpdate, SubmitResult
+from gateway.client._sessions import origin_of
 from gateway.client._spend import SpendControls
 from gateway.client._tokens import FileTokenStore
-from gateway.money import format_usd
+from gateway.money import format_usd, parse_usd
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PAYMENT", "EXIT_USAGE", "run_client_command"]
 
@@ -91,12 +99,16 @@ def _spend(args: argparse.Namespace) -> SpendControls:
         raise UsageError(f"--max-price: {exc}") from None
 
 
-def _tx_settings(args: argparse.Namespace) -> TxHashPayments | None:
-    urls = {
+def _rpc_urls() -> dict[str, str]:
+    return {
         name.removeprefix(RPC_ENV_PREFIX).lower().replace("_", "-"): value
         for name, value in os.environ.items()
         if name.startswith(RPC_ENV_PREFIX) and value
     }
+
+
+def _tx_settings(args: argparse.Namespace) -> TxHashPayments | None:
+    urls = _rpc_urls()
     if args.pay_with == "exact":
         return None
     if not urls:
@@ -135,6 +147,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         "status": cmd_status,
         "cancel": cmd_cancel,
         "jobs": cmd_jobs,
+        "session": cmd_session,
     }
     return _run(commands[args.command], args)
 
@@ -153,7 +166,13 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     except JobError as exc:
         return _report(args, exc, EXIT_FAILED, exc.job)
     except X402ClientError as exc:
-        usage = exc.reason in ("job_credentials_missing", "wallet_required", "not_supported")
+        usage = exc.reason in (
+            "job_credentials_missing",
+            "wallet_required",
+            "not_supported",
+            "not_a_paid_route",
+            "session_store_unreadable",
+        )
         return _report(args, exc, EXIT_USAGE if usage else EXIT_FAILED)
     return code
 
@@ -346,4 +365,86 @@ async def cmd_jobs(args: argparse.Namespace) -> int:
         prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "..."
         print(f"{job.job_id}  {job.status:<10}  {created}  {prompt}")
     print(f"{listed.filtered} of {listed.total} job(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------- sessions
+
+
+def _usd_option(value: str | None, option: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        atomic = parse_usd(value)
+    except ValueError:
+        raise UsageError(f"{option} must be a dollar amount such as 1.00, not {value!r}") from None
+    if atomic <= 0:
+        raise UsageError(f"{option} must be more than zero")
+    return atomic
+
+
+def _session_store(args: argparse.Namespace) -> FileSessionStore:
+    return FileSessionStore(args.sessions_file)  # None: $X402_GATEWAY_SESSIONS_FILE, else ~/.config/...
+
+
+@contextlib.asynccontextmanager
+async def _session_client(args: argparse.Namespace) -> AsyncIterator[AsyncX402Client]:
+    if not args.url.startswith(("http://", "https://")):
+        raise UsageError(f"the URL must be an http(s) URL, not {args.url!r}")
+    client = AsyncX402Client(
+        account=load_account(args.key_file, required=True),
+        spend=_spend(args),
+        pay_with="session",
+        sessions=SessionSettings(rpc_urls=_rpc_urls()),
+        session_store=_session_store(args),
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _channel_line(ch: SessionChannel) -> str:
+    return (
+        f"{ch.channel_id}  {ch.origin}  {ch.network}  balance ${format_usd(ch.balance)}  "
+        f"charged ${format_usd(ch.charged)}  remaining ${format_usd(ch.remaining)}"
+    )
+
+
+async def cmd_session(args: argparse.Namespace) -> int:
+    if args.session_command == "status":
+        return _session_status(args)
+    option = "deposit" if args.session_command == "open" else "amount"
+    amount = _usd_option(getattr(args, option), f"--{option}")
+    async with _session_client(args) as client:
+        if args.session_command == "open":
+            channel = await client.open_session(args.url, deposit=amount, method=args.method)
+            if args.json:
+                _print_json(channel.wire())
+            else:
+                print(_channel_line(channel))
+            return EXIT_OK
+        refund = await client.refund_session(args.url, amount=amount, method=args.method)
+    if args.json:
+        _print_json({"amount": str(refund.amount), "txHash": refund.tx_hash, "channel": refund.channel.wire()})
+    else:
+        print(f"refunded ${format_usd(refund.amount)} in {refund.tx_hash}")
+        print(_channel_line(refund.channel))
+    return EXIT_OK
+
+
+def _session_status(args: argparse.Namespace) -> int:
+    channels = _session_store(args).channels()
+    if args.url:
+        if not args.url.startswith(("http://", "https://")):
+            raise UsageError(f"the URL must be an http(s) URL, not {args.url!r}")
+        origin = origin_of(httpx.URL(args.url))
+        channels = [c for c in channels if c.origin == origin]
+    channels.sort(key=lambda c: c.opened_at, reverse=True)
+    if args.json:
+        _print_json({"channels": [c.wire() for c in channels]})
+        return EXIT_OK
+    for channel in channels:
+        print(_channel_line(channel))
+    print(f"{len(channels)} channel(s)", file=sys.stderr)
     return EXIT_OK

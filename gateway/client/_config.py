@@ -1,5 +1,5 @@
-"""The client's small settings objects: retries, job API paths, tx-hash payments. Keyword-only, with a default
-for everything and a readable ``repr``."""
+"""The client's small settings objects: retries, job API paths, tx-hash payments, sessions. Keyword-only, with a
+default for everything and a readable ``repr``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal
 from urllib.parse import quote
 
+from gateway.client._spend import atomic_amount
+from gateway.money import format_usd
 from gateway.secrets import redact_url as _redacted  # RPC URLs: the origin only (API keys)
 
-__all__ = ["JobPaths", "RetryPolicy", "TxHashPayments"]
+__all__ = ["JobPaths", "RetryPolicy", "SessionSettings", "TxHashPayments"]
 
 Style = Literal["agent", "messaging"]
 
@@ -125,4 +128,47 @@ class TxHashPayments:
         return (
             f"TxHashPayments(rpc_urls={urls}, confirmations={self.confirmations}, timeout={self.timeout}, "
             f"poll_interval={self.poll_interval})"
+        )
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class SessionSettings:
+    """Paying through ``batch-settlement`` channels (``pay_with="session"``, docs/sessions.md).
+
+    * ``deposit``: what one deposit puts in a channel (an int of atomic units, or a Decimal/str of dollars);
+      ``None``: the offer's ``minDeposit``. Never less than ``minDeposit`` nor than the next voucher needs. A
+      deposit is a payment of its amount: ``SpendControls.max_per_payment`` and the budget apply to it.
+    * ``rpc_urls``: network (name or CAIP-2) -> JSON-RPC URL, optional. With one, a corrective 402 is checked
+      against the chain (never resynchronise below what was claimed on chain) and the channel's balance is read
+      from it. Without one, only a voucher this wallet signed is believed (the ``voucherState`` of the 402).
+    * ``busy_retries`` / ``busy_backoff``: another request holds the channel (another process paying from the
+      same wallet and store): wait ``busy_backoff`` s, doubling, at most ``busy_retries`` times.
+    """
+
+    deposit: int | None
+    rpc_urls: Mapping[str, str]
+    busy_retries: int
+    busy_backoff: float
+
+    def __init__(
+        self,
+        *,
+        deposit: int | Decimal | str | None = None,
+        rpc_urls: Mapping[str, str] | None = None,
+        busy_retries: int = 5,
+        busy_backoff: float = 0.05,
+    ) -> None:
+        if busy_retries < 0 or busy_backoff < 0:
+            raise ValueError("busy_retries and busy_backoff must not be negative")
+        object.__setattr__(self, "deposit", atomic_amount(deposit, "deposit"))
+        object.__setattr__(self, "rpc_urls", dict(rpc_urls or {}))
+        object.__setattr__(self, "busy_retries", busy_retries)
+        object.__setattr__(self, "busy_backoff", busy_backoff)
+
+    def __repr__(self) -> str:
+        deposit = "minDeposit" if self.deposit is None else f"${format_usd(self.deposit)}"
+        urls = {k: _redacted(v) for k, v in self.rpc_urls.items()}
+        return (
+            f"SessionSettings(deposit={deposit}, rpc_urls={urls}, busy_retries={self.busy_retries}, "
+            f"busy_backoff={self.busy_backoff})"
         )

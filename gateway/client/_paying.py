@@ -16,6 +16,10 @@ Paying a 402, in order:
 
 The budget counts every payment presented, except one refused outright on its first presentation (an
 authorization that was never settled); a transfer counts once broadcast.
+
+``pay_with="session"`` pays a ``batch-settlement`` offer through a channel (:mod:`gateway.client._sessions`: a
+deposit once, then a voucher per request) and any other 402 as ``exact``. A URL whose 402 offered a session is
+paid at once on the next call (the voucher goes with the first attempt), without asking for the 402 again.
 """
 
 from __future__ import annotations
@@ -26,38 +30,44 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal, Self
 
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from gateway.client._config import RetryPolicy, TxHashPayments
-from gateway.client._errors import PaymentFailed, PaymentRefused, TransientError
+from gateway.client._channels import MemorySessionStore, SessionChannel, SessionStore
+from gateway.client._config import RetryPolicy, SessionSettings, TxHashPayments
+from gateway.client._errors import ApiError, PaymentFailed, PaymentRefused, TransientError
 from gateway.client._models import payment_receipt
-from gateway.client._spend import Budget, SpendControls
+from gateway.client._sessions import SessionPayer, SessionRefund, origin_of
+from gateway.client._spend import Budget, SpendControls, atomic_amount
 from gateway.client._transfer import TransferSender, TxOption
 from gateway.client.exact import Option, sign_exact_payment
+from gateway.client.session import SessionOffer, session_offers
 from gateway.client.txhash import tx_proof_headers
 from gateway.x402 import reasons
 from gateway.x402.codec import decode_header
 
 __all__ = ["PayWith", "PayingClient", "error_of", "json_doc"]
 
-PayWith = Literal["exact", "txhash", "auto"]
+PayWith = Literal["exact", "txhash", "auto", "session"]
 
 _IN_FLIGHT = frozenset({reasons.IDEMPOTENCY_KEY_IN_FLIGHT, reasons.PAYMENT_IN_FLIGHT})
 _NETWORK_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _USER_AGENT = "x402-gateway-client/0.1"
+_KNOWN_SESSION_URLS = 1024  # (method, URL) -> the session offer its last 402 made: paid at once next time
 
 
 @dataclass(frozen=True, slots=True)
 class _Offer:
-    kind: Literal["exact", "txhash"]
+    kind: Literal["exact", "txhash", "session"]
     network: str
     asset: str
     amount: int
     exact: Option | None = None
     tx: TxOption | None = None
+    session: SessionOffer | None = None
 
 
 def json_doc(response: httpx.Response) -> dict[str, Any] | None:
@@ -99,12 +109,14 @@ class PayingClient:
         pay_with: PayWith = "exact",
         tx_hash: TxHashPayments | None = None,
         retry: RetryPolicy | None = None,
+        sessions: SessionSettings | None = None,
+        session_store: SessionStore | None = None,
         timeout: float = 30.0,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if pay_with not in ("exact", "txhash", "auto"):
-            raise ValueError("pay_with must be 'exact', 'txhash' or 'auto'")
+        if pay_with not in ("exact", "txhash", "auto", "session"):
+            raise ValueError("pay_with must be 'exact', 'txhash', 'auto' or 'session'")
         if pay_with == "txhash" and (tx_hash is None or not tx_hash.rpc_urls):
             raise ValueError("pay_with='txhash' needs tx_hash=TxHashPayments(rpc_urls={...})")
         self.base_url = base_url.rstrip("/")
@@ -121,6 +133,21 @@ class PayingClient:
             headers={"User-Agent": _USER_AGENT, **(headers or {})},
             transport=transport,
         )
+        self.session_store: SessionStore = session_store if session_store is not None else MemorySessionStore()
+        self._sessions = (
+            SessionPayer(
+                account,
+                sessions or SessionSettings(),
+                self.session_store,
+                self.spend,
+                self._budget,
+                self._send,
+                error_of,
+            )
+            if account is not None
+            else None
+        )
+        self._session_urls: dict[tuple[str, str], tuple[SessionOffer, str]] = {}
 
     def __repr__(self) -> str:
         wallet = self.account.address if self.account else None
@@ -138,6 +165,8 @@ class PayingClient:
         await self._http.aclose()
         if self._sender is not None:
             await self._sender.aclose()
+        if self._sessions is not None:
+            await self._sessions.aclose()
 
     @property
     def spent(self) -> int:
@@ -147,6 +176,70 @@ class PayingClient:
     @property
     def remaining_budget(self) -> int | None:
         return self._budget.remaining
+
+    # ---------------------------------------------------------------------------------------------- sessions
+
+    def _session_payer(self) -> SessionPayer:
+        if self._sessions is None:
+            raise PaymentRefused("sessions need a wallet: this client has none", reason="no_wallet")
+        return self._sessions
+
+    async def open_session(
+        self,
+        url: str,
+        *,
+        deposit: int | Decimal | str | None = None,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+    ) -> SessionChannel:
+        """Make sure a channel pays ``url``: ask for its 402 (unpaid), and unless this client already holds a
+        channel for that offer with room for a request, pay one request at ``url`` carrying a deposit
+        (``deposit``, else ``SessionSettings.deposit``, else the offer's ``minDeposit``; an existing channel is
+        topped up when ``deposit`` is given). Returns the channel. Works whatever ``pay_with`` is."""
+        payer = self._session_payer()
+        amount = atomic_amount(deposit, "deposit")
+        sent = {"Idempotency-Key": str(uuid.uuid4()), **(headers or {})}
+        offer, origin, _ = await payer.probe(method.upper(), url, sent)
+        channel = payer.find(offer, origin)
+        if channel is not None and amount is None and channel.remaining >= offer.amount:
+            return channel
+        response, offer = await payer.pay(
+            offer, origin, method.upper(), url, content=None, params=None, headers=sent, top_up=amount
+        )
+        if response.status_code >= 400:
+            reason, message = error_of(response)
+            raise ApiError(
+                f"the request that opened the channel failed: {message}", status=response.status_code, reason=reason
+            )
+        opened = payer.find(offer, origin)
+        assert opened is not None  # written before anything was sent
+        return opened
+
+    async def refund_session(
+        self,
+        url: str,
+        *,
+        amount: int | Decimal | str | None = None,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+    ) -> SessionRefund:
+        """Ask the server behind ``url`` to return what this client's channel there holds beyond what it charged
+        (or ``amount`` of it: an int of atomic units or a Decimal/str of dollars). The channel stays open: the
+        next paid request deposits again."""
+        payer = self._session_payer()
+        atomic = atomic_amount(amount, "amount")
+        sent = {"Idempotency-Key": str(uuid.uuid4()), **(headers or {})}
+        offer, origin, _ = await payer.probe(method.upper(), url, sent)
+        return await payer.refund(offer, origin, method.upper(), url, amount=atomic, headers=sent)
+
+    def session_channels(self, url: str | None = None) -> list[SessionChannel]:
+        """The channels in this client's session store (all wallets), those with ``url``'s server if given,
+        newest first."""
+        channels = self.session_store.channels()
+        if url is not None:
+            origin = origin_of(self._http.build_request("GET", url).url)
+            channels = [c for c in channels if c.origin == origin]
+        return sorted(channels, key=lambda c: c.opened_at, reverse=True)
 
     # ------------------------------------------------------------------------------------------ HTTP + 402
 
@@ -172,9 +265,20 @@ class PayingClient:
             sent.setdefault("Content-Type", "application/json")
         # Also on GET: a paid GET retried after a lost answer must be replayed, not refused as a reused payment.
         sent.setdefault("Idempotency-Key", idempotency_key or str(uuid.uuid4()))
-        first, _ = await self._send(method, url, content=content, params=params, headers=sent)
-        if first.status_code != 402:
-            return first
+        known = self._session_urls.get((method, url)) if self.pay_with == "session" else None
+        if known is not None and self._sessions is not None:
+            offer, origin = known
+            first, offer = await self._sessions.pay(
+                offer, origin, method, url, content=content, params=params, headers=sent, preemptive=True
+            )
+            if first.status_code != 402:
+                self._session_urls[(method, url)] = (offer, origin)
+                return first
+            self._session_urls.pop((method, url), None)  # no session matter: pay this 402 afresh
+        else:
+            first, _ = await self._send(method, url, content=content, params=params, headers=sent)
+            if first.status_code != 402:
+                return first
         return await self._pay(first, method, url, content=content, params=params, headers=sent)
 
     async def get(self, url: str, **kwargs: Any) -> httpx.Response:
@@ -237,7 +341,10 @@ class PayingClient:
             exact = [Option(1, r, None) for r in body.get("accepts") or [] if isinstance(r, dict)]
             raw_tx = body.get("payment") or []
         offers: list[_Offer] = []
-        if self.pay_with in ("exact", "auto"):
+        if self.pay_with == "session" and self._sessions is not None:
+            for session in session_offers(v2):
+                offers.append(_Offer("session", session.network, session.asset, session.amount, session=session))
+        if self.pay_with in ("exact", "auto", "session"):
             for option in exact:
                 req = option.requirement
                 try:
@@ -284,6 +391,15 @@ class PayingClient:
     ) -> httpx.Response:
         offer = self._choose(challenge)
         assert self.account is not None
+        if offer.session is not None and self._sessions is not None:
+            origin = origin_of(challenge.request.url)
+            response, session = await self._sessions.pay(
+                offer.session, origin, method, url, content=content, params=params, headers=headers
+            )
+            self._session_urls[(method, url)] = (session, origin)
+            while len(self._session_urls) > _KNOWN_SESSION_URLS:
+                del self._session_urls[next(iter(self._session_urls))]
+            return response
         self._budget.reserve(offer.amount)
         refundable = True  # until money may have moved
         tx_hash: str | None = None

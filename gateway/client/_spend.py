@@ -15,7 +15,7 @@ from gateway.client._errors import PaymentRefused
 from gateway.money import format_usd, parse_usd
 from gateway.networks import KNOWN_NETWORKS
 
-__all__ = ["SpendControls", "chain_id_of"]
+__all__ = ["SpendControls", "atomic_amount", "chain_id_of"]
 
 Amount = int | Decimal | str
 
@@ -31,7 +31,8 @@ def chain_id_of(network: str) -> int | None:
     return known.chain_id if known else None
 
 
-def _atomic(value: Amount | None, name: str) -> int | None:
+def atomic_amount(value: Amount | None, name: str) -> int | None:
+    """An int is atomic units; a Decimal or str is dollars (``"0.10"``, ``"$0.10"``); floats are refused."""
     if value is None:
         return None
     if isinstance(value, bool | float):
@@ -73,8 +74,8 @@ class SpendControls:
         networks: Iterable[str] | None = None,
         assets: Iterable[str] | None = None,
     ) -> None:
-        object.__setattr__(self, "max_per_payment", _atomic(max_per_payment, "max_per_payment"))
-        object.__setattr__(self, "budget", _atomic(budget, "budget"))
+        object.__setattr__(self, "max_per_payment", atomic_amount(max_per_payment, "max_per_payment"))
+        object.__setattr__(self, "budget", atomic_amount(budget, "budget"))
         object.__setattr__(self, "networks", None if networks is None else frozenset(networks))
         object.__setattr__(self, "assets", None if assets is None else frozenset(a.lower() for a in assets))
 

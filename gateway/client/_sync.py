@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 
 import httpx
 
+from gateway.client._channels import SessionChannel
 from gateway.client._client import AsyncX402Client, OnPoll, OnUpdate
 from gateway.client._errors import X402ClientError
 from gateway.client._models import Job, JobList, JobsHealth, SubmitResult
+from gateway.client._sessions import SessionRefund
 
 __all__ = ["X402Client"]
 
@@ -128,6 +130,15 @@ class X402Client:
 
     def batch_prompts(self, prompts: Iterable[str], **kwargs: Any) -> list[Job | X402ClientError]:
         return self._run(self.aio.batch_prompts(prompts, **kwargs))
+
+    def open_session(self, url: str, **kwargs: Any) -> SessionChannel:
+        return self._run(self.aio.open_session(url, **kwargs))
+
+    def refund_session(self, url: str, **kwargs: Any) -> SessionRefund:
+        return self._run(self.aio.refund_session(url, **kwargs))
+
+    def session_channels(self, url: str | None = None) -> list[SessionChannel]:
+        return self.aio.session_channels(url)
 
     def get(self, url: str, *, params: Mapping[str, str | int] | None = None, **kwargs: Any) -> httpx.Response:
         return self.request("GET", url, params=params, **kwargs)

@@ -1,5 +1,6 @@
-"""``x402-gateway prompt/status/cancel/jobs`` in a subprocess against a real paid gateway: output, exit codes,
-job-token storage, and the wallet key that never travels as an argument."""
+"""``x402-gateway prompt/status/cancel/jobs`` and ``session open/status/refund`` in a subprocess against a real
+paid gateway: output, exit codes, job-token and channel storage, and the wallet key that never travels as an
+argument."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from gateway.dev.chain import DevChain
 from tests.client.conftest import STEPS
 from tests.e2e.helpers import Balances
 from tests.jobs.helpers import PRICE, jobs_gateway
-from tests.support.gateway import GatewayUnderTest, sqlite_url
+from tests.support.gateway import SESSIONS, GatewayUnderTest, running_gateway, sqlite_url
 from tests.support.jobs_upstreams import FakeJobsApi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,11 @@ def key_of(account: LocalAccount) -> str:
 
 def cli_env(tmp_path: Path, gw: GatewayUnderTest | None, payer: LocalAccount | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("X402_")}
-    env.update(HOME=str(tmp_path), X402_GATEWAY_JOBS_FILE=str(tmp_path / "jobs.json"))
+    env.update(
+        HOME=str(tmp_path),
+        X402_GATEWAY_JOBS_FILE=str(tmp_path / "jobs.json"),
+        X402_GATEWAY_SESSIONS_FILE=str(tmp_path / "sessions.json"),
+    )
     if gw is not None:
         env["X402_GATEWAY_URL"] = gw.url
     if payer is not None:
@@ -310,3 +315,82 @@ def test_cli_cancel_against_a_fronted_messaging_api_says_it_has_none_and_exits_2
         run = cli(env, "cancel", submit.stdout.strip(), "--style", "messaging")
     assert run.returncode == 2, run.stderr
     assert "fronted style messaging API has none" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- sessions
+
+SESSION_ROUTES = [{"route": "GET /session", "price": "0.001", "schemes": ["exact", "batch-settlement"]}]
+SESSION_SETTINGS = {**SESSIONS, "min_deposit": "0.005", "claim_interval": 3600}
+
+
+def test_cli_session_open_status_and_refund_keep_the_channel_in_the_sessions_file(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    env = cli_env(tmp_path, None, payer)
+    with running_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), routes=SESSION_ROUTES, sessions=SESSION_SETTINGS
+    ) as gw:
+        url = gw.url + "/session"
+        wallet = base_chain.balance(payer.address)
+        opened = cli(env, "session", "open", url, "--deposit", "0.01", "--json")
+        assert opened.returncode == 0, opened.stderr
+        channel = json.loads(opened.stdout)
+        assert (channel["origin"], channel["balance"], channel["charged"], channel["remaining"]) == (
+            gw.url,
+            "10000",
+            "1000",
+            "9000",
+        )
+        assert channel["channelConfig"]["payer"].lower() == payer.address.lower()
+        sessions_file = Path(env["X402_GATEWAY_SESSIONS_FILE"])
+        assert oct(sessions_file.stat().st_mode & 0o777) == "0o600"
+        again = cli(env, "session", "open", url)  # room left: nothing paid
+        assert again.returncode == 0 and channel["channelId"] in again.stdout, again.stderr
+        assert len(gw.upstream.requests) == 1
+
+        no_key = {k: v for k, v in env.items() if k != "X402_WALLET_KEY"}  # the file is enough to list
+        listed = cli(no_key, "session", "status", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [c["channelId"] for c in json.loads(listed.stdout)["channels"]] == [channel["channelId"]]
+        elsewhere = cli(no_key, "session", "status", "http://127.0.0.1:9/x", "--json")
+        assert json.loads(elsewhere.stdout)["channels"] == []
+
+        part = cli(env, "session", "refund", url, "--amount", "0.005", "--json")  # a partial one: minDeposit at least
+        assert part.returncode == 0, part.stderr
+        assert json.loads(part.stdout)["amount"] == "5000"
+        rest = cli(env, "session", "refund", url, "--json")
+        assert rest.returncode == 0, rest.stderr
+        doc = json.loads(rest.stdout)
+        assert (doc["amount"], doc["channel"]["remaining"]) == ("4000", "0") and doc["txHash"].startswith("0x")
+        assert base_chain.balance(payer.address) == wallet - 1000  # everything but the one request came back
+        empty = cli(env, "session", "refund", url)
+        assert empty.returncode == 1 and "refund_no_balance" in empty.stderr
+        text = cli(no_key, "session", "status", gw.url)
+        assert text.returncode == 0 and "remaining $0.00" in text.stdout, text.stderr
+
+
+def test_cli_session_refusals_and_usage_errors_exit_3_1_and_2(base_chain: DevChain, tmp_path: Path) -> None:
+    payer = base_chain.new_payer(1_000_000)
+    env = cli_env(tmp_path, None, payer)
+    with running_gateway(
+        base_chain, store_url=sqlite_url(tmp_path), routes=SESSION_ROUTES, sessions=SESSION_SETTINGS
+    ) as gw:
+        url = gw.url + "/session"
+        cases = (
+            (env, ["session", "open", url, "--max-price", "0.004"], 3, "amount_over_limit"),  # the 0.005 deposit
+            (env, ["session", "open", url, "--deposit", "2"], 3, "max_per_payment is $1.00"),
+            (env, ["session", "refund", url], 1, "session_not_found"),
+            (env, ["session", "open", gw.url + "/healthz"], 2, "not_a_paid_route"),
+            (env, ["session", "open", url, "--deposit", "lots"], 2, "--deposit"),
+            (env, ["session", "open", "ftp://example.com/x"], 2, "http(s) URL"),
+            (cli_env(tmp_path, None, None), ["session", "open", url], 2, "no wallet"),
+            (env, ["session", "close", url], 2, "invalid choice"),
+        )
+        with ThreadPoolExecutor(len(cases)) as pool:
+            runs = list(pool.map(lambda case: cli(case[0], *case[1]), cases))
+        for (_, args, code, said), run in zip(cases, runs, strict=True):
+            assert run.returncode == code, (args, run.stderr)
+            assert said in run.stderr, (args, run.stderr)
+        assert gw.upstream.requests == []
+    assert not Path(env["X402_GATEWAY_SESSIONS_FILE"]).exists()  # nothing opened, nothing written
