@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .report import console, markdown, write
 from .run import SCENARIOS, Bench, Plan
+from .wrk import wrk_path
 
 _HERE = Path(__file__).resolve().parent
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     bench = Bench(plan, log_level=args.log_level)
     print(f"{command.strip()}: results go to {args.out}", flush=True)
+    if wrk_path() is None:
+        print("wrk is not installed (apt-get install wrk): free-route rows use the Python load generator", flush=True)
     try:
         bench.run_all(only)
     except KeyboardInterrupt:

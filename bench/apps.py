@@ -6,6 +6,9 @@
   (``x402.http.middleware.fastapi.payment_middleware``, its documented ``@app.middleware("http")`` use) in front of
   a catch-all route that forwards to the same upstream over one pooled aiohttp session (the client our gateway
   uses too, so the proxy hop costs the same on both sides).
+* :func:`floor_app` — the least a Python proxy can do: raw ASGI forwarding a GET to the upstream over kept-alive
+  asyncio connections, nothing checked, nothing logged. What the gateway's free route costs beyond it is the
+  gateway's own work; what it costs itself is the price of a second hop in Python on this machine.
 * :func:`facilitator_app` — the ``x402`` package's facilitator (``x402FacilitatorSync`` +
   ``register_exact_evm_facilitator`` + ``FacilitatorWeb3Signer``, synchronous web3, so each call runs in a worker
   thread) behind ``POST /verify``, ``POST /settle``, ``GET /supported``: the same construction as
@@ -81,6 +84,33 @@ def official_app(spec: dict[str, Any]) -> Any:
         async with session["s"].request(request.method, f"{upstream}/{path}", data=body) as resp:
             content = await resp.read()
             return Response(content, status_code=resp.status, media_type=resp.content_type)
+
+    return app
+
+
+def floor_app(spec: dict[str, Any]) -> Any:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(spec["upstream_url"])
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        reader, writer = idle.pop() if idle else await asyncio.open_connection(host, port)
+        writer.write(b"%s %s HTTP/1.1\r\nhost: upstream\r\n\r\n" % (scope["method"].encode(), scope["raw_path"]))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await reader.readexactly(length)
+        idle.append((reader, writer))
+        headers = [_JSON, (b"content-length", str(length).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     return app
 

@@ -1,8 +1,15 @@
-"""Server processes under measurement: spawn ``python -m bench.serve`` children and read their CPU and memory.
+"""Server processes under measurement: the gateway as users run it, the other servers through ``python -m
+bench.serve``; and their CPU and memory.
 
 Every server the benchmark measures runs in a process of its own (uvicorn, uvloop + httptools), so the load
-generator's CPU never mixes with the server's. The parent binds the listening socket and hands its file
-descriptor to the child (``uvicorn --fd``): the port is known before the child starts and nothing races for it.
+generator's CPU never mixes with the server's.
+
+* The gateway (:class:`ServedGateway`) is ``x402-gateway serve -c FILE``, exactly as the README and the container
+  run it: its configuration written to a TOML file, its own listening socket (``server.listen``), its default
+  logging (JSON lines at info) on stdout and stderr. Those go into a pipe that a separate process (``cat``) drains
+  into a file, as a container runtime's log collector reads a container's output.
+* The upstream, the official stack and its facilitator: the parent binds the listening socket and hands its file
+  descriptor to the child (``uvicorn --fd``): the port is known before the child starts and nothing races for it.
 
 CPU is read from ``/proc/<pid>/stat`` (user + system time of all the process's threads), memory from
 ``/proc/<pid>/status`` (VmRSS): no psutil needed, Linux only, like the rest of the dev kit.
@@ -24,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from . import toml_file
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +126,10 @@ class Server:
                 preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
         _LIVE.add(self.proc)
+        return self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> Self:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -157,3 +170,67 @@ class Server:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _console_script(name: str) -> list[str]:
+    """The installed console script (``.venv/bin/x402-gateway``), else the module it runs."""
+    script = Path(sys.executable).with_name(name)
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
+
+
+class ServedGateway(Server):
+    """``x402-gateway serve -c FILE --log-level LEVEL``, its output through a pipe (see the module docstring)."""
+
+    def __init__(
+        self, config: dict[str, Any], *, env: dict[str, str], log_level: str = "info", ready_path: str = "/healthz"
+    ) -> None:
+        super().__init__("gateway", {}, env=env, ready_path=ready_path)
+        self._sock.close()  # the gateway binds server.listen itself (the port was free a moment ago)
+        self.config = {**config, "server": {**config.get("server", {}), "listen": f"127.0.0.1:{self.port}"}}
+        self.log_level = log_level
+        self.config_path = self._dir / "gateway.toml"
+        self._drain: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> Self:
+        self.config_path.write_text(toml_file.dumps(self.config))
+        argv = [*_console_script("x402-gateway"), "serve", "-c", str(self.config_path), "--log-level", self.log_level]
+        with self.log_path.open("wb") as log:
+            self._drain = subprocess.Popen(
+                ["cat"],  # noqa: S607 - coreutils
+                stdin=subprocess.PIPE,
+                stdout=log,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
+        assert self._drain.stdin is not None
+        _LIVE.add(self._drain)
+        try:
+            self.proc = subprocess.Popen(  # noqa: S603 - argv built here
+                argv,
+                cwd=self._dir,
+                env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+                stdout=self._drain.stdin,
+                stderr=self._drain.stdin,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
+        finally:
+            self._drain.stdin.close()  # the gateway holds the pipe's write end; cat ends when it exits
+        _LIVE.add(self.proc)
+        return self._wait_ready(timeout)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._drain is not None:
+            try:
+                self._drain.wait(10)
+            except subprocess.TimeoutExpired:
+                _stop(self._drain)
+            _LIVE.discard(self._drain)
+            self._drain = None
+
+    def log_lines(self) -> int:
+        try:
+            with self.log_path.open("rb") as fh:
+                return sum(1 for _ in fh)
+        except OSError:
+            return 0

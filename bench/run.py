@@ -29,7 +29,8 @@ from gateway.storage.jobs import open_job_store
 
 from . import payers
 from .load import Call, LoadResult, run_load, warm
-from .procs import Server, cpu_seconds
+from .procs import ServedGateway, Server, cpu_seconds
+from .wrk import WrkResult, run_wrk, wrk_path
 
 PRICE_USD = "0.001"
 PRICE = 1_000  # atomic units of PRICE_USD
@@ -47,19 +48,26 @@ SCENARIOS = (
 )  # neither the gateway's relayer ([0]) nor the minter ([9])
 
 
+Levels = tuple[tuple[int, int], ...]  # (concurrency, requests) per row
+
+
 @dataclass(frozen=True)
 class Plan:
     """How many requests each scenario sends, at which concurrency."""
 
-    free_n: int = 20_000
-    free_c: int = 32
+    free_n: int = 20_000  # free-route requests per row with the Python load generator (no wrk) ...
+    free_seconds: float = 10.0  # ... or seconds per row with wrk
+    free_c: int = 20
     latency_n: int = 2_000  # one request at a time: the added latency of a hop, without queueing
-    paid_n: int = 1_500
+    paid_n: int = 1_500  # tx-hash proofs
     paid_c: int = 64
-    block_n: int = 1_500  # gateway, 2-second blocks
+    block_n: int = 1_500  # tx-hash proofs, 2-second blocks
     block_c: int = 512  # a settlement waits for a block: throughput here is about concurrency / 2 s
-    official_n: int = 300  # the official stack on automine (the targets' reference run: 300 at concurrency 10)
-    official_block_n: int = 120  # ... and on 2-second blocks (it settles ~40 per block: its worker threads)
+    # Paid exact, gateway and official stack at the same concurrencies: one agent calling in sequence, a few, many.
+    exact_levels: Levels = ((1, 200), (10, 600), (20, 1_000), (200, 2_000))
+    exact_block_levels: Levels = ((1, 12), (512, 1_500))  # one at a time: every request waits for a block
+    official_levels: Levels = ((1, 60), (10, 150), (20, 200), (200, 300))
+    official_block_levels: Levels = ((512, 120),)  # it settles ~40 per block (its worker threads)
     payers: int = 32
     memory_n: int = 100_000  # free-route requests before reading the gateway's RSS ...
     memory_seconds: float = 60.0  # ... or as many as fit in this long
@@ -71,11 +79,14 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(
             free_n=5_000,
+            free_seconds=4.0,
             latency_n=500,
             paid_n=400,
             block_n=400,
-            official_n=100,
-            official_block_n=40,
+            exact_levels=((1, 60), (10, 200), (20, 300), (200, 600)),
+            exact_block_levels=((1, 5), (512, 400)),
+            official_levels=((1, 30), (10, 60), (20, 80), (200, 100)),
+            official_block_levels=((512, 40),),
             payers=16,
             memory_n=20_000,
             memory_seconds=10.0,
@@ -99,6 +110,7 @@ class Row:
     cpu: dict[str, float] = field(default_factory=dict)  # per process, CPU seconds in the timed window
     client_cpu: float = 0.0
     note: str = ""
+    load: str = "aiohttp"  # the load generator: "aiohttp" (bench.load) or "wrk"
 
 
 def _chain_pid(chain: DevChain) -> int:
@@ -130,9 +142,48 @@ def measure(
     note: str = "",
 ) -> tuple[Row, LoadResult]:
     """Time ``calls`` against ``base_url``; CPU of ``servers`` (measured) and ``others`` (upstream, chain...)."""
+    return _row(
+        name,
+        chain_label,
+        lambda: _run(run_load(base_url, calls, concurrency=concurrency, expect=expect)),
+        concurrency,
+        servers=servers,
+        others=others,
+        expect=expect,
+        note=note,
+    )
+
+
+def measure_wrk(
+    name: str, url: str, connections: int, seconds: float, *, servers: dict[str, int], others: dict[str, int]
+) -> tuple[Row, WrkResult]:
+    """``wrk`` on ``url`` for ``seconds``, as :func:`measure` reads CPU."""
+    row, result = _row(
+        name,
+        "-",
+        lambda: run_wrk(url, connections=connections, seconds=seconds),
+        connections,
+        servers=servers,
+        others=others,
+    )
+    row.load = "wrk"
+    return row, result
+
+
+def _row(
+    name: str,
+    chain_label: str,
+    load: Callable[[], Any],
+    concurrency: int,
+    *,
+    servers: dict[str, int],
+    others: dict[str, int],
+    expect: int = 200,
+    note: str = "",
+) -> tuple[Row, Any]:
     pids = {**servers, **others}
     before = {k: cpu_seconds(p) for k, p in pids.items()}
-    result: LoadResult = _run(run_load(base_url, calls, concurrency=concurrency, expect=expect))
+    result = load()
     spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
     n = result.requests
     server_cpu = sum(spent[k] for k in servers)
@@ -155,6 +206,18 @@ def measure(
         bad = f"{n - row.ok} of {n} not HTTP {expect} (first: {result.first_bad})"
         row.note = f"{note}; {bad}" if note else bad
     return row, result
+
+
+@dataclass(frozen=True)
+class _PaidStack:
+    """One paid stack under measurement: where to send, its levels, how to sign a level's payments, its pids."""
+
+    name: str
+    url: str
+    levels: Levels
+    sign: Callable[[int], list[Call]]
+    servers: dict[str, int]
+    others: dict[str, int]
 
 
 # ----------------------------------------------------------------------------------------------- gateway
@@ -188,16 +251,12 @@ def gateway_config(
 
 @contextlib.contextmanager
 def running_gateway(
-    chain: DevChain, upstream_url: str, store_url: str, tmp: Path, *, log_level: str, **overrides: Any
-) -> Iterator[tuple[Server, str]]:
+    chain: DevChain, upstream_url: str, store_url: str, *, log_level: str, **overrides: Any
+) -> Iterator[tuple[ServedGateway, str]]:
+    """``x402-gateway serve -c FILE`` with this configuration (see :class:`bench.procs.ServedGateway`)."""
     pay_to = payers.fresh_address()
-    spec = {
-        "config": gateway_config(chain, upstream_url, store_url, pay_to, **overrides),
-        "base_dir": str(tmp),
-        "log_file": str(tmp / "gateway.log"),
-        "log_level": log_level,
-    }
-    server = Server("gateway", spec, env={"BENCH_RELAYER_KEY": chain.relayer_key}, ready_path="/healthz")
+    config = gateway_config(chain, upstream_url, store_url, pay_to, **overrides)
+    server = ServedGateway(config, env={"BENCH_RELAYER_KEY": chain.relayer_key}, log_level=log_level)
     with server:
         yield server, pay_to
 
@@ -243,43 +302,70 @@ class Bench:
             if want("jobs"):
                 self.jobs()
             for label, block_time in (("automine", None), ("block 2 s", 2.0)):
-                if want("exact"):
-                    self.exact(label, block_time, "sqlite")
-                    self.exact(label, block_time, "redis")
+                if want("exact") or want("official"):
+                    self.paid(label, block_time, exact=want("exact"), official=want("official"))
                 if want("txhash"):
                     self.txhash(label, block_time)
-                if want("official"):
-                    self.official(label, block_time)
 
     def free_scenarios(self, want: Callable[[str], bool]) -> None:
+        """The upstream alone, then through the gateway's free route: at ``free_c`` connections and one at a time.
+        With wrk when it is installed (its rows say so), else the Python load generator."""
         p = self.plan
         assert self.upstream is not None
         calls = [Call("GET", FREE)] * p.free_n
-        one_by_one = calls[: p.latency_n]
         _run(warm(self.upstream.url, calls[: p.warmup]))
         if want("direct"):
-            for batch, c, name in ((calls, p.free_c, "direct (upstream)"), (one_by_one, 1, "direct, 1 at a time")):
-                row, _ = measure(
-                    name, "-", self.upstream.url, batch, c, servers={"upstream": self.upstream.pid}, others={}
+            for c, name in ((p.free_c, "direct (upstream)"), (1, "direct, 1 at a time")):
+                self.add(self._free_row(name, self.upstream.url, c, servers={"upstream": self.upstream.pid}))
+            with Server("floor", {"upstream_url": self.upstream.url}, ready_path=FREE) as floor:
+                _run(warm(floor.url, calls[: p.warmup]))
+                row = self._free_row(
+                    "minimal Python proxy", floor.url, p.free_c, servers={"floor": floor.pid}, others=self._others()
                 )
+                row.note = "the floor: raw ASGI, one kept-alive hop, nothing else (bench/apps.py floor_app)"
                 self.add(row)
         if not want("free"):
             return
         chain = start_dev_chain(8453)
         try:
             store = f"sqlite:///{self.tmp / 'free.db'}"
-            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, _):
+            with running_gateway(chain, self.upstream.url, store, log_level=self.log_level) as (gw, _):
                 _run(warm(gw.url, calls[: p.warmup]))
                 rss_start = gw.rss_mb()
-                for batch, c, name in (
-                    (calls, p.free_c, "gateway free route"),
-                    (one_by_one, 1, "free route, 1 at a time"),
-                ):
-                    row, _ = measure(name, "-", gw.url, batch, c, servers={"gateway": gw.pid}, others=self._others())
+                lines = gw.log_lines()
+                served = 0
+                for c, name in ((p.free_c, "gateway free route"), (1, "free route, 1 at a time")):
+                    row = self._free_row(name, gw.url, c, servers={"gateway": gw.pid}, others=self._others())
+                    served += row.requests
                     self.add(row)
-                self.memory_run(gw, rss_start, p.free_n + p.latency_n + p.warmup)
+                if wrk_path() is not None:  # what the job polls (signed, one header per job) are compared with
+                    row, _ = measure(
+                        "gateway free route",
+                        "-",
+                        gw.url,
+                        calls,
+                        p.free_c,
+                        servers={"gateway": gw.pid},
+                        others=self._others(),
+                    )
+                    served += row.requests
+                    self.add(row)
+                self.memory_run(gw, rss_start, served + p.warmup)
+                time.sleep(0.2)  # the gateway writes its log lines every few tens of milliseconds
+                self.memory["gateway_log_lines_written"] = gw.log_lines() - lines
         finally:
             chain.stop()
+
+    def _free_row(
+        self, name: str, url: str, c: int, *, servers: dict[str, int], others: dict[str, int] | None = None
+    ) -> Row:
+        p = self.plan
+        if wrk_path() is not None:
+            row, _ = measure_wrk(name, url + FREE, c, p.free_seconds, servers=servers, others=others or {})
+            return row
+        n = p.free_n if c > 1 else p.latency_n
+        row, _ = measure(name, "-", url, [Call("GET", FREE)] * n, c, servers=servers, others=others or {})
+        return row
 
     def jobs(self) -> None:
         """``[jobs] mode = "front"``: status polls signed by the paying wallet (``X-Payer-Auth``) with
@@ -306,7 +392,6 @@ class Bench:
                 chain,
                 self.upstream.url,
                 store,
-                self.tmp,
                 log_level=self.log_level,
                 jobs=jobs_cfg,
                 replace={"routes": routes},
@@ -375,37 +460,80 @@ class Bench:
         self.memory["free_requests_served"] = done
         self.progress(f"  memory: RSS {rss_start:.1f} MB after start-up, {gw.rss_mb():.1f} MB after {done} requests")
 
-    def exact(self, label: str, block_time: float | None, store_kind: str) -> None:
+    def paid(self, label: str, block_time: float | None, *, exact: bool, official: bool) -> None:
+        """Paid ``exact``: the gateway on a SQLite store, on a Redis store, and the official stack, each on a fresh
+        chain of its own, all started first; then each concurrency level runs on each of them in turn, so the rows
+        a ratio compares are measured minutes apart at most (on a shared machine the load moves in between)."""
+        with contextlib.ExitStack() as stack:
+            stacks: list[_PaidStack] = []
+            if exact:
+                stacks += [self._gateway_stack(stack, label, block_time, kind) for kind in ("sqlite", "redis")]
+            if official:
+                stacks.append(self._official_stack(stack, block_time))
+            for c in sorted({c for s in stacks for c, _ in s.levels}):
+                for s in stacks:
+                    n = dict(s.levels).get(c)
+                    if n is not None:
+                        row, _ = measure(s.name, label, s.url, s.sign(n), c, servers=s.servers, others=s.others)
+                        self.add(row)
+
+    def _gateway_stack(
+        self, stack: contextlib.ExitStack, label: str, block_time: float | None, store_kind: str
+    ) -> _PaidStack:
         p = self.plan
-        n, c = (p.paid_n, p.paid_c) if block_time is None else (p.block_n, p.block_c)
         assert self.upstream is not None
+        levels = p.exact_levels if block_time is None else p.exact_block_levels
         chain = start_dev_chain(8453, block_time=block_time)
+        stack.callback(chain.stop)
         redis: RedisServer | None = None
-        try:
-            if store_kind == "redis":
-                redis = RedisServer().start()
-                store = redis.url
-            else:
-                store = f"sqlite:///{self.tmp / f'exact-{label[:4]}-{time.time_ns()}.db'}"
-            wallets = payers.new_payers(chain, p.payers, PRICE * (n // p.payers + 10))
-            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, _):
-                calls = payers.exact_calls(gw.url, PAID, wallets, n + p.payers)
-                warmups, timed = calls[: p.payers], calls[p.payers :]
-                _run(warm(gw.url, warmups, concurrency=min(8, p.payers)))
-                row, _ = measure(
-                    f"gateway exact {store_kind}",
-                    label,
-                    gw.url,
-                    timed,
-                    c,
-                    servers={"gateway": gw.pid},
-                    others=self._others(chain, redis),
-                )
-                self.add(row)
-        finally:
-            chain.stop()
-            if redis is not None:
-                redis.cleanup()
+        if store_kind == "redis":
+            redis = RedisServer().start()
+            stack.callback(redis.cleanup)
+            store = redis.url
+        else:
+            store = f"sqlite:///{self.tmp / f'exact-{label[:4]}-{time.time_ns()}.db'}"
+        total = sum(n for _, n in levels) + p.payers
+        wallets = payers.new_payers(chain, p.payers, PRICE * (total // p.payers + 10))
+        gw, _ = stack.enter_context(running_gateway(chain, self.upstream.url, store, log_level=self.log_level))
+        _run(warm(gw.url, payers.exact_calls(gw.url, PAID, wallets, p.payers), concurrency=min(8, p.payers)))
+        return _PaidStack(
+            f"gateway exact {store_kind}",
+            gw.url,
+            levels,
+            lambda n: payers.exact_calls(gw.url, PAID, wallets, n),  # signed when its level runs
+            {"gateway": gw.pid},
+            self._others(chain, redis),
+        )
+
+    def _official_stack(self, stack: contextlib.ExitStack, block_time: float | None) -> _PaidStack:
+        p = self.plan
+        assert self.upstream is not None
+        levels = p.official_levels if block_time is None else p.official_block_levels
+        chain = start_dev_chain(8453, block_time=block_time)
+        stack.callback(chain.stop)
+        warmups = min(4, p.payers)
+        total = sum(n for _, n in levels) + warmups
+        wallets = payers.new_payers(chain, p.payers, PRICE * (total // p.payers + 10))
+        fac_spec = {"key": FACILITATOR_KEY, "rpc_url": chain.url, "network": chain.network}
+        fac = stack.enter_context(Server("facilitator", fac_spec, ready_path="/supported"))
+        spec = {
+            "upstream_url": self.upstream.url,
+            "facilitator_url": fac.url,
+            "network": chain.network,
+            "pay_to": payers.fresh_address(),
+            "price": f"${PRICE_USD}",
+            "routes": [f"POST {PAID}"],
+        }
+        app = stack.enter_context(Server("official", spec, ready_path=FREE))
+        _run(warm(app.url, payers.official_calls(app.url, PAID, wallets, warmups), concurrency=warmups))
+        return _PaidStack(
+            "official x402 (FastAPI)",
+            app.url,
+            levels,
+            lambda n: payers.official_calls(app.url, PAID, wallets, n),
+            {"official": app.pid, "facilitator": fac.pid},
+            self._others(chain),
+        )
 
     def txhash(self, label: str, block_time: float | None) -> None:
         p = self.plan
@@ -414,7 +542,7 @@ class Bench:
         chain = start_dev_chain(8453, block_time=block_time)
         try:
             store = f"sqlite:///{self.tmp / f'tx-{time.time_ns()}.db'}"
-            with running_gateway(chain, self.upstream.url, store, self.tmp, log_level=self.log_level) as (gw, pay_to):
+            with running_gateway(chain, self.upstream.url, store, log_level=self.log_level) as (gw, pay_to):
                 calls = payers.txhash_calls(chain, gw.url, PAID, "base", pay_to, PRICE, p.payers, n + p.payers)
                 warmups, timed = calls[: p.payers], calls[p.payers :]
                 _run(warm(gw.url, warmups, concurrency=min(8, p.payers)))
@@ -422,41 +550,6 @@ class Bench:
                     "gateway tx-hash", label, gw.url, timed, c, servers={"gateway": gw.pid}, others=self._others(chain)
                 )
                 self.add(row)
-        finally:
-            chain.stop()
-
-    def official(self, label: str, block_time: float | None) -> None:
-        p = self.plan
-        n = p.official_n if block_time is None else p.official_block_n
-        c = p.paid_c if block_time is None else p.block_c
-        assert self.upstream is not None
-        chain = start_dev_chain(8453, block_time=block_time)
-        try:
-            wallets = payers.new_payers(chain, p.payers, PRICE * (n // p.payers + 10))
-            fac_spec = {"key": FACILITATOR_KEY, "rpc_url": chain.url, "network": chain.network}
-            with Server("facilitator", fac_spec, ready_path="/supported") as fac:
-                spec = {
-                    "upstream_url": self.upstream.url,
-                    "facilitator_url": fac.url,
-                    "network": chain.network,
-                    "pay_to": payers.fresh_address(),
-                    "price": f"${PRICE_USD}",
-                    "routes": [f"POST {PAID}"],
-                }
-                with Server("official", spec, ready_path=FREE) as app:
-                    warmups = min(4, p.payers)
-                    calls = payers.official_calls(app.url, PAID, wallets, n + warmups)
-                    _run(warm(app.url, calls[:warmups], concurrency=warmups))
-                    row, _ = measure(
-                        "official x402 (FastAPI)",
-                        label,
-                        app.url,
-                        calls[warmups:],
-                        c,
-                        servers={"official": app.pid, "facilitator": fac.pid},
-                        others=self._others(chain),
-                    )
-                    self.add(row)
         finally:
             chain.stop()
 

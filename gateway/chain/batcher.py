@@ -57,12 +57,15 @@ class SettlementBatcher:
     """Several settlements in one transaction: ``Multicall3.aggregate3`` with every call allowed to fail alone.
 
     Settlements queue while the relayer is busy with the previous transaction and leave together (at most
-    ``max_items``). Per settlement nothing changes for its caller: its recorder receives the transaction's hash
-    before the broadcast (all of a batch's recorders run concurrently; if any fails, the batch is not sent as
-    signed, its nonce is filled, the failed settlements get their error and the rest go again in the next batch,
-    recording the new hash), and the hash it gets back is the one to watch. Its outcome is read from the receipt
-    by its own ``AuthorizationUsed`` log (see ``transfer_in_receipt``): one call of a batch reverting does not
-    revert the others, and it leaves no log of its own. A batch of one is sent as a plain transaction.
+    ``max_items``). Busy means: the previous batch's hash is being recorded, or ``in_flight`` batches are
+    recorded and on their way; so the next batch is signed and recorded while the one before it is broadcast (and,
+    on a node that answers a broadcast once the transaction is mined, mined), and nonces still leave in order (the
+    relayer's sender sees to that). Per settlement nothing changes for its caller: its recorder receives the
+    transaction's hash before the broadcast (all of a batch's recorders run concurrently; if any fails, the batch is
+    not sent as signed, its nonce is filled, the failed settlements get their error and the rest go again in the
+    next batch, recording the new hash), and the hash it gets back is the one to watch. Its outcome is read from
+    the receipt by its own ``AuthorizationUsed`` log (see ``transfer_in_receipt``): one call of a batch reverting
+    does not revert the others, and it leaves no log of its own. A batch of one is sent as a plain transaction.
     """
 
     # A settlement's own limit (what it would get alone) holds 21,000 of intrinsic gas and a 25 % margin over the
@@ -70,6 +73,7 @@ class SettlementBatcher:
     # over what a call measured inside a batch (67,800 gas against a standalone estimate of 85,500): a batch does
     # not claim more of a block's gas limit than it can use, and more settlements fit in each block.
     BASE_GAS = 30_000
+    in_flight = 2  # batches recorded and not yet answered, at most (one more may be recording)
 
     def __init__(self, relayer: Relayer, multicall: str, *, max_items: int = 50) -> None:
         self._relayer = relayer
@@ -99,26 +103,55 @@ class SettlementBatcher:
 
     async def _flush(self) -> None:
         queue = self._queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(self._max, len(queue)))]
-            try:
-                if len(batch) == 1:
-                    one = batch[0]
-                    tx_hash = await self._relayer.submit(one.to, one.data, one.gas, one.record)
+        running: dict[asyncio.Task[None], list[_Settlement]] = {}
+        try:
+            while queue or running:
+                if queue and len(running) < self.in_flight:
+                    batch = [queue.popleft() for _ in range(min(self._max, len(queue)))]
+                    recorded = asyncio.Event()
+                    task = asyncio.create_task(self._run(batch, recorded))
+                    running[task] = batch
+                    # The next batch forms once this one's hash is recorded (its nonce then leaves in order).
+                    waiting = asyncio.ensure_future(recorded.wait())
+                    try:
+                        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiting.cancel()
                 else:
-                    tx_hash = await self._send(batch)
-            except _RecordFailed:
-                continue  # the failed ones have their error; the others are queued again (see _send)
-            except asyncio.CancelledError:
-                # Shutting down mid-batch: it may have been recorded and sent. Reconciled by hash, never re-sent.
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for done in [t for t in running if t.done()]:
+                    del running[done]
+        except asyncio.CancelledError:
+            # Shutting down mid-batch: they may have been recorded and sent. Reconciled by hash, never re-sent.
+            for task, batch in running.items():
+                task.cancel()
                 _resolve(batch, _unknown_outcome())
-                raise
-            except BaseException as exc:  # every waiter gets the outcome, whatever it is
-                _resolve(batch, exc)
-                continue
-            _resolve(batch, tx_hash)
+            raise
 
-    async def _send(self, batch: list[_Settlement]) -> str:
+    async def _run(self, batch: list[_Settlement], recorded: asyncio.Event) -> None:
+        """One batch, from signing to its outcome for every settlement in it."""
+        try:
+            if len(batch) == 1:
+                one = batch[0]
+
+                async def record(tx_hash: str) -> None:
+                    await one.record(tx_hash)
+                    recorded.set()
+
+                tx_hash = await self._relayer.submit(one.to, one.data, one.gas, record)
+            else:
+                tx_hash = await self._send(batch, recorded)
+        except _RecordFailed:
+            return  # the failed ones have their error; the others are queued again (see _send)
+        except asyncio.CancelledError:
+            _resolve(batch, _unknown_outcome())
+            raise
+        except BaseException as exc:  # every waiter gets the outcome, whatever it is
+            _resolve(batch, exc)
+            return
+        _resolve(batch, tx_hash)
+
+    async def _send(self, batch: list[_Settlement], recorded: asyncio.Event) -> str:
         data = abi.AGGREGATE3.encode([(item.to, True, item.data) for item in batch])
         gas = self.BASE_GAS + sum(item.gas for item in batch) * 4 // 5
         failed: list[tuple[_Settlement, BaseException]] = []
@@ -130,6 +163,7 @@ class SettlementBatcher:
             )
             if failed:
                 raise _RecordFailed
+            recorded.set()
 
         try:
             tx_hash = await self._relayer.submit(self._multicall, data, gas, record_all)

@@ -61,6 +61,8 @@ class Endpoint:
     last_seen: float = float("-inf")  # when it last answered or failed
     probing: bool = False
     chain_seen: int | None = None
+    sync_send: bool | None = None  # offers eth_sendRawTransactionSync (None: not known yet)
+    sync_probes: int = 0  # probes for it that got no answer
 
     @property
     def score(self) -> float:

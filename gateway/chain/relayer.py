@@ -37,6 +37,17 @@ log = logging.getLogger("gateway.settle")
 _FEE_REFUSALS = ("base fee", "basefee", "fee cap", "feecap", "underpriced", "max fee per gas less than")
 
 
+def _already_known(answer: RpcError) -> bool:
+    """The node has this very transaction already (geth: "already known", anvil: "transaction already imported")."""
+    text = answer.message.lower()
+    return "already known" in text or "known transaction" in text or "already imported" in text
+
+
+def _sync_timed_out(answer: RpcError) -> bool:
+    """A synchronous broadcast's "taken, but not included in time" (EIP-7966 code 4; anvil: -32603 "...timeout")."""
+    return answer.code == 4 or "timeout" in answer.message.lower() or "timed out" in answer.message.lower()
+
+
 async def _answer_of(call: Awaitable[Any]) -> Any:
     """The result of an RPC call, or the RpcError it raised (as :meth:`ChainRpc.batch` reports errors)."""
     try:
@@ -77,6 +88,11 @@ class Relayer(NonceKeeper):
     # does not always (measured: foundry anvil, 30 per batch under concurrent eth_calls, about one run in six parks
     # the rest of the sequence as "queued" for ever). So against an automining anvil, one per request.
     max_batch = 50
+    # A transaction sent while no other is ready to follow it goes out through eth_sendRawTransactionSync where
+    # the endpoint offers it (see _send_one); the sender waits this long for its answer (on an automining node,
+    # the receipt) before it sends the same transaction plainly to learn that the node holds it.
+    sync_send = True
+    accept_window = 0.02
 
     def __init__(self, rpc: ChainRpc, key: Secret, *, fee_ttl: float = 2.0) -> None:
         self._rpc = rpc
@@ -98,6 +114,7 @@ class Relayer(NonceKeeper):
         self._hole: int | None = None  # the pending count at which the last check saw a hole
         self._bumps: dict[int, int] = {}  # replacements per nonce
         self.repairs = 0  # transactions the keeper sent again, filled or replaced (for tests and logs)
+        self._late: set[asyncio.Future[Any]] = set()  # synchronous broadcasts whose receipt is still on its way
 
     def __repr__(self) -> str:
         return f"Relayer(network={self._rpc.name!r}, address={self.address})"
@@ -259,7 +276,8 @@ class Relayer(NonceKeeper):
             self._sending = True
             try:
                 if len(batch) == 1:
-                    results = [await _answer_of(self._rpc.request("eth_sendRawTransaction", [batch[0].raw]))]
+                    lone = not any(slot.ready for slot in queue)  # nothing behind it: it may wait for its block
+                    results = [await self._send_one(batch[0], sync=lone and self.sync_send)]
                 else:
                     results = await self._rpc.batch([("eth_sendRawTransaction", [s.raw]) for s in batch], alone=True)
             except ChainUnavailable:
@@ -278,6 +296,75 @@ class Relayer(NonceKeeper):
                 continue
             self._settle_batch(batch, results)
 
+    async def _send_one(self, slot: Slot, *, sync: bool) -> Any:
+        """One transaction: its hash once the node took it, or the node's refusal (an RpcError).
+
+        ``sync``: through ``eth_sendRawTransactionSync`` where the endpoint offers it, whose answer is the receipt
+        (handed to the receipt watcher, so the settlement waits for no poll). The node takes the transaction long
+        before it answers (when the transaction is included), and a refusal comes back at once; so the sender
+        waits for that answer only ``accept_window`` seconds, then sends the same transaction plainly: the node
+        answers that one as soon as it holds the transaction ("already known") or refuses it, and the sender goes
+        on to the next nonce while the receipt is still on its way (the node never sees a nonce before it took the
+        one below)."""
+        if not sync:
+            return await self._send_plain(slot)
+        call = asyncio.ensure_future(self._rpc.send_raw_sync(slot.raw))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.accept_window)
+            if done:
+                answer = call.result()  # raises ChainUnavailable when no answer came: as a plain send's
+                if answer is None:  # the endpoint does not offer it: nothing was sent
+                    return await self._send_plain(slot)
+                return await self._checked(slot, self._sync_answer(slot, answer))
+            result = await self._send_plain(slot)
+        except BaseException:
+            call.cancel()
+            raise
+        if isinstance(result, RpcError):
+            call.cancel()  # refused: the synchronous one is refused too (or was never read)
+            return result
+        self._late.add(call)
+        call.add_done_callback(lambda task: self._late_answer(slot, task))
+        return result
+
+    async def _send_plain(self, slot: Slot) -> Any:
+        result = await _answer_of(self._rpc.request("eth_sendRawTransaction", [slot.raw]))
+        return await self._checked(slot, result)
+
+    async def _checked(self, slot: Slot, result: Any) -> Any:
+        """A refusal of a transaction the node has all the same (known, or mined meanwhile) is no refusal: it is
+        out. Signed again under another nonce it would only revert, and the claim would hold the wrong hash."""
+        if not isinstance(result, RpcError):
+            return result
+        if _already_known(result) or await self._holds(slot.tx_hash):
+            return slot.tx_hash
+        return result
+
+    def _sync_answer(self, slot: Slot, answer: Any) -> Any:
+        if isinstance(answer, dict):
+            self._rpc.saw_receipt(slot.tx_hash, answer)
+            return slot.tx_hash
+        if isinstance(answer, RpcError) and _sync_timed_out(answer):
+            return slot.tx_hash  # taken, not included within the node's own wait: the receipt watcher goes on
+        return answer
+
+    async def _holds(self, tx_hash: str) -> bool:
+        try:
+            return await self._rpc.request("eth_getTransactionByHash", [tx_hash]) is not None
+        except (RpcError, ChainUnavailable):
+            return False  # no telling: wait for the broadcast's own answer
+
+    def _late_answer(self, slot: Slot, task: asyncio.Future[Any]) -> None:
+        """The answer of a synchronous broadcast the sender stopped waiting for (the node held the transaction)."""
+        self._late.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return  # the receipt watcher polls for it as for any other
+        answer = self._sync_answer(slot, task.result())
+        if isinstance(answer, RpcError) and not _already_known(answer):
+            # Held by the node, then refused: the nonce keeper finds the hole and sends it again or fills it.
+            log.warning("settlement dropped after broadcast", extra={"network": self._rpc.name, "code": answer.code})
+            self._keep_watch()
+
     def _remember(self, slot: Slot) -> None:
         slot.sent_at = time.monotonic()
         self._sent[slot.nonce] = slot
@@ -288,7 +375,7 @@ class Relayer(NonceKeeper):
         resync = False
         for slot, result in zip(batch, results, strict=True):
             text = result.message.lower() if isinstance(result, RpcError) else ""
-            if not isinstance(result, RpcError) or "already known" in text or "known transaction" in text:
+            if not isinstance(result, RpcError) or _already_known(result):
                 self._remember(slot)
                 slot.resolve("sent")
                 continue
@@ -337,6 +424,8 @@ class Relayer(NonceKeeper):
             slot.resolve("retry")
 
     async def aclose(self) -> None:
+        for call in list(self._late):
+            call.cancel()
         for task in (self._keeper, self._sender):
             if task is not None:
                 task.cancel()

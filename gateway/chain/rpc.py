@@ -98,6 +98,7 @@ class ChainRpc:
         self._flush_pending = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probes: set[asyncio.Task[None]] = set()
+        self._receipt_sinks: list[Callable[[str, dict[str, Any]], None]] = []
 
     def __repr__(self) -> str:
         return f"ChainRpc({self.name!r}, chain_id={self.chain_id}, urls={list(self._urls)!r})"
@@ -457,6 +458,60 @@ class ChainRpc:
             raise ChainUnavailable(f"network {self.name}: RPC endpoints disagree", reason=reasons.RPC_DISAGREEMENT)
         return results[0]
 
+    # -- receipts learned while sending ----------------------------------------------------------------------
+
+    def on_receipt(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
+        """``sink(tx_hash, receipt)`` is called for every receipt a synchronous broadcast answered with."""
+        self._receipt_sinks.append(sink)
+
+    def saw_receipt(self, tx_hash: str, receipt: dict[str, Any]) -> None:
+        for sink in self._receipt_sinks:
+            sink(tx_hash, receipt)
+
+    async def send_raw_sync(self, raw: str) -> Any:
+        """``eth_sendRawTransactionSync`` (EIP-7966) to the endpoint in use: the node answers once the transaction
+        is included, with its receipt (a dict), or with an error (an :class:`RpcError`, returned, not raised).
+        ``None`` when that endpoint does not offer the method: nothing was sent, use ``eth_sendRawTransaction``.
+
+        Whether an endpoint offers it is asked once, with a probe that cannot send anything (an empty
+        transaction). The call's duration is the chain's, not the endpoint's: it is kept out of the health score.
+        """
+        ep = (await self._usable())[0]
+        if ep.sync_send is None:
+            await self._probe_sync(ep)
+        if not ep.sync_send:
+            return None
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": "eth_sendRawTransactionSync", "params": [raw]}
+        try:
+            return _result(await self._post(ep.url, body, ep.index))
+        except RpcError as exc:
+            if exc.code == -32601:  # no such method, so nothing was sent: never ask this endpoint again
+                ep.sync_send = False
+                return None
+            return exc
+
+    async def _probe_sync(self, ep: Endpoint) -> None:
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": "eth_sendRawTransactionSync", "params": ["0x"]}
+        try:
+            answer = await self._post(ep.url, body, ep.index)
+        except ChainUnavailable:  # an HTTP error for an unknown method, or no answer: a few tries, then never
+            ep.sync_probes += 1
+            if ep.sync_probes >= 3:
+                ep.sync_send = False
+            return
+        try:
+            _result(answer)
+        except RpcError as exc:
+            ep.sync_send = not _not_offered(exc)  # any other refusal is about the (empty) transaction
+            if ep.sync_send:
+                log.info(
+                    "rpc endpoint offers eth_sendRawTransactionSync", extra={"network": self.name, "endpoint": ep.index}
+                )
+            return
+        except ChainUnavailable:
+            pass
+        ep.sync_send = False  # no error for an empty transaction: not an answer to rely on
+
     async def eth_call(self, to: str, data: bytes, block: str = "latest") -> bytes:
         result = await self.request("eth_call", [{"to": to, "data": "0x" + data.hex()}, block])
         return bytes.fromhex(str(result)[2:])
@@ -468,6 +523,23 @@ async def _send_one(rpc: ChainRpc, body: Any) -> Any:
         return await rpc._send(body)
     except ChainUnavailable as exc:
         return exc
+
+
+_NOT_OFFERED = (
+    "not found",
+    "not exist",
+    "not supported",
+    "unsupported",
+    "not available",
+    "not allowed",
+    "unknown method",
+)
+
+
+def _not_offered(exc: RpcError) -> bool:
+    """The endpoint does not offer the method (rather than refusing its arguments)."""
+    text = exc.message.lower()
+    return exc.code == -32601 or any(marker in text for marker in _NOT_OFFERED)
 
 
 def _result(answer: Any) -> Any:

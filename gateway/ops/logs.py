@@ -8,10 +8,17 @@ logger, not its children — so :func:`install_redaction` attaches it to every h
 uvicorn's non-propagating loggers) and :func:`configure_logging` builds the served process's one handler with
 it. It rewrites the record itself (message with its arguments merged, ``extra`` fields, the traceback text), so
 every handler after it sees the redacted record too.
+
+Writing never holds up the event loop: :class:`BufferedHandler` (what :func:`configure_logging` installs) formats a
+line on the caller's thread and appends it to a bounded buffer; its own thread writes whatever gathered with one
+write. A reader that falls behind (a full pipe to a container runtime, a slow disk) blocks that thread only; once
+the buffer is full, further lines are dropped and counted (``x402_gateway_log_dropped_total``), never waited for.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import re
@@ -24,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from gateway.config import GatewayConfig
 from gateway.ops.events import RequestRecord
-from gateway.ops.metrics import effective_outcome
+from gateway.ops.metrics import LOG_DROPS, effective_outcome
 
 ACCESS_LOGGER = "gateway.access"
 MASK = "***"
@@ -212,6 +219,7 @@ def access_fields(record: RequestRecord) -> dict[str, Any]:
         "tx_hash": record.tx_hash,
         "amount": record.amount,
         "resumed": record.resumed,
+        "unbound": record.unbound,
         "verify_ms": round(record.verify_seconds * 1000, 2),
         "settle_ms": round(record.settle_seconds * 1000, 2),
         "upstream_ms": round(record.upstream_seconds * 1000, 2),
@@ -250,6 +258,7 @@ class AccessLog:
 
 
 _ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
+_STRING: Callable[[str], str] = json.encoder.encode_basestring  # one JSON string (the C encoder)
 _SECOND: list[Any] = [None, ""]  # (whole second, its ISO text): one strftime per second, not per record
 
 
@@ -280,15 +289,10 @@ class JsonFormatter(logging.Formatter):
         fields = record.__dict__.get("_x402_access_json")
         if isinstance(fields, str) and not record.exc_info and not record.stack_info and len(fields) > 2:
             # An access record: its fields were encoded once, by AccessLog (same keys and order as below).
-            head = _ENCODE(
-                {
-                    "time": _iso_time(record.created),
-                    "level": record.levelname.lower(),
-                    "logger": record.name,
-                    "message": record.getMessage(),
-                }
+            return (
+                f'{{"time":"{_iso_time(record.created)}","level":{_STRING(record.levelname.lower())},'
+                f'"logger":{_STRING(record.name)},"message":{_STRING(record.getMessage())},{fields[1:]}'
             )
-            return f"{head[:-1]},{fields[1:]}"
         out: dict[str, Any] = {
             "time": _iso_time(record.created),
             "level": record.levelname.lower(),
@@ -319,12 +323,104 @@ class TextFormatter(logging.Formatter):
         return f"{head} {extras}{sep}{tail}" if extras else line
 
 
+class BufferedHandler(logging.Handler):
+    """Lines formatted by the caller, written by a thread of the handler's own (see the module docstring).
+
+    At most ``capacity`` lines wait; the writer gathers for ``linger`` seconds after the first one, so a busy
+    gateway writes once per ``linger`` rather than once per request (each write to a pipe or a socket is a system
+    call that also wakes its reader: a large part of a cheap request's cost). :meth:`flush` writes what waits at
+    once (``logging.shutdown`` calls it at exit); lines logged in the last ``linger`` before the process is killed
+    outright are lost."""
+
+    flush_timeout = 2.0
+
+    def __init__(self, stream: IO[str], *, capacity: int = 20_000, linger: float = 0.02) -> None:
+        super().__init__()
+        self.stream = stream
+        self.capacity = capacity
+        self.linger = linger
+        self._lines: collections.deque[str] = collections.deque()
+        self._idle = True  # the writer sleeps until told: the first line after a write wakes it, the rest need not
+        self._wake = threading.Event()
+        self._writing = threading.Lock()  # the writer thread and flush() take turns at the stream
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="x402-log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: appending to a deque is atomic, and the lock is what a slow stream would hold.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        lines = self._lines
+        if len(lines) >= self.capacity:
+            LOG_DROPS.add(1)
+            return
+        lines.append(line)
+        if self._closed:  # the writer thread is gone (a line logged during shutdown): write it here
+            self.flush()
+        elif self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            if self.linger > 0:
+                time.sleep(self.linger)  # let a burst gather: one write for all of it
+            self._wake.clear()
+            self._idle = True
+            self._write_waiting()
+
+    def _write_waiting(self, timeout: float = -1) -> None:
+        if not self._writing.acquire(timeout=timeout):
+            return  # the writer thread is stuck on a reader that stopped reading: not the caller's problem
+        try:
+            lines = self._lines
+            if not lines:
+                return
+            batch = [lines.popleft() for _ in range(len(lines))]
+            try:
+                self.stream.write("\n".join(batch) + "\n")
+                self.stream.flush()
+            except Exception:  # a closed or broken stream: the lines are lost, and counted
+                LOG_DROPS.add(len(batch))
+        finally:
+            self._writing.release()
+
+    def flush(self) -> None:
+        """Write what waits now (at most ``flush_timeout`` seconds' wait for a writer stuck on a full pipe)."""
+        self._write_waiting(self.flush_timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self.flush()
+        lost = 0
+        with contextlib.suppress(IndexError):
+            while True:  # the flush gave up on a stuck writer: what is left will never be written
+                self._lines.popleft()
+                lost += 1
+        if lost:
+            LOG_DROPS.add(lost)
+        super().close()
+
+
 def configure_logging(level: str = "info", *, json: bool = True, stream: IO[str] | None = None) -> logging.Handler:
-    """The served process's logging: one stderr handler (JSON lines or text) with the redactor, at ``level``."""
+    """The served process's logging: one stderr handler (JSON lines or text) with the redactor, at ``level``, its
+    writes off the event loop (:class:`BufferedHandler`)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = BufferedHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler.addFilter(REDACTOR)
     root.addHandler(handler)
@@ -338,6 +434,7 @@ __all__ = [
     "ACCESS_LOGGER",
     "REDACTOR",
     "AccessLog",
+    "BufferedHandler",
     "JsonFormatter",
     "SecretRedactor",
     "TextFormatter",

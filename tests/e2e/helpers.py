@@ -132,11 +132,25 @@ def gateway_with_upstream_url(
         )
 
 
+_BROADCASTS = frozenset({"eth_sendRawTransaction", "eth_sendRawTransactionSync"})
+
+
+def _broadcast_raw(call: dict[str, Any]) -> str | None:
+    """The raw transaction a call broadcasts (either method; not the gateway's empty probe for the Sync one)."""
+    params = call.get("params") or []
+    if call.get("method") in _BROADCASTS and params and params[0] not in ("0x", ""):
+        return str(params[0])
+    return None
+
+
 class RpcTap:
     """An ASGI JSON-RPC pass-through to a dev chain that can fail, or act at the moment the gateway broadcasts.
 
-    ``before_broadcast``: called once (in a worker thread) when the first ``eth_sendRawTransaction`` arrives,
-    *before* it is forwarded: the window between the gateway's verification and its settlement.
+    ``before_broadcast``: called once (in a worker thread) when the first broadcast arrives (``eth_sendRawTransaction``
+    or ``eth_sendRawTransactionSync``), *before* it is forwarded: the window between the gateway's verification and
+    its settlement. Every broadcast that arrives meanwhile (the relayer sends a transaction whose synchronous
+    broadcast is slow to answer a second time, plainly) waits for it too. ``broadcasts``: the raw transactions
+    broadcast, one entry per broadcast call.
     """
 
     def __init__(self, target: str) -> None:
@@ -144,7 +158,13 @@ class RpcTap:
         self.down = False  # True: answer every call with HTTP 502, like a dead RPC provider behind a proxy
         self.before_broadcast: Callable[[], None] | None = None
         self.methods: list[str] = []
+        self.broadcasts: list[str] = []
         self._lock = threading.Lock()
+        self._hook_running: asyncio.Event | None = None
+
+    def transactions_broadcast(self) -> int:
+        """How many different transactions were broadcast (the same one sent twice is one)."""
+        return len(set(self.broadcasts))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -153,13 +173,21 @@ class RpcTap:
         doc = json.loads(body)
         calls = doc if isinstance(doc, list) else [doc]
         names = [str(c.get("method")) for c in calls]
+        raws = [raw for raw in map(_broadcast_raw, calls) if raw is not None]
         hook = None
         with self._lock:
             self.methods.extend(names)
-            if "eth_sendRawTransaction" in names and self.before_broadcast is not None:
+            self.broadcasts.extend(raws)
+            if raws and self.before_broadcast is not None:
                 hook, self.before_broadcast = self.before_broadcast, None
         if hook is not None:
-            await asyncio.to_thread(hook)
+            self._hook_running = asyncio.Event()
+            try:
+                await asyncio.to_thread(hook)
+            finally:
+                self._hook_running.set()
+        elif raws and self._hook_running is not None:
+            await self._hook_running.wait()
         status, answer = (502, b"bad gateway") if self.down else (200, await asyncio.to_thread(self._forward, body))
         await send(
             {

@@ -189,7 +189,7 @@ def test_a_claim_with_a_recorded_settlement_is_kept_when_the_chain_cannot_be_ask
                     assert r.status_code in (409, 503), r.text  # never a 402: the money moved for this claim
                     time.sleep(0.25)
                 assert served is not None
-                assert tap.methods.count("eth_sendRawTransaction") == 1
+                assert tap.transactions_broadcast() == 1
                 assert chain.balance(gw.pay_to) == before + PRICE
     finally:
         chain.stop()

@@ -146,7 +146,7 @@ def test_an_authorization_that_expires_while_the_upstream_works_is_never_broadca
             upstream.on_request = lambda: monkeypatch.setattr(exact_scheme.time, "time", lambda: real_time() + 3600)
             refused = httpx.post(gw.url + "/paid", headers={name: value}, timeout=30)
             assert_402(refused, reasons.VALID_BEFORE_EXPIRED)
-            assert "eth_sendRawTransaction" not in tap.methods
+            assert not tap.broadcasts
             assert len(gw.upstream.requests) == 1
             balances.assert_unchanged()
 

@@ -132,7 +132,7 @@ def test_redis_stopped_as_the_settlement_leaves_is_503_and_once_back_the_payment
             assert receipt_of(retry)["success"] is True
             assert_402(httpx.post(gw.url + path, headers={name: value}, timeout=30), reasons.PAYMENT_ALREADY_USED)
             assert len(gw.upstream.requests) == served_before + 1
-            assert tap.methods.count("eth_sendRawTransaction") == 1
+            assert tap.transactions_broadcast() == 1
             balances.assert_charged_once(PRICE)
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import io
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -14,6 +20,7 @@ import gateway.ops.health
 from gateway.dev.chain import DevChain
 from gateway.ops.logs import (
     REDACTOR,
+    BufferedHandler,
     JsonFormatter,
     SecretRedactor,
     TextFormatter,
@@ -21,7 +28,8 @@ from gateway.ops.logs import (
     configure_logging,
     install_redaction,
 )
-from tests.ops.support import RpcRelay, serve_gateway
+from gateway.ops.metrics import LOG_DROPS, PrometheusMetrics
+from tests.ops.support import RpcRelay, samples, serve_gateway, value
 from tests.support.gateway import gateway_config, sqlite_url
 from tests.support.servers import Behaviour, serve_asgi
 
@@ -207,7 +215,133 @@ def test_text_format_puts_the_access_fields_after_the_message() -> None:
         logging.getLogger("gateway.access").info("GET /x 402 challenge", extra={"access": {"status": 402}})
     finally:
         root.removeHandler(handler)
+        handler.close()  # writes what its buffer holds
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
     assert stream.getvalue().rstrip().endswith("gateway.access GET /x 402 challenge status=402")
+
+
+# ------------------------------------------------------------------- a slow log reader never slows the gateway
+
+
+def _pipe_stream() -> tuple[IO[str], int]:
+    """A text stream into a pipe nobody reads (yet): its write end, and the read end's descriptor."""
+    read_fd, write_fd = os.pipe()
+    return os.fdopen(write_fd, "w", encoding="utf-8"), read_fd
+
+
+def _drain(read_fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(read_fd, 1 << 16):
+        data += chunk
+    return data
+
+
+def _log_from_an_event_loop(handler: logging.Handler, lines: int) -> bool:
+    """Log ``lines`` access lines from a coroutine, in a thread of its own; True if it finished (it would block for
+    ever on a full pipe if a write ever ran on the loop's thread)."""
+    logger = logging.getLogger("tests.ops.buffered")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def produce() -> None:
+        for i in range(lines):
+            logger.info("GET /free/%d 200 free", i)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+
+    thread = threading.Thread(target=asyncio.run, args=(produce(),), daemon=True)
+    try:
+        thread.start()
+        thread.join(60)
+        return not thread.is_alive()
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_log_reader_that_stops_reading_never_blocks_the_event_loop_and_every_dropped_line_is_counted() -> None:
+    stream, read_fd = _pipe_stream()
+    handler = BufferedHandler(stream, capacity=500)
+    handler.setFormatter(JsonFormatter())
+    dropped_before = LOG_DROPS.value
+    try:
+        # Far more than the pipe (64 KiB) and the buffer (500 lines) hold together: the writer thread blocks on the
+        # full pipe, the loop goes on, and what does not fit is dropped.
+        assert _log_from_an_event_loop(handler, 20_000), "logging blocked the event loop"
+        dropped = LOG_DROPS.value - dropped_before
+        assert dropped > 0
+        reader = threading.Thread(target=lambda: written.append(_drain(read_fd)), daemon=True)
+        written: list[bytes] = []
+        reader.start()  # the reader comes back: the writer thread is unblocked and writes what it kept
+        handler.close()
+        stream.close()
+        reader.join(30)
+    finally:
+        with contextlib.suppress(OSError):
+            stream.close()
+        os.close(read_fd)
+    lines = written[0].decode().splitlines()
+    assert len(lines) + dropped == 20_000  # each line either written whole or counted as dropped
+    assert all(json.loads(line)["logger"] == "tests.ops.buffered" for line in lines)
+    numbers = [int(json.loads(line)["message"].split("/")[2].split()[0]) for line in lines]
+    assert numbers == sorted(numbers)  # in the order they were logged
+
+
+def test_dropped_log_lines_show_in_the_metrics() -> None:
+    metrics = PrometheusMetrics()
+    shown_before = value(samples(metrics.render()[0].decode()), "x402_gateway_log_dropped_total")
+    counted_before = LOG_DROPS.value
+    stream, read_fd = _pipe_stream()
+    handler = BufferedHandler(stream, capacity=10)
+    handler.setFormatter(JsonFormatter())
+    try:
+        assert _log_from_an_event_loop(handler, 5_000)
+    finally:
+        os.close(read_fd)  # the reader is gone for good: what the writer holds is lost too, and counted
+        handler.close()
+        with contextlib.suppress(OSError):
+            stream.close()
+    shown = value(samples(metrics.render()[0].decode()), "x402_gateway_log_dropped_total") - shown_before
+    assert shown == LOG_DROPS.value - counted_before
+    assert shown >= 5_000 - 10 - 65_536 // 100  # at most the buffer and a pipe's worth of lines got out
+
+
+def test_every_line_reaches_a_reader_that_keeps_up_in_order_and_whole() -> None:
+    stream, read_fd = _pipe_stream()
+    written: list[bytes] = []
+    reader = threading.Thread(target=lambda: written.append(_drain(read_fd)), daemon=True)
+    reader.start()
+    handler = BufferedHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    dropped_before = LOG_DROPS.value
+    try:
+        assert _log_from_an_event_loop(handler, 5_000)
+        handler.close()
+        stream.close()
+        reader.join(30)
+    finally:
+        os.close(read_fd)
+    assert LOG_DROPS.value == dropped_before
+    messages = [json.loads(line)["message"] for line in written[0].decode().splitlines()]
+    assert messages == [f"GET /free/{i} 200 free" for i in range(5_000)]
+
+
+def test_closing_the_log_at_exit_never_hangs_on_a_reader_that_stopped_reading() -> None:
+    stream, read_fd = _pipe_stream()
+    handler = BufferedHandler(stream, capacity=1_000)
+    handler.setFormatter(JsonFormatter())
+    counted_before = LOG_DROPS.value
+    try:
+        assert _log_from_an_event_loop(handler, 5_000)
+        closing = threading.Thread(target=handler.close, daemon=True)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "close() waited for a reader that never reads"
+        assert handler._lines == collections.deque()  # nothing left behind uncounted
+        assert LOG_DROPS.value - counted_before > 0
+    finally:
+        os.close(read_fd)  # the stuck writer thread gets EPIPE and ends
+        with contextlib.suppress(OSError):
+            stream.close()
