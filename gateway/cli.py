@@ -1,5 +1,6 @@
 """``x402-gateway``: serve, check a config, run the demo; and the client commands (prompt, status, cancel, jobs:
-their options in :mod:`gateway.client._arguments`, their code in :mod:`gateway.client._commands`).
+their options in :mod:`gateway.client._arguments`, their code in :mod:`gateway.client._commands`); and the
+operator's ``admin`` commands (:mod:`gateway.http.admin.commands`, a client of the admin API).
 
 Exit codes: 0 success, 1 failure at run time (for the client: the job failed, was cancelled or timed out), 2 usage
 or configuration error, 3 payment refused (client commands).
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 from gateway.client._arguments import CLIENT_COMMANDS, add_client_commands, redact_keys
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.http.admin.commands import ADMIN_COMMANDS, add_admin_commands
 from gateway.money import format_usd
 
 
@@ -39,10 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.listen_host
     port = args.port or config.server.listen_port
     server = config.server
-    uvicorn.run(
-        build_app(config, freeze_heap=True),
-        host=host,
-        port=port,
+    # SIGHUP reloads routes and prices from args.config (docs/operating.md, "Prices and routes at run time")
+    app = build_app(config, freeze_heap=True, config_path=args.config, reload_on_sighup=True)
+    options: dict[str, Any] = dict(
         # httptools with a cap on an unfinished request head (and trailers) and deadlines for it and for a body
         # left unread (uvicorn has none of them for httptools; docs/threat-model.md T40, gateway/http/server.py)
         http=guarded_protocol(
@@ -57,6 +58,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # forwarded headers are trusted only through server.trust_forwarded_headers
         server_header=False,
         date_header=False,  # the upstream's own Date header passes through; two would confuse clients
+    )
+    if config.admin is None:
+        uvicorn.run(app, host=host, port=port, **options)
+        return 0
+    # [admin]: its own listener beside the public one, in this process (gateway/http/admin/listener.py)
+    from gateway.http.admin.app import AdminApp
+    from gateway.http.admin.listener import serve_with_admin
+
+    admin = config.admin
+    serve_with_admin(
+        uvicorn.Config(app, host=host, port=port, **options),
+        uvicorn.Config(AdminApp(app), host=admin.listen_host, port=admin.listen_port, **options),
     )
     return 0
 
@@ -83,6 +96,11 @@ def config_warnings(config: GatewayConfig) -> list[str]:
             f"upstream with its credentials ({names}), so anyone can use the upstream's own API through the "
             'gateway for nothing; use "priced" (the default), a list of the free routes that need them, or '
             'server.unpriced = "refuse"'
+        )
+    if config.admin is not None and config.admin.listen_host not in ("127.0.0.1", "::1", "localhost"):
+        warnings.append(
+            f"admin.listen = {config.admin.listen_host}:{config.admin.listen_port} is reachable from other hosts: "
+            "the admin API speaks plain HTTP with bearer tokens; keep it on a private network or behind TLS"
         )
     if config.jobs is not None:
         from gateway.config.jobs import jobs_warnings
@@ -160,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("-c", "--config", required=True)
     ack.set_defaults(func=cmd_store_acknowledge)
     add_client_commands(sub)
+    add_admin_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    client_command = args.command in CLIENT_COMMANDS
+    client_command = args.command in CLIENT_COMMANDS + ADMIN_COMMANDS
     # The client commands' stderr is for people (progress, errors): no log lines in between.
     logging.basicConfig(
         level=logging.WARNING if client_command else logging.INFO,

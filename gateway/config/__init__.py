@@ -8,13 +8,15 @@ shows them.
 One module per section, each holding its frozen dataclass (where every default is written, once) and its parser:
 ``server``, ``upstream``, ``store``, ``idempotency``, ``ratelimits``, ``payment``, ``networks``, ``routes``,
 ``discovery`` (with ``[paywall]`` and the routes' documentation keys),
-``jobs`` and ``sessions``; ``table`` reads a TOML table
+``jobs``, ``sessions``, ``ledger`` and ``admin``; ``table`` reads a TOML table
 key by key, ``values`` checks the values several sections share, ``loader`` assembles :class:`GatewayConfig`.
 """
 
+from gateway.config.admin import AdminConfig, AdminToken
 from gateway.config.discovery import BodyType, DiscoveryConfig, PaywallConfig, RouteDocs
 from gateway.config.idempotency import IdempotencyConfig
 from gateway.config.jobs import JobsConfig
+from gateway.config.ledger import LedgerConfig
 from gateway.config.loader import GatewayConfig, load_config, parse_config
 from gateway.config.networks import FacilitatorConfig, NetworkConfig
 from gateway.config.payment import PaymentConfig
@@ -28,6 +30,8 @@ from gateway.errors import ConfigError
 from gateway.secrets import Secret, redact_url
 
 __all__ = [
+    "AdminConfig",
+    "AdminToken",
     "BodyType",
     "ConfigError",
     "DiscoveryConfig",
@@ -35,6 +39,7 @@ __all__ = [
     "GatewayConfig",
     "IdempotencyConfig",
     "JobsConfig",
+    "LedgerConfig",
     "MeterConfig",
     "NetworkConfig",
     "PaymentConfig",

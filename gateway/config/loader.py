@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.admin import AdminConfig, parse_admin
 from gateway.config.discovery import DiscoveryConfig, PaywallConfig, parse_discovery, parse_paywall
 from gateway.config.idempotency import IdempotencyConfig, parse_idempotency
 from gateway.config.jobs import JobsConfig, parse_jobs
+from gateway.config.ledger import LedgerConfig, parse_ledger
 from gateway.config.networks import NetworkConfig, parse_networks
 from gateway.config.payment import PaymentConfig, parse_payment
 from gateway.config.ratelimits import RateLimitConfig, parse_rate_limits
@@ -41,6 +43,8 @@ class GatewayConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     paywall: PaywallConfig = field(default_factory=PaywallConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)  # [sessions]: batch-settlement channels
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)  # [ledger]: every paid-and-served request
+    admin: AdminConfig | None = None  # [admin]: the operator's API on its own listener (off unless configured)
 
 
 def parse_config(
@@ -73,6 +77,12 @@ def parse_config(
     paywall = parse_paywall(root.table("paywall"))
     sessions = parse_sessions(root.table("sessions"), env, relayer_key=payment.relayer_key)
     _check_sessions(routes, networks, sessions)
+    ledger = parse_ledger(root.table("ledger"), env, base_dir)
+    raw_admin = root.get("admin", dict, None)
+    admin = None
+    if raw_admin is not None:
+        public = (server.listen_host, server.listen_port)
+        admin = parse_admin(Table(raw_admin, "admin"), env, base_dir, public=public)
     root.done()
     return GatewayConfig(
         payment=payment,
@@ -87,6 +97,8 @@ def parse_config(
         discovery=discovery,
         paywall=paywall,
         sessions=sessions,
+        ledger=ledger,
+        admin=admin,
     )
 
 

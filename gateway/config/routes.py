@@ -42,6 +42,7 @@ class RouteConfig:
     docs: RouteDocs = field(default_factory=RouteDocs)  # discovery and paywall metadata
     schemes: tuple[str, ...] = ("exact",)  # x402 schemes offered; "batch-settlement": sessions (docs/sessions.md)
     meter: MeterConfig | None = None  # sessions only: the charge comes from the answer, up to ``price``
+    paused: bool = False  # answered 503 route_paused before any payment is taken (docs/operating.md)
 
     @property
     def route(self) -> str:
@@ -111,6 +112,7 @@ def _route(t: Table, networks: Mapping[str, NetworkConfig], payment: PaymentConf
         docs=parse_route_docs(t, pattern, base_dir),
         schemes=schemes,
         meter=meter,
+        paused=t.get("paused", bool, _DEFAULT.paused),
     )
     t.done()
     return cfg

@@ -42,6 +42,7 @@ __all__ = ["Claimer", "ClaimerStats"]
 
 _BATCH_OVERHEAD_GAS = 60_000  # the transaction and the batch signature, before any voucher
 _SCAN = 1000  # channels read per pass and network
+_MAX_ROWS = 200  # claim rows per transaction: ~482 bytes each, well under the 128 KiB nodes accept
 # Withdrawal logs are read in block ranges: hosted nodes cap eth_getLogs (10 blocks on some free tiers, 10,000 on
 # others), so a range the node refuses is halved until it answers, and the catch-up after a start goes on over the
 # next passes (each reads at most _LOG_READS ranges, oldest first: the oldest withdrawal ends first).
@@ -82,6 +83,11 @@ class Claimer:
         # When this process first saw each channel owing (the age that ``claim_after`` bounds; a restart starts
         # the clock again, so a charge waits at most one ``claim_after`` per restart).
         self._owing_since: dict[str, float] = {}
+        self._stuck: dict[str, tuple[int, float]] = {}  # channel -> (claims that would revert, next try at)
+        # network -> how many channels of its last scan could not be claimed then (pausing after a claim that would
+        # revert, or owing more than is left in them): the next scan reads that many more, so that such channels,
+        # the oldest debts and so the first rows, never hold the scan and keep every channel behind them unclaimed.
+        self._blocked: dict[str, int] = {}
 
     def start(self) -> None:
         if self._task is None:
@@ -109,7 +115,11 @@ class Claimer:
             now = time.time() if now is None else now
             owed = owing = 0
             for name, chain in self.sessions.chains.items():
-                await self._watch_withdrawals(name, chain, now)
+                try:
+                    await self._watch_withdrawals(name, chain, now)
+                except Exception:  # whatever the watcher met, the claims below still run
+                    self.stats.failures += 1
+                    log.warning("the withdrawal watcher failed on %s", name, exc_info=True)
                 left = await self._claim(name, chain, now, everything=everything)
                 owed, owing = owed + sum(ch.unclaimed for ch in left), owing + len(left)
             self.stats.unclaimed_value, self.stats.channels_owing = owed, owing
@@ -159,11 +169,19 @@ class Claimer:
 
     async def _record_withdrawals(self, name: str, chain: ChannelChain, ids: list[str], now: float) -> None:
         urgent = self._urgent.setdefault(name, set())
+        store = self.sessions.store
         for cid in ids:
-            state = await chain.state(cid)
-            if await self.sessions.store.sync(cid, state, now=now) is not None:
-                self.stats.withdrawals_seen += 1
-                urgent.add(cid)
+            # The contract is shared: most withdrawals are other receivers' channels. Only ours are read, and a
+            # channel the store cannot take (say an amount beyond what it computes exactly) is marked urgent all
+            # the same, never allowed to stop the pass (docs/threat-model.md T46).
+            if await store.get(cid) is None:
+                continue
+            self.stats.withdrawals_seen += 1
+            urgent.add(cid)
+            try:
+                await store.sync(cid, await chain.state(cid), now=now)
+            except (ValueError, RpcError):
+                log.warning("could not refresh a withdrawing channel; claiming it as it is")
 
     # ------------------------------------------------------------------------------------------------ claims
 
@@ -182,27 +200,51 @@ class Claimer:
         """Claim what is due on one network; returns the channels still owing afterwards."""
         store = self.sessions.store
         chain_id = chain.rpc.chain_id
-        owed = await store.unclaimed(chain_id, now=now, limit=_SCAN)
+        owed = await store.unclaimed(chain_id, now=now, limit=_SCAN + self._blocked.get(name, 0))
         folded: list[Channel] = []
         for owing in owed:
             lapsed = owing.holder is not None and owing.held_until <= now
             folded.append((await store.fold(owing.channel_id, now=now) if lapsed else None) or owing)
         total = sum(max(ch.unclaimed, 0) for ch in folded)
         urgent = self._urgent.get(name, set())
+        for cid in urgent - {ch.channel_id for ch in folded}:  # withdrawing channels beyond the scan come too
+            ch = await store.get(cid)
+            if ch is not None and ch.unclaimed > 0:
+                folded.append(ch)
         due = [
-            ch for ch in folded if ch.unclaimed > 0 and ch.signature and self._due(ch, now, total, urgent, everything)
+            ch
+            for ch in folded
+            if self._claimable(ch) > ch.total_claimed
+            and ch.signature
+            and self._stuck.get(ch.channel_id, (0, 0.0))[1] <= now
+            and self._due(ch, now, total, urgent, everything)
         ]
+        due.sort(key=lambda ch: ch.channel_id not in urgent)  # withdrawing channels first
         per_tx = max(1, (self.config.max_claim_gas - _BATCH_OVERHEAD_GAS) // max(self._gas_per_voucher, 1))
+        per_tx = min(per_tx, _MAX_ROWS)  # a transaction's size is capped by nodes too (128 KiB on geth)
         for i in range(0, len(due), per_tx):
             await self._send_batch(chain, due[i : i + per_tx])
+        self._blocked[name] = sum(
+            1
+            for ch in folded
+            if self._stuck.get(ch.channel_id, (0, 0.0))[1] > now or self._claimable(ch) <= ch.total_claimed
+        )
         for ch in due:
             urgent.discard(ch.channel_id)
         claimed = {ch.channel_id for ch in due if ch.channel_id not in self._owing_since}
         return [ch for ch in folded if ch.unclaimed > 0 and ch.channel_id not in claimed]
 
+    @staticmethod
+    def _claimable(ch: Channel) -> int:
+        """What a claim can set ``totalClaimed`` to: what we charged, within the voucher and the balance (after a
+        withdrawal took part of it, what is left is still claimed)."""
+        return max(min(ch.charged, ch.signed_max, ch.balance), ch.total_claimed)
+
     def _entries(self, channels: list[Channel]) -> list[VoucherClaim]:
         return [
-            VoucherClaim(_config_of(ch), ch.signed_max, bytes.fromhex(ch.signature.removeprefix("0x")), ch.charged)
+            VoucherClaim(
+                _config_of(ch), ch.signed_max, bytes.fromhex(ch.signature.removeprefix("0x")), self._claimable(ch)
+            )
             for ch in channels
         ]
 
@@ -222,11 +264,17 @@ class Claimer:
         if gas is None:
             if len(channels) == 1:
                 # This channel's claim would revert (drained by a finished withdrawal, or claimed meanwhile): its
-                # state is read again, and it is left out rather than holding up everyone else's.
+                # state is read again, and it is left out rather than holding up everyone else's, then tried again
+                # after a growing pause so that it cannot hold the scan's front for ever.
                 self.stats.dropped += 1
                 ch = channels[0]
+                failures = self._stuck.get(ch.channel_id, (0, 0.0))[0] + 1
+                self._stuck[ch.channel_id] = (
+                    failures,
+                    time.time() + min(self.config.claim_interval * 2**failures, 86_400),
+                )
                 log.warning("a channel's claim would revert; refreshing it from the chain")
-                with contextlib.suppress(GatewayError):
+                with contextlib.suppress(GatewayError, RpcError, ValueError):
                     await self.sessions.store.sync(ch.channel_id, await chain.state(ch.channel_id), now=time.time())
                 return
             half = len(channels) // 2
@@ -245,6 +293,12 @@ class Claimer:
             tx_hash, _receipt = await chain.send(data, gas + gas // 5)
         except (SettlementFailed, GatewayError) as exc:
             self.stats.failures += 1
+            if len(channels) > 1 and not (isinstance(exc, SettlementFailed) and exc.unknown):
+                # Refused by the node (too large, say) or reverted at inclusion: smaller batches, not the same again.
+                half = len(channels) // 2
+                await self._send_batch(chain, channels[:half])
+                await self._send_batch(chain, channels[half:])
+                return
             log.warning("a claim transaction failed (%s); the next pass tries again", exc.reason)
             return
         self.stats.claim_transactions += 1
@@ -252,12 +306,13 @@ class Claimer:
         now = time.time()
         for ch in channels:
             try:
-                await self.sessions.store.record_claimed(ch.channel_id, ch.charged, now=now)
+                await self.sessions.store.record_claimed(ch.channel_id, self._claimable(ch), now=now)
             except StoreUnavailable:
                 log.warning("a landed claim could not be recorded; the chain's totalClaimed is read next time")
             self._owing_since.pop(ch.channel_id, None)
+            self._stuck.pop(ch.channel_id, None)
             self.stats.vouchers_claimed += 1
-            self.stats.value_claimed += ch.charged - ch.total_claimed
+            self.stats.value_claimed += self._claimable(ch) - ch.total_claimed
 
     # ---------------------------------------------------------------------------------------------- sweeping
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from gateway.chain.network import Network, open_networks
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, RouteConfig
 from gateway.engine.claim import Claims, PaidRequest
 from gateway.engine.claimer import Claimer
 from gateway.engine.deferred import DeferredOutcomes
@@ -33,6 +33,7 @@ from gateway.schemes import build_schemes
 from gateway.schemes.base import Offering, Presented, PricedRoute, Scheme, requirements_for
 from gateway.schemes.batch.check import session_requirements
 from gateway.schemes.batch.scheme import BatchSettlementScheme
+from gateway.schemes.prices import EarlierPrice
 from gateway.storage.channels import open_channel_store
 from gateway.storage.receipts import ReceiptStore
 from gateway.storage.settlements import open_settlement_journal
@@ -78,9 +79,22 @@ class PaymentEngine:
             [(r.pattern, self._priced(r, authorizer)) for r in config.routes]
         )
 
-    def _priced(self, route: Any, authorizer: str) -> PricedRoute:
+    def _priced(self, route: RouteConfig, authorizer: str, earlier: tuple[EarlierPrice, ...] = ()) -> PricedRoute:
         base = requirements_for(self.config, route)
-        return PricedRoute(route, base, session_requirements(self.config, route, base, authorizer))
+        return PricedRoute(route, base, session_requirements(self.config, route, base, authorizer), earlier)
+
+    def swap_routes(
+        self, routes: tuple[RouteConfig, ...], earlier: Mapping[str, tuple[EarlierPrice, ...]]
+    ) -> RouteTable[PricedRoute]:
+        """Price ``routes`` and make them the table new requests match, in one assignment. A request reads
+        ``self.routes`` once (gateway/http/context.py) and keeps that table for its whole life, so it never sees
+        half a change. ``earlier``: per route pattern, the prices it had a moment ago that are still honoured
+        (gateway/schemes/prices.py). Only :mod:`gateway.engine.reload` calls this (it checks what may change)."""
+        authorizer = self.sessions.authorizer if self.sessions is not None else ""
+        table = RouteTable([(r.pattern, self._priced(r, authorizer, earlier.get(r.route, ()))) for r in routes])
+        self.config = replace(self.config, routes=routes)
+        self.routes = table
+        return table
 
     @property
     def lease(self) -> float:

@@ -47,7 +47,6 @@ from gateway.x402.sessions import (
     corrective_extra,
     parse_session_payment,
     refund_digest,
-    voucher_digest,
 )
 
 log = logging.getLogger("gateway.sessions")
@@ -131,28 +130,23 @@ class Sessions:
             clock_skew=pay.clock_skew_seconds,
         )
         chain = self.chain_for(checked.requirement)
-        voucher = payment.voucher
-        if checked.needs_erc1271:
-            digest = voucher_digest(checked.channel_id, voucher.max_claimable, checked.requirement.chain_id)
-            if not await chain.voucher_accepted_by_contract(checked.payer, digest, voucher.signature):
-                raise PaymentRequired(
-                    "the payer's contract does not accept the voucher", reason=reasons.SESSION_VOUCHER_SIGNATURE
-                )
-        ceiling = checked.requirement.amount
-        expected = voucher.max_claimable - (0 if payment.kind == "refund" else ceiling)
-        if expected < 0:  # below any base: the client's view is off; tell it ours
+        # The voucher's base is its cumulative amount less the ceiling it was signed for: the route's price, or a
+        # price it had a moment ago that a 402 still being answered showed (gateway/schemes/prices.py).
+        ceilings = _ceilings(checked, route, now)
+        first = next((c for c in ceilings if _expected(c) >= 0), None)
+        if first is None:  # below any base: the client's view is off; tell it ours
             channel = await self.store.get(checked.channel_id) or await self._first_sight(checked, chain, now)
             raise self._mismatch(checked, channel)
         holder = f"{self.instance}.{uuid.uuid4().hex}"
         self._in_flight.add(holder)
         try:
             try:
-                locked = await self._lock(checked, holder, expected, now)
+                checked, locked = await self._lock(first, holder, now, ceilings)
             except KeyError:
                 # A channel the store does not know (one read of the chain, then the lock): hot requests never
                 # get here.
                 await self._first_sight(checked, chain, now)
-                locked = await self._lock(checked, holder, expected, now)
+                checked, locked = await self._lock(first, holder, now, ceilings)
         except BaseException:
             self.ended(holder)
             raise
@@ -189,28 +183,36 @@ class Sessions:
         ).with_onchain(state, now=now)
         return await self.store.open(fresh, now=now)
 
-    async def _lock(self, checked: CheckedPayment, holder: str, expected: int, now: float) -> Channel:
+    async def _lock(
+        self, checked: CheckedPayment, holder: str, now: float, ceilings: tuple[CheckedPayment, ...] = ()
+    ) -> tuple[CheckedPayment, Channel]:
+        """Lock the channel for ``checked``'s voucher; on a base mismatch, once more with the one of ``ceilings``
+        (the same payment at an earlier price) whose base is the channel's."""
         voucher = checked.payment.voucher
         args: dict[str, Any] = {
-            "expected_charged": expected,
+            "expected_charged": _expected(checked),
             "voucher_max": voucher.max_claimable,
             "signature": "0x" + voucher.signature.hex(),
             "lease": self.lease,
         }
         try:
             try:
-                return await self.store.begin(checked.channel_id, holder, now=now, **args)
+                return checked, await self.store.begin(checked.channel_id, holder, now=now, **args)
             except ChannelBusy as busy:
                 # Held by a request of a gateway process that died, or by one of ours that ended while the store
                 # was down: nothing of it will ever finish (T31).
                 if busy.holder is None or not await self._holder_is_gone(busy.holder):
                     raise
                 log.warning("taking over a session channel whose request is gone")
-                return await self.store.begin(
+                return checked, await self.store.begin(
                     checked.channel_id, holder, now=time.time(), take_over_from=busy.holder, **args
                 )
         except ChannelMismatch as exc:
-            raise self._mismatch(checked, exc.channel) from None
+            charged = exc.channel.charged
+            other = next((c for c in ceilings if c is not checked and _expected(c) == charged), None)
+            if other is None:
+                raise self._mismatch(checked, exc.channel) from None
+        return await self._lock(other, holder, now)
 
     async def _holder_is_gone(self, holder: str) -> bool:
         instance, dot, _ = holder.partition(".")
@@ -236,6 +238,26 @@ class Sessions:
         )
 
 
+def _expected(checked: CheckedPayment) -> int:
+    """The channel's ``charged`` the voucher was signed on: its cumulative amount less the ceiling (a refund
+    claims nothing more)."""
+    refund = checked.payment.kind == "refund"
+    return checked.payment.voucher.max_claimable - (0 if refund else checked.requirement.amount)
+
+
+def _ceilings(checked: CheckedPayment, route: PricedRoute, now: float) -> tuple[CheckedPayment, ...]:
+    """``checked`` at the route's price, then at each earlier price still honoured (none for a refund)."""
+    if checked.payment.kind == "refund":
+        return (checked,)
+    req = checked.requirement
+    earlier = (
+        replace(checked, requirement=replace(req, amount=p.amount))
+        for p in route.earlier
+        if now <= p.until and p.amount != req.amount
+    )
+    return (checked, *earlier)
+
+
 class SessionRequest:
     """One session request holding its channel's lock, on its way to a committed charge (or none)."""
 
@@ -250,6 +272,7 @@ class SessionRequest:
         self._checked = checked
         self.channel = channel  # as locked (the mirror refreshed by a deposit)
         self._holder = holder
+        self._route = route
         self._meter = Meter(route.config.meter, checked.requirement.amount)
         self.charge = checked.requirement.amount  # the ceiling, until the answer says otherwise
         self.paid = False  # the charge is decided (the answer succeeded); committed by finish(served=True)
@@ -285,6 +308,13 @@ class SessionRequest:
         """Execute the deposit this payment carries (the lock is held: no voucher on this channel meanwhile)."""
         dep = self._checked.payment.deposit
         assert dep is not None
+        before = await chain.state(self.channel_id)
+        if self._checked.payment.voucher.max_claimable > before.balance + dep.amount:
+            # Checked before any transaction: a deposit that would not cover its own voucher costs us no gas.
+            raise PaymentRequired(
+                "the voucher exceeds the channel's balance with this deposit",
+                reason=reasons.SESSION_CUMULATIVE_EXCEEDS_BALANCE,
+            )
         self.tx_hash = await chain.deposit(self._checked.payment.config, dep)
         self.deposited = dep.amount
         state = await chain.state(self.channel_id)
@@ -328,6 +358,13 @@ class SessionRequest:
                 f"nothing to refund beyond what was charged (refundable {max(remainder, 0)})",
                 reason=reasons.SESSION_REFUND_NO_BALANCE,
             )
+        floor = min(remainder, min_deposit(self._sessions.config, self._route.config))
+        if amount < floor:
+            # Every refund is a transaction we pay for: a partial one must be worth it (docs/sessions.md).
+            raise PaymentRequired(
+                f"a partial refund must be at least {floor} atomic units (or the whole remainder)",
+                reason=reasons.SESSION_REFUND_AMOUNT_INVALID,
+            )
         chain_id = self.requirement.chain_id
         calls: list[bytes] = []
         if ch.charged > state.total_claimed:
@@ -340,6 +377,9 @@ class SessionRequest:
         gas = await chain.estimate(data)
         if gas is None:
             raise PaymentRequired("the refund would revert", reason=reasons.SESSION_REFUND_FAILED)
+        # The mirror learns the lower balance before the refund leaves: if its outcome is never learnt (a crash, an
+        # unknown broadcast), vouchers are checked against too little, never against money that is gone.
+        await self.store.sync(self.channel_id, replace(state, balance=state.balance - amount), now=time.time())
         self.tx_hash, _receipt = await chain.send(data, gas + gas // 5)
         after = await chain.state(self.channel_id)
         now = time.time()

@@ -17,12 +17,17 @@ or leaves its payment paid-but-unserved for a retry (``"before"``).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
-from collections.abc import Callable
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.engine.reload import Reloader
 from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error, send_json
 from gateway.http.context import new_request_id, request_context
@@ -37,16 +42,29 @@ from gateway.ops.health import Readiness
 from gateway.ops.logs import AccessLog, install_redaction
 from gateway.ops.metrics import PrometheusMetrics
 from gateway.ops.ratelimit import RateLimiter
+from gateway.routes import RouteTable
+from gateway.schemes.base import PricedRoute
+
+log = logging.getLogger("gateway.reload")
 
 
 class Gateway:
     """The standalone reverse proxy as one ASGI app (``uvicorn gateway.app:...`` via ``x402-gateway serve``)."""
 
     def __init__(
-        self, config: GatewayConfig, *, observers: tuple[Observer, ...] = (), freeze_heap: bool = False
+        self,
+        config: GatewayConfig,
+        *,
+        observers: tuple[Observer, ...] = (),
+        freeze_heap: bool = False,
+        config_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        reload_on_sighup: bool = False,
     ) -> None:
         self.config = config
         self._freeze_heap = freeze_heap
+        self._reload_on_sighup = reload_on_sighup
+        self._reloads: set[asyncio.Task[None]] = set()
         up, server = config.upstream, config.server
         self.proxy = UpstreamProxy(
             up.url,
@@ -86,18 +104,22 @@ class Gateway:
             paywall=self.paywall,
             discovery=self.discovery,
         )
-        self.routes = self.payments.engine.routes
+        engine = self.payments.engine
+        # Prices and routes change at run time (docs/operating.md): a reload of config_path (SIGHUP, the admin
+        # API) or an admin override in the shared store; the views built from the routes follow each change.
+        self.reloader = Reloader(engine, config_path, env=env)
+        self.reloader.listeners.append(self._follow)
         for net in self.payments.engine.networks.values():  # served settlements a reorg dropped for good (T28)
             net.settlement_lost.append(self.metrics.settlement_lost)
         self.readiness = Readiness(self.payments.engine, up, timeout=server.ready_timeout)
         paid: ASGIApp = self.payments
         self.idempotency: IdempotencyLayer | None = None
         if config.idempotency.enabled:
-            idem, routes = config.idempotency, self.routes
+            idem = config.idempotency
             self.idempotency = IdempotencyLayer(
                 paid,
                 store=(idem.store_url or config.store.url).reveal(),
-                is_priced=lambda scope: request_context(scope, routes, server).route is not None,
+                is_priced=lambda scope: request_context(scope, engine, server).route is not None,
                 ttl=idem.ttl,
                 lease=idem.lease,
                 max_body_bytes=server.max_body_bytes,
@@ -117,11 +139,24 @@ class Gateway:
         }
         self._undo_redaction: Callable[[], None] | None = None
 
+    @property
+    def routes(self) -> RouteTable[PricedRoute]:
+        """The priced routes in force now (replaced as a whole by a reload)."""
+        return self.payments.engine.routes
+
+    def _follow(self, config: GatewayConfig) -> None:
+        """After a reload or an override: the discovery documents show the routes and prices now in force."""
+        self.config = config
+        if self.discovery is not None:
+            self.discovery = Discovery(config)
+            self.payments.discovery = self.discovery
+
     async def startup(self) -> None:
         self._undo_redaction = install_redaction(self.config)
         await self.proxy.start()
         try:
             await self.payments.startup()
+            await self.reloader.start()  # the store's price overrides apply before the first request
             if self.idempotency is not None:
                 await self.idempotency.startup()
             if self.jobs is not None:
@@ -129,10 +164,28 @@ class Gateway:
         except BaseException:
             await self.shutdown()  # close what did start: no session or connection outlives a failed start
             raise
+        if self._reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._sighup)
+
+    def _sighup(self) -> None:
+        """``kill -HUP``: reload the config file (the reloader logs what changed, or why nothing did)."""
+        log.info("SIGHUP: reloading the config file")
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        try:
+            await self.reloader.reload()
+        except Exception:
+            log.exception("reload failed; the routes in force are unchanged")
 
     async def shutdown(self) -> None:
+        if self._reload_on_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.jobs is not None:  # first: running jobs still write their outcome to the job store
             await self.jobs.shutdown()
+        await self.reloader.aclose()
         await self.payments.shutdown()
         if self.idempotency is not None:
             await self.idempotency.aclose()
@@ -190,6 +243,8 @@ class Gateway:
         claimer = self.payments.engine.claimer
         if claimer is not None:
             self.metrics.observe_sessions(claimer.stats)
+        if self.payments.ledger is not None:
+            self.metrics.observe_ledger(self.payments.ledger.stats)
         payload, content_type = self.metrics.render()
         headers = [
             (b"content-type", content_type.encode("latin-1")),
@@ -204,7 +259,7 @@ class Gateway:
         record = RequestRecord.of_scope(
             scope, new_request_id(), status=exc.status, outcome="refused", reason=exc.reason
         )
-        route = request_context(scope, self.routes, self.config.server).route
+        route = request_context(scope, self.payments.engine, self.config.server).route
         record.route = route.config.route if route else None
         await send_error(send, exc, [(b"connection", b"close")])
         notify(self.observers, record)
@@ -275,6 +330,15 @@ def freeze_start_up_heap() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def build_app(config: GatewayConfig, *, freeze_heap: bool = False) -> Gateway:
-    """The gateway app; ``freeze_heap`` (set by ``x402-gateway serve``): see :func:`freeze_start_up_heap`."""
-    return Gateway(config, freeze_heap=freeze_heap)
+def build_app(
+    config: GatewayConfig,
+    *,
+    freeze_heap: bool = False,
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    reload_on_sighup: bool = False,
+) -> Gateway:
+    """The gateway app; ``freeze_heap`` (set by ``x402-gateway serve``): see :func:`freeze_start_up_heap`.
+    ``config_path``: the file ``config`` was read from, which a reload reads again (``env``: what its ``*_env`` keys
+    are read from, default ``os.environ``); ``reload_on_sighup`` (``serve``): SIGHUP reloads it."""
+    return Gateway(config, freeze_heap=freeze_heap, config_path=config_path, env=env, reload_on_sighup=reload_on_sighup)

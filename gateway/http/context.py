@@ -9,6 +9,10 @@ like one; its resource URL is the http(s) URL of that path.
 The outermost layer that needs it builds it (:func:`request_context`) and leaves it in the ASGI scope; every layer
 after it (idempotency, payment middleware, jobs) reads the same object instead of matching the route or building
 the URL again. A layer that changed the method or path in between would get a fresh one.
+
+The route table is read from its source (the payment engine) once, when the context is built: routes and prices
+change at run time by replacing the engine's table (gateway/engine/reload.py), and a request keeps the table it
+started with for its whole life, whichever layer asks again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import quote, unquote_plus
 
 from gateway.config import ServerConfig
@@ -42,6 +47,13 @@ def origin(scope: Scope, server: ServerConfig) -> str:
     return f"{scheme}://{host}"
 
 
+class RouteSource(Protocol):
+    """Where the priced routes in force come from (:class:`gateway.engine.engine.PaymentEngine`)."""
+
+    @property
+    def routes(self) -> RouteTable[PricedRoute]: ...
+
+
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}  # a WebSocket handshake is an HTTP request to the same URL
 # Characters a request line carries as they are; any other byte (raw UTF-8 from a lax server) is percent-encoded
 # before the path is read, as the client should have sent it.
@@ -57,7 +69,8 @@ class RequestContext:
     ambiguous: str | None  # why the path has no single meaning (refused before anything else), or None
     client: str | None
     request_id: str
-    routes: RouteTable[PricedRoute] = field(repr=False)
+    routes: RouteTable[PricedRoute] = field(repr=False)  # the table in force when the request arrived
+    source: RouteSource = field(repr=False)
     _scope: Scope = field(repr=False)
     _server: ServerConfig = field(repr=False)
     _raw_path: str = field(default="/", repr=False)  # the path as received, escapes intact (ASCII)
@@ -82,12 +95,14 @@ class RequestContext:
         return self._resource
 
 
-def request_context(scope: Scope, routes: RouteTable[PricedRoute], server: ServerConfig) -> RequestContext:
-    """The request's context, built on first use and kept in the scope."""
+def request_context(scope: Scope, source: RouteSource, server: ServerConfig) -> RequestContext:
+    """The request's context, built on first use (with the routes ``source`` has in force then) and kept in the
+    scope."""
     ctx = scope.get(CONTEXT_KEY)
     method, path = scope.get("method", "GET"), scope["path"]  # a "websocket" scope has no method: a GET
-    if isinstance(ctx, RequestContext) and ctx.routes is routes and ctx.method == method and ctx.path == path:
+    if isinstance(ctx, RequestContext) and ctx.source is source and ctx.method == method and ctx.path == path:
         return ctx
+    routes = source.routes
     raw: bytes | None = scope.get("raw_path")
     if raw:
         raw_path = raw.decode("latin-1")
@@ -110,6 +125,7 @@ def request_context(scope: Scope, routes: RouteTable[PricedRoute], server: Serve
         client=client[0] if client else None,
         request_id=ctx.request_id if isinstance(ctx, RequestContext) else request_id_of(scope),
         routes=routes,
+        source=source,
         _scope=scope,
         _server=server,
         _raw_path=raw_path,
@@ -206,6 +222,7 @@ __all__ = [
     "CONTEXT_KEY",
     "METHOD_OVERRIDE_HEADERS",
     "RequestContext",
+    "RouteSource",
     "header_name",
     "new_request_id",
     "origin",

@@ -31,8 +31,16 @@ import aiohttp
 
 from gateway.config import GatewayConfig
 from gateway.engine.engine import AnyPaidRequest, PaymentEngine
+from gateway.engine.ledger import Ledger
 from gateway.engine.sessions import SessionRequest
-from gateway.errors import BadRequest, GatewayError, Resynchronise, SettlementFailed, StoreUnavailable
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    Resynchronise,
+    ServiceUnavailable,
+    SettlementFailed,
+    StoreUnavailable,
+)
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, lifespan_hooks, send_error
 from gateway.http.context import RequestContext, request_context, strip_method_override
 from gateway.http.cors import cors_preflight, without_body
@@ -42,6 +50,7 @@ from gateway.ops.events import Limiter, Observer, PaymentVerification, RequestRe
 from gateway.schemes.base import Presented, PricedRoute
 from gateway.schemes.txhash.scheme import TxAttempt
 from gateway.storage import open_store
+from gateway.storage.denylist import DenyList, open_denylist
 from gateway.x402 import reasons
 from gateway.x402.challenge import EXPOSE_HEADERS, Challenge
 from gateway.x402.payload import HeaderName
@@ -60,6 +69,8 @@ class PaymentMiddleware:
         limiter: Limiter | None = None,
         paywall: PaywallPage | None = None,
         discovery: ChallengeExtras | None = None,
+        denylist: DenyList | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         if engine is None:
             if config is None:
@@ -72,6 +83,10 @@ class PaymentMiddleware:
         self.paywall = paywall
         self.discovery = discovery
         self.config = engine.config
+        # Payers the operator refused (docs/operating.md, "Admin API"), in the store every instance shares.
+        self.denylist = denylist or open_denylist(engine.config.store.url.reveal())
+        # Every paid-and-served request, recorded once (docs/operating.md, "Ledger"); None: [ledger] is off.
+        self.ledger = ledger or Ledger.from_config(engine.config)
         self._session: aiohttp.ClientSession | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -85,13 +100,18 @@ class PaymentMiddleware:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
             try:
                 await self.engine.start(self._session)
+                if self.ledger is not None:
+                    await self.ledger.start()
             except BaseException:
                 await self.shutdown()
                 raise
             self._started = True
 
     async def shutdown(self) -> None:
+        if self.ledger is not None:  # first: writes still running finish
+            await self.ledger.aclose()
         await self.engine.aclose()
+        await self.denylist.aclose()
         if self._session is not None:
             await self._session.close()
         self._started = False
@@ -105,7 +125,7 @@ class PaymentMiddleware:
             return
         if not self._started:
             await self.startup()
-        ctx = request_context(scope, self.engine.routes, self.config.server)
+        ctx = request_context(scope, self.engine, self.config.server)
         record = RequestRecord(request_id=ctx.request_id, method=ctx.method, path=ctx.path, client=ctx.client)
 
         async def observed_send(message: Message) -> None:
@@ -155,6 +175,12 @@ class PaymentMiddleware:
             await self.app(scope, receive, send)
             return
         record.route = route.config.route
+        if route.config.paused:
+            # Paused by the operator (docs/operating.md): refused before a payment is read, so none is taken.
+            paused = ServiceUnavailable("this route is paused by its operator", reason=reasons.ROUTE_PAUSED)
+            record.outcome, record.reason = "refused", paused.reason
+            await send_error(send, paused)
+            return
         await self._priced(ctx, record, route, scope, receive, send)
 
     # ----------------------------------------------------------------------------------------------- requests
@@ -244,6 +270,25 @@ class PaymentMiddleware:
             return contextlib.nullcontext(_UNLIMITED)
         return self.limiter.verifying(f"ip:{record.client or '?'}", record.route)
 
+    async def _denied(self, record: RequestRecord, paid: AnyPaidRequest, send: Send) -> bool:
+        """A payer on the deny-list gets 403 ``payer_denied`` before anything settles: nothing is charged. Fails
+        closed (503) when the store cannot say."""
+        refusal: GatewayError
+        try:
+            if not await self.denylist.denied(paid.payer):
+                return False
+            refusal = GatewayError("payments from this payer are refused here", reason=reasons.PAYER_DENIED)
+            refusal.status = 403  # type: ignore[misc]
+        except StoreUnavailable as exc:
+            refusal = exc
+        record.outcome, record.reason = "refused" if refusal.status < 500 else "error", refusal.reason
+        if paid.paid:  # money a transfer already moved: left unserved, usable once the payer is allowed again
+            await _quietly(paid.finish(served=False))
+        else:
+            await paid.release_quietly()
+        await send_error(send, refusal)
+        return True
+
     @staticmethod
     async def _send_limited(record: RequestRecord, wait: float, send: Send) -> None:
         record.outcome, record.reason = "limited", reasons.RATE_LIMITED
@@ -295,6 +340,8 @@ class PaymentMiddleware:
             else:
                 await paid.release_quietly()
             return
+        if paid.answer is None and await self._denied(record, paid, send):
+            return
         if paid.answer is not None:
             # Answered by the payment itself (a session's cooperative refund): the app never runs.
             record.outcome = "refund"
@@ -330,7 +377,8 @@ class PaymentMiddleware:
         upstream_t0 = time.perf_counter()
         # What the app learns about the payment. ``on_paid`` hooks (async, no arguments) run after a successful
         # response's payment is settled and before its headers leave, e.g. to record job -> payer; if one fails the
-        # payment is left unserved (free retry) and the client gets a 5xx.
+        # payment is left unserved (free retry) and the client gets a 5xx. ``job_id``, when the app sets it (the jobs
+        # layer does), goes into the payment's ledger entry.
         info: dict[str, Any] = {
             "payer": paid.payer,
             "network": paid.requirement.network,
@@ -356,7 +404,7 @@ class PaymentMiddleware:
                 status = message["status"]
                 ok = 200 <= status < 300 or (status == 101 and scope["type"] == "websocket")
                 # A metered price reads its charge from the answer's headers (and strips the meter's header).
-                message = {**message, "headers": paid.metered(list(message.get("headers", ())))}
+                message = {**message, "headers": strip_meter(route, paid.metered(list(message.get("headers", ()))))}
                 try:
                     if ok and not paid.paid:
                         t0 = time.perf_counter()
@@ -389,6 +437,16 @@ class PaymentMiddleware:
                 record.tx_hash = paid.tx_hash
                 if ok and paid.paid:
                     record.outcome = "paid"
+                    if self.ledger is not None:  # committed and served: its entry is written while the body streams
+                        state["ledger"] = self.ledger.served(
+                            paid,
+                            route=route.config.route,
+                            method=ctx.method,
+                            resource=ctx.resource,
+                            request_id=ctx.request_id,
+                            upstream_status=status,
+                            job_id=info.get("job_id"),
+                        )
                     headers.append(paid.receipt())
                     headers.append((b"access-control-expose-headers", EXPOSE_HEADERS))
                 state["started"] = True
@@ -401,6 +459,10 @@ class PaymentMiddleware:
         target: Send = wrapped_send
         if isinstance(paid, SessionRequest) and paid.reads_body:
             target = metering_send(paid, wrapped_send)  # the charge is in the body: hold the answer for it
+            # ...which must be readable: a client asking for gzip must not make its usage unreadable (and its
+            # charge the fallback), so the upstream is asked for the identity encoding.
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
+            scope["headers"].append((b"accept-encoding", b"identity"))
         try:
             await self._call_app(scope, receive, target, state, finish, send)
         finally:
@@ -410,6 +472,8 @@ class PaymentMiddleware:
                 # revenue: the money moved during this request (a session: the charge committed)
                 record.amount = paid.charge if isinstance(paid, SessionRequest) else paid.requirement.amount
             record.tx_hash = paid.tx_hash
+            if self.ledger is not None:
+                await self.ledger.written(state.get("ledger"))  # durable before the request ends
 
     async def _call_app(
         self, scope: Scope, receive: Receive, wrapped_send: Send, state: dict[str, Any], finish: Any, send: Send
@@ -429,6 +493,15 @@ class PaymentMiddleware:
             await _quietly(finish(False))
             if not state["started"]:
                 await send_error(send, GatewayError("the application sent no response", reason=reasons.INTERNAL_ERROR))
+
+
+def strip_meter(route: PricedRoute, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The meter's header is the gateway's, whoever paid (an ``exact`` payer on a metered route too)."""
+    meter = route.config.meter
+    if meter is None or meter.header is None:
+        return headers
+    name = meter.header.encode("latin-1")
+    return [(k, v) for k, v in headers if k.lower() != name]
 
 
 class _Unlimited:

@@ -189,6 +189,7 @@ class FrontJobs(JobsLayer):
             await self.store.create(job.changed(tx_hash=info.get("tx_hash")), max_jobs=self.config.max_jobs)
 
         info["on_paid"].append(record)
+        info["job_id"] = job_id  # for the payment's ledger entry
         ours = self.config.token_header.lower().encode("latin-1")
         headers = [*(h for h in captured.headers if h[0].lower() != ours), *self.token_headers(token)]
         await send({"type": "http.response.start", "status": captured.status, "headers": headers})

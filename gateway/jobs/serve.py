@@ -105,6 +105,7 @@ class RunnerJobs(JobsLayer):
             self.runner.launch(paid)
 
         info["on_paid"].append(start)
+        info["job_id"] = job_id  # for the payment's ledger entry
         if self.style == "agent":
             await send_json(send, 202, agent_submitted(job), self.token_headers(token))
         else:

@@ -36,6 +36,8 @@ Metric names (all prefixed ``x402_gateway_``)::
     session_claims_dropped_total                       channels left out of a batch because their claim would revert
     session_withdrawals_seen_total                     payer-initiated withdrawals the claimer reacted to
     session_sweeps_total                               sweeps of claimed USDC to pay_to
+    ledger_entries_total{result}                       ledger writes: written, duplicate, failed (retried), dropped
+                                                       (given up), unrecordable (docs/operating.md)
 (voucher refusals by reason: payments_failed_total{kind="batch-settlement"}; session revenue: revenue_atomic_total)
     log_dropped_total                                  log lines dropped because the log's reader fell behind
                                                        (process-wide; gateway/ops/logs.py, BufferedHandler)
@@ -231,6 +233,8 @@ class PrometheusMetrics:
         self.session_withdrawals = counter("session_withdrawals_seen", "Payer-initiated withdrawals seen")
         self.session_sweeps = counter("session_sweeps", "Sweeps of claimed USDC to pay_to")
         self._session_seen: dict[int, int] = {}
+        self.ledger_entries = Counter("ledger_entries", "Ledger writes by result", ["result"], namespace=ns, registry=r)
+        self._ledger_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- Observer
 
@@ -301,6 +305,20 @@ class PrometheusMetrics:
             if value > seen:
                 counter.inc(value - seen)
                 self._session_seen[id(counter)] = value
+
+    def observe_ledger(self, stats: Any) -> None:
+        """Copy the ledger writer's counters (a :class:`gateway.engine.ledger.LedgerStats`) at scrape time."""
+        for result, value in (
+            ("written", stats.written),
+            ("duplicate", stats.duplicates),
+            ("failed", stats.failed),
+            ("dropped", stats.dropped),
+            ("unrecordable", stats.unrecordable),
+        ):
+            seen = self._ledger_seen.get(result, 0)
+            if value > seen:
+                self.ledger_entries.labels(result).inc(value - seen)
+                self._ledger_seen[result] = value
 
     def settlement_lost(self, network: str) -> None:
         self.settlements_lost.labels(network).inc()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.config import GatewayConfig, RouteConfig
+from gateway.schemes.prices import EarlierPrice
 from gateway.storage.receipts import ClaimRecord, Effect
 from gateway.x402.challenge import Requirement
 from gateway.x402.payload import HeaderName
@@ -30,11 +31,13 @@ from gateway.x402.payload import HeaderName
 
 @dataclass(frozen=True, slots=True)
 class PricedRoute:
-    """A configured route with the requirements it is paid by, one per accepted network (built once at start)."""
+    """A configured route with the requirements it is paid by, one per accepted network (built at start and again
+    whenever its prices or routes change: :mod:`gateway.engine.reload`)."""
 
     config: RouteConfig
     requirements: tuple[Requirement, ...]
     sessions: tuple[Requirement, ...] = ()  # batch-settlement offers (amount = the per-request ceiling)
+    earlier: tuple[EarlierPrice, ...] = ()  # prices it had a moment ago, still honoured (gateway/schemes/prices.py)
 
 
 def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Requirement, ...]:

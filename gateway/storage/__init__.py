@@ -7,6 +7,10 @@
     idempotency/      a paid answer kept for the retry whose response was lost (``open_idempotency_store``)
     jobs/             job records, answered by any gateway instance (``open_job_store``)
     channels/         batch-settlement payment channels: one request at a time each (``open_channel_store``)
+    settlements/      served settlements watched until final (``open_settlement_journal``)
+    ledger/           every settled payment, for the operator (``open_ledger_store``)
+    overrides/        prices and paused routes changed at run time, shared by every instance
+    denylist/         payer addresses the operator refuses
 
 Every store fails closed: a backend that cannot answer raises :class:`gateway.errors.StoreUnavailable`.
 """

@@ -1,8 +1,9 @@
 """Store URLs: the one place that reads ``[store].url`` (and ``[idempotency].store_url``).
 
-``open_backend(url)`` turns a URL into a :data:`Backend`, which the receipt, idempotency, job and channel stores and
-the settlement journal are built on (``receipt_store_on``, ``idempotency_store_on``, ``job_store_on``,
-``channel_store_on``, ``settlement_journal_on``)::
+``open_backend(url)`` turns a URL into a :data:`Backend`, which the receipt, idempotency, job, channel, ledger,
+override and deny-list stores and the settlement journal are built on (``receipt_store_on``,
+``idempotency_store_on``, ``job_store_on``, ``channel_store_on``, ``ledger_store_on``, ``settlement_journal_on``,
+...)::
 
     sqlite:///relative/path.db     one file shared by the gateway processes of one host
     sqlite:////absolute/path.db
@@ -10,8 +11,9 @@ the settlement journal are built on (``receipt_store_on``, ``idempotency_store_o
                                    shared by gateway instances on several hosts
 
 The stores share the storage, never a connection: on SQLite each keeps its own table (``receipts``,
-``idempotency``, ``jobs``, ``settlements``, ``channels``) and worker thread; on Redis its own key prefix (``x402:``,
-``x402:idem:``, ``x402:{jobs}:``, ``x402:{settle}:``, ``x402:{chan}:``) and client. Nothing is connected here:
+``idempotency``, ``jobs``, ``settlements``, ``channels``, ``ledger``, ``route_overrides``, ``denylist``) and worker
+thread; on Redis its own key prefix (``x402:``, ``x402:idem:``, ``x402:{jobs}:``, ``x402:{settle}:``,
+``x402:{chan}:``, ``x402:{ledger}:``, ``x402:{rt}:``, ``x402:{deny}:``) and client. Nothing is connected here:
 ``await store.ping()`` at start-up fails fast.
 
 A URL that names no usable storage is a :class:`gateway.errors.ConfigError` (a start-up error, never an HTTP

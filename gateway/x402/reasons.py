@@ -60,6 +60,7 @@ SETTLEMENT_FAILED = "settlement_failed"
 
 # Requests the gateway does not pass on (payment middleware, proxy, discovery)
 ROUTE_NOT_FOUND = "route_not_found"
+ROUTE_PAUSED = "route_paused"  # the operator paused the route: 503 before any payment is taken (docs/operating.md)
 RATE_LIMITED = "rate_limited"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 INVALID_PATH = "invalid_path"
@@ -100,6 +101,18 @@ AMBIGUOUS_PATH = "ambiguous_path"  # the path means different routes to differen
 # Slow or hostile clients never starve paying ones (issue "Money invariants under attack and under faults", items
 # 14-16)
 TOO_MANY_UPLOADS = "too_many_uploads"  # the client's bodies still streaming up hold all the connections it may use
+
+# The operator's side (the admin API, docs/operating.md)
+PAYER_DENIED = "payer_denied"  # the payer is on the deny-list: refused before anything settles, nothing charged
+ADMIN_TOKEN_REQUIRED = "admin_token_required"  # noqa: S105 - 401: no admin token, or not a configured one
+ADMIN_TOKEN_READ_ONLY = "admin_token_read_only"  # noqa: S105 - 403: a read token asked for an action
+NOT_FOUND = "not_found"  # no such admin path
+NOT_CONFIGURED = "not_configured"  # an admin action this gateway is not set up for (no refund key, no reloader)
+PAYMENT_NOT_FOUND = "payment_not_found"  # no ledger entry with this key
+PAYMENT_NOT_REFUNDABLE = "payment_not_refundable"  # a refund, a zero amount, or a network / asset not configured
+PAYMENT_ALREADY_REFUNDED = "payment_already_refunded"  # 409: refunded before; nothing sent again
+REFUND_IN_PROGRESS = "refund_in_progress"  # this payment's refund is being sent by another call
+REFUND_FAILED = "refund_failed"  # nothing moved (the refund wallet is short), or the outcome is not known yet
 
 # Sessions: the ``batch-settlement`` scheme (docs/sessions.md). The official client acts on these strings (it
 # resynchronises on a cumulative mismatch), so they are the x402 reference names.

@@ -247,6 +247,10 @@ def _signature(obj: dict[str, Any], key: str, what: str) -> bytes:
     sig = bytes.fromhex(value[2:])
     if not 64 <= len(sig) <= MAX_SIGNATURE_BYTES:
         raise _bad(f"{what}.{key} has an impossible length")
+    if len(sig) == 65 and sig[64] in (0, 1):
+        # Recovery accepts v as 0/1 or 27/28, the contract's ECDSA only 27/28: the signature we store and claim
+        # with must be the one the contract verifies (docs/threat-model.md T44).
+        sig = sig[:64] + bytes([sig[64] + 27])
     return sig
 
 

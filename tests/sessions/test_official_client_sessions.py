@@ -95,11 +95,17 @@ def test_one_deposit_then_a_hundred_vouchers_and_pay_to_gains_exactly_the_sum(
         cumulative = [int(r["extra"]["channelState"]["chargedCumulativeAmount"]) for r in receipts]
         assert cumulative == [PRICE * (i + 1) for i in range(120)]  # never skips
         assert relayer_nonce(base_chain) - txs_before == 1  # the deposit, and nothing per request
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'x402_gateway_payments_settled_total{kind="batch-settlement",network="base"} 120.0' in metrics
+        assert 'x402_gateway_ledger_entries_total{result="written"} 120.0' in metrics
     # A gateway restarted on the same store finds the charges and claims them (then sweeps them to pay_to).
     with running_gateway(base_chain, store_url=store, routes=ROUTES, sessions=FAST_CLAIMS, pay_to=pay_to) as gw:
         wait_for(lambda: gw.balance(pay_to) - paid_before == 120 * PRICE)
         stats = engine_of(gw).claimer.stats
         assert stats.vouchers_claimed == 1 and stats.value_claimed == 120 * PRICE
+        metrics = httpx.get(gw.url + "/metrics").text  # what an operator sees
+        assert "x402_gateway_session_vouchers_claimed_total 1.0" in metrics
+        assert f"x402_gateway_session_claimed_atomic_total {float(120 * PRICE)}" in metrics
 
 
 def test_a_metered_route_charges_what_the_upstream_reports(base_chain: DevChain, tmp_path: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from eth_account import Account
@@ -146,3 +146,20 @@ def test_a_metered_charge_is_what_the_header_says_never_above_the_ceiling(
 def test_a_json_metered_charge_reads_the_answer_or_its_last_event(body: bytes, expected: int) -> None:
     meter = Meter(MeterConfig(json="usage.total_tokens", unit_price=3, missing="zero"), 10_000)
     assert meter.from_json(body) == expected
+
+
+@pytest.mark.parametrize("unit", ["atomic", "usd"])
+@pytest.mark.parametrize(
+    "value",
+    [b"1e7000000", b"1E7000000", b"9e999999999", b"1e-7000000", b"1e3", b"9" * 31, b"0." + b"0" * 30 + b"1"],
+)
+def test_a_meter_header_beyond_plain_decimals_is_unreadable_at_once(
+    unit: Literal["usd", "atomic"], value: bytes
+) -> None:
+    # Read as a number, "1e7000000" is a seven-million-digit integer that takes the event loop for tens of seconds
+    # (and is then charged the ceiling); an exponent, or more digits than any price has, is no report at all. With
+    # missing = "zero", an unreadable report is free, which tells the two apart.
+    meter = Meter(MeterConfig(header="x-cost", unit=unit, missing="zero"), 10_000)
+    charge, kept = meter.from_headers([(b"x-cost", value)])
+    assert charge == 0
+    assert kept == []

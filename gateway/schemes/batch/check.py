@@ -54,7 +54,6 @@ class CheckedPayment:
     payment: SessionPayment
     requirement: Requirement  # the offer it pays: ``amount`` is the per-request ceiling
     channel_id: str
-    needs_erc1271: bool  # the payer authorizer is zero: the payer's contract must confirm the voucher on chain
 
     @property
     def payer(self) -> str:
@@ -102,20 +101,24 @@ def check_session_payment(
         raise PaymentRequired(
             "voucher.channelId is not the id of channelConfig", reason=reasons.SESSION_CHANNEL_ID_MISMATCH
         )
-    needs_erc1271 = cfg.payer_authorizer == ZERO_ADDRESS
-    if not needs_erc1271:
-        signer = recover_signer(
-            voucher_digest(cid, payment.voucher.max_claimable, req.chain_id), payment.voucher.signature
+    if cfg.payer_authorizer == ZERO_ADDRESS:
+        # A zero authorizer makes the payer's contract (ERC-1271, or code an EIP-7702 account delegates to) the
+        # judge of every voucher, at claim time: it could accept a voucher now and reject its claim later, and
+        # revert a whole claim batch. The official client always names an authorizer (docs/sessions.md).
+        raise PaymentRequired(
+            "a channel must name a payer authorizer (zero is not accepted here)",
+            reason=reasons.SESSION_VOUCHER_SIGNATURE,
         )
-        if signer != cfg.payer_authorizer:
-            raise PaymentRequired(
-                "the voucher is not signed by the payer authorizer", reason=reasons.SESSION_VOUCHER_SIGNATURE
-            )
+    signer = recover_signer(voucher_digest(cid, payment.voucher.max_claimable, req.chain_id), payment.voucher.signature)
+    if signer != cfg.payer_authorizer:
+        raise PaymentRequired(
+            "the voucher is not signed by the payer authorizer", reason=reasons.SESSION_VOUCHER_SIGNATURE
+        )
     if payment.kind == "deposit":
         _check_deposit(payment, req, cid, deposit_floor, now, min_validity, clock_skew)
     elif payment.kind == "refund" and payment.refund_amount is not None and payment.refund_amount <= 0:
         raise BadRequest("a refund's amount must be positive", reason=reasons.SESSION_REFUND_AMOUNT_INVALID)
-    return CheckedPayment(payment, req, cid, needs_erc1271)
+    return CheckedPayment(payment, req, cid)
 
 
 def _check_deposit(

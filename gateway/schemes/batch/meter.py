@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -74,7 +75,12 @@ class Meter:
         return self._bounded(math.ceil(Decimal(str(value)) * cfg.unit_price))
 
 
+_PLAIN_NUMBER = re.compile(r"\$?[0-9]{1,30}(\.[0-9]{1,30})?")  # no exponent: "1e7000000" would take seconds
+
+
 def _amount(text: str, unit: str) -> int | None:
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
     try:
         value = Decimal(text.removeprefix("$"))
     except InvalidOperation:

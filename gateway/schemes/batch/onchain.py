@@ -100,12 +100,6 @@ class ChannelChain:
             refund_nonce=int(nonce),
         )
 
-    async def voucher_accepted_by_contract(self, payer: str, digest: bytes, signature: bytes) -> bool:
-        """ERC-1271: does the payer's contract accept ``signature`` over the voucher ``digest``?"""
-        data = abi.IS_VALID_SIGNATURE.encode(digest, signature)
-        answer = await self.rpc.request("eth_call", [{"to": payer, "data": "0x" + data.hex()}, "latest"])
-        return isinstance(answer, str) and answer[2:10].lower() == abi.ERC1271_MAGIC.hex()
-
     @staticmethod
     def deposit_calldata(config: ChannelConfig, auth: DepositAuthorization) -> bytes:
         collector_data = abi_encode(
@@ -115,12 +109,15 @@ class ChannelChain:
         return DEPOSIT.encode(config.abi_tuple(), auth.amount, to_checksum_address(DEPOSIT_COLLECTOR), collector_data)
 
     async def estimate(self, data: bytes) -> int | None:
-        """Gas for ``data`` sent by the relayer, or None when it would revert."""
+        """Gas for ``data`` sent by the relayer, or None when it would revert. Any other answer of the node is a
+        fault of ours (``ChainUnavailable``: a 503, never a refusal of the payment)."""
         call = {"from": self.relayer.address, "to": self.contract, "data": "0x" + data.hex()}
         try:
             return hex_int(await self.rpc.request("eth_estimateGas", [call, "latest"]))
-        except RpcError:
-            return None
+        except RpcError as exc:
+            if exc.code == 3 or "revert" in exc.message.lower():
+                return None
+            raise ChainUnavailable(f"network {self.rpc.name}: the node could not estimate a transaction") from None
 
     async def send(self, data: bytes, gas: int) -> tuple[str, dict[str, Any]]:
         """Send ``data`` to the contract and wait until mined; raises ``SettlementFailed`` if it reverted or its

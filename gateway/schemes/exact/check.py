@@ -8,8 +8,10 @@ Nothing here does I/O: these are the decisions that need no chain (docs/protocol
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 from gateway.errors import PaymentRequired
+from gateway.schemes.prices import EarlierPrice, at_earlier_price
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.eip712 import authorization_digest, recover_signer
@@ -24,9 +26,13 @@ class SignatureKind(enum.Enum):
     CONTRACT = "contract"  # must be checked with ERC-1271 ``isValidSignature`` on ``from``
 
 
-def select_requirement(payment: ExactPayment, requirements: tuple[Requirement, ...]) -> Requirement:
+def select_requirement(
+    payment: ExactPayment, requirements: tuple[Requirement, ...], earlier: Sequence[EarlierPrice] = ()
+) -> Requirement:
     """The server's requirement for the network the client chose; the client's copy is only compared, never used
-    (docs/threat-model.md T4: a payment for a cheap route must not open an expensive one)."""
+    (docs/threat-model.md T4: a payment for a cheap route must not open an expensive one). An authorization for
+    exactly an ``earlier`` price of the route that expires within that price's grace pays at that price: it
+    answers a 402 from before the price changed (gateway/schemes/prices.py)."""
     for req in requirements:
         if req.matches_network(payment.network):
             break
@@ -34,6 +40,9 @@ def select_requirement(payment: ExactPayment, requirements: tuple[Requirement, .
         raise PaymentRequired(
             f"network {payment.network[:40]!r} is not accepted on this route", reason=reasons.NETWORK_MISMATCH
         )
+    auth = payment.authorization
+    if earlier and auth.value != req.amount:
+        req = at_earlier_price(req, auth.value, earlier, expires_by=auth.valid_before) or req
     if payment.version == 1 and payment.network != req.network:
         raise PaymentRequired("x402 v1 payments name the network by its v1 name", reason=reasons.NETWORK_MISMATCH)
     echo = payment.accepted

@@ -58,6 +58,7 @@ class ExactAttempt:
     gas: int = 0  # the simulated settlement gas (local settlement)
     own_tx: str | None = None  # the settlement transaction this claim recorded (or took over), if any
     resumed: bool = False  # this claim existed before (taken over): an earlier settlement of ours may be its own
+    block_number: int | None = None  # where the settlement was seen mined, once it was (the ledger records it)
 
     @property
     def payer(self) -> str:
@@ -92,7 +93,7 @@ class ExactScheme:
         payment = parse_exact_payment(presented.value, presented.header)
         if "exact" not in route.config.schemes:
             raise PaymentRequired("this route is not paid with the exact scheme", reason=reasons.UNSUPPORTED_SCHEME)
-        req = select_requirement(payment, route.requirements)
+        req = select_requirement(payment, route.requirements, route.earlier)
         kind = check_exact(payment, req)
         return ExactAttempt(payment, req, kind, route, presented.method)
 
@@ -194,6 +195,7 @@ class ExactScheme:
         req = claim.payment.requirement
         effect = Effect(effect_key(req.chain_id, tx_hash, found.log_index), time.time() + self._effect_retention)
         await claim.mark_paid(tx_hash, effect=effect)
+        claim.payment.block_number = found.block_number
 
     async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:
         """Was this authorization already executed to us? Then the money arrived and the payment counts, once.

@@ -10,19 +10,24 @@ still runs, and the same claim key makes its first presenter the only one served
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.chain.network import Network
 from gateway.config import GatewayConfig
 from gateway.errors import PaymentReplayed, PaymentRequired
 from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute
+from gateway.schemes.prices import EarlierPrice, honoured_floor, honoured_for
 from gateway.schemes.txhash.check import FoundTransfer, binding_digest, binding_signer, find_transfer, tx_payment_key
 from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh, contract_vouches
 from gateway.storage.receipts import ClaimRecord, ClaimState
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
+from gateway.x402.sessions import DEPOSIT_COLLECTOR, SETTLEMENT_CONTRACT
 from gateway.x402.txhash import TxProof, looks_like_tx_hash, parse_tx_proof, tx_extension, tx_option
+
+_SESSION_CONTRACTS = frozenset(a.lower() for a in (SETTLEMENT_CONTRACT, DEPOSIT_COLLECTOR))
 
 
 @dataclass(slots=True)
@@ -31,6 +36,7 @@ class TxAttempt:
     requirement: Requirement
     resource: str
     method: str
+    earlier: tuple[EarlierPrice, ...] = ()  # the route's earlier prices still honoured (gateway/schemes/prices.py)
     found: FoundTransfer | None = None  # set by verify()
     version: int = 1  # receipts go back in the v1 header: the proof came in X-PAYMENT
 
@@ -71,7 +77,7 @@ class TxHashScheme:
             raise PaymentRequired("this route accepts x402 payments only", reason=reasons.UNSUPPORTED_PAYMENT_KIND)
         for req in route.requirements:
             if req.matches_network(proof.network):
-                return TxAttempt(proof, req, presented.resource, presented.method)
+                return TxAttempt(proof, req, presented.resource, presented.method, route.earlier)
         raise PaymentRequired(
             f"network {proof.network!r} is not accepted on this route", reason=reasons.NETWORK_MISMATCH
         )
@@ -80,7 +86,14 @@ class TxHashScheme:
         net = self.networks[payment.requirement.network]
         proof = payment.proof
         receipt = await agreed_receipt(net.rpc, proof.tx_hash)
-        found = find_transfer(receipt, payment.requirement)
+        req, now = payment.requirement, time.time()
+        if payment.earlier:
+            # A transfer answering a 402 from before a price change pays at the price that 402 showed.
+            floor = honoured_floor(req, payment.earlier, now=now)
+            found = find_transfer(receipt, replace(req, amount=floor))
+            payment.requirement = honoured_for(req, found.value, payment.earlier, now=now)
+        else:
+            found = find_transfer(receipt, req)
         # No binding: parse() let it through only on a route that takes unbound proofs (docs/threat-model.md T43).
         # A binding that is sent must be the sender's, on every route (T3).
         if proof.binding is not None:
@@ -90,6 +103,10 @@ class TxHashScheme:
             # proof is a transfer the payer sent): it never pays again, even if its records were lost
             # (docs/threat-model.md T26, T30).
             raise PaymentReplayed("this transfer settled a payment this gateway already collected")
+        if found.payer in _SESSION_CONTRACTS:
+            # A sweep of session charges to pay_to (anyone may call ``settle``): money collected as sessions, never
+            # a payment for something else (docs/threat-model.md T48).
+            raise PaymentReplayed("this transfer swept session charges this gateway already collected")
         await check_final_and_fresh(net, receipt, found, self.config.payment)
         payment.found = found
 

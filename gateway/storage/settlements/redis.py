@@ -187,6 +187,37 @@ class RedisSettlementJournal(RedisStore):
         )
         return bool(res == 1)
 
+    async def pending(self, network: str, *, limit: int) -> list[JournalEntry]:
+        names = ("tx", "asset", "data", "vb", "bn", "bh", "owner", "lease", "created", "upd")
+        with self._client.guard():
+            ids: Any = await self._client.redis.zrange(self._index(network), 0, max(0, limit - 1))
+            async with self._client.redis.pipeline(transaction=False) as pipe:
+                for key in ids:
+                    pipe.hmget(self._entry_key(key), names)
+                rows: Any = await pipe.execute()
+        entries = []
+        for key, row in zip(ids, rows, strict=True):
+            tx, asset, data, vb, bn, bh, owner, lease, created, upd = row
+            if tx is None:
+                continue  # resolved between the two reads
+            entries.append(
+                JournalEntry(
+                    key=key,
+                    network=network,
+                    tx_hash=tx,
+                    asset=asset,
+                    calldata=bytes.fromhex(data),
+                    valid_before=int(vb),
+                    block_number=_opt_int(bn),
+                    block_hash=bh or None,
+                    owner=owner,
+                    lease_until=float(lease),
+                    created_at=float(created),
+                    updated_at=float(upd),
+                )
+            )
+        return entries
+
     async def remove(self, key: str, owner: str) -> bool:
         # The entry's network is only in its hash: read it, then remove both in one script.
         with self._client.guard():

@@ -40,6 +40,10 @@ _DUE = (
     " ORDER BY created_at LIMIT :limit"
 )
 _DUE_NEWEST = _DUE.replace("ORDER BY created_at", "ORDER BY created_at DESC")
+_PENDING = (
+    "SELECT key, network, tx_hash, asset, calldata, valid_before, block_number, block_hash, owner, lease_until,"
+    " created_at, updated_at FROM settlements WHERE network = ? ORDER BY created_at LIMIT ?"
+)
 _LEASE = "UPDATE settlements SET owner = ?, lease_until = ? WHERE key = ?"
 _UPDATE = (
     "UPDATE settlements SET tx_hash = ?, block_number = ?, block_hash = ?, updated_at = ? WHERE key = ? AND owner = ?"
@@ -108,6 +112,10 @@ class SQLiteSettlementJournal:
     def _remove(self, key: str, owner: str) -> bool:
         return self._db.transaction(lambda conn: conn.execute(_REMOVE, (key, owner)).rowcount == 1)
 
+    def _pending(self, network: str, limit: int) -> list[JournalEntry]:
+        rows: list[_Row] = self._db.connection().execute(_PENDING, (network, limit)).fetchall()
+        return [_entry(row, row[8], row[9]) for row in rows]
+
     def _ping(self) -> None:
         self._db.connection().execute("SELECT 1 FROM settlements LIMIT 1").fetchall()
 
@@ -148,6 +156,9 @@ class SQLiteSettlementJournal:
 
     async def remove(self, key: str, owner: str) -> bool:
         return await self._db.run(self._remove, key, owner)
+
+    async def pending(self, network: str, *, limit: int) -> list[JournalEntry]:
+        return await self._db.run(self._pending, network, limit)
 
     async def ping(self) -> None:
         await self._db.run(self._ping)
