@@ -138,10 +138,13 @@ class PaymentMiddleware:
             # below runs unchanged, answering in HTTP terms that WebSocketSend turns into the handshake's answer.
             observed_send = WebSocketSend(scope, send, record)
 
+        state = scope.setdefault("state", {})  # shared by every copy of the scope made below
         try:
             await self._http(ctx, record, scope, receive, observed_send)
         finally:
             notify(self.observers, record)
+            if self.ledger is not None and state.get("x402_ledger") is not None:
+                await self.ledger.written(state["x402_ledger"])
 
     async def _http(
         self, ctx: RequestContext, record: RequestRecord, scope: Scope, receive: Receive, send: Send
@@ -473,7 +476,9 @@ class PaymentMiddleware:
                 record.amount = paid.charge if isinstance(paid, SessionRequest) else paid.requirement.amount
             record.tx_hash = paid.tx_hash
             if self.ledger is not None:
-                await self.ledger.written(state.get("ledger"))  # durable before the request ends
+                # awaited once the request is over and observed (metrics and the access line do not wait for it),
+                # and before its handler returns: durable before the request ends
+                scope.setdefault("state", {})["x402_ledger"] = state.get("ledger")
 
     async def _call_app(
         self, scope: Scope, receive: Receive, wrapped_send: Send, state: dict[str, Any], finish: Any, send: Send
