@@ -3,6 +3,8 @@
 Requests are prepared (and payments signed) before :func:`run_load` starts the clock, so only the servers' work
 and the loopback hops are timed. Each worker takes the next request, sends it on a kept-alive connection, reads
 the whole answer and records the latency; throughput is requests over wall time of the whole batch.
+:func:`run_lanes` gives each worker a list of its own, sent in order: a session channel takes one request at a
+time, and each voucher builds on the one before.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -57,11 +59,25 @@ def _cpu() -> float:
 async def run_load(
     base_url: str, calls: Sequence[Call], *, concurrency: int, expect: int = 200, timeout: float = 120.0
 ) -> LoadResult:
+    """``concurrency`` workers taking the next of ``calls`` as they come free."""
+    shared = iter(calls)
+    return await _run(base_url, [shared] * concurrency, len(calls), expect=expect, timeout=timeout)
+
+
+async def run_lanes(
+    base_url: str, lanes: Sequence[Sequence[Call]], *, expect: int = 200, timeout: float = 120.0
+) -> LoadResult:
+    """One worker per lane, each sending its own lane's calls in order (concurrency = the number of lanes)."""
+    total = sum(len(lane) for lane in lanes)
+    return await _run(base_url, [iter(lane) for lane in lanes], total, expect=expect, timeout=timeout)
+
+
+async def _run(base_url: str, sources: list[Iterator[Call]], total: int, *, expect: int, timeout: float) -> LoadResult:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
     first_bad = ""
-    index = 0
+    concurrency = len(sources)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=None)
     session = aiohttp.ClientSession(
         base_url,
@@ -71,12 +87,10 @@ async def run_load(
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
     )
 
-    async def worker() -> None:
-        nonlocal index, errors, first_bad
+    async def worker(source: Iterator[Call]) -> None:
+        nonlocal errors, first_bad
         perf = time.perf_counter
-        while index < len(calls):
-            call = calls[index]
-            index += 1
+        for call in source:
             t0 = perf()
             try:
                 async with session.request(call.method, call.path, headers=call.headers, data=call.body) as resp:
@@ -93,11 +107,11 @@ async def run_load(
 
     try:
         cpu0, t0 = _cpu(), time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(source) for source in sources))
         seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     finally:
         await session.close()
-    return LoadResult(len(calls), concurrency, seconds, latencies, statuses, errors, cpu, first_bad)
+    return LoadResult(total, concurrency, seconds, latencies, statuses, errors, cpu, first_bad)
 
 
 async def warm(base_url: str, calls: Sequence[Call], *, concurrency: int = 8) -> None:

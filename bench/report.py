@@ -14,6 +14,8 @@ from typing import Any
 from .run import Bench, Row
 
 OFFICIAL = "official x402 (FastAPI)"
+SESSION = "gateway session"
+SESSION_BASELINE = "free route, session gw"
 METHOD = """\
 The gateway runs exactly as the README tells users to: `x402-gateway serve -c FILE` (the file written from the
 benchmark's configuration), its default logging (JSON lines at info) on stdout and stderr, which go into a pipe a
@@ -34,7 +36,18 @@ limiter on with a ceiling the load never reaches, `receipt_poll_interval` 0.1 s,
 official stack is `payment_middleware` of `x402.http.middleware.fastapi` in front of a catch-all route forwarding to
 the same upstream over aiohttp, with the `x402` package's facilitator (`FacilitatorWeb3Signer`) served over HTTP,
 paid with payloads from the official client (`x402Client.create_payment_payload`). "vs official" compares rows at
-the same concurrency on the same chain. The machine is shared: rerun before trusting a small difference."""
+the same concurrency on the same chain (`exact` and tx-hash rows). Sessions (`batch-settlement`, docs/sessions.md):
+a gateway with the route offering `["exact", "batch-settlement"]` and a `[sessions]` section (its own receiver
+authorizer key, `withdraw_delay = 900`, `min_deposit` sized so that each channel needs one deposit for the whole
+run) on a SQLite store and an automining anvil; 10 payers each open a channel with the official client
+(`BatchSettlementEvmScheme`: one real deposit, mined before the gateway serves), then every request carries a
+voucher for one more price, signed before the clock starts (the same bytes as the official client's, checked) and
+sent in order on its channel, one worker per channel (a channel takes one request at a time). Before each session
+row the free route is measured on the same gateway process with the same load generator at the same concurrency:
+"vs free" is the session row's throughput over that row's. On chain: the relayer's nonce delta over the scenario,
+the deposits while serving, then the claim and the sweep to `pay_to` by the gateway restarted on the same store with
+`claim_after = 1` s (with the defaults it would claim within the hour, or once a channel owes $5). The machine is
+shared: rerun before trusting a small difference."""
 CHAINS = ("automine", "block 2 s")
 
 
@@ -58,20 +71,36 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(rows: list[Row]) -> dict[int, tuple[float | None, float | None]]:
+Ratios = tuple[float | None, float | None, float | None]
+
+
+def ratios(rows: list[Row]) -> dict[int, Ratios]:
     """Per row: (throughput / the direct upstream's, at the same concurrency with the same load generator;
-    throughput / the official stack's on the same chain at the same concurrency)."""
-    out: dict[int, tuple[float | None, float | None]] = {}
+    a session row's throughput / the free route's on the same gateway at the same concurrency; an ``exact`` or
+    tx-hash row's throughput / the official stack's on the same chain at the same concurrency)."""
+    out: dict[int, Ratios] = {}
     for i, row in enumerate(rows):
-        vs_direct = vs_official = None
+        vs_direct = vs_free = vs_official = None
         if row.chain == "-" and not row.scenario.startswith("direct"):
             direct = _find(rows, "direct", concurrency=row.concurrency, load=row.load)
             vs_direct = _ratio(row.rps, direct.rps if direct else None)
+        if row.scenario.startswith(SESSION):
+            baseline = _session_baseline(rows, row)
+            vs_free = _ratio(row.rps, baseline.rps if baseline else None)
         official = _find(rows, OFFICIAL, row.chain, concurrency=row.concurrency)
-        if row.chain != "-" and official is not None and row is not official:
+        if row.chain != "-" and official is not None and row is not official and not row.scenario.startswith(SESSION):
             vs_official = _ratio(row.rps, official.rps)
-        out[i] = (vs_direct, vs_official)
+        out[i] = (vs_direct, vs_free, vs_official)
     return out
+
+
+def _session_baseline(rows: list[Row], session: Row) -> Row | None:
+    """The free-route row measured just before ``session`` on the same gateway at the same concurrency."""
+    before = rows[: next(i for i, r in enumerate(rows) if r is session)]
+    return next(
+        (r for r in reversed(before) if r.scenario == SESSION_BASELINE and r.concurrency == session.concurrency),
+        None,
+    )
 
 
 def _best_exact(rows: list[Row], chain: str, concurrency: int) -> Row | None:
@@ -138,6 +167,29 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
     free_same_load = _find(rows, "gateway free route", load=poll.load) if poll else None
     poll_share = _ratio(poll.rps if poll else None, free_same_load.rps if free_same_load else None)
     add("job poll throughput / free route", ">= 0.90", poll_share, None if poll_share is None else poll_share >= 0.9)
+    for c in (1, 10):
+        session = _find(rows, SESSION, "automine", concurrency=c)
+        baseline = _session_baseline(rows, session) if session else None
+        share = _ratio(session.rps if session else None, baseline.rps if baseline else None)
+        add(
+            f"session vouchers / free route, concurrency {c}", ">= 0.50", share, None if share is None else share >= 0.5
+        )
+        if c == 1:
+            extra = session.p50_ms - baseline.p50_ms if session and baseline else None
+            add(
+                "session voucher p50 over the free route's, concurrency 1",
+                "<= 2 ms",
+                extra,
+                None if extra is None else extra <= 2.0,
+                " ms",
+            )
+    per_tx = bench.sessions.get("requests_per_transaction")
+    add(
+        "paid session requests per on-chain transaction",
+        ">= 1000",
+        per_tx,
+        None if per_tx is None else per_tx >= 1000,
+    )
     rss = [v for k, v in bench.memory.items() if k.startswith("gateway_rss_mb")]
     peak = max(rss) if rss else None
     add("gateway RSS", "< 200 MB", peak, None if peak is None else peak < 200, " MB")
@@ -162,12 +214,13 @@ def table(bench: Bench) -> list[list[str]]:
         "CPU s/1k (+chain, upstream)",
         "ok",
         "vs direct",
+        "vs free",
         "vs official",
     ]
     body = [head]
     rr = ratios(bench.rows)
     for i, r in enumerate(bench.rows):
-        vs_direct, vs_official = rr[i]
+        vs_direct, vs_free, vs_official = rr[i]
         body.append(
             [
                 r.scenario,
@@ -182,6 +235,7 @@ def table(bench: Bench) -> list[list[str]]:
                 f"{r.total_cpu_per_1k:.2f}",
                 f"{r.ok}/{r.requests}",
                 _fmt(vs_direct, ".2f", "x"),
+                _fmt(vs_free, ".2f", "x"),
                 _fmt(vs_official, ".1f", "x"),
             ]
         )
@@ -235,9 +289,14 @@ def document(bench: Bench, *, command: str, seconds: float) -> dict[str, Any]:
         "plan": dataclasses.asdict(bench.plan),
         "gateway_log_level": bench.log_level,
         "rows": [dataclasses.asdict(r) for r in bench.rows],
-        "ratios": {bench.rows[i].scenario + " / " + bench.rows[i].chain: v for i, v in ratios(bench.rows).items()},
+        # "scenario / chain / concurrency / load": [vs direct, vs free, vs official] (the table's last columns)
+        "ratios": {
+            f"{r.scenario} / {r.chain} / {r.concurrency} / {r.load}": list(ratios(bench.rows)[i])
+            for i, r in enumerate(bench.rows)
+        },
         "targets": targets(bench),
         "memory": bench.memory,
+        "sessions": bench.sessions,
     }
 
 
@@ -264,6 +323,9 @@ def markdown(bench: Bench, doc: dict[str, Any]) -> str:
         out.append(f"| {t['target']} | {t['goal']} | {t['reached']} | {verdict} |")
     out += ["", "## Memory", ""]
     out += [f"- `{k}`: {v}" for k, v in doc["memory"].items()]
+    if doc["sessions"]:
+        out += ["", "## Sessions on chain", ""]
+        out += [f"- `{k}`: {v}" for k, v in doc["sessions"].items()]
     notes = [r for r in bench.rows if r.note]
     if notes:
         out += ["", "## Notes", ""]

@@ -3,18 +3,21 @@
 Each scenario starts what it measures in separate processes, prepares its requests (and signs its payments), then
 times a fixed number of requests at a fixed concurrency and reads the CPU time every server process spent during
 that window. Every paid scenario gets a fresh anvil (anvil slows down as its state grows), on automine and on
-2-second blocks (Base's cadence), where a settlement has to wait for a block.
+2-second blocks (Base's cadence), where a settlement has to wait for a block. Sessions (``batch-settlement``) run
+on automine: their requests make no transaction; the deposits, the claim and the sweep do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.request import Request, urlopen
@@ -28,7 +31,7 @@ from gateway.jobs.model import Job, JobStatus, now_ms
 from gateway.storage.jobs import open_job_store
 
 from . import payers
-from .load import Call, LoadResult, run_load, warm
+from .load import Call, LoadResult, run_lanes, run_load, warm
 from .procs import ServedGateway, Server, cpu_seconds
 from .wrk import WrkResult, run_wrk, wrk_path
 
@@ -41,6 +44,7 @@ FACILITATOR_KEY = DEV_KEYS[3]
 SCENARIOS = (
     "direct",
     "free",
+    "session",
     "jobs",
     "exact",
     "txhash",
@@ -68,6 +72,9 @@ class Plan:
     exact_block_levels: Levels = ((1, 12), (512, 1_500))  # one at a time: every request waits for a block
     official_levels: Levels = ((1, 60), (10, 150), (20, 200), (200, 300))
     official_block_levels: Levels = ((512, 120),)  # it settles ~40 per block (its worker threads)
+    # Sessions: vouchers at concurrency 1 and 10 (10 payers, one channel each: a channel takes one request at a
+    # time), each level after the free route on the same gateway at the same concurrency.
+    session_levels: Levels = ((1, 2_000), (10, 11_000))  # 13,000+ requests over 12 transactions: >= 1,000 each
     payers: int = 32
     memory_n: int = 100_000  # free-route requests before reading the gateway's RSS ...
     memory_seconds: float = 60.0  # ... or as many as fit in this long
@@ -87,6 +94,7 @@ class Plan:
             exact_block_levels=((1, 5), (512, 400)),
             official_levels=((1, 30), (10, 60), (20, 80), (200, 100)),
             official_block_levels=((512, 40),),
+            session_levels=((1, 500), (10, 1_500)),
             payers=16,
             memory_n=20_000,
             memory_seconds=10.0,
@@ -113,6 +121,10 @@ class Row:
     load: str = "aiohttp"  # the load generator: "aiohttp" (bench.load) or "wrk"
 
 
+def _nonce(chain: DevChain, address: str) -> int:
+    return int(chain.rpc("eth_getTransactionCount", [address, "latest"]), 16)
+
+
 def _chain_pid(chain: DevChain) -> int:
     proc = chain.anvil._proc  # the dev kit keeps its child private; we only read its pid
     assert proc is not None
@@ -127,6 +139,11 @@ def _redis_pid(redis: RedisServer) -> int:
 
 def _run(coro: Any) -> Any:
     return uvloop.run(coro)
+
+
+def _run_lanes(base_url: str, lanes: list[list[Call]]) -> LoadResult:
+    result: LoadResult = _run(run_lanes(base_url, lanes))
+    return result
 
 
 def measure(
@@ -251,12 +268,20 @@ def gateway_config(
 
 @contextlib.contextmanager
 def running_gateway(
-    chain: DevChain, upstream_url: str, store_url: str, *, log_level: str, **overrides: Any
+    chain: DevChain,
+    upstream_url: str,
+    store_url: str,
+    *,
+    log_level: str,
+    pay_to: str | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> Iterator[tuple[ServedGateway, str]]:
-    """``x402-gateway serve -c FILE`` with this configuration (see :class:`bench.procs.ServedGateway`)."""
-    pay_to = payers.fresh_address()
+    """``x402-gateway serve -c FILE`` with this configuration (see :class:`bench.procs.ServedGateway`); a fresh
+    ``pay_to`` unless given; ``env`` adds to the relayer's key (``BENCH_RELAYER_KEY``)."""
+    pay_to = pay_to or payers.fresh_address()
     config = gateway_config(chain, upstream_url, store_url, pay_to, **overrides)
-    server = ServedGateway(config, env={"BENCH_RELAYER_KEY": chain.relayer_key}, log_level=log_level)
+    server = ServedGateway(config, env={"BENCH_RELAYER_KEY": chain.relayer_key, **(env or {})}, log_level=log_level)
     with server:
         yield server, pay_to
 
@@ -268,6 +293,7 @@ class Bench:
     progress: Callable[[str], None] = print
     rows: list[Row] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
+    sessions: dict[str, Any] = field(default_factory=dict)  # the session scenario's on-chain account
     upstream: Server | None = None
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="x402-bench-")))
 
@@ -299,6 +325,8 @@ class Bench:
             self.upstream = upstream
             if want("direct") or want("free"):
                 self.free_scenarios(want)
+            if want("session"):
+                self.session()
             if want("jobs"):
                 self.jobs()
             for label, block_time in (("automine", None), ("block 2 s", 2.0)):
@@ -366,6 +394,119 @@ class Bench:
         n = p.free_n if c > 1 else p.latency_n
         row, _ = measure(name, "-", url, [Call("GET", FREE)] * n, c, servers=servers, others=others or {})
         return row
+
+    def session(self) -> None:
+        """Sessions (``batch-settlement``), configured as docs/sessions.md shows, on a SQLite store.
+
+        Each of 10 payers opens a channel with the official client (its real deposit: the offer's ``minDeposit``,
+        sized so that the whole run needs no second one); every later request carries a voucher signed ahead of
+        time for one more price, sent in order on its channel (:func:`bench.load.run_lanes`). At each concurrency
+        the free route is measured first on the same gateway with the same load generator: the session row's
+        baseline. The run's on-chain cost is the relayer's nonce delta: the deposits while serving, then the claim
+        and the sweep, by the gateway restarted on the same store with ``claim_after`` = 1 s (the defaults would
+        claim within the hour, or at $5 owed per channel); ``pay_to`` must then hold exactly what was charged.
+        """
+        p = self.plan
+        assert self.upstream is not None
+        width = max(c for c, _ in p.session_levels)
+        warm_each = max(1, p.warmup // width)
+        busiest = 1 + warm_each + sum(n // c for c, n in p.session_levels)  # channel 0 takes a share of every level
+        deposit = PRICE * busiest
+        sessions = {
+            "authorizer_key_env": "BENCH_AUTHORIZER_KEY",  # the receiver authorizer: never the relayer's key
+            "withdraw_delay": 900,
+            "min_deposit": str(Decimal(deposit) / 10**6),
+        }
+        env = {"BENCH_AUTHORIZER_KEY": "0x" + os.urandom(32).hex()}
+        routes = [{"route": f"POST {PAID}", "price": PRICE_USD, "schemes": ["exact", "batch-settlement"]}]
+        name = "gateway session sqlite"
+        chain = start_dev_chain(8453)
+        try:
+            wallets = payers.new_payers(chain, width, deposit)
+            relayer = Account.from_key(chain.relayer_key).address
+            nonce_start = _nonce(chain, relayer)
+            store = f"sqlite:///{self.tmp / f'session-{time.time_ns()}.db'}"
+            served = 0
+            with running_gateway(
+                chain,
+                self.upstream.url,
+                store,
+                log_level=self.log_level,
+                env=env,
+                sessions=sessions,
+                replace={"routes": routes},
+            ) as (gw, pay_to):
+                channels = payers.open_session_channels(chain, gw.url, PAID, wallets)
+                served += len(channels)
+                _run(warm(gw.url, [Call("GET", FREE)] * p.warmup))
+                warm_up = _run(run_lanes(gw.url, [ch.vouchers(PAID, warm_each) for ch in channels]))
+                if warm_up.ok(200) != warm_up.requests:
+                    raise RuntimeError(f"session warm-up: {warm_up.first_bad}")
+                served += warm_up.requests
+                for c, n in p.session_levels:
+                    row, _ = measure(
+                        "free route, session gw",
+                        "-",
+                        gw.url,
+                        [Call("GET", FREE)] * n,
+                        c,
+                        servers={"gateway": gw.pid},
+                        others=self._others(),
+                        note="the session rows' baseline: same gateway, same load generator, same concurrency",
+                    )
+                    self.add(row)
+                    lanes = [ch.vouchers(PAID, n // c) for ch in channels[:c]]
+                    row, result = _row(
+                        name,
+                        "automine",
+                        functools.partial(_run_lanes, gw.url, lanes),
+                        c,
+                        servers={"gateway": gw.pid},
+                        others=self._others(chain),
+                        note=f"{c} channel{'s' if c > 1 else ''}, one voucher per request, no transaction",
+                    )
+                    self.add(row)
+                    served += result.ok(200)
+            deposits = _nonce(chain, relayer) - nonce_start
+            claiming = {**sessions, "claim_interval": 0.2, "claim_after": 1.0, "settle_interval": 0.2}
+            started = time.monotonic()
+            with running_gateway(
+                chain,
+                self.upstream.url,
+                store,
+                log_level=self.log_level,
+                pay_to=pay_to,
+                env=env,
+                sessions=claiming,
+                replace={"routes": routes},
+            ):
+                deadline = time.monotonic() + 60
+                while chain.balance(pay_to) < served * PRICE and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            claimed_in = time.monotonic() - started
+            txs = _nonce(chain, relayer) - nonce_start
+            gained = chain.balance(pay_to)
+        finally:
+            chain.stop()
+        self.sessions = {
+            "store": "sqlite",
+            "channels": width,
+            "deposit_each_atomic": deposit,
+            "paid_requests": served,
+            "deposit_transactions": deposits,
+            "claim_and_sweep_transactions": txs - deposits,
+            "transactions": txs,
+            "requests_per_transaction": round(served / txs, 1) if txs else None,
+            "requests_per_deposit": round(served / deposits, 1) if deposits else None,
+            "pay_to_gained_atomic": gained,
+            "charged_atomic": served * PRICE,
+            "restart_claim_sweep_seconds": round(claimed_in, 1),
+        }
+        self.progress(
+            f"  sessions: {served} paid requests, {txs} transactions ({deposits} deposits, {txs - deposits} claim + "
+            f"sweep): {served / max(txs, 1):.0f} requests per transaction; pay_to gained {gained} of "
+            f"{served * PRICE} charged"
+        )
 
     def jobs(self) -> None:
         """``[jobs] mode = "front"``: status polls signed by the paying wallet (``X-Payer-Auth``) with

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from eth_utils.address import to_checksum_address
@@ -139,6 +140,7 @@ def _typed(chain_id: int, struct_hash: bytes) -> bytes:
     return keccak(b"\x19\x01" + session_domain(chain_id) + struct_hash)
 
 
+@lru_cache(maxsize=4096)  # recomputed for every voucher otherwise: a keccak of a config that never changes
 def channel_id(config: ChannelConfig, chain_id: int) -> str:
     """The channel's id: the EIP-712 digest of its config (what the contract's ``getChannelId`` returns)."""
     struct = keccak(
@@ -300,7 +302,7 @@ def parse_session_payment(value: bytes, header: HeaderName) -> SessionPayment:
     if len(value) > MAX_HEADER_BYTES:
         raise BadRequest("payment header is larger than 16 KiB", reason=reasons.PAYMENT_HEADER_TOO_LARGE)
     try:
-        doc = _obj(decode_header(value), "payment header")
+        doc = _obj(_decoded(value), "payment header")
     except ValueError as exc:
         raise _bad(f"payment header is not base64-encoded JSON ({exc})") from None
     if doc.get("x402Version") != 2 or type(doc.get("x402Version")) is not int:
@@ -334,10 +336,17 @@ def parse_session_payment(value: bytes, header: HeaderName) -> SessionPayment:
     )
 
 
+@lru_cache(maxsize=256)
+def _decoded(value: bytes) -> Any:
+    """The header's document, decoded once per request although two steps read it (recognising the scheme, then
+    parsing the payment). Cached by the header's bytes; nothing here or after changes the document."""
+    return decode_header(value)
+
+
 def is_session_payment(value: bytes) -> bool:
     """Cheap pre-check: does this header name the batch-settlement scheme? (a full parse follows)."""
     try:
-        doc = decode_header(value) if len(value) <= MAX_HEADER_BYTES else None
+        doc = _decoded(value) if len(value) <= MAX_HEADER_BYTES else None
     except ValueError:
         return False
     return isinstance(doc, dict) and isinstance(doc.get("accepted"), dict) and doc["accepted"].get("scheme") == SCHEME
