@@ -403,7 +403,11 @@ class BufferedHandler(logging.Handler):
     def close(self) -> None:
         self._closed = True
         self._wake.set()
-        self.flush()
+        # The last write happens on a thread of its own: on a pipe whose reader stopped reading it would block for
+        # ever, and closing must not (what it had not written by then is counted lost).
+        last = threading.Thread(target=self.flush, name="x402-log-close", daemon=True)
+        last.start()
+        last.join(self.flush_timeout)
         lost = 0
         with contextlib.suppress(IndexError):
             while True:  # the flush gave up on a stuck writer: what is left will never be written

@@ -93,7 +93,7 @@ def test_cancel_stops_a_running_job_is_idempotent_and_a_finished_job_cannot_be_c
         assert (first.job_id, first.status) == (sub.job_id, "cancelled") and first.cancelled_at is not None
         again = client.cancel_job(sub.job_id)
         assert (again.status, again.cancelled_at) == ("cancelled", first.cancelled_at)
-        assert wait_until(lambda: sub.job_id in agent.aborted, 5), "the upstream call was not closed"
+        assert wait_until(lambda: sub.job_id in agent.aborted, 15), "the upstream call was not closed"
         with pytest.raises(JobCancelled) as caught:
             client.poll_job(sub.job_id, interval=0.02)
         assert caught.value.job.status == "cancelled" and caught.value.job_id == sub.job_id

@@ -45,7 +45,7 @@ def test_cancel_and_deadline_end_states_are_the_readmes(base_chain: DevChain, tm
         answer = c.post(path + "/cancel", headers=bearer(stopped))
         assert answer.status_code == 200, answer.text
         cancelled = c.get(path, headers=bearer(stopped)).json()
-        assert wait_until(lambda: stopped.json()["jobId"] in agent.aborted, 5)
+        assert wait_until(lambda: stopped.json()["jobId"] in agent.aborted, 15)
 
     deadline_cell = readme_row("passes its deadline")[COLUMN[style]]
     cancel_cell = readme_row("is cancelled")[COLUMN[style]]
