@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    client_command = args.command in CLIENT_COMMANDS + ADMIN_COMMANDS
-    # The client commands' stderr is for people (progress, errors): no log lines in between.
+    client_command = args.command in (*CLIENT_COMMANDS, *ADMIN_COMMANDS, "demo")
+    # The client commands' and the demo's output is for people (progress, errors): no log lines in between.
     logging.basicConfig(
         level=logging.WARNING if client_command else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
