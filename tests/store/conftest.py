@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import pytest
 
 from gateway.storage import RedisReceiptStore, SQLiteReceiptStore
 from gateway.storage.receipts import ReceiptStore
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -56,3 +59,71 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 def store(backend: Backend) -> ReceiptStore:
     return backend.make()
+
+
+@dataclass
+class StoreBackend(Generic[S]):
+    """One store kind's objects on one shared storage, over SQLite or a real Redis: made, restarted, taken down and
+    brought back (the channel, ledger and other contract suites share it)."""
+
+    name: str
+    url: str  # the storage's store URL
+    _make: Callable[[], S]
+    _restart: Callable[[], None]
+    _down: Callable[[], S]
+    _up: Callable[[], None]
+    opened: list[S] = field(default_factory=list)
+
+    def make(self) -> S:
+        """A new store object (own connection/thread) on the same storage."""
+        return self._opened(self._make())
+
+    def restart(self) -> None:
+        """Restart the storage itself (Redis: stop/start the persistent server; SQLite: nothing, the file stays)."""
+        self._restart()
+
+    def down(self) -> S:
+        """A store object whose storage cannot answer (Redis: the server stopped; SQLite: no directory for the
+        file) until :meth:`up`."""
+        return self._opened(self._down())
+
+    def up(self) -> None:
+        self._up()
+
+    def _opened(self, store: S) -> S:
+        self.opened.append(store)
+        return store
+
+    async def aclose(self) -> None:
+        for store in self.opened:
+            await store.aclose()  # type: ignore[attr-defined]
+
+
+def store_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite: Callable[[str], S], redis: Callable[[str], S]
+) -> StoreBackend[S]:
+    """The backend ``request.param`` names ("sqlite" or "redis"); stores are made by ``sqlite(path)`` or
+    ``redis(url)``."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "store.db")
+        missing = tmp_path / "not-yet"
+        return StoreBackend(
+            "sqlite",
+            f"sqlite:///{path}",
+            lambda: sqlite(path),
+            lambda: None,
+            lambda: sqlite(str(missing / "store.db")),
+            missing.mkdir,
+        )
+    url: str = request.getfixturevalue("redis_url")
+    server = request.getfixturevalue("redis_server")  # persistent (AOF, fsync always): data survives restart
+
+    def restart() -> None:
+        server.stop()
+        server.start()
+
+    def down() -> S:
+        server.stop()
+        return redis(url)
+
+    return StoreBackend("redis", url, lambda: redis(url), restart, down, server.start)

@@ -13,8 +13,8 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from gateway.storage.channels import (
     SQLiteChannelStore,
     open_channel_store,
 )
+from tests.store.conftest import StoreBackend, store_backend
 
 LEASE = 30.0
 CHAIN = 8453
@@ -39,68 +40,16 @@ RECEIVER = "0x" + "22" * 20
 TOKEN = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
 
 
-@dataclass
-class ChannelBackend:
-    """Makes channel-store objects on one shared storage; restarts it; takes it down and brings it back."""
-
-    name: str
-    _make: Callable[[], ChannelStore]
-    _restart: Callable[[], None]
-    _down: Callable[[], ChannelStore]
-    _up: Callable[[], None]
-    opened: list[ChannelStore] = field(default_factory=list)
-
-    def make(self) -> ChannelStore:
-        """A new store object (own connection/thread) on the same storage."""
-        store = self._make()
-        self.opened.append(store)
-        return store
-
-    def restart(self) -> None:
-        """Restart the storage itself (Redis: stop/start the persistent server; SQLite: nothing, the file stays)."""
-        self._restart()
-
-    def down(self) -> ChannelStore:
-        """A store object whose storage cannot answer (Redis: the server stopped; SQLite: no directory for the
-        file) until :meth:`up`."""
-        store = self._down()
-        self.opened.append(store)
-        return store
-
-    def up(self) -> None:
-        self._up()
+ChannelBackend = StoreBackend[ChannelStore]
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def channel_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChannelBackend]:
-    if request.param == "sqlite":
-        path = str(tmp_path / "store.db")
-        missing = tmp_path / "not-yet"
-        b = ChannelBackend(
-            "sqlite",
-            lambda: SQLiteChannelStore(path),
-            lambda: None,
-            lambda: SQLiteChannelStore(str(missing / "store.db")),
-            missing.mkdir,
-        )
-    else:
-        url: str = request.getfixturevalue("redis_url")
-        server = request.getfixturevalue("redis_server")  # persistent (AOF, fsync always): data survives restart
-
-        def restart() -> None:
-            server.stop()
-            server.start()
-
-        def down() -> ChannelStore:
-            server.stop()
-            return RedisChannelStore(url)
-
-        b = ChannelBackend("redis", lambda: RedisChannelStore(url), restart, down, server.start)
+    b = store_backend(request, tmp_path, SQLiteChannelStore, RedisChannelStore)
     try:
         yield b
     finally:
-        for store in b.opened:
-            await store.aclose()
+        await b.aclose()
 
 
 @pytest.fixture

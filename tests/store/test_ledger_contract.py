@@ -16,8 +16,8 @@ import csv
 import io
 import json
 import random
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ from gateway.storage.ledger import (
 )
 from gateway.storage.ledger.contract import DAY, day_of
 from gateway.storage.ledger.export import entry_from_record, jsonl_line, read_csv, to_csv
+from tests.store.conftest import StoreBackend, store_backend
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: 9 400 s before a day boundary
 ROUTES = ("GET /weather", "POST /paid", "GET /files/{name}", "GET /ünïcödé/*")
@@ -42,64 +43,16 @@ NETWORKS = ("base", "polygon")
 PAYERS = tuple("0x" + f"{i:02x}" * 20 for i in range(1, 6))
 
 
-@dataclass
-class LedgerBackend:
-    name: str
-    _make: Callable[[], LedgerStore]
-    _restart: Callable[[], None]
-    _down: Callable[[], LedgerStore]
-    _up: Callable[[], None]
-    url: str
-    opened: list[LedgerStore] = field(default_factory=list)
-
-    def make(self) -> LedgerStore:
-        store = self._make()
-        self.opened.append(store)
-        return store
-
-    def restart(self) -> None:
-        self._restart()
-
-    def down(self) -> LedgerStore:
-        store = self._down()
-        self.opened.append(store)
-        return store
-
-    def up(self) -> None:
-        self._up()
+LedgerBackend = StoreBackend[LedgerStore]
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def ledger_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LedgerBackend]:
-    if request.param == "sqlite":
-        path = str(tmp_path / "store.db")
-        missing = tmp_path / "not-yet"
-        b = LedgerBackend(
-            "sqlite",
-            lambda: SQLiteLedgerStore(path),
-            lambda: None,
-            lambda: SQLiteLedgerStore(str(missing / "store.db")),
-            missing.mkdir,
-            f"sqlite:///{path}",
-        )
-    else:
-        url: str = request.getfixturevalue("redis_url")
-        server = request.getfixturevalue("redis_server")  # persistent (AOF, fsync always): data survives restart
-
-        def restart() -> None:
-            server.stop()
-            server.start()
-
-        def down() -> LedgerStore:
-            server.stop()
-            return RedisLedgerStore(url)
-
-        b = LedgerBackend("redis", lambda: RedisLedgerStore(url), restart, down, server.start, url)
+    b = store_backend(request, tmp_path, SQLiteLedgerStore, RedisLedgerStore)
     try:
         yield b
     finally:
-        for store in b.opened:
-            await store.aclose()
+        await b.aclose()
 
 
 @pytest.fixture
