@@ -25,14 +25,10 @@ from eth_utils.crypto import keccak
 from gateway.dev.chain import BATCH_SETTLEMENT_ADDRESS, ERC3009_DEPOSIT_COLLECTOR_ADDRESS, DevChain
 from gateway.dev.transactions import send_transaction
 from gateway.x402.codec import decode_header, encode_header
+from tests.e2e.craft import EIP712_DOMAIN
 
 SCHEME = "batch-settlement"
-_DOMAIN_TYPE = [
-    {"name": "name", "type": "string"},
-    {"name": "version", "type": "string"},
-    {"name": "chainId", "type": "uint256"},
-    {"name": "verifyingContract", "type": "address"},
-]
+_DOMAIN_TYPE = EIP712_DOMAIN
 _CONFIG_TYPE = [
     {"name": "payer", "type": "address"},
     {"name": "payerAuthorizer", "type": "address"},

@@ -152,22 +152,7 @@ class RedisSettlementJournal(RedisStore):
         entries = []
         for i in range(0, len(flat), _FIELDS):
             key, net, tx, asset, data, vb, bn, bh, created, upd, lease_until = flat[i : i + _FIELDS]
-            entries.append(
-                JournalEntry(
-                    key=key,
-                    network=net,
-                    tx_hash=tx,
-                    asset=asset,
-                    calldata=bytes.fromhex(data),
-                    valid_before=int(vb),
-                    block_number=_opt_int(bn),
-                    block_hash=bh or None,
-                    owner=owner,
-                    lease_until=float(lease_until),
-                    created_at=float(created),
-                    updated_at=float(upd),
-                )
-            )
+            entries.append(_entry(key, net, owner, tx, asset, data, vb, bn, bh, lease_until, created, upd))
         return entries
 
     async def update(
@@ -200,22 +185,7 @@ class RedisSettlementJournal(RedisStore):
             tx, asset, data, vb, bn, bh, owner, lease, created, upd = row
             if tx is None:
                 continue  # resolved between the two reads
-            entries.append(
-                JournalEntry(
-                    key=key,
-                    network=network,
-                    tx_hash=tx,
-                    asset=asset,
-                    calldata=bytes.fromhex(data),
-                    valid_before=int(vb),
-                    block_number=_opt_int(bn),
-                    block_hash=bh or None,
-                    owner=owner,
-                    lease_until=float(lease),
-                    created_at=float(created),
-                    updated_at=float(upd),
-                )
-            )
+            entries.append(_entry(key, network, owner, tx, asset, data, vb, bn, bh, lease, created, upd))
         return entries
 
     async def remove(self, key: str, owner: str) -> bool:
@@ -226,3 +196,34 @@ class RedisSettlementJournal(RedisStore):
             return False
         res = await self._client.run_script(self._remove, [self._entry_key(key), self._index(network)], [owner, key])
         return bool(res == 1)
+
+
+def _entry(
+    key: str,
+    network: str,
+    owner: str,
+    tx: str,
+    asset: str,
+    data: str,
+    vb: str,
+    bn: str,
+    bh: str,
+    lease: str,
+    created: str,
+    updated: str,
+) -> JournalEntry:
+    """An entry from its hash's fields (as Redis returns them: strings)."""
+    return JournalEntry(
+        key=key,
+        network=network,
+        tx_hash=tx,
+        asset=asset,
+        calldata=bytes.fromhex(data),
+        valid_before=int(vb),
+        block_number=_opt_int(bn),
+        block_hash=bh or None,
+        owner=owner,
+        lease_until=float(lease),
+        created_at=float(created),
+        updated_at=float(updated),
+    )
