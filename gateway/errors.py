@@ -117,6 +117,13 @@ class StoreUnavailable(ServiceUnavailable):
     default_reason = reasons.STORE_UNAVAILABLE
 
 
+class StoreReplicasBehind(StoreUnavailable):
+    """A money-critical write reached the Redis master but too few replicas acknowledged it in time: a failover
+    could lose it, so nothing is served on it (docs/scaling.md)."""
+
+    default_reason = reasons.STORE_REPLICAS_BEHIND
+
+
 class ChainUnavailable(ServiceUnavailable):
     default_reason = reasons.CHAIN_UNAVAILABLE
 
@@ -167,6 +174,7 @@ __all__ = [
     "Resynchronise",
     "ServiceUnavailable",
     "SettlementFailed",
+    "StoreReplicasBehind",
     "StoreUnavailable",
     "UpstreamTimeout",
     "UpstreamUnreachable",

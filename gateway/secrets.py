@@ -41,17 +41,30 @@ class Secret:
 
 # Store URLs (Redis, a SQLite file, in-memory counters) carry a secret only as a password; the rest (host, database
 # number, socket path) tells an operator which store is meant, so only the password is masked.
-_PASSWORD_ONLY_SCHEMES = frozenset({"redis", "rediss", "unix", "sqlite", "memory"})
+_PASSWORD_ONLY_SCHEMES = frozenset(
+    {
+        "redis",
+        "rediss",
+        "unix",
+        "sqlite",
+        "memory",
+        "redis+sentinel",
+        "rediss+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+    }
+)
 # scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
 # and ?password=... / &password=... (redis-py reads the password from the query string too)
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
     """``url`` as logs and reprs may show it.
 
-    * Store URLs (``redis``, ``rediss``, ``unix``, ``sqlite``, ``memory``): the whole URL with its password
+    * Store URLs (``redis``, ``rediss``, ``unix``, ``sqlite``, ``memory``, ``redis+sentinel``, ``redis+cluster``
+      and their ``rediss+`` forms): the whole URL with its password (and ``sentinel_password``)
       masked: ``redis://user:***@host:6379/0``, ``unix:///run/redis.sock?db=1&password=***``.
     * Any other URL (RPC and facilitator endpoints): the origin only, ``https://user:pw@host:8545/v2/KEY?x=1`` ->
       ``https://host:8545/…``, because providers put API keys in the userinfo, the path and the query.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.config.store import REDIS_SCHEMES
 from gateway.config.table import Table
 from gateway.config.values import expand_env, rate
 from gateway.errors import ConfigError
@@ -36,8 +37,11 @@ _DEFAULT = RateLimitConfig()
 def parse_rate_limits(t: Table, env: Mapping[str, str]) -> RateLimitConfig:
     url = expand_env(t.get("storage_url", str, _DEFAULT.storage_url.reveal()), t.key("storage_url"), env)
     scheme = url.partition("://")[0]
-    if scheme not in ("memory", "redis", "rediss", "unix"):
-        raise ConfigError(t.key("storage_url"), "must be memory://, redis://, rediss:// or unix://")
+    if scheme != "memory" and scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            t.key("storage_url"),
+            "must be memory:// or a Redis URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://)",
+        )
     cfg = RateLimitConfig(
         enabled=t.get("enabled", bool, _DEFAULT.enabled),
         challenge=rate(t, "challenge", _DEFAULT.challenge),

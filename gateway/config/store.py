@@ -11,9 +11,10 @@ from gateway.config.values import expand_env
 from gateway.errors import ConfigError
 from gateway.secrets import Secret, redact_url
 
-__all__ = ["StoreConfig", "parse_store", "store_url"]
+__all__ = ["REDIS_SCHEMES", "StoreConfig", "parse_store", "store_url"]
 
 _DEFAULT_URL = "sqlite:///x402-gateway.db"
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,11 @@ class StoreConfig:
     # gateway was down is noticed at start (docs/threat-model.md T30). Absent: next to a SQLite file
     # ("<file>.identity"), none for Redis (set one on a persistent volume); "" turns it off.
     identity_file: Path | None = None
+    # Redis with replicas: every money-critical write waits until this many replicas acknowledged it, and the
+    # request is refused (503) when they do not within replica_ack_timeout_ms (docs/scaling.md).
+    # Carried to the stores as the URL's query (min_replicas_acked=N&replica_ack_timeout_ms=M).
+    min_replicas_acked: int = 0
+    replica_ack_timeout_ms: int = 500
 
 
 _DEFAULT = StoreConfig()
@@ -41,9 +47,29 @@ def store_url(raw: str, key: str, env: Mapping[str, str], base_dir: Path) -> Sec
         rel = url.removeprefix("sqlite:///")
         if not rel.startswith("/") and rel != ":memory:":
             url = f"sqlite:///{(base_dir / rel).resolve()}"
-    elif scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(key, "must start with sqlite:///, redis://, rediss:// or unix://")
+    elif scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            key,
+            "must start with sqlite:///, redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+            "redis+cluster:// or rediss+cluster://",
+        )
     return Secret(url, redact_url(url))
+
+
+def _with_replica_acks(url: Secret, t: Table) -> tuple[Secret, int, int]:
+    """``url`` carrying ``min_replicas_acked`` / ``replica_ack_timeout_ms`` as its query (the stores read them from
+    the URL, so every store on ``[store].url`` waits alike). A URL that already names them keeps its own."""
+    replicas = t.integer("min_replicas_acked", _DEFAULT.min_replicas_acked)
+    timeout_ms = t.integer("replica_ack_timeout_ms", _DEFAULT.replica_ack_timeout_ms, minimum=1)
+    raw = url.reveal()
+    if replicas == 0:
+        return url, replicas, timeout_ms
+    if raw.startswith("sqlite:"):
+        raise ConfigError(t.key("min_replicas_acked"), "needs a Redis store with replicas, not a SQLite file")
+    if "min_replicas_acked=" in raw:
+        raise ConfigError(t.key("min_replicas_acked"), "is also in the store URL's query: say it in one place")
+    raw += ("&" if "?" in raw else "?") + f"min_replicas_acked={replicas}&replica_ack_timeout_ms={timeout_ms}"
+    return Secret(raw, redact_url(raw)), replicas, timeout_ms
 
 
 def _identity_file(t: Table, url: str, env: Mapping[str, str], base_dir: Path) -> Path | None:
@@ -59,8 +85,11 @@ def _identity_file(t: Table, url: str, env: Mapping[str, str], base_dir: Path) -
 
 def parse_store(t: Table, env: Mapping[str, str], base_dir: Path) -> StoreConfig:
     url = store_url(t.get("url", str, _DEFAULT.url.reveal()), t.key("url"), env, base_dir)
+    url, replicas, ack_timeout_ms = _with_replica_acks(url, t)
     cfg = StoreConfig(
         url=url,
+        min_replicas_acked=replicas,
+        replica_ack_timeout_ms=ack_timeout_ms,
         lease_seconds=t.number("lease_seconds", _DEFAULT.lease_seconds, minimum=1.0),
         heartbeat_seconds=t.number("heartbeat_seconds", _DEFAULT.heartbeat_seconds, minimum=1.0),
         identity_file=_identity_file(t, url.reveal(), env, base_dir),

@@ -44,6 +44,7 @@ from gateway.ops.metrics import PrometheusMetrics
 from gateway.ops.ratelimit import RateLimiter
 from gateway.routes import RouteTable
 from gateway.schemes.base import PricedRoute
+from gateway.storage.redis_client import RedisStore
 
 log = logging.getLogger("gateway.reload")
 
@@ -237,6 +238,9 @@ class Gateway:
         body: dict[str, Any] = {"status": "unready" if failing else "ready", "checks": checks}
         if failing:
             body["failing"] = failing
+        store = self.payments.engine.store
+        if isinstance(store, RedisStore):
+            body["store"] = store.topology().as_json()
         await send_json(send, 503 if failing else 200, body, [(b"cache-control", b"no-store")])
 
     async def _metrics(self, send: Send) -> None:
@@ -245,6 +249,9 @@ class Gateway:
             self.metrics.observe_sessions(claimer.stats)
         if self.payments.ledger is not None:
             self.metrics.observe_ledger(self.payments.ledger.stats)
+        store = self.payments.engine.store
+        if isinstance(store, RedisStore):
+            self.metrics.observe_store(store.topology())
         payload, content_type = self.metrics.render()
         headers = [
             (b"content-type", content_type.encode("latin-1")),

@@ -39,6 +39,12 @@ Metric names (all prefixed ``x402_gateway_``)::
     ledger_entries_total{result}                       ledger writes: written, duplicate, failed (retried), dropped
                                                        (given up), unrecordable (docs/operating.md)
 (voucher refusals by reason: payments_failed_total{kind="batch-settlement"}; session revenue: revenue_atomic_total)
+    store_info{topology,master}                        gauge (1): the receipt store's Redis topology and, under
+                                                       Sentinel, the master it last reached
+    store_failovers_total                              Sentinel master moves the receipt store followed
+    store_replicas_acked                               gauge: replicas that acknowledged the last money-critical write
+                                                       (min_replicas_acked > 0; docs/scaling.md)
+    store_replica_ack_shortfalls_total                 writes refused because too few replicas acknowledged them
     log_dropped_total                                  log lines dropped because the log's reader fell behind
                                                        (process-wide; gateway/ops/logs.py, BufferedHandler)
 """
@@ -216,6 +222,25 @@ class PrometheusMetrics:
             namespace=ns,
             registry=r,
         )
+        self.store_info = Gauge(
+            "store_info", "The receipt store's Redis topology", ["topology", "master"], namespace=ns, registry=r
+        )
+        self.store_failovers = Counter(
+            "store_failovers", "Sentinel master moves the receipt store followed", namespace=ns, registry=r
+        )
+        self.store_replicas_acked = Gauge(
+            "store_replicas_acked",
+            "Replicas that acknowledged the receipt store's last money-critical write",
+            namespace=ns,
+            registry=r,
+        )
+        self.store_ack_shortfalls = Counter(
+            "store_replica_ack_shortfalls",
+            "Money-critical writes refused because too few replicas acknowledged them",
+            namespace=ns,
+            registry=r,
+        )
+        self._store_seen: dict[str, int] = {}
         self.session_unclaimed = Gauge(
             "session_unclaimed_atomic", "Session charges not yet claimed on chain", namespace=ns, registry=r
         )
@@ -319,6 +344,21 @@ class PrometheusMetrics:
             if value > seen:
                 self.ledger_entries.labels(result).inc(value - seen)
                 self._ledger_seen[result] = value
+
+    def observe_store(self, topology: Any) -> None:
+        """Copy a Redis store's topology (a :class:`gateway.storage.redis_client.StoreTopology`) at scrape time."""
+        self.store_info.clear()
+        self.store_info.labels(topology.kind, topology.master or "").set(1)
+        if topology.replicas_acked is not None:
+            self.store_replicas_acked.set(topology.replicas_acked)
+        for name, counter, value in (
+            ("failovers", self.store_failovers, topology.failovers_seen),
+            ("shortfalls", self.store_ack_shortfalls, topology.ack_shortfalls),
+        ):
+            seen = self._store_seen.get(name, 0)
+            if value > seen:
+                counter.inc(value - seen)
+                self._store_seen[name] = value
 
     def settlement_lost(self, network: str) -> None:
         self.settlements_lost.labels(network).inc()

@@ -29,13 +29,14 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from gateway.config import GatewayConfig, RateLimitConfig
+from gateway.storage.redis_topology import parse_redis_url
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -48,20 +49,45 @@ _SLOT_QUEUE = 16
 
 
 def open_storage(url: str) -> Storage:
-    """``memory://`` or a Redis URL (``redis://``, ``rediss://``, ``unix://``) as a ``limits`` async storage."""
+    """``memory://`` or any Redis store URL (one server, Sentinel or Cluster: gateway.storage.redis_topology) as a
+    ``limits`` async storage."""
     scheme = url.partition("://")[0]
     if scheme == "memory":
         return MemoryStorage()
-    async_url = "async+redis+unix://" + url.partition("://")[2] if scheme == "unix" else "async+" + url
     # redis-py (already a dependency for the receipt store) rather than limits' default coredis.
     # Short socket timeouts: a stalled Redis must not hold requests (they pass unlimited, see above).
-    return RedisStorage(
-        async_url,
-        implementation="redispy",
-        key_prefix="x402-gateway-limits",
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-    )
+    common: dict[str, Any] = {
+        "implementation": "redispy",
+        "key_prefix": "x402-gateway-limits",
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+    }
+    topology = parse_redis_url(url)
+    hosts = ",".join(f"{host}:{port}" for host, port in topology.nodes)
+    auth: dict[str, Any] = {
+        k: v for k, v in (("username", topology.username), ("password", topology.password)) if v is not None
+    }
+    if topology.tls:
+        auth["ssl"] = True
+    if topology.kind == "sentinel":
+        sentinel_auth = {
+            k: v
+            for k, v in (("username", topology.sentinel_username), ("password", topology.sentinel_password))
+            if v is not None
+        }
+        return RedisSentinelStorage(
+            f"async+redis+sentinel://{hosts}/{topology.service}",
+            use_replicas=False,  # counters read from a lagging replica would let a burst through
+            sentinel_kwargs={**sentinel_auth, **({"ssl": True} if topology.tls else {})},
+            db=topology.db,
+            **auth,
+            **common,
+        )
+    if topology.kind == "cluster":
+        return RedisClusterStorage(f"async+redis+cluster://{hosts}", **auth, **common)
+    client_url = topology.client_url
+    async_url = "async+redis+unix://" + client_url.partition("://")[2] if scheme == "unix" else "async+" + client_url
+    return RedisStorage(async_url, **common)
 
 
 class Verification:

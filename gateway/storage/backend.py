@@ -9,6 +9,12 @@ override and deny-list stores and the settlement journal are built on (``receipt
     sqlite:////absolute/path.db
     redis://[user:password@]host:port/db   rediss://...   unix:///path/to/redis.sock
                                    shared by gateway instances on several hosts
+    redis+sentinel://[user:password@]h1:26379,h2:26379,h3:26379/<service>[/<db>]   rediss+sentinel://...
+                                   a master that Redis Sentinel fails over to a replica
+    redis+cluster://[user:password@]h1:7000,h2:7001,h3:7002/                     rediss+cluster://...
+                                   a Redis Cluster (the hosts are seeds)
+    any Redis URL + ?min_replicas_acked=N[&replica_ack_timeout_ms=M]
+                                   money-critical writes wait for N replicas (gateway.storage.redis_topology)
 
 The stores share the storage, never a connection: on SQLite each keeps its own table (``receipts``,
 ``idempotency``, ``jobs``, ``settlements``, ``channels``, ``ledger``, ``route_overrides``, ``denylist``) and worker
@@ -29,6 +35,7 @@ from redis.asyncio.connection import parse_url
 
 from gateway.errors import ConfigError
 from gateway.storage.redis_client import redact_url
+from gateway.storage.redis_topology import TOPOLOGY_SCHEMES, parse_redis_url
 
 __all__ = ["Backend", "RedisBackend", "SqliteBackend", "open_backend"]
 
@@ -79,8 +86,18 @@ def open_backend(url: str, *, config_key: str = "store.url") -> Backend:
         if scheme != "unix" and not parts.hostname:
             raise ConfigError(config_key, f"redis url without a host: {shown!r}")
         try:
-            parse_url(url)  # what the stores' connection pools will read (db number, query options)
+            parse_url(parse_redis_url(url).client_url)  # what the pools will read (db number, query options)
         except ValueError as exc:
-            raise ConfigError(config_key, f"invalid redis url {shown!r}") from exc
+            raise ConfigError(config_key, f"invalid redis url {shown!r}: {exc}") from exc
         return RedisBackend(url)
-    raise ConfigError(config_key, f"unsupported store scheme {scheme!r}: use sqlite:/// or redis://")
+    if scheme in TOPOLOGY_SCHEMES:
+        try:
+            parse_redis_url(url)
+        except ValueError as exc:
+            raise ConfigError(config_key, f"invalid redis url {shown!r}: {exc}") from exc
+        return RedisBackend(url)
+    raise ConfigError(
+        config_key,
+        f"unsupported store scheme {scheme!r}: use sqlite:///, redis://, rediss://, unix://, redis+sentinel:// "
+        "or redis+cluster://",
+    )

@@ -52,6 +52,7 @@ REQUEST_TIMEOUT = "request_timeout"
 SERVICE_UNAVAILABLE = "service_unavailable"
 STORE_UNAVAILABLE = "store_unavailable"
 STORE_IDENTITY_LOST = "store_identity_lost"  # the store lost its records: payments wait for an operator
+STORE_REPLICAS_BEHIND = "store_replicas_behind"  # too few replicas acknowledged a money-critical write in time
 CHAIN_UNAVAILABLE = "chain_unavailable"
 BAD_GATEWAY = "bad_gateway"
 UPSTREAM_UNREACHABLE = "upstream_unreachable"

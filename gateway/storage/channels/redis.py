@@ -18,10 +18,11 @@ Times are ``repr`` floats (:func:`gateway.storage.redis_client.script_number`), 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreReplicasBehind, StoreUnavailable
 from gateway.storage.channels.contract import Channel, ChannelBusy, ChannelMismatch, OnChainState, check_amount
 from gateway.storage.redis_client import RedisStore, script_number
 
@@ -333,8 +334,9 @@ class RedisChannelStore(RedisStore):
     def _key(self, channel_id: str) -> str:
         return f"{self._prefix}c:{channel_id}"
 
-    async def _run(self, script: Any, channel_id: str, *args: str) -> Any:
-        return await self._client.run_script(script, [self._key(channel_id)], [self._prefix, *args])
+    async def _run(self, script: Any, channel_id: str, *args: str, replicated: bool = False) -> Any:
+        keys = [self._key(channel_id)]
+        return await self._client.run_script(script, keys, [self._prefix, *args], replicated=replicated)
 
     async def get(self, channel_id: str) -> Channel | None:
         with self._client.guard():
@@ -372,17 +374,24 @@ class RedisChannelStore(RedisStore):
     ) -> Channel:
         if not holder:
             raise ValueError("channel store: a holder must name its request")
-        reply: Any = await self._run(
-            self._begin,
-            channel_id,
-            script_number(now),
-            holder,
-            str(check_amount("expected_charged", expected_charged)),
-            str(check_amount("voucher_max", voucher_max)),
-            signature,
-            script_number(now + lease),
-            take_over_from or "",
-        )
+        try:
+            reply: Any = await self._run(
+                self._begin,
+                channel_id,
+                script_number(now),
+                holder,
+                str(check_amount("expected_charged", expected_charged)),
+                str(check_amount("voucher_max", voucher_max)),
+                signature,
+                script_number(now + lease),
+                take_over_from or "",
+                replicated=True,
+            )
+        except StoreReplicasBehind:
+            # The lock is on the master but a failover could lose it: give it back, nothing is served on it.
+            with contextlib.suppress(StoreUnavailable):
+                await self.release(channel_id, holder)
+            raise
         if not isinstance(reply, list) or not reply:
             raise StoreUnavailable("redis channel store: unexpected script reply")
         if reply[0] == "unknown":
@@ -396,7 +405,7 @@ class RedisChannelStore(RedisStore):
 
     async def served(self, channel_id: str, holder: str, charge: int, *, now: float) -> bool:
         reply = await self._run(
-            self._served, channel_id, script_number(now), holder, str(check_amount("charge", charge))
+            self._served, channel_id, script_number(now), holder, str(check_amount("charge", charge)), replicated=True
         )
         if reply == "uncovered":
             raise _uncovered(charge)
@@ -404,7 +413,7 @@ class RedisChannelStore(RedisStore):
 
     async def commit(self, channel_id: str, holder: str, charge: int, *, now: float) -> Channel | None:
         reply: Any = await self._run(
-            self._commit, channel_id, script_number(now), holder, str(check_amount("charge", charge))
+            self._commit, channel_id, script_number(now), holder, str(check_amount("charge", charge)), replicated=True
         )
         if not isinstance(reply, list) or not reply:
             raise StoreUnavailable("redis channel store: unexpected script reply")

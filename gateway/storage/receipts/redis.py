@@ -18,17 +18,22 @@ transitions are idempotent for the owner that holds the claim.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from redis.commands.core import AsyncScript
 
-from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
+from gateway.errors import PaymentInFlight, PaymentReplayed, StoreReplicasBehind, StoreUnavailable
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
 
 __all__ = ["PREFIX", "RedisReceiptStore"]
 
 PREFIX = "x402:"
+# On a Redis Cluster every receipt key carries one hash tag: mark_paid changes a payment's claim and the transfer it
+# spent in one script, and the two keys must share a slot. (One server or Sentinel keeps the untagged names of
+# earlier versions, so that an upgrade keeps every record.)
+CLUSTER_PREFIX = "x402:{rcpt}:"
 
 _FIELDS = ("state", "owner", "tx", "lease", "exp", "upd")
 
@@ -154,6 +159,25 @@ end
 return 0
 """
 
+# A replicated write the replicas did not acknowledge (docs/scaling.md) is undone before the request is refused, so
+# that what the master keeps matches what happened: nothing served.
+# KEYS: key. ARGV: owner. A claim just taken (pending, ours, nothing broadcast) is given back. -> 1 | 0
+_GIVE_BACK = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'tx')
+if h[1] == 'pending' and h[2] == ARGV[1] and h[3] == '' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: key. ARGV: owner, the 'upd' of the consumed write. Our very consumed write becomes paid-but-unserved. -> 1 | 0
+_UNCONSUME = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'upd')
+if h[1] == 'consumed' and h[2] == ARGV[1] and h[3] == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'state', 'unserved')
+  return 1
+end
+return 0
+"""
+
 # KEYS: key. ARGV: owner. -> 1 if deleted else 0
 _RELEASE = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
@@ -171,6 +195,7 @@ class RedisReceiptStore(RedisStore):
 
     WHAT = "receipt store"
     PREFIX = PREFIX
+    CLUSTER_PREFIX = CLUSTER_PREFIX
 
     def _register(self) -> None:
         self._claim = self._client.register_script(_CLAIM)
@@ -179,9 +204,16 @@ class RedisReceiptStore(RedisStore):
         self._finish = self._client.register_script(_FINISH)
         self._release = self._client.register_script(_RELEASE)
         self._lapse = self._client.register_script(_LAPSE)
+        self._give_back = self._client.register_script(_GIVE_BACK)
+        self._unconsume = self._client.register_script(_UNCONSUME)
 
-    async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
-        return await self._client.run_script(script, [self._prefix + key], args)
+    async def _undo(self, script: AsyncScript, key: str, *args: str) -> None:
+        """Best effort: the store that just took the write may still be answering; if not, the lease covers it."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._script(script, key, *args)
+
+    async def _script(self, script: AsyncScript, key: str, *args: str, replicated: bool = False) -> Any:
+        return await self._client.run_script(script, [self._prefix + key], args, replicated=replicated)
 
     async def claim(
         self,
@@ -193,7 +225,17 @@ class RedisReceiptStore(RedisStore):
         expires_at: float | None,
         take_over_from: str | None = None,
     ) -> ClaimRecord:
-        res = await self._script(
+        try:
+            res = await self._claim_script(key, owner, now=now, lease=lease, expires_at=expires_at, take=take_over_from)
+        except StoreReplicasBehind:
+            await self._undo(self._give_back, key, owner)
+            raise
+        return self._claimed(key, res)
+
+    async def _claim_script(
+        self, key: str, owner: str, *, now: float, lease: float, expires_at: float | None, take: str | None
+    ) -> Any:
+        return await self._script(
             self._claim,
             key,
             owner,
@@ -201,8 +243,12 @@ class RedisReceiptStore(RedisStore):
             script_number(now + lease),
             _opt(expires_at),
             script_number(GC_SLACK),
-            take_over_from or "",
+            take or "",
+            replicated=True,
         )
+
+    @staticmethod
+    def _claimed(key: str, res: Any) -> ClaimRecord:
         if not isinstance(res, list) or not res:
             raise StoreUnavailable("redis receipt store: unexpected script reply")
         if res[0] == "replayed":
@@ -238,8 +284,8 @@ class RedisReceiptStore(RedisStore):
     async def mark_paid(
         self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
     ) -> None:
-        # Both keys in one script: the claim and the transfer it spends change together or not at all. (A Redis
-        # Cluster would need both under one hash tag.)
+        # Both keys in one script: the claim and the transfer it spends change together or not at all (on a Redis
+        # Cluster both carry the store's one hash tag, CLUSTER_PREFIX).
         keys = [self._prefix + key] if effect is None else [self._prefix + key, self._prefix + effect.key]
         args = [
             owner,
@@ -251,7 +297,7 @@ class RedisReceiptStore(RedisStore):
             "" if effect is None else _opt(effect.expires_at),
             link_owner(key, owner),
         ]
-        res = await self._client.run_script(self._mark_paid, keys, args)
+        res = await self._client.run_script(self._mark_paid, keys, args, replicated=True)
         if res == "replayed":
             raise PaymentReplayed("this payment's transfer was already used")
         if res != "ok":
@@ -259,16 +305,25 @@ class RedisReceiptStore(RedisStore):
 
     async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
         # A lost claim ('lost') is not an error here, but the caller must know before it serves.
-        res = await self._script(
+        stamp = script_number(now)
+        try:
+            res = await self._finish_script(key, owner, served=served, stamp=stamp, expires_at=expires_at)
+        except StoreReplicasBehind:
+            await self._undo(self._unconsume, key, owner, stamp)  # refused, so not served: paid-but-unserved
+            raise
+        return bool(res == "ok")
+
+    async def _finish_script(self, key: str, owner: str, *, served: bool, stamp: str, expires_at: float | None) -> Any:
+        return await self._script(
             self._finish,
             key,
             owner,
             "1" if served else "0",
-            script_number(now),
+            stamp,
             _opt(expires_at),
             script_number(GC_SLACK),
+            replicated=served,
         )
-        return bool(res == "ok")
 
     async def release(self, key: str, owner: str) -> None:
         await self._script(self._release, key, owner)

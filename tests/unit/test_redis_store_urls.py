@@ -1,0 +1,110 @@
+"""Store URLs for one Redis, a Sentinel-managed master and a Redis Cluster: each form read the one way, every mistake
+a ConfigError that names it, and no password in any repr or message (docs/scaling.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+from gateway.ops.ratelimit import open_storage
+from gateway.secrets import redact_url
+from gateway.storage.backend import RedisBackend, open_backend
+from gateway.storage.redis_topology import parse_redis_url
+from tests.unit.test_config import ENV, minimal
+
+
+def test_a_sentinel_url_names_its_sentinels_service_database_and_credentials() -> None:
+    t = parse_redis_url("rediss+sentinel://app:s3cret@h1:26379,h2,h3:26380/mymaster/2")
+    assert t.kind == "sentinel"
+    assert t.nodes == (("h1", 26379), ("h2", 26379), ("h3", 26380))
+    assert (t.service, t.db, t.username, t.password, t.tls) == ("mymaster", 2, "app", "s3cret", True)
+    # the sentinels use the data nodes' credentials unless told otherwise
+    assert (t.sentinel_username, t.sentinel_password) == ("app", "s3cret")
+    own = parse_redis_url("redis+sentinel://:pw@h1/mymaster?sentinel_password=other")
+    assert (own.db, own.password, own.sentinel_password, own.tls) == (0, "pw", "other", False)
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_database_zero_only() -> None:
+    t = parse_redis_url("redis+cluster://user:pw@10.0.0.1:7000,10.0.0.2:7001/")
+    assert (t.kind, t.nodes, t.username, t.password) == (
+        "cluster",
+        (("10.0.0.1", 7000), ("10.0.0.2", 7001)),
+        "user",
+        "pw",
+    )
+    with pytest.raises(ValueError, match="only database 0"):
+        parse_redis_url("redis+cluster://h:7000/3")
+
+
+def test_replica_acknowledgements_come_from_the_query_and_never_reach_redis_py() -> None:
+    t = parse_redis_url("redis://h:6379/1?min_replicas_acked=1&replica_ack_timeout_ms=250&socket_keepalive=true")
+    assert (t.min_replicas_acked, t.ack_timeout_ms) == (1, 250)
+    assert t.client_url == "redis://h:6379/1?socket_keepalive=true"
+    assert parse_redis_url("redis+cluster://h:7000/?min_replicas_acked=2").min_replicas_acked == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+sentinel://h1:26379/", "names its service"),
+        ("redis+sentinel://h1:26379/mymaster/x", "must be a number"),
+        ("redis+sentinel://h1:26379,,h2/mymaster", "empty host"),
+        ("redis+sentinel://h1:notaport/mymaster", "malformed port"),
+        ("redis+cluster://h1:7000/?db=3", "unknown query"),
+        ("redis://h:6379/0?min_replicas_acked=many", "min_replicas_acked must be an integer"),
+        ("redis://h:6379/0?min_replicas_acked=99", "min_replicas_acked must be an integer"),
+        ("redis://h:6379/0?sentinel_password=x", r"belong in a redis\+sentinel"),
+    ],
+)
+def test_a_malformed_topology_url_is_a_config_error_naming_the_mistake(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says) as caught:
+        open_backend(url)
+    assert caught.value.key == "store.url"
+
+
+def test_no_password_of_a_topology_url_shows_in_a_repr_or_an_error() -> None:
+    url = "redis+sentinel://app:hunter22@h1:26379/mymaster/x?sentinel_password=alsosecret"
+    with pytest.raises(ConfigError) as caught:
+        open_backend(url)
+    shown = str(caught.value) + redact_url(url) + repr(parse_redis_url(url.replace("/x?", "/0?")))
+    assert "hunter22" not in shown and "alsosecret" not in shown
+    backend = open_backend("redis+cluster://u:hunter22@h1:7000/")
+    assert isinstance(backend, RedisBackend) and "hunter22" not in repr(backend)
+
+
+def store_section(**over: Any) -> dict[str, Any]:
+    return {"url": "redis+sentinel://:pw@s1:26379,s2:26379,s3:26379/mymaster/0", **over}
+
+
+def test_store_min_replicas_acked_reaches_every_store_through_the_url() -> None:
+    config = parse_config(minimal(store=store_section(min_replicas_acked=1, replica_ack_timeout_ms=200)), env=ENV)
+    topology = parse_redis_url(config.store.url.reveal())
+    assert (topology.kind, topology.min_replicas_acked, topology.ack_timeout_ms) == ("sentinel", 1, 200)
+    assert "pw" not in repr(config.store)
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ({"url": "sqlite:///x.db", "min_replicas_acked": 1}, "needs a Redis store"),
+        (store_section(url="redis://h/0?min_replicas_acked=1", min_replicas_acked=1), "say it in one place"),
+        (store_section(min_replicas_acked=-1), ">= 0"),
+        ({"url": "redis+cluster://h1:7000/5"}, "only database 0"),
+    ],
+)
+def test_a_store_section_that_cannot_be_honoured_is_refused_at_load(store: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        config = parse_config(minimal(store=store), env=ENV)
+        open_backend(config.store.url.reveal())
+
+
+def test_rate_limits_share_a_sentinel_or_a_cluster_like_the_stores() -> None:
+    for url, kind in (
+        ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0", "RedisSentinelStorage"),
+        ("redis+cluster://h1:7000,h2:7001/", "RedisClusterStorage"),
+    ):
+        config = parse_config(minimal(rate_limits={"storage_url": url}), env=ENV)
+        assert type(open_storage(config.rate_limits.storage_url.reveal())).__name__ == kind
