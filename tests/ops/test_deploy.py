@@ -24,6 +24,7 @@ from gateway.config import GatewayConfig, parse_config
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+BASE = K8S / "base"  # the gateway; deploy/k8s adds one Redis to it, deploy/k8s/sentinel a Sentinel group
 ENV = {
     "X402_RELAYER_KEY": "0x" + "ab" * 32,
     "UPSTREAM_API_KEY": "k",
@@ -33,7 +34,7 @@ ENV = {
 
 def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted([*K8S.glob("*.yaml"), *BASE.glob("*.yaml")]):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") != "Kustomization":
                 out[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -55,8 +56,9 @@ def test_every_yaml_file_passes_yamllint() -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    for folder, extra in ((K8S, {"base"}), (BASE, set())):
+        listed = set(yaml.safe_load((folder / "kustomization.yaml").read_text())["resources"])
+        assert listed == {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"} | extra, folder
 
 
 # ------------------------------------------------------------------------------------------------ Kubernetes
