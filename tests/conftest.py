@@ -18,6 +18,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from gateway.dev.chain import BASE_USDC, POLYGON_USDC, DevChain, RedisServer, start_dev_chain  # noqa: E402
+from tests.support.redis_topology import cluster_url, redis_cluster, sentinel_group  # noqa: E402, F401 (fixtures)
 
 # --------------------------------------------------------------------------------------------------------- Redis
 

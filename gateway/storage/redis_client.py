@@ -57,6 +57,10 @@ __all__ = [
 log = logging.getLogger("gateway.store")
 
 POOL_SIZE = 64  # connections per store object; a burst beyond waits for one (up to connect_timeout)
+# redis-py's cluster client has no blocking pool: a command beyond a node's max_connections fails at once. So each
+# store object may open this many connections per cluster node, well above any burst a gateway lets through (Redis
+# accepts 10,000 clients by default).
+CLUSTER_POOL_SIZE = 1024
 SOCKET_TIMEOUT = 2.0  # seconds; short, so that a hung server fails closed quickly
 CONNECT_TIMEOUT = 2.0
 GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
@@ -121,7 +125,7 @@ def connect(
             username=topology.username,
             password=topology.password,
             ssl=topology.tls,
-            max_connections=max_connections,
+            max_connections=max(max_connections, CLUSTER_POOL_SIZE),
             **common,
         )
     if topology.kind == "sentinel":

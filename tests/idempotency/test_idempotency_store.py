@@ -28,9 +28,10 @@ ANSWER = StoredResponse(
 )
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
 async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], IdempotencyStore]]:
-    """A factory of store objects (own connection/thread) on one shared storage."""
+    """A factory of store objects (own connection/thread) on one shared storage: a SQLite file, one Redis server or
+    a 3-master Redis Cluster."""
     opened: list[IdempotencyStore] = []
     if request.param == "sqlite":
         path = str(tmp_path / "idem.db")
@@ -39,7 +40,7 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
             opened.append(SQLiteIdempotencyStore(path))
             return opened[-1]
     else:
-        url: str = request.getfixturevalue("redis_url")
+        url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
 
         def factory() -> IdempotencyStore:
             opened.append(RedisIdempotencyStore(url))

@@ -26,9 +26,11 @@ class JobBackend:
         return store
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
 async def job_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobBackend]:
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("redis_url")
+    """The job store's contract on a SQLite file, one Redis server and a 3-master Redis Cluster."""
+    fixture = {"redis": "redis_url", "cluster": "cluster_url"}.get(request.param)
+    url = sqlite_url(tmp_path) if fixture is None else request.getfixturevalue(fixture)
     backend = JobBackend(request.param, url)
     try:
         yield backend

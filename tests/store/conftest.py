@@ -35,11 +35,25 @@ class Backend:
         self._restart()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+# Every contract suite runs on a SQLite file, one Redis server and a 3-master Redis Cluster. Restarts and outages
+# need a server that keeps its data across a restart: the cluster fixture keeps nothing on disk, so the tests of
+# those parametrize their backend with SERVER_BACKENDS.
+BACKENDS = ["sqlite", "redis", "cluster"]
+SERVER_BACKENDS = ["sqlite", "redis"]
+
+
+def _no_restart() -> None:
+    raise AssertionError("the cluster fixture keeps nothing across a restart: parametrize with SERVER_BACKENDS")
+
+
+@pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "sqlite":
         path = str(tmp_path / "receipts.db")
         b = Backend("sqlite", lambda: SQLiteReceiptStore(path), lambda: None)
+    elif request.param == "cluster":
+        cluster: str = request.getfixturevalue("cluster_url")
+        b = Backend("cluster", lambda: RedisReceiptStore(cluster), _no_restart)
     else:
         url: str = request.getfixturevalue("redis_url")
         server = request.getfixturevalue("redis_server")
@@ -102,8 +116,8 @@ class StoreBackend(Generic[S]):
 def store_backend(
     request: pytest.FixtureRequest, tmp_path: Path, sqlite: Callable[[str], S], redis: Callable[[str], S]
 ) -> StoreBackend[S]:
-    """The backend ``request.param`` names ("sqlite" or "redis"); stores are made by ``sqlite(path)`` or
-    ``redis(url)``."""
+    """The backend ``request.param`` names ("sqlite", "redis" or "cluster"); stores are made by ``sqlite(path)``
+    or ``redis(url)``."""
     if request.param == "sqlite":
         path = str(tmp_path / "store.db")
         missing = tmp_path / "not-yet"
@@ -115,6 +129,13 @@ def store_backend(
             lambda: sqlite(str(missing / "store.db")),
             missing.mkdir,
         )
+    if request.param == "cluster":
+        cluster: str = request.getfixturevalue("cluster_url")
+
+        def refused() -> S:
+            raise AssertionError("the cluster fixture has no outage to offer: parametrize with SERVER_BACKENDS")
+
+        return StoreBackend("cluster", cluster, lambda: redis(cluster), _no_restart, refused, _no_restart)
     url: str = request.getfixturevalue("redis_url")
     server = request.getfixturevalue("redis_server")  # persistent (AOF, fsync always): data survives restart
 

@@ -31,7 +31,7 @@ from gateway.storage.channels import (
     SQLiteChannelStore,
     open_channel_store,
 )
-from tests.store.conftest import StoreBackend, store_backend
+from tests.store.conftest import BACKENDS, SERVER_BACKENDS, StoreBackend, store_backend
 
 LEASE = 30.0
 CHAIN = 8453
@@ -43,7 +43,7 @@ TOKEN = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
 ChannelBackend = StoreBackend[ChannelStore]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=BACKENDS)
 async def channel_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChannelBackend]:
     b = store_backend(request, tmp_path, SQLiteChannelStore, RedisChannelStore)
     try:
@@ -478,6 +478,7 @@ async def test_interleaved_requests_from_two_stores_charge_exactly_the_sum(
 # -- restart and outage ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("channel_backend", SERVER_BACKENDS, indirect=True)
 async def test_everything_survives_a_restart_of_the_storage(channel_backend: ChannelBackend, now: float) -> None:
     store = channel_backend.make()
     idle = await store.open(new_channel(), now=now)
@@ -501,6 +502,7 @@ async def test_everything_survives_a_restart_of_the_storage(channel_backend: Cha
     assert locked.charged == 40 and locked.signed_max == 40
 
 
+@pytest.mark.parametrize("channel_backend", SERVER_BACKENDS, indirect=True)
 async def test_a_storage_that_cannot_answer_fails_closed_then_recovers(
     channel_backend: ChannelBackend, now: float
 ) -> None:

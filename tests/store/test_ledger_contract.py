@@ -35,7 +35,7 @@ from gateway.storage.ledger import (
 )
 from gateway.storage.ledger.contract import DAY, day_of
 from gateway.storage.ledger.export import entry_from_record, jsonl_line, read_csv, to_csv
-from tests.store.conftest import StoreBackend, store_backend
+from tests.store.conftest import BACKENDS, SERVER_BACKENDS, StoreBackend, store_backend
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: 9 400 s before a day boundary
 ROUTES = ("GET /weather", "POST /paid", "GET /files/{name}", "GET /ünïcödé/*")
@@ -46,7 +46,7 @@ PAYERS = tuple("0x" + f"{i:02x}" * 20 for i in range(1, 6))
 LedgerBackend = StoreBackend[LedgerStore]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=BACKENDS)
 async def ledger_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LedgerBackend]:
     b = store_backend(request, tmp_path, SQLiteLedgerStore, RedisLedgerStore)
     try:
@@ -370,6 +370,7 @@ async def test_a_csv_export_reads_back_into_the_same_entries(store: LedgerStore)
 # ------------------------------------------------------------------------------------- durability, outages
 
 
+@pytest.mark.parametrize("ledger_backend", SERVER_BACKENDS, indirect=True)
 async def test_entries_survive_a_restart_of_the_storage(ledger_backend: LedgerBackend) -> None:
     first = ledger_backend.make()
     entries = [entry(n) for n in range(10)]
@@ -381,6 +382,7 @@ async def test_entries_survive_a_restart_of_the_storage(ledger_backend: LedgerBa
     assert await again.revenue("route") == model_revenue(entries, "route", None, None)
 
 
+@pytest.mark.parametrize("ledger_backend", SERVER_BACKENDS, indirect=True)
 async def test_a_storage_that_cannot_answer_fails_closed(ledger_backend: LedgerBackend) -> None:
     down = ledger_backend.down()
     try:

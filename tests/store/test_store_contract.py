@@ -17,6 +17,7 @@ import pytest
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage import ClaimState, ReceiptStore
 from gateway.storage.receipts import Effect
+from tests.store.conftest import SERVER_BACKENDS
 
 if TYPE_CHECKING:
     from tests.store.conftest import Backend
@@ -392,6 +393,7 @@ async def test_an_instance_is_alive_until_its_heartbeat_lapses(store: ReceiptSto
     assert not await store.alive(instance, now=time.time())
 
 
+@pytest.mark.parametrize("backend", SERVER_BACKENDS, indirect=True)
 async def test_claims_survive_restart(backend: Backend, store: ReceiptStore, now: float) -> None:
     consumed, pending, unserved = new_key(), new_key(), new_key()
     await consume(store, consumed, now)
