@@ -14,6 +14,9 @@ from gateway.secrets import Secret, redact_url
 __all__ = ["REDIS_SCHEMES", "StoreConfig", "parse_store", "store_url"]
 
 _DEFAULT_URL = "sqlite:///x402-gateway.db"
+# The bound gateway.storage.redis_topology.MAX_ACK_TIMEOUT_MS puts on a WAIT (config does not import the stores;
+# tests/unit/test_redis_store_urls.py keeps the two equal).
+MAX_ACK_TIMEOUT_MS = 1000
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
 
@@ -61,6 +64,11 @@ def _with_replica_acks(url: Secret, t: Table) -> tuple[Secret, int, int]:
     the URL, so every store on ``[store].url`` waits alike). A URL that already names them keeps its own."""
     replicas = t.integer("min_replicas_acked", _DEFAULT.min_replicas_acked)
     timeout_ms = t.integer("replica_ack_timeout_ms", _DEFAULT.replica_ack_timeout_ms, minimum=1)
+    if timeout_ms > MAX_ACK_TIMEOUT_MS:
+        raise ConfigError(
+            t.key("replica_ack_timeout_ms"),
+            f"must be <= {MAX_ACK_TIMEOUT_MS}: a WAIT's answer is read under the store's 2 s socket timeout",
+        )
     raw = url.reveal()
     if replicas == 0:
         return url, replicas, timeout_ms

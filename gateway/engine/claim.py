@@ -173,7 +173,7 @@ class PaidRequest(Generic[P]):
 
     async def _finish(self, *, served: bool) -> bool:
         return await self._claims.store.finish(
-            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at
+            self.key, self._owner, served=served, now=time.time(), expires_at=self._expires_at, delivered=self.delivered
         )
 
     def _defer(self, *steps: Step) -> None:

@@ -240,7 +240,7 @@ class Gateway:
             body["failing"] = failing
         store = self.payments.engine.store
         if isinstance(store, RedisStore):
-            body["store"] = store.topology().as_json()
+            body["store"] = store.topology().as_json(with_address=False)
         await send_json(send, 503 if failing else 200, body, [(b"cache-control", b"no-store")])
 
     async def _metrics(self, send: Send) -> None:

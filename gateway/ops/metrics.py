@@ -39,8 +39,8 @@ Metric names (all prefixed ``x402_gateway_``)::
     ledger_entries_total{result}                       ledger writes: written, duplicate, failed (retried), dropped
                                                        (given up), unrecordable (docs/operating.md)
 (voucher refusals by reason: payments_failed_total{kind="batch-settlement"}; session revenue: revenue_atomic_total)
-    store_info{topology,master}                        gauge (1): the receipt store's Redis topology and, under
-                                                       Sentinel, the master it last reached
+    store_info{topology}                               gauge (1): the receipt store's Redis topology (the master's
+                                                       address only on the admin API: GET /admin/store)
     store_failovers_total                              Sentinel master moves the receipt store followed
     store_replicas_acked                               gauge: replicas that acknowledged the last money-critical write
                                                        (min_replicas_acked > 0; docs/scaling.md)
@@ -223,7 +223,7 @@ class PrometheusMetrics:
             registry=r,
         )
         self.store_info = Gauge(
-            "store_info", "The receipt store's Redis topology", ["topology", "master"], namespace=ns, registry=r
+            "store_info", "The receipt store's Redis topology", ["topology"], namespace=ns, registry=r
         )
         self.store_failovers = Counter(
             "store_failovers", "Sentinel master moves the receipt store followed", namespace=ns, registry=r
@@ -348,7 +348,7 @@ class PrometheusMetrics:
     def observe_store(self, topology: Any) -> None:
         """Copy a Redis store's topology (a :class:`gateway.storage.redis_client.StoreTopology`) at scrape time."""
         self.store_info.clear()
-        self.store_info.labels(topology.kind, topology.master or "").set(1)
+        self.store_info.labels(topology.kind).set(1)
         if topology.replicas_acked is not None:
             self.store_replicas_acked.set(topology.replicas_acked)
         for name, counter, value in (

@@ -33,8 +33,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreReplicasBehind, StoreUnavailable
 from gateway.secrets import redact_url  # masks the password of every store URL
@@ -182,10 +183,12 @@ class StoreTopology:
     ack_shortfalls: int
     failovers_seen: int  # Sentinel: master moves this client followed
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, *, with_address: bool) -> dict[str, Any]:
+        """``with_address``: include the master's address (the admin API does; the public ``/readyz`` and
+        ``/metrics`` do not: where the store lives is no prober's business)."""
         return {
             "topology": self.kind,
-            "master": self.master,
+            **({"master": self.master} if with_address else {}),
             "min_replicas_acked": self.min_replicas_acked,
             "replicas_acked": self.replicas_acked,
             "ack_shortfalls": self.ack_shortfalls,
@@ -198,8 +201,9 @@ async def _cluster_script_and_wait(
 ) -> tuple[Any, int]:
     """EVALSHA then WAIT on one connection to the primary holding ``keys`` (WAIT counts the acknowledgements of
     *this connection's* writes, so the two must share it; redis-py's cluster client would route a key-less WAIT
-    elsewhere). A NOSCRIPT loads the script and tries once more; a slot that moved (MOVED/ASK) refreshes the slot
-    map and fails closed: the caller answers 503 and the next request finds the new owner."""
+    elsewhere). A NOSCRIPT loads the script and tries once more; a slot that moved (MOVED/ASK: a failover, a
+    resharding) or a node that is gone refreshes the slot map and fails closed: the caller answers 503 and the next
+    request finds the new owner."""
     if not cluster.nodes_manager.slots_cache:
         await cluster.initialize()
     node = cluster.get_node_from_key(keys[0])
@@ -222,15 +226,18 @@ async def _cluster_script_and_wait(
                 await conn.read_response()
                 continue
             if isinstance(result, ResponseError):
-                if str(result).startswith(("MOVED", "ASK")):
-                    await cluster.nodes_manager.initialize()
                 raise result
             if isinstance(acked, ResponseError):
                 raise acked
             return result, int(acked)
         raise ResponseError("the script could not be loaded")  # pragma: no cover - the loop returns or raises
-    except BaseException:
+    except BaseException as exc:
         await conn.disconnect()
+        if isinstance(exc, AskError | TryAgainError | ClusterDownError | RedisConnectionError | RedisTimeoutError):
+            # The slot moved (a failover, a resharding) or its node is gone: learn the cluster anew, so that the
+            # next request finds the new owner; this one fails closed.
+            with contextlib.suppress(RedisError, OSError):
+                await cluster.nodes_manager.initialize()
         raise
     finally:
         node.release(conn)

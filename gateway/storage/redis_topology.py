@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 __all__ = [
     "DEFAULT_ACK_TIMEOUT_MS",
+    "MAX_ACK_TIMEOUT_MS",
     "TOPOLOGY_SCHEMES",
     "RedisTopology",
     "parse_redis_url",
@@ -35,6 +36,9 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 TOPOLOGY_SCHEMES = SENTINEL_SCHEMES + CLUSTER_SCHEMES
 DEFAULT_ACK_TIMEOUT_MS = 500
 MAX_REPLICAS = 16  # a bound that no real deployment reaches; a larger number is a typo
+# A WAIT's answer is read under the stores' socket timeout (2 s): a longer wait would end as a dropped connection,
+# not as an answer. Half of it leaves room for the round trip.
+MAX_ACK_TIMEOUT_MS = 1000
 _OURS = ("min_replicas_acked", "replica_ack_timeout_ms", "sentinel_username", "sentinel_password")
 
 Kind = Literal["server", "sentinel", "cluster"]
@@ -68,7 +72,7 @@ def _int(query: dict[str, str], name: str, default: int, low: int, high: int) ->
     if raw is None:
         return default
     if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ValueError(f"{name} must be an integer from {low} to {high}, got {raw!r}")
+        raise ValueError(f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
 
@@ -82,9 +86,9 @@ def _nodes(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
         try:
             port = parsed.port or default_port
         except ValueError as exc:
-            raise ValueError(f"a malformed port in {part!r}") from exc
+            raise ValueError("a malformed port in the host list") from exc
         if not parsed.hostname:
-            raise ValueError(f"a host without a name: {part!r}")
+            raise ValueError("a host without a name in the host list")
         out.append((parsed.hostname, port))
     return tuple(out)
 
@@ -98,18 +102,18 @@ def _credentials(netloc: str) -> tuple[str | None, str | None]:
 
 
 def parse_redis_url(url: str) -> RedisTopology:
-    """The topology ``url`` names; ``ValueError`` (a message without the password) when it names none."""
+    """The topology ``url`` names; ``ValueError`` when it names none. The messages never quote the URL: a piece of
+    it could be a password's tail (a raw ``/`` or ``@`` in a password moves where the URL seems to split)."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
         raise ValueError("not a URL")
-    netloc, _, tail = rest.partition("/")
-    path, _, query_text = tail.partition("?")
-    if scheme == "unix":
-        path, _, query_text = rest.partition("?")
+    # The query first, from the whole remainder: ``redis://host:6379?db=3`` has no path but a query.
+    rest, _, query_text = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     query = dict(parse_qsl(query_text, keep_blank_values=True))
     acks = _int(query, "min_replicas_acked", 0, 0, MAX_REPLICAS)
-    ack_ms = _int(query, "replica_ack_timeout_ms", DEFAULT_ACK_TIMEOUT_MS, 1, 60_000)
+    ack_ms = _int(query, "replica_ack_timeout_ms", DEFAULT_ACK_TIMEOUT_MS, 1, MAX_ACK_TIMEOUT_MS)
     if scheme in ("redis", "rediss", "unix"):
         if "sentinel_username" in query or "sentinel_password" in query:
             raise ValueError("sentinel_username/sentinel_password belong in a redis+sentinel:// URL")
@@ -122,7 +126,7 @@ def parse_redis_url(url: str) -> RedisTopology:
         raise ValueError(f"unsupported scheme {scheme!r}")
     unknown = sorted(set(query) - set(_OURS))
     if unknown:
-        raise ValueError(f"unknown query parameter(s) {', '.join(unknown)}")
+        raise ValueError(f"unknown query parameter(s) {', '.join(k for k in unknown if 'pass' not in k.lower())}")
     username, password = _credentials(netloc)
     tls = scheme.startswith("rediss")
     if scheme in CLUSTER_SCHEMES:
@@ -145,7 +149,7 @@ def parse_redis_url(url: str) -> RedisTopology:
         raise ValueError("a redis+sentinel:// URL names its service: redis+sentinel://h1:26379,h2:26379/mymaster/0")
     db_text = db_text.strip("/") or "0"
     if not db_text.isdigit():
-        raise ValueError(f"the database must be a number, got {db_text!r}")
+        raise ValueError("the database (after the service name) must be a number")
     return RedisTopology(
         "sentinel",
         "",

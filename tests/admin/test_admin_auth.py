@@ -17,6 +17,7 @@ WRONG = "wrong-token-" + "x" * 24
 CALLS: list[tuple[str, str, dict[str, object] | None]] = [
     ("GET", "/admin/payments", None),
     ("GET", "/admin/config", None),
+    ("GET", "/admin/store", None),
     ("GET", "/admin/deny", None),
     ("POST", "/admin/deny", {"payer": PAYER}),
     ("DELETE", f"/admin/deny/{PAYER}", None),
@@ -102,3 +103,15 @@ def test_every_call_is_in_the_audit_log_and_no_token_is(
     refused = [c for c in calls if c["status"] == 403]
     with_body = {path for _, path, body in CALLS if body}
     assert refused and all(c["args"] for c in refused if c["path"] in with_body)  # what a read token tried
+
+
+def test_the_store_topology_with_its_address_is_for_admin_tokens_only(
+    base_chain: DevChain, redis_url: str, tmp_path: Path, admin_env: LocalAccount
+) -> None:
+    with running_admin(base_chain, redis_url, tmp_path, admin_env) as admin:
+        with admin.client(READ_TOKEN) as client:
+            topology = client.get("/admin/store").json()
+        assert topology["topology"] == "server" and topology["failovers_seen"] == 0
+        assert "master" in topology  # a Sentinel master's address; none for one server
+        with httpx.Client(base_url=admin.url) as client:
+            assert client.get("/admin/store").status_code == 401

@@ -10,6 +10,7 @@ with the same payment (on the other instance), a 2xx ends it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -212,7 +213,8 @@ def test_paid_load_through_a_sentinel_failover_serves_each_payment_at_most_once_
             stores = [httpx.get(url + "/readyz").json().get("store", {}) for url in urls]
             assert all(s.get("topology") == "sentinel" for s in stores), stores
             assert all(s.get("min_replicas_acked") == min_replicas_acked for s in stores), stores
-            assert any(s.get("failovers_seen", 0) >= 1 and s.get("master") == f"{new[0]}:{new[1]}" for s in stores)
+            assert any(s.get("failovers_seen", 0) >= 1 for s in stores), stores
+            assert all("master" not in s and str(new[1]) not in json.dumps(s) for s in stores)  # public: no address
             metrics = [httpx.get(url + "/metrics").text for url in urls]
-            assert all('x402_gateway_store_info{master="' in m and 'topology="sentinel"' in m for m in metrics)
+            assert all('x402_gateway_store_info{topology="sentinel"} 1.0' in m for m in metrics)
             assert any("x402_gateway_store_failovers_total 1.0" in m for m in metrics), metrics[0][-2000:]

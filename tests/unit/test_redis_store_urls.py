@@ -108,3 +108,26 @@ def test_rate_limits_share_a_sentinel_or_a_cluster_like_the_stores() -> None:
     ):
         config = parse_config(minimal(rate_limits={"storage_url": url}), env=ENV)
         assert type(open_storage(config.rate_limits.storage_url.reveal())).__name__ == kind
+
+
+def test_the_config_bounds_a_replica_wait_as_the_stores_do() -> None:
+    from gateway.config import store as store_config
+    from gateway.storage import redis_topology
+
+    assert store_config.MAX_ACK_TIMEOUT_MS == redis_topology.MAX_ACK_TIMEOUT_MS
+    with pytest.raises(ConfigError, match="replica_ack_timeout_ms"):
+        parse_config(minimal(store=store_section(min_replicas_acked=1, replica_ack_timeout_ms=1500)), env=ENV)
+
+
+@pytest.mark.parametrize(
+    ("url", "client_url", "acks"),
+    [
+        ("redis://h:6379?db=3", "redis://h:6379?db=3", 0),
+        ("redis://h:6379?min_replicas_acked=1", "redis://h:6379", 1),
+        ("redis+cluster://h:7000?min_replicas_acked=2", "", 2),
+        ("unix:///run/redis.sock?db=2&min_replicas_acked=1", "unix:///run/redis.sock?db=2", 1),
+    ],
+)
+def test_the_query_of_a_url_without_a_path_is_read(url: str, client_url: str, acks: int) -> None:
+    t = parse_redis_url(url)
+    assert (t.client_url, t.min_replicas_acked) == (client_url, acks)

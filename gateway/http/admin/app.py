@@ -92,6 +92,7 @@ class AdminApp:
             ("GET", "/admin/jobs"): queries.jobs,
             ("GET", "/admin/config"): queries.live_config,
             ("GET", "/admin/routes"): queries.routes,
+            ("GET", "/admin/store"): queries.store,
             ("GET", "/admin/"): queries.dashboard,
             ("GET", "/admin"): queries.dashboard,
             ("GET", "/admin/deny"): queries.denied,

@@ -92,6 +92,7 @@ def add_admin_commands(sub: Any) -> None:
     jobs.add_argument("--limit", type=int)
     cmds.add_parser("config", parents=[common], help="the configuration in force, secrets masked")
     cmds.add_parser("routes", parents=[common], help="every route's price and pause in force")
+    cmds.add_parser("store", parents=[common], help="the store's topology: Redis master, replicas, failovers seen")
     refund = cmds.add_parser("refund", parents=[common], help="send a payment's amount back to its payer (once)")
     refund.add_argument("key", metavar="KEY", help="the payment's ledger key (see `admin payments`)")
     cmds.add_parser("reload", parents=[common], help="re-read the config file (a bad file changes nothing)")
@@ -183,6 +184,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any], Show]:
         return "GET", "/admin/config", {}, _show_json
     if command == "routes":
         return "GET", "/admin/routes", {}, _show_routes
+    if command == "store":
+        return "GET", "/admin/store", {}, _show_json
     if command == "refund":
         return "POST", "/admin/refund", {"json": {"key": args.key}}, _show_refund
     if command == "reload":

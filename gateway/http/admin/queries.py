@@ -20,6 +20,7 @@ from gateway.http.app import Gateway
 from gateway.money import format_usd
 from gateway.storage.ledger import LedgerEntry, LedgerQuery
 from gateway.storage.ledger.export import csv_header, csv_row, entry_record, jsonl_line
+from gateway.storage.redis_client import RedisStore
 
 __all__ = ["Queries", "entry_doc"]
 
@@ -192,6 +193,14 @@ class Queries:
         """``GET /admin/routes``: every configured route as served now (price and pause in force, and why)."""
         call.only(())
         return Answer(200, {"routes": [state.as_dict() for state in self._gateway.reloader.states()]})
+
+    async def store(self, call: Call) -> Answer:
+        """``GET /admin/store``: the receipt store's topology (docs/scaling.md), with the master's address."""
+        call.only(())
+        store = self._gateway.payments.engine.store
+        if isinstance(store, RedisStore):
+            return Answer(200, store.topology().as_json(with_address=True))
+        return Answer(200, {"topology": "sqlite"})
 
     async def dashboard(self, call: Call) -> Answer:
         """``GET /admin/``: the dashboard page (gateway/http/admin/dashboard.py)."""

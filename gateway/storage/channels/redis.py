@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.errors import StoreReplicasBehind, StoreUnavailable
+from gateway.errors import StoreUnavailable
 from gateway.storage.channels.contract import Channel, ChannelBusy, ChannelMismatch, OnChainState, check_amount
 from gateway.storage.redis_client import RedisStore, script_number
 
@@ -387,8 +387,9 @@ class RedisChannelStore(RedisStore):
                 take_over_from or "",
                 replicated=True,
             )
-        except StoreReplicasBehind:
-            # The lock is on the master but a failover could lose it: give it back, nothing is served on it.
+        except StoreUnavailable:
+            # The lock may be on the master (no reply, or too few replicas acknowledged it: docs/scaling.md):
+            # give it back, nothing is served on it. (Guarded by the holder: a no-op if it never landed.)
             with contextlib.suppress(StoreUnavailable):
                 await self.release(channel_id, holder)
             raise

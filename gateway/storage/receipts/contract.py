@@ -105,9 +105,16 @@ class ReceiptStore(Protocol):
         once, whichever way it is presented: docs/threat-model.md T26)."""
         ...
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
+    async def finish(
+        self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None, delivered: bool = False
+    ) -> bool:
         """PAID(owner) -> CONSUMED when ``served`` else UNSERVED; ``expires_at`` replaces the record's expiry
         (None: keep for ever). A lost claim is not an error here: the caller has nothing left to undo.
+
+        When the call fails (``StoreUnavailable``) the request is refused; a store that may have written the
+        CONSUMED record anyway (a Redis write whose reply or replica acknowledgement did not come) turns that very
+        write back into UNSERVED, so that the refused request's retry is served — unless ``delivered``: the app
+        already acted on the payment (e.g. created the payer's job), which then stays consumed.
 
         Returns whether ``owner`` still held the claim. A caller about to serve must not when it did not: the
         claim was taken over, and the request that took it is the one the payment pays for."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
-from gateway.errors import PaymentInFlight, PaymentReplayed, StoreReplicasBehind, StoreUnavailable
+from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
 
@@ -70,6 +70,12 @@ _CLAIM = (
     + """
 local key, owner, now_s, lease, exp, slack = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local h = load(key, tonumber(now_s))
+if h and h[2] == owner and h[6] == now_s then
+  -- this very call, sent again (redis-py resends after a dropped connection): its own answer, not "in flight"
+  local resumed = '0'
+  if h[1] ~= 'pending' or h[3] ~= '' then resumed = '1' end
+  return {'ok', h[1], h[2], h[3], h[4], h[5], h[6], resumed}
+end
 if not h then
   redis.call('HSET', key, 'state', 'pending', 'owner', owner, 'tx', '', 'lease', lease, 'exp', exp, 'upd', now_s)
   set_expiry(key, 'pending', lease, exp, slack)
@@ -140,6 +146,9 @@ _FINISH = (
     + """
 local key = KEYS[1]
 local h = load(key, tonumber(ARGV[3]))
+if h and h[2] == ARGV[1] and h[6] == ARGV[3] and (h[1] == 'consumed' or h[1] == 'unserved') then
+  return 'ok'  -- this very call, sent again after a dropped connection
+end
 if not h or h[1] ~= 'paid' or h[2] ~= ARGV[1] then return 'lost' end
 local state = 'unserved'
 if ARGV[2] == '1' then state = 'consumed' end
@@ -159,12 +168,23 @@ end
 return 0
 """
 
-# A replicated write the replicas did not acknowledge (docs/scaling.md) is undone before the request is refused, so
-# that what the master keeps matches what happened: nothing served.
-# KEYS: key. ARGV: owner. A claim just taken (pending, ours, nothing broadcast) is given back. -> 1 | 0
-_GIVE_BACK = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'tx')
-if h[1] == 'pending' and h[2] == ARGV[1] and h[3] == '' then return redis.call('DEL', KEYS[1]) end
+# A write that failed (no reply, or too few replicas acknowledged it: docs/scaling.md) may still be on the master. The
+# request is refused, so what this very write did (same owner, same 'upd' stamp) is undone to say "nothing served".
+# KEYS: key. ARGV: owner, the claim's 'upd'. A fresh claim (nothing broadcast) is given back; a resumed paid one is
+# paid-but-unserved again; one with a settlement in flight keeps it but ends its lease (the next presentation
+# takes it over and reconciles). -> 1 | 0
+_UNCLAIM = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'tx', 'upd')
+if h[2] ~= ARGV[1] or h[4] ~= ARGV[2] then return 0 end
+if h[1] == 'pending' and h[3] == '' then return redis.call('DEL', KEYS[1]) end
+if h[1] == 'paid' then
+  redis.call('HSET', KEYS[1], 'state', 'unserved')
+  return 1
+end
+if h[1] == 'pending' then
+  redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+  return 1
+end
 return 0
 """
 
@@ -204,11 +224,13 @@ class RedisReceiptStore(RedisStore):
         self._finish = self._client.register_script(_FINISH)
         self._release = self._client.register_script(_RELEASE)
         self._lapse = self._client.register_script(_LAPSE)
-        self._give_back = self._client.register_script(_GIVE_BACK)
+        self._unclaim = self._client.register_script(_UNCLAIM)
         self._unconsume = self._client.register_script(_UNCONSUME)
 
     async def _undo(self, script: AsyncScript, key: str, *args: str) -> None:
-        """Best effort: the store that just took the write may still be answering; if not, the lease covers it."""
+        """Best effort, guarded by owner and stamp (a no-op when the write never happened). If the store cannot
+        answer this either, a claim's lease ends it (its holder is refused meanwhile: 409, then taken over); a
+        consumed record stays, the residual docs/threat-model.md T17 names."""
         with contextlib.suppress(StoreUnavailable):
             await self._script(script, key, *args)
 
@@ -227,8 +249,8 @@ class RedisReceiptStore(RedisStore):
     ) -> ClaimRecord:
         try:
             res = await self._claim_script(key, owner, now=now, lease=lease, expires_at=expires_at, take=take_over_from)
-        except StoreReplicasBehind:
-            await self._undo(self._give_back, key, owner)
+        except StoreUnavailable:
+            await self._undo(self._unclaim, key, owner, script_number(now))
             raise
         return self._claimed(key, res)
 
@@ -303,13 +325,16 @@ class RedisReceiptStore(RedisStore):
         if res != "ok":
             raise PaymentInFlight("the claim on this payment was lost")
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
+    async def finish(
+        self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None, delivered: bool = False
+    ) -> bool:
         # A lost claim ('lost') is not an error here, but the caller must know before it serves.
         stamp = script_number(now)
         try:
             res = await self._finish_script(key, owner, served=served, stamp=stamp, expires_at=expires_at)
-        except StoreReplicasBehind:
-            await self._undo(self._unconsume, key, owner, stamp)  # refused, so not served: paid-but-unserved
+        except StoreUnavailable:
+            if served and not delivered:  # refused, so not served: paid-but-unserved, its retry is served
+                await self._undo(self._unconsume, key, owner, stamp)
             raise
         return bool(res == "ok")
 

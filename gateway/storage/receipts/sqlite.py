@@ -299,7 +299,10 @@ class SQLiteReceiptStore:
         if not await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease, effect):
             raise PaymentReplayed("this payment's transfer was already used")
 
-    async def finish(self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None) -> bool:
+    async def finish(
+        self, key: str, owner: str, *, served: bool, now: float, expires_at: float | None, delivered: bool = False
+    ) -> bool:
+        # One local transaction: a failed call wrote nothing, so ``delivered`` has nothing to decide here.
         return await self._db.run(self._finish, key, owner, served, now, expires_at)
 
     async def release(self, key: str, owner: str) -> None:
