@@ -105,7 +105,8 @@ def _tokens(t: Table, env: Mapping[str, str]) -> tuple[AdminToken, ...]:
             raise ConfigError(entry.key("env"), f"{name!r} is not an environment variable name")
         access: Access = entry.choice("access", ("read", "write"), "read")
         entry.done()
-        value = env.get(name, "")
+        # Trimmed as a presented token is (a value read from a file often ends in a newline and would never match).
+        value = env.get(name, "").strip()
         if not value:
             # A token the operator listed but did not set would be a door they believe is open (or closed).
             raise ConfigError(entry.key("env"), f"environment variable {name} is not set")

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from gateway.x402 import reasons
+
 if TYPE_CHECKING:
     import httpx
 
@@ -134,8 +136,9 @@ def run_admin_command(args: argparse.Namespace, *, out: TextIO | None = None) ->
             method, path, body, show = _request(args)
             answer = client.request(method, path, **body)
             doc = _decode(answer)
-            if answer.status_code >= 400 and not (args.admin_command == "refund" and answer.status_code == 409):
-                raise _Refused(answer.status_code, doc)
+            already = isinstance(doc, dict) and doc.get("error") == reasons.PAYMENT_ALREADY_REFUNDED
+            if answer.status_code >= 400 and not (args.admin_command == "refund" and already):
+                raise _Refused(answer.status_code, doc)  # a refund still in progress is a refusal too
     except _UsageError as exc:
         print(f"x402-gateway admin: {exc}", file=sys.stderr)
         return EXIT_USAGE
