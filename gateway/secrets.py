@@ -57,7 +57,7 @@ _PASSWORD_ONLY_SCHEMES = frozenset(
 # scheme://user:PASSWORD@host (greedy to the last "@": a raw "/" or "@" in a password must not leak it)
 # and ?password=... / &password=... (redis-py reads the password from the query string too)
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:).*@")
-_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_|ssl_)?password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:

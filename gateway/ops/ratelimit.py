@@ -67,8 +67,7 @@ def open_storage(url: str) -> Storage:
     auth: dict[str, Any] = {
         k: v for k, v in (("username", topology.username), ("password", topology.password)) if v is not None
     }
-    if topology.tls:
-        auth["ssl"] = True
+    auth.update(topology.tls_options())  # ssl and the URL's CA / client certificate, as the stores use them
     if topology.kind == "sentinel":
         sentinel_auth = {
             k: v
@@ -78,7 +77,7 @@ def open_storage(url: str) -> Storage:
         return RedisSentinelStorage(
             f"async+redis+sentinel://{hosts}/{topology.service}",
             use_replicas=False,  # counters read from a lagging replica would let a burst through
-            sentinel_kwargs={**sentinel_auth, **({"ssl": True} if topology.tls else {})},
+            sentinel_kwargs={**sentinel_auth, **topology.tls_options()},
             db=topology.db,
             **auth,
             **common,

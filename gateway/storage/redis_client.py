@@ -33,7 +33,15 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -120,13 +128,16 @@ def connect(
         "retry": retry,
         "decode_responses": decode_responses,
     }
+    # TLS (rediss+): the same CA, client certificate and checks for the data nodes and the sentinels; a private CA
+    # is the usual case for self-hosted TLS and for managed services that bring their own bundle.
+    tls = topology.tls_options()
     if topology.kind == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
             username=topology.username,
             password=topology.password,
-            ssl=topology.tls,
             max_connections=max(max_connections, CLUSTER_POOL_SIZE),
+            **tls,
             **common,
         )
     if topology.kind == "sentinel":
@@ -137,7 +148,7 @@ def connect(
                 "socket_connect_timeout": connect_timeout,
                 "username": topology.sentinel_username,
                 "password": topology.sentinel_password,
-                "ssl": topology.tls,
+                **tls,
             },
         )
         pool_class = _BlockingSentinelPool if blocking_pool else _WatchedSentinelPool
@@ -151,7 +162,7 @@ def connect(
             db=topology.db,
             username=topology.username,
             password=topology.password,
-            ssl=topology.tls,
+            **tls,
             **extra,
             **common,
         )
@@ -291,7 +302,7 @@ class RedisClient:
             raise StoreUnavailable(f"the {self._what} is closed")
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:  # a cluster with no node answering is the latter
             raise self.unavailable(exc) from exc
 
     async def run_script(
@@ -352,6 +363,10 @@ class RedisClient:
         self._closed = True
         with contextlib.suppress(RedisError, OSError):  # closing a dead connection: nothing to do
             await self.redis.aclose()
+            pool = self.redis.connection_pool if isinstance(self.redis, Redis) else None
+            if isinstance(pool, _WatchedSentinelPool):  # the clients that asked the sentinels for the master
+                for sentinel in pool.sentinel_manager.sentinels:
+                    await sentinel.aclose()
 
 
 class RedisStore:

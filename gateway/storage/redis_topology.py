@@ -12,6 +12,13 @@ unless the query gives ``sentinel_username`` / ``sentinel_password``. ``rediss+`
 the sentinels alike. Cluster: the hosts are seeds; the client learns the rest of the cluster from them, and the
 database is always 0.
 
+TLS (``rediss+sentinel://`` and ``rediss+cluster://``; a one-server ``rediss://`` URL leaves its query to redis-py,
+which reads the same names): ``ssl_ca_certs=/path/ca.pem`` is the CA that signed the nodes' certificates (a private
+CA, a managed service's bundle; without it the system's trust store), ``ssl_certfile`` / ``ssl_keyfile`` a client
+certificate for servers that require one (mutual TLS), ``ssl_cert_reqs=none`` turns certificate checks off. They
+apply to the data nodes and the sentinels alike. A ``redis+``/``redis://``/``unix://`` URL refuses them: redis-py
+would hand them to a plain socket connection and fail on the first request, not at start.
+
 Two query parameters, on every Redis URL, ask for replicated writes (docs/scaling.md):
 ``min_replicas_acked=N`` makes every money-critical write wait (Redis ``WAIT``) until N replicas acknowledged it,
 and refuses the request (503) when they do not within ``replica_ack_timeout_ms`` (default 500).
@@ -20,7 +27,7 @@ and refuses the request (503) when they do not within ``replica_ack_timeout_ms``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 __all__ = [
@@ -40,8 +47,16 @@ MAX_REPLICAS = 16  # a bound that no real deployment reaches; a larger number is
 # not as an answer. Half of it leaves room for the round trip.
 MAX_ACK_TIMEOUT_MS = 1000
 _OURS = ("min_replicas_acked", "replica_ack_timeout_ms", "sentinel_username", "sentinel_password")
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_TLS_OPTIONS = (*_TLS_FILES, "ssl_cert_reqs")
+# Fixed text: the message quotes nothing of the URL (not even a parameter's name, which is the URL's text too).
+_NEEDS_TLS = (
+    "TLS options (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs) need a TLS URL: "
+    "rediss://, rediss+sentinel:// or rediss+cluster://"
+)
 
 Kind = Literal["server", "sentinel", "cluster"]
+CertReqs = Literal["required", "none"]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -59,12 +74,31 @@ class RedisTopology:
     sentinel_username: str | None = None
     sentinel_password: str | None = None
     tls: bool = False
+    # TLS, Sentinel and Cluster ("server": redis-py reads them from client_url). File paths, not secrets.
+    ssl_ca_certs: str | None = None  # the CA bundle that signed the nodes' certificates; None: the system's
+    ssl_certfile: str | None = None  # a client certificate (mutual TLS), with its key unless ssl_keyfile has it
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: CertReqs = "required"  # "none": no certificate check at all (anyone on the path can listen)
     min_replicas_acked: int = 0
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS
 
     def __repr__(self) -> str:
         shown = ",".join(f"{h}:{p}" for h, p in self.nodes)
-        return f"RedisTopology(kind={self.kind!r}, nodes={shown!r}, service={self.service!r}, db={self.db})"
+        tls = ""
+        if self.tls:
+            given = ((k, getattr(self, k)) for k in _TLS_FILES)
+            tls = ", tls=True" + "".join(f", {k}={v!r}" for k, v in given if v is not None)
+            tls += ", ssl_cert_reqs='none'" if self.ssl_cert_reqs == "none" else ""
+        return f"RedisTopology(kind={self.kind!r}, nodes={shown!r}, service={self.service!r}, db={self.db}{tls})"
+
+    def tls_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for this Sentinel or Cluster topology's TLS (``ssl=True`` and the options
+        the URL gave), the same for the data nodes, the sentinels and the rate-limit storage; empty without TLS (a
+        plain connection refuses every ``ssl_*`` argument)."""
+        if not self.tls:
+            return {}
+        given = {k: getattr(self, k) for k in _TLS_FILES if getattr(self, k) is not None}
+        return {"ssl": True, **given, "ssl_cert_reqs": self.ssl_cert_reqs}
 
 
 def _int(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -93,6 +127,23 @@ def _nodes(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _tls(query: dict[str, str]) -> dict[str, Any]:
+    """The TLS options of a ``rediss+`` URL's query as :class:`RedisTopology` fields, checked: a URL that names an
+    empty file or a key without its certificate is a mistake to report at start, not a TLS error on the first
+    payment. Whether the files exist is left to the connection (it fails closed)."""
+    given: dict[str, Any] = {k: query[k] for k in _TLS_OPTIONS if k in query}
+    for name in _TLS_FILES:
+        if name in given and not given[name]:
+            raise ValueError(f"{name} must name a file")
+    if "ssl_keyfile" in given and "ssl_certfile" not in given:
+        raise ValueError("ssl_keyfile is the key of a client certificate: give ssl_certfile too")
+    if "ssl_cert_reqs" in given:
+        given["ssl_cert_reqs"] = given["ssl_cert_reqs"].lower()
+        if given["ssl_cert_reqs"] not in ("required", "none"):
+            raise ValueError("ssl_cert_reqs must be required (the default) or none")
+    return given
+
+
 def _credentials(netloc: str) -> tuple[str | None, str | None]:
     if "@" not in netloc:
         return None, None
@@ -117,6 +168,8 @@ def parse_redis_url(url: str) -> RedisTopology:
     if scheme in ("redis", "rediss", "unix"):
         if "sentinel_username" in query or "sentinel_password" in query:
             raise ValueError("sentinel_username/sentinel_password belong in a redis+sentinel:// URL")
+        if scheme != "rediss" and any(k.lower().startswith("ssl") for k in query):
+            raise ValueError(_NEEDS_TLS)
         kept = urlencode([(k, v) for k, v in parse_qsl(query_text, keep_blank_values=True) if k not in _OURS])
         base = url.partition("?")[0]
         return RedisTopology(
@@ -124,11 +177,14 @@ def parse_redis_url(url: str) -> RedisTopology:
         )
     if scheme not in TOPOLOGY_SCHEMES:
         raise ValueError(f"unsupported scheme {scheme!r}")
-    unknown = sorted(set(query) - set(_OURS))
+    tls = scheme.startswith("rediss")
+    if not tls and any(k.lower().startswith("ssl") for k in query):
+        raise ValueError(_NEEDS_TLS)
+    unknown = sorted(set(query) - set(_OURS) - set(_TLS_OPTIONS))
     if unknown:
         raise ValueError(f"unknown query parameter(s) {', '.join(k for k in unknown if 'pass' not in k.lower())}")
+    tls_options = _tls(query)
     username, password = _credentials(netloc)
-    tls = scheme.startswith("rediss")
     if scheme in CLUSTER_SCHEMES:
         if path.strip("/") not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0")
@@ -143,6 +199,7 @@ def parse_redis_url(url: str) -> RedisTopology:
             tls=tls,
             min_replicas_acked=acks,
             ack_timeout_ms=ack_ms,
+            **tls_options,
         )
     service, _, db_text = path.partition("/")
     if not service:
@@ -163,4 +220,5 @@ def parse_redis_url(url: str) -> RedisTopology:
         tls=tls,
         min_replicas_acked=acks,
         ack_timeout_ms=ack_ms,
+        **tls_options,
     )

@@ -13,8 +13,23 @@ Why each rule exists:
   *process* but may lose the last commits on power loss or an OS crash; a lost ``CONSUMED`` row would make a spent
   payment spendable once more after the reboot (a payment pays for one request, across restarts too). FULL costs
   one fsync per transition, which is cheap next to the settlement it guards.
+* A call whose writes may be lost to an OS crash without harm can ask for no fsync (``run(..., durable=False)``:
+  committed with ``synchronous=NORMAL``; a group is committed with fsync as soon as one of its calls needs it). It
+  is never durable on its own, and never lost alone either: the WAL is an append-only log whose frames carry
+  cumulative checksums, so recovery after an OS crash keeps the commits up to some point, in order; and the next
+  commit with fsync, from any connection to the file, flushes every frame before its own. So a write without fsync
+  can be lost only together with every later commit that was not synced either, never from under a durable one
+  that followed it. The one such call today is a session channel's lock (docs/sessions.md, "Durability").
 * Every write is one ``BEGIN IMMEDIATE`` transaction, which takes the write lock *before* the row is read, so two
   processes (or two store objects in one process) cannot interleave a compare-and-set.
+* One write transaction at a time per file in this process: the stores of one gateway share the file, each with a
+  connection and worker thread of its own, and their writers first take a lock per file shared by the process
+  (:func:`_write_lock`), then SQLite's (which stays the arbiter between processes). Without it they met only on
+  SQLite's lock, whose busy handler waits by sleeping 1, 2, 5, 10 ms and more: a channel lock arriving while the
+  ledger committed slept a millisecond or more for a lock freed a fraction of one later, and a writer that slept
+  kept losing to those that did not (ledger writes waited hundreds of milliseconds under load). A thread waiting on
+  the process's lock is woken as soon as it is released. It is held from ``BEGIN IMMEDIATE`` to the end of the
+  transaction, and while a new connection is set up (the switch to WAL, the schema); never on the event loop.
 * On ``sqlite3.Error`` the connection may be left mid-transaction or broken (disk full, I/O error): it is dropped
   and the next call starts afresh, so the store recovers once the file is usable again.
 * Point reads by primary key (:meth:`SQLiteFile.read`) run on the event loop over a second, read-only connection:
@@ -34,9 +49,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 from urllib.request import pathname2url
@@ -46,6 +64,21 @@ from gateway.errors import StoreUnavailable
 __all__ = ["BUSY_TIMEOUT", "SQLiteFile"]
 
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another process's write lock before failing closed
+
+# Held by the SQLiteFile objects on each file (weakly: a file nobody has open any more leaves no entry behind).
+_WRITE_LOCKS: weakref.WeakValueDictionary[str, threading.RLock] = weakref.WeakValueDictionary()
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: str) -> threading.RLock:
+    """The lock every :class:`SQLiteFile` of this process on ``path`` writes under (see the module docstring).
+    Re-entrant: a transaction begun inside another on one thread fails in SQLite at once, as without it."""
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITE_LOCKS[key] = threading.RLock()
+        return lock
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
@@ -72,7 +105,8 @@ class SQLiteFile:
 
     ``what`` names the store in errors (``"receipt store"`` -> ``"the receipt store is closed"``); ``schema`` is
     run on every new connection (``CREATE ... IF NOT EXISTS`` statements); ``thread`` prefixes the worker thread's
-    name; ``synchronous`` is the store's durability pragma (every store uses FULL today).
+    name; ``synchronous`` is the store's durability pragma (every store uses FULL today), which every call gets
+    unless it asks for none (``run(..., durable=False)``).
     """
 
     def __init__(
@@ -94,9 +128,14 @@ class SQLiteFile:
         self._conn: sqlite3.Connection | None = None  # created, used and closed on the worker thread only
         self._reader: sqlite3.Connection | None = None  # event-loop thread only: point reads (see read)
         self._closed = False
-        # (fn, args, loop, future) handed from the event loop to the worker; deque appends/pops are atomic
-        self._pending: collections.deque[tuple[Callable[..., Any], tuple[object, ...], Any, Any]] = collections.deque()
+        # (fn, args, loop, future, durable) handed from the event loop to the worker; deque appends/pops are atomic
+        self._pending: collections.deque[tuple[Callable[..., Any], tuple[object, ...], Any, Any, bool]] = (
+            collections.deque()
+        )
         self._grouped = False  # worker thread: inside a group transaction (transaction() uses savepoints)
+        self._durable = True  # worker thread: the call(s) running now commit with fsync
+        self._synced: str | None = None  # worker thread: the connection's synchronous pragma, as last set
+        self._lock = _write_lock(path)
         self.groups = 0  # group transactions committed with more than one call (for tests and benchmarks)
 
     # -- worker-thread side ---------------------------------------------------------------------------------
@@ -108,15 +147,36 @@ class SQLiteFile:
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                self._wal(conn)
-                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-                for statement in self._schema:
-                    conn.execute(statement)
+                with self._writing():
+                    self._wal(conn)
+                    conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                    for statement in self._schema:
+                        conn.execute(statement)
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
+            self._conn, self._synced = conn, self._synchronous
         return self._conn
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold this process's write lock on the file (module docstring). Worker thread only. Fails as SQLite does
+        when it stays taken for ``busy_timeout``."""
+        if not self._lock.acquire(timeout=self._busy_timeout):
+            raise sqlite3.OperationalError("database is locked (by another store of this process)")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, to be committed with or without fsync as the call(s) running now need. Worker thread
+        only, under :meth:`_writing`."""
+        synchronous = self._synchronous if self._durable else "NORMAL"
+        if synchronous != self._synced:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")  # SQLite refuses it inside a transaction
+            self._synced = synchronous
+        conn.execute("BEGIN IMMEDIATE")
 
     def _wal(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL. The switch takes the file's exclusive lock and SQLite's busy handler does not
@@ -155,18 +215,19 @@ class SQLiteFile:
                 raise
             conn.execute("RELEASE call")
             return result
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writing():
             try:
-                result = body(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
+                self._begin(conn)
+                try:
+                    result = body(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                # The connection may be left mid-transaction or broken (disk full, I/O error): start afresh next time.
+                self.drop_connection()
                 raise
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            # The connection may be left mid-transaction or broken (disk full, I/O error): start afresh next time.
-            self.drop_connection()
-            raise
         return result
 
     def _drain(self) -> None:
@@ -177,57 +238,74 @@ class SQLiteFile:
         if not items:
             return
         if len(items) == 1:
-            fn, args, loop, fut = items[0]
+            fn, args, loop, fut, self._durable = items[0]
             try:
                 outcome: tuple[bool, Any] = (True, fn(*args))
             except BaseException as exc:  # handed to the caller
                 outcome = (False, exc)
+            finally:
+                self._durable = True
             _deliver(loop, fut, outcome)
             return
-        outcomes: list[tuple[bool, Any]] = []
+        self._durable = any(durable for *_, durable in items)  # with fsync as soon as one call needs it
         try:
-            conn = self.connection()
-            conn.execute("BEGIN IMMEDIATE")
-            self._grouped = True
-            try:
-                for fn, args, _, _ in items:
-                    # Each call in a savepoint of its own: its failure (a domain error, or a statement SQLite
-                    # refused) undoes only its changes. Lock, I/O and similar failures end the group (below).
-                    conn.execute("SAVEPOINT grouped")
-                    try:
-                        result = fn(*args)
-                    except sqlite3.OperationalError:
-                        raise
-                    except BaseException as exc:  # that call's own outcome; the rest go on
-                        conn.execute("ROLLBACK TO grouped")
-                        conn.execute("RELEASE grouped")
-                        outcomes.append((False, exc))
-                        continue
-                    conn.execute("RELEASE grouped")
-                    outcomes.append((True, result))
-            finally:
-                self._grouped = False
-            conn.execute("COMMIT")
-            self.groups += 1
+            outcomes = self._group(items)
         except sqlite3.Error as exc:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-            self.drop_connection()
             outcomes = [(False, exc)] * len(items)  # nothing of the group took effect
-        for (_, _, loop, fut), outcome in zip(items, outcomes, strict=True):
+        finally:
+            self._durable = True
+        for (_, _, loop, fut, _), outcome in zip(items, outcomes, strict=True):
             _deliver(loop, fut, outcome)
+
+    def _group(
+        self, items: list[tuple[Callable[..., Any], tuple[object, ...], Any, Any, bool]]
+    ) -> list[tuple[bool, Any]]:
+        """Worker thread: the calls of ``items`` in one transaction, each in a savepoint; their outcomes."""
+        outcomes: list[tuple[bool, Any]] = []
+        conn = self.connection()
+        with self._writing():
+            try:
+                self._begin(conn)
+                self._grouped = True
+                try:
+                    for fn, args, *_ in items:
+                        # Each call in a savepoint of its own: its failure (a domain error, or a statement SQLite
+                        # refused) undoes only its changes. Lock, I/O and similar failures end the group (below).
+                        conn.execute("SAVEPOINT grouped")
+                        try:
+                            result = fn(*args)
+                        except sqlite3.OperationalError:
+                            raise
+                        except BaseException as exc:  # that call's own outcome; the rest go on
+                            conn.execute("ROLLBACK TO grouped")
+                            conn.execute("RELEASE grouped")
+                            outcomes.append((False, exc))
+                            continue
+                        conn.execute("RELEASE grouped")
+                        outcomes.append((True, result))
+                finally:
+                    self._grouped = False
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                self.drop_connection()
+                raise
+        self.groups += 1
+        return outcomes
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, fn: Callable[..., T], *args: object, durable: bool = True) -> T:
         """``fn(*args)`` on the worker thread (grouped with whatever else is queued, see the module docstring);
-        any ``sqlite3.Error`` becomes ``StoreUnavailable``. A cancelled caller does not cancel the call."""
+        any ``sqlite3.Error`` becomes ``StoreUnavailable``. A cancelled caller does not cancel the call.
+        ``durable=False``: its transaction may commit without fsync (module docstring: only for writes whose loss to
+        an OS crash, with everything after them that was not synced either, does no harm)."""
         if self._closed:
             raise StoreUnavailable(f"the {self._what} is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        item = (fn, args, loop, fut)
+        item = (fn, args, loop, fut, durable)
         self._pending.append(item)
         try:
             self._executor.submit(self._drain)

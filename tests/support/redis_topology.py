@@ -11,6 +11,10 @@ Usage::
     with start_cluster(tmp_path, masters=3) as cluster:
         cluster.url                                     # redis+cluster://127.0.0.1:p1,127.0.0.1:p2,.../
 
+    tls = make_tls_files(tmp_path / "tls")              # a throwaway CA, a server and a client certificate
+    with start_sentinel_group(tmp_path, tls=tls) as group:
+        group.url                                       # rediss+sentinel://...?ssl_ca_certs=<tls.ca>
+
 The fixtures at the bottom (``sentinel_group``, ``redis_cluster``, ``cluster_url``) are imported by the conftest of
 each test folder that needs them. Every node lives in its own directory under the caller's ``workdir``, with its
 config file (sentinels and demoted masters rewrite theirs) and its log; a topology that does not come up in time
@@ -28,11 +32,12 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 import redis
@@ -44,8 +49,10 @@ __all__ = [
     "ClusterGroup",
     "RedisProcess",
     "SentinelGroup",
+    "TlsFiles",
     "TopologyError",
     "cluster_url",
+    "make_tls_files",
     "redis_cluster",
     "sentinel_group",
     "start_cluster",
@@ -61,6 +68,94 @@ READY_TIMEOUT = 30.0  # seconds for a whole topology to come up; two shared core
 
 class TopologyError(RuntimeError):
     """A topology did not start or did not reach the state a helper waited for; the message has every log's tail."""
+
+
+# ------------------------------------------------------------------------------------------------------------ TLS
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A throwaway CA and the certificates it signed (:func:`make_tls_files`), and whether the nodes require a
+    client certificate (``tls-auth-clients``). The server certificate is also the one a node presents as a client
+    (a replica to its master, a sentinel to the nodes, a cluster node to the bus), so it serves both purposes."""
+
+    ca: Path
+    cert: Path  # the nodes': CN and SAN IP 127.0.0.1, serverAuth and clientAuth
+    key: Path
+    client_cert: Path  # the gateway's, for mutual TLS
+    client_key: Path
+    auth_clients: bool = False
+
+    def node_config(self) -> list[str]:
+        """redis.conf lines for a node (data node, sentinel, cluster node) that speaks TLS only, also to the others
+        (``tls-replication``); the caller sets ``port 0`` and ``tls-port``."""
+        return [
+            f"tls-cert-file {_quoted(str(self.cert))}",
+            f"tls-key-file {_quoted(str(self.key))}",
+            f"tls-ca-cert-file {_quoted(str(self.ca))}",
+            f"tls-auth-clients {'yes' if self.auth_clients else 'no'}",
+            "tls-replication yes",
+        ]
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for a helper's own connections (the client certificate is offered; a node
+        that does not ask for one never sees it)."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.client_cert),
+            "ssl_keyfile": str(self.client_key),
+        }
+
+    def query(self) -> str:
+        """A store URL's TLS query: the CA, and the client certificate when the nodes require one."""
+        pairs = [("ssl_ca_certs", str(self.ca))]
+        if self.auth_clients:
+            pairs += [("ssl_certfile", str(self.client_cert)), ("ssl_keyfile", str(self.client_key))]
+        return urlencode(pairs, safe="/")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(
+        ["openssl", *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise TopologyError(f"openssl {args[0]} exited with {done.returncode}:\n{done.stderr.decode(errors='replace')}")
+
+
+def _signed(directory: Path, name: str, subject: str, extensions: list[str]) -> None:
+    """``name.key`` and ``name.crt`` in ``directory``: a P-256 key and a certificate the CA there signed."""
+    (directory / f"{name}.ext").write_text("\n".join(extensions) + "\n")
+    _openssl("req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=directory)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=directory)  # fmt: skip
+
+
+def make_tls_files(directory: Path, *, auth_clients: bool = False) -> TlsFiles:
+    """A throwaway CA (valid two days) under ``directory``, a server certificate for 127.0.0.1 (SAN IP, so that a
+    client checking the host name accepts it) and a client certificate, all made with ``openssl``. The extensions
+    are the ones strict verifiers ask for (CA basic constraints and key usage, key identifiers)."""
+    if shutil.which("openssl") is None:
+        raise TopologyError("openssl not found: install it (apt-get install openssl)")
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=x402 gateway test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=directory)  # fmt: skip
+    leaf = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
+            "subjectKeyIdentifier=hash", "authorityKeyIdentifier=keyid,issuer"]  # fmt: skip
+    server = [*leaf, f"subjectAltName=IP:{HOST}", "extendedKeyUsage=serverAuth,clientAuth"]
+    _signed(directory, "server", f"/CN={HOST}", server)
+    _signed(directory, "client", "/CN=x402-gateway", [*leaf, "extendedKeyUsage=clientAuth"])
+    return TlsFiles(
+        ca=directory / "ca.crt",
+        cert=directory / "server.crt",
+        key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+        auth_clients=auth_clients,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- one node
@@ -100,15 +195,21 @@ class RedisProcess:
     directory, config file and log, so that it can be killed and started again exactly as it was configured (plus
     whatever the sentinels rewrote in its config meanwhile). ``call`` and ``info`` talk to it directly."""
 
-    def __init__(self, name: str, port: int, directory: Path, config: list[str], *, password: str | None) -> None:
+    def __init__(
+        self, name: str, port: int, directory: Path, config: list[str], *, password: str | None,
+        tls: TlsFiles | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.port = port
         self.password = password
+        self.tls = tls
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "redis.conf"
         self.log_path = self.dir / "redis.log"
-        base = [f"port {port}", f"bind {HOST}", "protected-mode no", "daemonize no", f"dir {_quoted(str(self.dir))}"]
+        # With TLS, the port speaks TLS only (``port 0``: no plain listener at all).
+        listen = [f"port {port}"] if tls is None else ["port 0", f"tls-port {port}", *tls.node_config()]
+        base = [*listen, f"bind {HOST}", "protected-mode no", "daemonize no", f"dir {_quoted(str(self.dir))}"]
         self.config_path.write_text("\n".join([*base, *config]) + "\n")
         self._sentinel = name.startswith("sentinel")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -135,9 +236,10 @@ class RedisProcess:
             raise TopologyError(str(exc)) from exc
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
+        tls = self.tls.client_options() if self.tls is not None else {}
         return redis.Redis(
             HOST, self.port, password=self.password, socket_timeout=timeout, socket_connect_timeout=timeout,
-            decode_responses=True,
+            decode_responses=True, **tls,
         )  # fmt: skip
 
     def call(self, *args: Any) -> Any:
@@ -253,19 +355,24 @@ class SentinelGroup:
     the failover, for writes that wait for a replica's acknowledgement (``WAIT 1``) to go on without a restart.
     """
 
-    def __init__(self, workdir: Path, *, service: str, password: str | None, replicas: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, *, service: str, password: str | None, replicas: int = 1, tls: TlsFiles | None = None
+    ) -> None:
         if replicas < 1:
             raise ValueError("a Sentinel group needs a replica to promote")
         self.service = service
         self.password = password
+        self.tls = tls
         master_port, *ports = _free_ports(1 + replicas + 3)
         replica_ports, sentinel_ports = ports[:replicas], ports[replicas:]
         config = _data_config(password)
-        master = RedisProcess("master", master_port, workdir / f"master-{master_port}", config, password=password)
+        master = RedisProcess(
+            "master", master_port, workdir / f"master-{master_port}", config, password=password, tls=tls
+        )
         replica_config = [*config, f"replicaof {HOST} {master_port}"]
         # As started: which one is the master now, ask master_address().
         self.data_nodes = [master] + [
-            RedisProcess(f"replica-{i}", port, workdir / f"replica-{port}", replica_config, password=password)
+            RedisProcess(f"replica-{i}", port, workdir / f"replica-{port}", replica_config, password=password, tls=tls)
             for i, port in enumerate(replica_ports, 1)
         ]
         self.sentinels = [
@@ -275,6 +382,7 @@ class SentinelGroup:
                 workdir / f"sentinel-{port}",
                 self._sentinel_config(master_port),
                 password=password,
+                tls=tls,
             )
             for i, port in enumerate(sentinel_ports, 1)
         ]
@@ -306,10 +414,12 @@ class SentinelGroup:
 
     @property
     def url(self) -> str:
-        """``redis+sentinel://[:password@]127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3/<service>/0``."""
+        """``redis+sentinel://[:password@]127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3/<service>/0``; with TLS
+        ``rediss+sentinel://...?ssl_ca_certs=...`` (and the client certificate when the nodes require one)."""
         userinfo = f":{quote(self.password, safe='')}@" if self.password is not None else ""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
-        return f"redis+sentinel://{userinfo}{hosts}/{quote(self.service, safe='')}/0"
+        url = f"redis+sentinel://{userinfo}{hosts}/{quote(self.service, safe='')}/0"
+        return url if self.tls is None else "rediss" + url.removeprefix("redis") + "?" + self.tls.query()
 
     def start(self, timeout: float = READY_TIMEOUT) -> Self:
         """Start every node, then wait until each replica is in sync and every sentinel knows the replicas and both
@@ -434,12 +544,18 @@ class SentinelGroup:
 
 
 def start_sentinel_group(
-    workdir: Path, *, service: str = "mymaster", password: str | None = None, replicas: int = 1
+    workdir: Path,
+    *,
+    service: str = "mymaster",
+    password: str | None = None,
+    replicas: int = 1,
+    tls: TlsFiles | None = None,
 ) -> SentinelGroup:
     """A running :class:`SentinelGroup` under ``workdir``, ready for a failover; stopped again if it fails to start.
+    ``tls``: every node and sentinel speaks TLS only, to clients and to each other.
 
     Use it as a context manager (``with start_sentinel_group(tmp_path) as group:``) to stop it at the end."""
-    group = SentinelGroup(workdir, service=service, password=password, replicas=replicas)
+    group = SentinelGroup(workdir, service=service, password=password, replicas=replicas, tls=tls)
     try:
         return group.start()
     except BaseException:
@@ -456,12 +572,16 @@ class ClusterGroup:
     (Not named ``RedisCluster``: tests use redis-py's client of that name next to it.)
     """
 
-    def __init__(self, workdir: Path, *, masters: int, replicas_per_master: int, password: str | None) -> None:
+    def __init__(
+        self, workdir: Path, *, masters: int, replicas_per_master: int, password: str | None,
+        tls: TlsFiles | None = None,
+    ) -> None:  # fmt: skip
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         self.workdir = workdir
         self.replicas_per_master = replicas_per_master
         self.password = password
+        self.tls = tls
         count = masters * (1 + replicas_per_master)
         ports = _free_ports(2 * count)
         # The bus port is chosen too (cluster-port): the default, port + 10000, is past 65535 for half the
@@ -478,8 +598,10 @@ class ClusterGroup:
                     f"cluster-port {bus}",
                     f"cluster-announce-ip {HOST}",
                     *_data_config(password),
+                    *(["tls-cluster yes"] if tls is not None else []),  # the bus speaks TLS too
                 ],
                 password=password,
+                tls=tls,
             )
             for i, (port, bus) in enumerate(zip(ports[:count], ports[count:], strict=True), 1)
         ]
@@ -491,9 +613,11 @@ class ClusterGroup:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,.../`` with every node as a seed."""
+        """``redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,.../`` with every node as a seed; with TLS
+        ``rediss+cluster://...?ssl_ca_certs=...`` (and the client certificate when the nodes require one)."""
         userinfo = f":{quote(self.password, safe='')}@" if self.password is not None else ""
-        return "redis+cluster://" + userinfo + ",".join(f"{host}:{port}" for host, port in self.nodes) + "/"
+        url = "redis+cluster://" + userinfo + ",".join(f"{host}:{port}" for host, port in self.nodes) + "/"
+        return url if self.tls is None else "rediss" + url.removeprefix("redis") + "?" + self.tls.query()
 
     def start(self, timeout: float = READY_TIMEOUT) -> Self:
         """Start every node, join them with ``redis-cli --cluster create``, then wait until every node sees the
@@ -508,6 +632,9 @@ class ClusterGroup:
 
     def _create(self, timeout: float) -> None:
         argv = [_binary("redis-cli"), "--cluster", "create", *(f"{h}:{p}" for h, p in self.nodes)]
+        if self.tls is not None:
+            argv += ["--tls", "--cacert", str(self.tls.ca), "--cert", str(self.tls.client_cert)]
+            argv += ["--key", str(self.tls.client_key)]
         argv += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
         env = dict(os.environ)
         if self.password is not None:
@@ -594,12 +721,20 @@ def _cluster_nodes(listing: str) -> list[tuple[Address, list[str]]]:
 
 
 def start_cluster(
-    workdir: Path, *, masters: int = 3, replicas_per_master: int = 0, password: str | None = None
+    workdir: Path,
+    *,
+    masters: int = 3,
+    replicas_per_master: int = 0,
+    password: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> ClusterGroup:
-    """A running, ready :class:`ClusterGroup` under ``workdir``; stopped again if it fails to start.
+    """A running, ready :class:`ClusterGroup` under ``workdir``; stopped again if it fails to start. ``tls``: every
+    node speaks TLS only, to clients, to its replicas and on the cluster bus.
 
     Use it as a context manager (``with start_cluster(tmp_path) as cluster:``) to stop it at the end."""
-    cluster = ClusterGroup(workdir, masters=masters, replicas_per_master=replicas_per_master, password=password)
+    cluster = ClusterGroup(
+        workdir, masters=masters, replicas_per_master=replicas_per_master, password=password, tls=tls
+    )
     try:
         return cluster.start()
     except BaseException:

@@ -131,3 +131,81 @@ def test_the_config_bounds_a_replica_wait_as_the_stores_do() -> None:
 def test_the_query_of_a_url_without_a_path_is_read(url: str, client_url: str, acks: int) -> None:
     t = parse_redis_url(url)
     assert (t.client_url, t.min_replicas_acked) == (client_url, acks)
+
+
+# ---------------------------------------------------------------------------------------------------------- TLS
+# A private CA (self-hosted TLS, managed services with their own bundle) must be nameable in the Sentinel and
+# Cluster forms too; the options reach every connection (tests/topology/test_tls.py proves it on real TLS).
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss+sentinel://:hunter22@s1:26379,s2:26379/mymaster/0?ssl_ca_certs=/etc/x402/ca.pem"
+        "&ssl_certfile=/etc/x402/client.crt&ssl_keyfile=/etc/x402/client.key",
+        "rediss+cluster://:hunter22@n1:7000,n2:7001/?ssl_ca_certs=%2Fetc%2Fx402%2Fca.pem"
+        "&ssl_certfile=/etc/x402/client.crt&ssl_keyfile=/etc/x402/client.key&min_replicas_acked=1",
+    ],
+)
+def test_a_tls_topology_url_carries_its_ca_and_client_certificate_to_every_connection(url: str) -> None:
+    t = parse_redis_url(url)
+    assert t.tls_options() == {
+        "ssl": True,
+        "ssl_ca_certs": "/etc/x402/ca.pem",
+        "ssl_certfile": "/etc/x402/client.crt",
+        "ssl_keyfile": "/etc/x402/client.key",
+        "ssl_cert_reqs": "required",
+    }
+    shown = repr(t)  # paths tell an operator which files are used; they are no secret, the password is
+    assert "/etc/x402/ca.pem" in shown and "hunter22" not in shown
+
+
+def test_certificates_are_checked_unless_the_url_says_none() -> None:
+    assert parse_redis_url("rediss+cluster://n1:7000/").tls_options() == {"ssl": True, "ssl_cert_reqs": "required"}
+    unchecked = parse_redis_url("rediss+sentinel://s1/mymaster?ssl_cert_reqs=NONE")
+    assert unchecked.tls_options() == {"ssl": True, "ssl_cert_reqs": "none"}
+    assert parse_redis_url("redis+cluster://n1:7000/").tls_options() == {}  # a plain connection takes no ssl_*
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:hunter22@s1:26379/mymaster/0?ssl_ca_certs=/secret-dir/ca.pem",
+        "redis+cluster://:hunter22@n1:7000/?ssl_certfile=/secret-dir/c.pem",
+        "redis+cluster://:hunter22@n1:7000/?ssl_cert_reqs=none",
+        "redis://:hunter22@h:6379/0?ssl_ca_certs=/secret-dir/ca.pem",
+        "unix:///secret-dir/redis.sock?db=0&ssl_ca_certs=/secret-dir/ca.pem",
+    ],
+)
+def test_tls_options_on_a_plain_url_are_refused_at_start_quoting_nothing_of_it(url: str) -> None:
+    # redis-py would hand them to a plain connection, which fails on the first payment (TypeError), not at start.
+    with pytest.raises(ValueError, match="need a TLS URL") as caught:
+        parse_redis_url(url)
+    assert "hunter22" not in str(caught.value) and "secret-dir" not in str(caught.value)
+    with pytest.raises(ConfigError, match="need a TLS URL"):
+        open_backend(url)
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("ssl_ca_certs=", "ssl_ca_certs must name a file"),
+        ("ssl_certfile=&ssl_keyfile=/k.pem", "ssl_certfile must name a file"),
+        ("ssl_keyfile=/k.pem", "give ssl_certfile too"),
+        ("ssl_cert_reqs=optional", "required .* or none"),
+        ("ssl_check_hostname=false", "unknown query parameter"),
+    ],
+)
+def test_a_tls_option_that_cannot_be_honoured_is_refused_naming_the_mistake(query: str, says: str) -> None:
+    for base in ("rediss+sentinel://s1:26379/mymaster/0", "rediss+cluster://n1:7000/"):
+        with pytest.raises(ValueError, match=says):
+            parse_redis_url(f"{base}?{query}")
+
+
+def test_rate_limits_reach_a_tls_sentinel_or_cluster_with_the_urls_ca() -> None:
+    sentinel = open_storage("rediss+sentinel://:pw@s1:26379/mymaster/0?ssl_ca_certs=/etc/x402/ca.pem")
+    cluster = open_storage("rediss+cluster://n1:7000/?ssl_ca_certs=/etc/x402/ca.pem&ssl_cert_reqs=none")
+    # the data nodes, and the sentinels (asked for the master) alike
+    assert sentinel.options["ssl_ca_certs"] == "/etc/x402/ca.pem"  # type: ignore[attr-defined]
+    assert sentinel.sentinel_kwargs["ssl_ca_certs"] == "/etc/x402/ca.pem"  # type: ignore[attr-defined]
+    assert cluster.options["ssl_cert_reqs"] == "none"  # type: ignore[attr-defined]

@@ -5,6 +5,10 @@ write lock before the row is read: two processes beginning a request on one chan
 fold commits a lapsed holder's charge exactly once (see :mod:`gateway.storage.sqlite_file`). The transitions are
 the pure functions below, applied to the row read inside that transaction.
 
+Every transaction is committed with fsync except :meth:`SQLiteChannelStore.begin` when it takes a free lock (no
+fold): that one writes no charge, and what an OS crash could cost it is only the lock, and only together with every
+later write that was not synced either (docs/sessions.md, "Durability").
+
 ``unclaimed_since`` (when the channel last went from fully claimed to not; NULL while nothing is owed) orders
 and indexes :meth:`SQLiteChannelStore.unclaimed`; every write recomputes it from the row it writes.
 """
@@ -18,6 +22,11 @@ from gateway.storage.channels.contract import Channel, ChannelBusy, ChannelMisma
 from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
 __all__ = ["SQLiteChannelStore"]
+
+
+class _FoldFirst(Exception):
+    """``begin`` without fsync met a lapsed holder to fold: a fold commits a charge, so the call is made again with."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -235,6 +244,7 @@ class SQLiteChannelStore:
         now: float,
         lease: float,
         take_over_from: str | None,
+        durable: bool,
     ) -> tuple[str, Channel]:
         def body(conn: sqlite3.Connection) -> tuple[str, Channel]:
             found = _load(conn, channel_id)
@@ -243,6 +253,8 @@ class SQLiteChannelStore:
             ch, since = found
             folded = ch.holder is not None and (_lapsed(ch, now) or ch.holder == take_over_from)
             if folded:
+                if not durable:
+                    raise _FoldFirst  # rolled back: nothing of this call was written
                 ch = _fold(ch, now)
             if ch.holder is not None:
                 return "busy", ch
@@ -369,9 +381,12 @@ class SQLiteChannelStore:
             raise ValueError("channel store: a holder must name its request")
         check_amount("expected_charged", expected_charged)
         check_amount("voucher_max", voucher_max)
-        outcome, ch = await self._db.run(
-            self._begin, channel_id, holder, expected_charged, voucher_max, signature, now, lease, take_over_from
-        )
+        args = (channel_id, holder, expected_charged, voucher_max, signature, now, lease, take_over_from)
+        try:
+            # Taking a free lock writes no charge: committed without fsync (docs/sessions.md, "Durability").
+            outcome, ch = await self._db.run(self._begin, *args, False, durable=False)
+        except _FoldFirst:
+            outcome, ch = await self._db.run(self._begin, *args, True)
         if outcome == "busy":
             raise ChannelBusy("another request on this channel is in flight", holder=ch.holder)
         if outcome == "mismatch":
