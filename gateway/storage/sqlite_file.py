@@ -1,4 +1,4 @@
-"""The worker-thread SQLite plumbing shared by the SQLite receipt, job and idempotency stores.
+"""The worker-thread SQLite plumbing shared by every SQLite store (receipts, jobs, channels, ledger, ...).
 
 Why each rule exists:
 
