@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 from eth_account import Account
 
-from gateway.dev.chain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain
 from tests.support.gateway import GatewayUnderTest
-from tests.support.processes import serve_processes
+from tests.support.processes import funded_relayer_keys, paid_route_config, post_all, serve_processes
 from tests.support.servers import RecordingUpstream, serve_asgi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,48 +26,10 @@ INSTANCES = 3
 REQUESTS = 30
 
 
-def write_config(path: Path, *, upstream_url: str, redis_url: str, chain: DevChain, pay_to: str) -> None:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:8402"
-
-[upstream]
-url = "{upstream_url}"
-read_timeout = 10.0
-
-[store]
-url = "{redis_url}"
-
-[rate_limits]
-storage_url = "{redis_url}"
-
-[payment]
-pay_to = "{pay_to}"
-relayer_key_env = "TEST_RELAYER_KEY"
-settle_timeout = 20.0
-
-[networks.base]
-rpc_urls = ["{chain.url}"]
-receipt_poll_interval = 0.02
-
-[[routes]]
-route = "POST /paid"
-price = "0.10"
-"""
-    )
-
-
 @contextlib.contextmanager
 def gateway_processes(config: Path, chain: DevChain, logs: Path, keys: list[str]) -> Iterator[list[str]]:
     with serve_processes(config, logs, keys) as procs:
         yield [p.url for p in procs]
-
-
-async def post_all(targets: list[tuple[str, dict[str, str]]]) -> list[int]:
-    """Every request released together (connections opened first, then one gather)."""
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(targets))) as client:
-        return [r.status_code for r in await asyncio.gather(*(client.post(u, headers=h) for u, h in targets))]
 
 
 def test_three_gateway_processes_on_one_redis_serve_one_payment_exactly_once(
@@ -77,13 +39,12 @@ def test_three_gateway_processes_on_one_redis_serve_one_payment_exactly_once(
     pay_to = Account.create().address
     with serve_asgi(upstream) as upstream_url:
         config = tmp_path / "gateway.toml"
-        write_config(config, upstream_url=upstream_url, redis_url=redis_url, chain=base_chain, pay_to=pay_to)
+        config.write_text(
+            paid_route_config(upstream_url=upstream_url, store_url=redis_url, chain=base_chain, pay_to=pay_to)
+        )
         # One relayer key per instance, as the README recommends: each process keeps its own nonce sequence, so
         # instances settling at the same moment never race for one nonce.
-        relayers = [Account.create() for _ in range(INSTANCES)]
-        for r in relayers:
-            set_eth_balance(base_chain.anvil, r.address, 10**19)
-        keys = [r.key.to_0x_hex() for r in relayers]
+        keys = funded_relayer_keys(base_chain, INSTANCES)
         with gateway_processes(config, base_chain, tmp_path, keys) as urls:
             # A signer for the challenge: our SDK helper, fed by one instance's real 402.
             signer = GatewayUnderTest(url=urls[0], config=None, upstream=upstream, chains={}, pay_to=pay_to)  # type: ignore[arg-type]

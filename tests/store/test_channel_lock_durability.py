@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,9 @@ from typing import Any
 import pytest
 
 from gateway.storage.channels import Channel, ChannelBusy, OnChainState, SQLiteChannelStore
+from tests.store.test_channel_store_contract import new_channel, sig
 
 LEASE = 30.0
-PAYER = "0x" + "11" * 20
-RECEIVER = "0x" + "22" * 20
-TOKEN = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
-
-
-def new_channel() -> Channel:
-    return Channel(
-        channel_id="0x" + uuid.uuid4().hex * 2,
-        chain_id=8453,
-        payer=PAYER,
-        payer_authorizer=PAYER,
-        receiver=RECEIVER,
-        receiver_authorizer=RECEIVER,
-        token=TOKEN,
-        withdraw_delay=86400,
-        salt="0x" + "00" * 32,
-        balance=1_000_000,
-    )
-
-
-def sig(n: int) -> str:
-    return "0x" + f"{n:x}".rjust(130, "0")
 
 
 async def lock(

@@ -9,6 +9,7 @@ its own port and log file, and is stopped with SIGTERM (then SIGKILL).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from gateway.dev.chain import DevChain
+from gateway.dev.chain import DevChain, set_eth_balance
 from tests.support.gateway import network_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +101,40 @@ def serve_processes(config: Path, logs: Path, keys: list[str]) -> Iterator[list[
         yield procs
     finally:
         _stop([p.proc for p in procs])
+
+
+def paid_route_config(
+    *, upstream_url: str, store_url: str, chain: DevChain, pay_to: str, store: dict[str, Any] | None = None
+) -> str:
+    """The config the scale-out tests give every ``serve`` process: one ``POST /paid`` route at $0.10 on ``chain``,
+    receipts and rate limits on ``store_url`` (plus ``store``'s extra ``[store]`` keys), the relayer key in
+    ``TEST_RELAYER_KEY``."""
+    return config_text(
+        {
+            "server": {"listen": "127.0.0.1:8402"},
+            "upstream": {"url": upstream_url, "read_timeout": 10.0},
+            "store": {"url": store_url, **(store or {})},
+            "rate_limits": {"storage_url": store_url},
+            "payment": {"pay_to": pay_to, "relayer_key_env": "TEST_RELAYER_KEY", "settle_timeout": 20.0},
+            "networks.base": {"rpc_urls": [chain.url], "receipt_poll_interval": 0.02},
+        },
+        [{"route": "POST /paid", "price": "0.10"}],
+    )
+
+
+def funded_relayer_keys(chain: DevChain, count: int) -> list[str]:
+    """One relayer key per instance, as the README recommends (each process keeps its own nonce sequence, so
+    instances settling at the same moment never race for one nonce), each funded with 10 ETH for gas."""
+    relayers = [Account.create() for _ in range(count)]
+    for r in relayers:
+        set_eth_balance(chain.anvil, r.address, 10**19)
+    return [r.key.to_0x_hex() for r in relayers]
+
+
+async def post_all(targets: list[tuple[str, dict[str, str]]]) -> list[int]:
+    """Every request released together (connections opened first, then one gather); their status codes."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(targets))) as client:
+        return [r.status_code for r in await asyncio.gather(*(client.post(u, headers=h) for u, h in targets))]
 
 
 # ------------------------------------------------------------------------------ one process, config written here

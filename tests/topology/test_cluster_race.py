@@ -13,49 +13,12 @@ from pathlib import Path
 import httpx
 from eth_account import Account
 
-from gateway.dev.chain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain
 from tests.support.gateway import GatewayUnderTest
-from tests.support.processes import serve_processes
+from tests.support.processes import funded_relayer_keys, paid_route_config, post_all, serve_processes
 from tests.support.servers import RecordingUpstream, serve_asgi
 
 RACERS = 20
-
-
-def write_config(path: Path, *, upstream_url: str, store_url: str, chain: DevChain, pay_to: str) -> None:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:8402"
-
-[upstream]
-url = "{upstream_url}"
-read_timeout = 10.0
-
-[store]
-url = "{store_url}"
-
-[rate_limits]
-storage_url = "{store_url}"
-
-[payment]
-pay_to = "{pay_to}"
-relayer_key_env = "TEST_RELAYER_KEY"
-settle_timeout = 20.0
-
-[networks.base]
-rpc_urls = ["{chain.url}"]
-receipt_poll_interval = 0.02
-
-[[routes]]
-route = "POST /paid"
-price = "0.10"
-"""
-    )
-
-
-async def post_all(targets: list[tuple[str, dict[str, str]]]) -> list[int]:
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(targets))) as client:
-        return [r.status_code for r in await asyncio.gather(*(client.post(u, headers=h) for u, h in targets))]
 
 
 def test_one_payment_raced_against_two_instances_on_a_cluster_reaches_the_upstream_once(
@@ -65,11 +28,10 @@ def test_one_payment_raced_against_two_instances_on_a_cluster_reaches_the_upstre
     pay_to = Account.create().address
     with serve_asgi(upstream) as upstream_url:
         config = tmp_path / "gateway.toml"
-        write_config(config, upstream_url=upstream_url, store_url=cluster_url, chain=base_chain, pay_to=pay_to)
-        relayers = [Account.create() for _ in range(2)]
-        for r in relayers:
-            set_eth_balance(base_chain.anvil, r.address, 10**19)
-        with serve_processes(config, tmp_path, [r.key.to_0x_hex() for r in relayers]) as procs:
+        config.write_text(
+            paid_route_config(upstream_url=upstream_url, store_url=cluster_url, chain=base_chain, pay_to=pay_to)
+        )
+        with serve_processes(config, tmp_path, funded_relayer_keys(base_chain, 2)) as procs:
             urls = [p.url for p in procs]
             signer = GatewayUnderTest(url=urls[0], config=None, upstream=upstream, chains={}, pay_to=pay_to)  # type: ignore[arg-type]
             payer = base_chain.new_payer(1_000_000)

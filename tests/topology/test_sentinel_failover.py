@@ -21,9 +21,9 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from gateway.dev.chain import DevChain, set_eth_balance
+from gateway.dev.chain import DevChain
 from tests.support.gateway import GatewayUnderTest
-from tests.support.processes import serve_processes
+from tests.support.processes import funded_relayer_keys, paid_route_config, serve_processes
 from tests.support.redis_topology import SentinelGroup
 from tests.support.servers import RecordingUpstream, serve_asgi
 
@@ -32,43 +32,6 @@ PAYMENTS = 48
 WORKERS = 4
 KILL_AFTER = 12  # served payments before the master is killed
 DEADLINE = 60.0  # seconds for the whole load: a payment still unanswered by then fails the test
-
-
-def write_config(
-    path: Path, *, upstream_url: str, store_url: str, chain: DevChain, pay_to: str, min_replicas_acked: int
-) -> None:
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:8402"
-
-[upstream]
-url = "{upstream_url}"
-read_timeout = 10.0
-
-[store]
-url = "{store_url}"
-min_replicas_acked = {min_replicas_acked}
-replica_ack_timeout_ms = 1000
-heartbeat_seconds = 3.0
-
-[rate_limits]
-storage_url = "{store_url}"
-
-[payment]
-pay_to = "{pay_to}"
-relayer_key_env = "TEST_RELAYER_KEY"
-settle_timeout = 20.0
-
-[networks.base]
-rpc_urls = ["{chain.url}"]
-receipt_poll_interval = 0.02
-
-[[routes]]
-route = "POST /paid"
-price = "0.10"
-"""
-    )
 
 
 @dataclass
@@ -155,18 +118,13 @@ def test_paid_load_through_a_sentinel_failover_serves_each_payment_at_most_once_
     pay_to = Account.create().address
     with serve_asgi(upstream) as upstream_url:
         config = tmp_path / "gateway.toml"
-        write_config(
-            config,
-            upstream_url=upstream_url,
-            store_url=sentinel_group.url,
-            chain=base_chain,
-            pay_to=pay_to,
-            min_replicas_acked=min_replicas_acked,
+        store = {"min_replicas_acked": min_replicas_acked, "replica_ack_timeout_ms": 1000, "heartbeat_seconds": 3.0}
+        config.write_text(
+            paid_route_config(
+                upstream_url=upstream_url, store_url=sentinel_group.url, chain=base_chain, pay_to=pay_to, store=store
+            )
         )
-        relayers = [Account.create() for _ in range(2)]
-        for r in relayers:
-            set_eth_balance(base_chain.anvil, r.address, 10**19)
-        with serve_processes(config, tmp_path, [r.key.to_0x_hex() for r in relayers]) as procs:
+        with serve_processes(config, tmp_path, funded_relayer_keys(base_chain, 2)) as procs:
             urls = [p.url for p in procs]
             signer = GatewayUnderTest(url=urls[0], config=None, upstream=upstream, chains={}, pay_to=pay_to)  # type: ignore[arg-type]
             challenge = httpx.post(urls[0] + "/paid")
