@@ -51,6 +51,7 @@ async def preflight_exact(
     *,
     simulate: bool = True,
     gas_hint: int | None = None,
+    calldata: bytes | None = None,
 ) -> Preflight:
     """``simulate=False`` (the re-check just before settling, docs/threat-model.md T10) leaves out
     ``eth_estimateGas``: what a payer can change in the meantime, balance and nonce state, is read directly by the
@@ -61,7 +62,9 @@ async def preflight_exact(
 
     ``gas_hint`` (the settlement gas this network's earlier estimates reached, see ``GasBook``) simulates with one
     ``eth_call`` instead: the same execution from the relayer, reverting exactly when the estimate would, without
-    the estimator's search over gas limits (~1 ms of node CPU per payment on anvil). The hint is returned as ``gas``."""
+    the estimator's search over gas limits (~1 ms of node CPU per payment on anvil). The hint is returned as ``gas``.
+
+    ``calldata``: ``settlement_calldata(payment)`` when the caller already encoded it (it sends the same bytes)."""
     auth = payment.authorization
     calls: list[tuple[str, list[Any]]] = [
         (
@@ -71,7 +74,8 @@ async def preflight_exact(
         ("eth_call", [{"to": req.asset, "data": "0x" + abi.BALANCE_OF.encode(auth.from_).hex()}, "latest"]),
     ]
     if simulate:
-        call = {"from": relayer, "to": req.asset, "data": "0x" + settlement_calldata(payment).hex()}
+        data = settlement_calldata(payment) if calldata is None else calldata
+        call = {"from": relayer, "to": req.asset, "data": "0x" + data.hex()}
         calls.append(("eth_estimateGas", [call, "latest"]) if gas_hint is None else ("eth_call", [call, "latest"]))
     if kind is SignatureKind.CONTRACT:
         digest = authorization_digest(req, auth)
