@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.client._errors import X402ClientError
+from gateway.client._paths import state_file
 from gateway.x402.sessions import ChannelConfig
 
 __all__ = ["FileSessionStore", "MemorySessionStore", "SessionChannel", "SessionStore", "default_sessions_file"]
@@ -158,11 +159,7 @@ class MemorySessionStore:
 
 def default_sessions_file() -> Path:
     """``$X402_GATEWAY_SESSIONS_FILE``, else ``$XDG_CONFIG_HOME/x402-gateway/sessions.json`` (``~/.config``)."""
-    explicit = os.environ.get("X402_GATEWAY_SESSIONS_FILE")
-    if explicit:
-        return Path(explicit).expanduser()
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "x402-gateway" / "sessions.json"
+    return state_file("X402_GATEWAY_SESSIONS_FILE", "sessions.json")
 
 
 class FileSessionStore:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.client._paths import state_file
+
 __all__ = ["FileTokenStore", "MemoryTokenStore", "TokenStore", "default_token_file"]
 
 
@@ -44,11 +46,7 @@ class MemoryTokenStore:
 
 def default_token_file() -> Path:
     """``$X402_GATEWAY_JOBS_FILE``, else ``$XDG_CONFIG_HOME/x402-gateway/jobs.json`` (``~/.config`` by default)."""
-    explicit = os.environ.get("X402_GATEWAY_JOBS_FILE")
-    if explicit:
-        return Path(explicit).expanduser()
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "x402-gateway" / "jobs.json"
+    return state_file("X402_GATEWAY_JOBS_FILE", "jobs.json")
 
 
 class FileTokenStore:
