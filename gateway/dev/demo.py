@@ -63,6 +63,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+        if thread.is_alive():  # a connection that will not close: stop waiting for it (the demo is ending)
+            server.force_exit = True
+            thread.join(5)
         sock.close()
 
 

@@ -51,6 +51,7 @@ __all__ = ["READ_GRACE_MS", "JobRunner"]
 log = logging.getLogger("gateway.jobs.runner")
 
 READ_GRACE_MS = 2_000  # a live runner times its job out at the deadline; readers step in only after this
+CANCEL_WAIT_SECONDS = 5.0  # at shutdown, how long cancelled jobs get to end before the gateway stops without them
 _PROCESSING = frozenset({JobStatus.PROCESSING})
 _PENDING = frozenset({JobStatus.PENDING})
 _ACCEPT = "application/x-ndjson, text/event-stream;q=0.9, application/json;q=0.8"
@@ -120,7 +121,12 @@ class JobRunner:
         left = {job_id: t for job_id, t in tasks.items() if not t.done()}
         for task in left.values():
             task.cancel()
-        await asyncio.gather(*left.values(), return_exceptions=True)
+        if left:
+            # A job that does not end once cancelled (stuck in a store call) must not hold the shutdown for ever:
+            # the rest of the gateway (its heartbeat, its sweeper) would go on running meanwhile.
+            _done, stuck = await asyncio.wait(left.values(), timeout=CANCEL_WAIT_SECONDS)
+            if stuck:
+                log.warning("%d job(s) did not end when cancelled; stopping without them", len(stuck))
         now = now_ms()
         for job_id in left:
             with contextlib.suppress(StoreUnavailable):  # the lease will lapse instead

@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from gateway.http.admin.app import AdminApp
 from gateway.http.admin.listener import serve_both
 from gateway.http.app import Gateway, build_app
 from tests.support.gateway import GatewayUnderTest, gateway_config, network_name, sqlite_url
-from tests.support.servers import RecordingUpstream, serve_asgi
+from tests.support.servers import RecordingUpstream, ThreadedServer, serve_asgi, stop_server_thread
 
 READ_TOKEN = "read-token-" + "r" * 24
 WRITE_TOKEN = "write-token-" + "w" * 24
@@ -52,14 +52,6 @@ def admin_env(monkeypatch: pytest.MonkeyPatch) -> LocalAccount:
     monkeypatch.setenv("TEST_ADMIN_WRITE", WRITE_TOKEN)
     monkeypatch.setenv("TEST_REFUND_KEY", refund.key.hex())
     return refund
-
-
-class _Server(uvicorn.Server):
-    """No signal handlers: the test process owns its signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def _socket() -> socket.socket:
@@ -118,8 +110,8 @@ def running_admin(
         gateway: Gateway = build_app(config)
         admin = AdminApp(gateway)
         options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": 2}
-        public = _Server(uvicorn.Config(gateway, **options))
-        side = _Server(uvicorn.Config(admin, **options))
+        public = ThreadedServer(uvicorn.Config(gateway, **options))
+        side = ThreadedServer(uvicorn.Config(admin, **options))
         public_sock, admin_sock = _socket(), _socket()
         failed: list[BaseException] = []
 
@@ -134,6 +126,7 @@ def running_admin(
         deadline = time.monotonic() + 30
         while not side.started:
             if failed or not thread.is_alive() or time.monotonic() > deadline:
+                stop_server_thread([public, side], thread, grace=2.0)
                 raise RuntimeError(f"the gateway and its admin listener did not start: {failed}")
             time.sleep(0.01)
         try:
@@ -152,7 +145,8 @@ def running_admin(
                 app=admin,
             )
         finally:
-            public.should_exit = side.should_exit = True
-            thread.join(20)
-            public_sock.close()
-            admin_sock.close()
+            try:
+                stop_server_thread([public, side], thread, grace=20.0)
+            finally:
+                public_sock.close()
+                admin_sock.close()

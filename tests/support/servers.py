@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,12 +34,53 @@ ASGIApp = Callable[..., Any]
 Lifespan = Literal["auto", "on", "off"]
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without signal handlers: a test process owns its signals, and the server may live in any thread."""
+class ThreadedServer(uvicorn.Server):
+    """uvicorn without signal handlers: a test process owns its signals, and the server may live in any thread.
+    It remembers its event loop, so that a server which will not stop can be stopped from outside
+    (:func:`stop_server_thread`)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+
+def _cancel_everything(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+
+
+def stop_server_thread(servers: Sequence[uvicorn.Server], thread: threading.Thread, *, grace: float = 10.0) -> None:
+    """Stop ``servers`` (served by ``thread``) and make sure the thread ended.
+
+    A server thread left running would go on using what the test gave it: a gateway on the session's Redis keeps
+    its heartbeat, and after the next test's FLUSHALL it marks that store as having lost its records, so that an
+    unrelated later test gets 503 ``store_identity_lost``. So a thread that outlives ``should_exit`` and then
+    ``force_exit`` has every task of its loop cancelled, and the test that left it fails here, with where it hung.
+    """
+    for server in servers:
+        server.should_exit = True
+    thread.join(grace)
+    if thread.is_alive():
+        for server in servers:
+            server.force_exit = True
+        thread.join(5)
+    if not thread.is_alive():
+        return
+    frame = sys._current_frames().get(thread.ident or -1)
+    where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+    for server in servers:
+        loop = getattr(server, "loop", None)
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_cancel_everything, loop)
+    thread.join(5)
+    raise AssertionError(f"a test server did not stop within {grace + 5:.0f} s; it hung at:\n{where}")
 
 
 def _config(app: ASGIApp, *, lifespan: Lifespan, http: str, loop: str, **kwargs: Any) -> uvicorn.Config:
@@ -67,24 +110,25 @@ def serve_asgi(
     arguments go to ``uvicorn.Config``. With ``lifespan="on"`` the app's startup/shutdown run in the server's loop.
     """
     sock = _bound_socket()
-    server = _Server(_config(app, lifespan=lifespan, http=http, loop=loop, **config))
+    server = ThreadedServer(_config(app, lifespan=lifespan, http=http, loop=loop, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn-test")
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
+            try:
+                stop_server_thread([server], thread, grace=2.0)  # a slow start must not go on in the background
+            finally:
+                sock.close()
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.005)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        server.should_exit = True
-        thread.join(10)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(5)
-        sock.close()
+        try:
+            stop_server_thread([server], thread)
+        finally:
+            sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -93,7 +137,7 @@ async def serve_asgi_async(
 ) -> AsyncIterator[str]:
     """Like :func:`serve_asgi`, but uvicorn runs as a task on the current event loop (the test's)."""
     sock = _bound_socket()
-    server = _Server(_config(app, lifespan=lifespan, http=http, loop="none", **config))
+    server = ThreadedServer(_config(app, lifespan=lifespan, http=http, loop="none", **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
