@@ -50,22 +50,29 @@ def transfer_log(
     ignored: a fake token emits identical events."""
     if not isinstance(receipt, dict) or hex_int(receipt.get("status", "0x0")) != 1:
         return None
+    # Compared as the node's hex text, lower-cased: a batch's receipt holds two logs per settlement and every
+    # settlement of the batch reads it, so nothing is decoded but the one amount that matters.
     asset = asset.lower()
-    payer_word = bytes(12) + bytes.fromhex(payer[2:].lower())
-    pay_to_word = bytes(12) + bytes.fromhex(pay_to[2:].lower())
-    logs = [e for e in receipt.get("logs") or () if str(e.get("address", "")).lower() == asset]
+    used_topics = ["0x" + abi.AUTHORIZATION_USED_TOPIC.hex(), _topic(payer), "0x" + nonce.hex()]
+    moved_topics = ["0x" + abi.TRANSFER_TOPIC.hex(), _topic(payer), _topic(pay_to)]
+    logs = [e for e in receipt.get("logs") or () if isinstance(e, dict) and str(e.get("address", "")).lower() == asset]
     for used, moved in itertools.pairwise(logs):
-        if [bytes.fromhex(str(t)[2:]) for t in used.get("topics") or ()] != [
-            abi.AUTHORIZATION_USED_TOPIC,
-            payer_word,
-            nonce,
-        ]:
+        if _topics(used) != used_topics:
             continue
-        topics = [bytes.fromhex(str(t)[2:]) for t in moved.get("topics") or ()]
-        amount = int(str(moved.get("data", "0x0"))[2:] or "0", 16)
-        ok = topics == [abi.TRANSFER_TOPIC, payer_word, pay_to_word] and amount == value
-        return moved if ok else None
+        if _topics(moved) != moved_topics:
+            return None
+        amount = int(str(moved.get("data", "0x0"))[2:] or "0", 16)  # malformed: raises, as a broken answer should
+        return moved if amount == value else None
     return None
+
+
+def _topic(address: str) -> str:
+    """An address as an indexed topic: a left-padded 32-byte word, in lower-case hex."""
+    return "0x" + "0" * 24 + address[2:].lower()
+
+
+def _topics(log: dict[str, Any]) -> list[str]:
+    return [str(t).lower() for t in log.get("topics") or ()]
 
 
 def executed_to_us(receipt: dict[str, Any], asset: str, auth: Authorization) -> bool:

@@ -36,7 +36,7 @@ def test_a_settlement_dropped_from_the_mempool_does_not_stall_later_paid_request
             assert wait_until(lambda: len(relayer_pool(chain, relayer)) == 1, timeout=20)
             (dropped,) = [tx["hash"] for tx in relayer_pool(chain, relayer).values()]
             chain.rpc("anvil_dropTransaction", [dropped])
-            assert chain.rpc("eth_getTransactionByHash", [dropped]) is None
+            # Not asserted gone: the gateway may already have sent it again (same hash) by the time we could look.
             for i in (1, 2):
                 threads.append(threading.Thread(target=paid_request, args=(i,)))
                 threads[-1].start()
