@@ -46,7 +46,10 @@ sent in order on its channel, one worker per channel (a channel takes one reques
 row the free route is measured on the same gateway process with the same load generator at the same concurrency:
 "vs free" is the session row's throughput over that row's. On chain: the relayer's nonce delta over the scenario,
 the deposits while serving, then the claim and the sweep to `pay_to` by the gateway restarted on the same store with
-`claim_after = 1` s (with the defaults it would claim within the hour, or once a channel owes $5). The machine is
+`claim_after = 1` s (with the defaults it would claim within the hour, or once a channel owes $5). `store_floor_*`
+(under "Sessions on chain"): the channel store alone, in one process with no HTTP, median microseconds of a
+voucher's two store operations (`begin`, then `commit` with its fsync) and of one durable SQLite commit on the same
+disk (`bench/store_floor.py`): the part of a session request's time that is its durable bookkeeping. The machine is
 shared: rerun before trusting a small difference."""
 CHAINS = ("automine", "block 2 s")
 

@@ -33,6 +33,7 @@ from gateway.storage.jobs import open_job_store
 from . import payers
 from .load import Call, LoadResult, run_lanes, run_load, warm
 from .procs import ServedGateway, Server, cpu_seconds
+from .store_floor import channel_store_floor
 from .wrk import WrkResult, run_wrk, wrk_path
 
 PRICE_USD = "0.001"
@@ -501,6 +502,7 @@ class Bench:
             "pay_to_gained_atomic": gained,
             "charged_atomic": served * PRICE,
             "restart_claim_sweep_seconds": round(claimed_in, 1),
+            **channel_store_floor(self.tmp),  # what the store alone costs a voucher (bench/store_floor.py)
         }
         self.progress(
             f"  sessions: {served} paid requests, {txs} transactions ({deposits} deposits, {txs - deposits} claim + "
