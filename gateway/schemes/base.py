@@ -64,6 +64,13 @@ def requirements_for(config: GatewayConfig, route: RouteConfig) -> tuple[Require
 RECORD_MARGIN = 3600.0
 
 
+def authorization_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> str:
+    """The store key of one EIP-3009 authorization's money: (chain, asset, payer, nonce). The ``exact`` scheme
+    claims it; a tx-hash proof of a transfer that executed an authorization takes it too, so that the one payment
+    pays once whichever way it is presented, and whichever transaction executed it (docs/threat-model.md T26)."""
+    return f"exact:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}"
+
+
 def effect_key(chain_id: int, tx_hash: str, log_index: int) -> str:
     """The store key of one on-chain effect: the Transfer log that moved the money. Every scheme whose money
     arrives as a transfer ends on this key, so one transfer pays once, whichever way it is presented

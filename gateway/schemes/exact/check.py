@@ -11,6 +11,7 @@ import enum
 from collections.abc import Sequence
 
 from gateway.errors import PaymentRequired
+from gateway.schemes.base import authorization_key
 from gateway.schemes.prices import EarlierPrice, at_earlier_price
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
@@ -106,4 +107,4 @@ def check_window(
 
 def payment_key(req: Requirement, auth: Authorization) -> str:
     """The store key of the money: one EIP-3009 authorization is one (chain, asset, payer, nonce)."""
-    return f"exact:{req.chain_id}:{req.asset.lower()}:{auth.from_}:0x{auth.nonce.hex()}"
+    return authorization_key(req.chain_id, req.asset, auth.from_, auth.nonce)

@@ -114,9 +114,12 @@ class ExactScheme:
         # After validBefore the authorization cannot execute on chain any more; what it paid stays recorded under
         # its transfer's effect key (see _collect), which outlives this record.
         # Bounded by what the window check accepts, so that no authorization can make a record live for ever.
+        # Kept as long as a transfer that executed it can still be presented as a tx-hash proof (at most
+        # tx_max_age_seconds after validBefore): that proof finds this record and is refused (T26).
         pay = self.config.payment
         latest = now + payment.requirement.max_timeout_seconds + pay.clock_skew_seconds
-        return payment_key(payment.requirement, auth), min(auth.valid_before, latest) + RECORD_MARGIN
+        kept = pay.tx_max_age_seconds + RECORD_MARGIN
+        return payment_key(payment.requirement, auth), min(auth.valid_before, latest) + kept
 
     async def confirm(self, claim: ExactClaim, record: ClaimRecord, *, now: float) -> None:
         attempt = claim.payment
@@ -183,15 +186,29 @@ class ExactScheme:
     async def _reconcile(self, claim: ExactClaim, tx_hash: str) -> bool:
         """A lapsed claim left a settlement hash behind: find out what happened to it (never re-broadcast)."""
         attempt = claim.payment
-        rpc = self.networks[attempt.requirement.network].rpc
+        net = self.networks[attempt.requirement.network]
+        rpc = net.rpc
         receipt = await rpc.request("eth_getTransactionReceipt", [tx_hash])
         if isinstance(receipt, dict):
-            found = settlement_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization)
-            if found is not None:
-                await self._collect(claim, found, tx_hash)
-                return True
-            claim.in_flight(False)  # it reverted and moved nothing: the claim may go if what follows fails
-            return False  # verify afresh (maybe someone else settled first)
+            if settlement_in_receipt(receipt, attempt.requirement, attempt.authorization.authorization) is None:
+                claim.in_flight(False)  # it reverted and moved nothing: the claim may go if what follows fails
+                return False  # verify afresh (maybe someone else settled first)
+            # Served only as deep as a first settlement would be (the network's confirmations), and watched until
+            # final like one: a reorg may still drop it (docs/threat-model.md T28).
+            claim.in_flight(True)
+            if not await self._confirmed(claim, net, tx_hash):
+                claim.in_flight(False)  # reorganised into a block where it reverted
+                return False
+            sender = str(receipt.get("from", "")).lower()
+            if net.relayer is not None and sender == net.relayer.address.lower():
+                net.track_settlement(
+                    payment_key(attempt.requirement, attempt.authorization.authorization),
+                    attempt.requirement.asset,
+                    attempt.calldata,
+                    attempt.authorization.authorization.valid_before,
+                    tx_hash,
+                )
+            return True
         known = await rpc.request("eth_getTransactionByHash", [tx_hash])
         if known is not None:
             claim.in_flight(True)  # still in the mempool: keep the claim, tell the client to come back

@@ -47,6 +47,9 @@ class FoundTransfer:
     payer: str  # lowercase
     value: int
     block_number: int
+    # The EIP-3009 nonce when the transfer executed an authorization (the token logged AuthorizationUsed(payer,
+    # nonce) just before it): that money is an ``exact`` payment too, whoever sent the transaction.
+    authorization_nonce: bytes | None = None
 
 
 def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
@@ -67,11 +70,13 @@ def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
         if value < req.amount:
             best_short = value if best_short is None else max(best_short, value)
             continue
+        payer = "0x" + topics[1][-40:].lower()
         return FoundTransfer(
             log_index=position,
-            payer="0x" + topics[1][-40:].lower(),
+            payer=payer,
             value=value,
             block_number=int(str(receipt["blockNumber"]), 16),
+            authorization_nonce=_executed_authorization(receipt, position, req.asset, payer),
         )
     if best_short is not None:
         raise PaymentRequired(
@@ -80,6 +85,24 @@ def find_transfer(receipt: dict[str, Any], req: Requirement) -> FoundTransfer:
     raise PaymentRequired(
         "no USDC transfer to this gateway's recipient in that transaction", reason=reasons.TRANSFER_NOT_FOUND
     )
+
+
+def _executed_authorization(receipt: dict[str, Any], position: int, asset: str, payer: str) -> bytes | None:
+    """The nonce of the EIP-3009 authorization whose execution made the Transfer at ``position``: the token logs
+    ``AuthorizationUsed(payer, nonce)`` and then, as its very next log, the Transfer (no other contract can log in
+    between). None for a plain transfer."""
+    logs = receipt.get("logs") or ()
+    if position == 0:
+        return None
+    used = logs[position - 1]
+    if str(used.get("address", "")).lower() != asset.lower():
+        return None
+    topics = [str(t).lower() for t in used.get("topics") or ()]
+    if len(topics) != 3 or topics[0] != "0x" + abi.AUTHORIZATION_USED_TOPIC.hex():
+        return None
+    if topics[1][-40:] != payer[2:]:
+        return None
+    return bytes.fromhex(topics[2][2:])
 
 
 def tx_payment_key(chain_id: int, tx_hash: str, log_index: int) -> str:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from gateway.chain.network import Network
 from gateway.config import GatewayConfig
 from gateway.errors import PaymentReplayed, PaymentRequired
-from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute
+from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute, authorization_key
 from gateway.schemes.prices import EarlierPrice, honoured_floor, honoured_for
 from gateway.schemes.txhash.check import FoundTransfer, binding_digest, binding_signer, find_transfer, tx_payment_key
 from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh, contract_vouches
-from gateway.storage.receipts import ClaimRecord, ClaimState
+from gateway.storage.receipts import ClaimRecord, ClaimState, Effect
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.sessions import DEPOSIT_COLLECTOR, SETTLEMENT_CONTRACT
@@ -130,8 +130,20 @@ class TxHashScheme:
     async def confirm(self, claim: Claim[TxAttempt], record: ClaimRecord, *, now: float) -> None:
         if record.state is ClaimState.PAID:
             claim.mark_resumed(claim.payment.proof.tx_hash)
-        else:
-            await claim.mark_paid(claim.payment.proof.tx_hash)
+            return
+        payment = claim.payment
+        found = payment.found
+        assert found is not None
+        effect = None
+        if found.authorization_nonce is not None:
+            # This transfer executed an EIP-3009 authorization: the same money may have been presented (or be
+            # presented later) as that authorization, served through a settlement of ours that a reorg then dropped
+            # while the payer executed it itself. Its authorization key is taken with this claim: whichever way
+            # comes second is refused (docs/threat-model.md T26).
+            req = payment.requirement
+            key = authorization_key(req.chain_id, req.asset, found.payer, found.authorization_nonce)
+            effect = Effect(key, now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN)
+        await claim.mark_paid(payment.proof.tx_hash, effect=effect)
 
     async def settle(self, claim: Claim[TxAttempt], *, simulate_again: bool) -> str:
         return claim.tx_hash or ""  # paid before it arrived: confirm() marked it
