@@ -100,7 +100,11 @@ class Sessions:
         for name, net in networks.items():
             if net.relayer is not None:
                 self.chains[name] = ChannelChain(
-                    net.rpc, net.relayer, net.watcher, timeout=config.payment.settle_timeout
+                    net.rpc,
+                    net.relayer,
+                    net.watcher,
+                    timeout=config.payment.settle_timeout,
+                    confirmations=net.config.confirmations,
                 )
 
     def __repr__(self) -> str:

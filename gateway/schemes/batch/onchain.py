@@ -68,11 +68,16 @@ def multicall_calldata(calls: list[bytes]) -> bytes:
 class ChannelChain:
     """One network's settlement contract, read through our RPC and written by our relayer."""
 
-    def __init__(self, rpc: ChainRpc, relayer: Relayer, watcher: ReceiptWatcher, *, timeout: float) -> None:
+    def __init__(
+        self, rpc: ChainRpc, relayer: Relayer, watcher: ReceiptWatcher, *, timeout: float, confirmations: int = 1
+    ) -> None:
         self.rpc = rpc
         self.relayer = relayer
         self.watcher = watcher
         self.timeout = timeout
+        # Blocks a deposit, claim or refund must have before it counts: the network's ``confirmations``, as for an
+        # ``exact`` settlement (a deposit served on and then reorganised away would leave vouchers unfunded).
+        self.confirmations = confirmations
         self.contract = to_checksum_address(SETTLEMENT_CONTRACT)
 
     def _call(self, data: bytes) -> tuple[str, list[Any]]:
@@ -120,15 +125,15 @@ class ChannelChain:
             raise ChainUnavailable(f"network {self.rpc.name}: the node could not estimate a transaction") from None
 
     async def send(self, data: bytes, gas: int) -> tuple[str, dict[str, Any]]:
-        """Send ``data`` to the contract and wait until mined; raises ``SettlementFailed`` if it reverted or its
-        fate stays unknown."""
+        """Send ``data`` to the contract and wait until it has ``confirmations`` blocks; raises
+        ``SettlementFailed`` if it reverted or its fate stays unknown."""
 
         async def nothing_to_record(_tx: str) -> None:
             return None
 
         tx_hash = await self.relayer.submit(self.contract, data, gas, nothing_to_record)
         try:
-            receipt = await self.watcher.wait(tx_hash, timeout=self.timeout)
+            receipt = await self.watcher.wait(tx_hash, timeout=self.timeout, confirmations=self.confirmations)
         except TimeoutError:
             raise SettlementFailed(
                 "the transaction was not mined in time", reason=reasons.SETTLEMENT_PENDING, unknown=True
