@@ -95,6 +95,8 @@ class Journal(Protocol):
         self, network: str, owner: str, *, now: float, lease: float, limit: int, newest: bool = False
     ) -> Sequence[JournalEntry]: ...
 
+    async def release(self, network: str, owner: str) -> int: ...
+
     async def update(
         self, key: str, owner: str, *, tx_hash: str, block_number: int | None, block_hash: str | None, now: float
     ) -> bool: ...
@@ -251,6 +253,10 @@ class FinalityTracker:
                 await asyncio.wait_for(self._flush_inbox(), 2.0)
             if self._inbox:
                 log.error("settlements not written to the journal at shutdown", extra={"count": len(self._inbox)})
+        # Another instance (or this gateway restarted) watches them from its next pass, not once the lease lapses:
+        # a settlement a reorg drops during a deploy is sent again in seconds (docs/threat-model.md T28).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.journal.release(self.network, self.owner), 2.0)
         with contextlib.suppress(Exception):
             await self.journal.aclose()
 

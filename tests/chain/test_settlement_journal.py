@@ -48,6 +48,18 @@ async def test_an_entry_is_watched_by_one_instance_until_its_lease_lapses(journa
     assert await journal.take("base", "b", now=T + 1000, lease=60, limit=10) == []
 
 
+async def test_a_released_entry_is_taken_over_at_once_and_only_its_owners_are_released(
+    journal: SettlementJournal,
+) -> None:
+    await add(journal, "k1", owner="a", now=T)
+    await add(journal, "k2", owner="c", now=T)
+    await add(journal, "k3", owner="a", now=T, net="polygon")
+    assert await journal.release("base", "a") == 1  # a shuts down
+    taken = await journal.take("base", "b", now=T + 1, lease=60, limit=10)
+    assert [(e.key, e.owner) for e in taken] == [("k1", "b")]  # c's lease is still live; polygon untouched
+    assert await journal.take("polygon", "b", now=T + 1, lease=60, limit=10) == []
+
+
 async def test_take_is_per_network_bounded_and_oldest_or_newest_first(journal: SettlementJournal) -> None:
     for i in range(5):
         await add(journal, f"k{i}", now=T + i)

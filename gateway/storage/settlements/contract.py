@@ -93,6 +93,11 @@ class SettlementJournal(Protocol):
         """Delete ``owner``'s entry (final, or reported lost); False if ``owner`` does not hold it."""
         ...
 
+    async def release(self, network: str, owner: str) -> int:
+        """Give up ``owner``'s leases on ``network``'s entries (a tracker shutting down): any other instance takes
+        them at its next pass instead of after the lease. Returns how many were released."""
+        ...
+
     async def pending(self, network: str, *, limit: int) -> list[JournalEntry]:
         """Up to ``limit`` entries of ``network``, oldest first, as they are: read only (no lease is taken), for the
         operator's view of settlements not yet final (the admin API)."""

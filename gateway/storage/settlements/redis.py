@@ -77,6 +77,19 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 
+# KEYS: index. ARGV: entry prefix, owner. -> how many released
+_RELEASE = """
+local released = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local k = ARGV[1] .. id
+  if redis.call('HGET', k, 'owner') == ARGV[2] then
+    redis.call('HSET', k, 'lease', '0')
+    released = released + 1
+  end
+end
+return released
+"""
+
 _FIELDS = 11
 
 
@@ -95,6 +108,7 @@ class RedisSettlementJournal(RedisStore):
         self._take = self._client.register_script(_TAKE)
         self._update = self._client.register_script(_UPDATE)
         self._remove = self._client.register_script(_REMOVE)
+        self._release = self._client.register_script(_RELEASE)
 
     def _entry_key(self, key: str) -> str:
         return f"{self._prefix}e:{key}"
@@ -187,6 +201,10 @@ class RedisSettlementJournal(RedisStore):
                 continue  # resolved between the two reads
             entries.append(_entry(key, network, owner, tx, asset, data, vb, bn, bh, lease, created, upd))
         return entries
+
+    async def release(self, network: str, owner: str) -> int:
+        res: Any = await self._client.run_script(self._release, [self._index(network)], [self._prefix + "e:", owner])
+        return int(res)
 
     async def remove(self, key: str, owner: str) -> bool:
         # The entry's network is only in its hash: read it, then remove both in one script.

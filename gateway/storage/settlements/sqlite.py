@@ -49,6 +49,7 @@ _UPDATE = (
     "UPDATE settlements SET tx_hash = ?, block_number = ?, block_hash = ?, updated_at = ? WHERE key = ? AND owner = ?"
 )
 _REMOVE = "DELETE FROM settlements WHERE key = ? AND owner = ?"
+_RELEASE = "UPDATE settlements SET lease_until = 0 WHERE network = ? AND owner = ?"
 _GC = "DELETE FROM settlements WHERE created_at < ?"
 
 _Row = tuple[str, str, str, str, bytes, int, int | None, str | None, str, float, float, float]
@@ -141,6 +142,11 @@ class SQLiteSettlementJournal:
         self, network: str, owner: str, *, now: float, lease: float, limit: int, newest: bool = False
     ) -> list[JournalEntry]:
         return await self._db.run(self._take, network, owner, now, lease, limit, newest)
+
+    async def release(self, network: str, owner: str) -> int:
+        return await self._db.run(
+            lambda: self._db.transaction(lambda conn: conn.execute(_RELEASE, (network, owner)).rowcount)
+        )
 
     async def update(
         self,
