@@ -162,6 +162,10 @@ class JobRunner:
 
     async def reconcile(self, job: Job, now: int | None = None) -> Job:
         """``job`` as a reader must see it: failed if its runner is lost, timed out past its deadline."""
+        if job.job_id in self._tasks:
+            # Running here: its runner is alive by definition, and it times the job out itself on the monotonic
+            # clock. A wall clock that stepped forward must not declare it lost (docs/jobs.md).
+            return job
         now = now_ms() if now is None else now
         verdict = overdue(job, now, grace_ms=READ_GRACE_MS)
         if verdict is None:
