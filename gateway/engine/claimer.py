@@ -48,6 +48,9 @@ _MAX_ROWS = 200  # claim rows per transaction: ~482 bytes each, well under the 1
 # next passes (each reads at most _LOG_READS ranges, oldest first: the oldest withdrawal ends first).
 _LOG_SPAN = 2_000
 _LOG_READS = 50
+# Blocks read again on every pass behind where the last pass ended: a reorg can place a withdrawal in a block that was
+# already read (deeper than any reorg seen on Base; Polygon's deepest known was ~160 blocks).
+_REORG_REREAD = 256
 _LOOKBACK_SAMPLE = 1_000  # blocks whose timestamps measure the block time (how far back a withdrawal delay reaches)
 
 
@@ -137,6 +140,8 @@ class Claimer:
             start = self._from_block.get(name)
             if start is None:
                 start = self._from_block[name] = await self._first_block(chain, head)
+            else:
+                start = max(0, start - _REORG_REREAD)  # recording a withdrawal twice is harmless
             for _ in range(_LOG_READS):
                 if start > head:
                     return
@@ -176,7 +181,8 @@ class Claimer:
             # the same, never allowed to stop the pass (docs/threat-model.md T46).
             if await store.get(cid) is None:
                 continue
-            self.stats.withdrawals_seen += 1
+            if cid not in urgent:
+                self.stats.withdrawals_seen += 1
             urgent.add(cid)
             try:
                 await store.sync(cid, await chain.state(cid), now=now)

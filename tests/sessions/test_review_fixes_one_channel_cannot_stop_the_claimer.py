@@ -87,9 +87,10 @@ def test_drained_channels_neither_hold_the_claimer_nor_lose_what_is_left_in_them
     # While no claimer runs, two payers withdraw: one everything, one 8,000 of its 10,000 (5,000 were charged).
     drained.call_as_payer(chain, "initiateWithdraw", DEPOSIT)
     partly.call_as_payer(chain, "initiateWithdraw", 8 * PRICE)
-    # The delay passes, over enough blocks that the next claimer's look-back (one delay's worth) misses both logs:
-    # its mirror of both channels is stale, so their claims would revert.
-    chain.rpc("anvil_mine", [hex(100), hex(60)])
+    # The delay passes, over enough blocks that the next claimer's look-back (one delay's worth) and its re-read
+    # of the last 256 blocks on later passes both miss the logs: its mirror of both channels is stale, so their
+    # claims would revert.
+    chain.rpc("anvil_mine", [hex(400), hex(60)])
     drained.call_as_payer(chain, "finalizeWithdraw")
     partly.call_as_payer(chain, "finalizeWithdraw")
     assert (drained.onchain(chain).balance, partly.onchain(chain).balance) == (0, 2 * PRICE)
