@@ -329,13 +329,24 @@ class SessionRequest:
     async def check_cover(self, chain: ChannelChain, margin: float, now: float) -> None:
         """The voucher is within the channel's balance and the channel is not closing. A refusal is decided on the
         chain's word, not the mirror's: the mirror is read again first (a deposit someone else sent, a withdrawal
-        that finished), which costs an RPC call on this refusal path only."""
+        that finished), which costs an RPC call on this refusal path only. So is every voucher on a channel being
+        withdrawn: its balance may be gone any moment, and when it may go is the chain's clock's to say, not ours
+        (a gateway clock behind the chain's would serve on money already withdrawn; docs/sessions.md)."""
+        withdrawing = bool(self.channel.withdraw_requested_at)
+        if withdrawing:
+            await self._sync(chain, now)
+            now = max(now, await chain.latest_time())
         try:
             self._cover(margin, now)
         except PaymentRequired:
-            synced = await self.store.sync(self.channel_id, await chain.state(self.channel_id), now=now)
-            self.channel = synced or self.channel
+            if withdrawing:
+                raise  # decided on the chain's word already
+            await self._sync(chain, now)
             self._cover(margin, now)
+
+    async def _sync(self, chain: ChannelChain, now: float) -> None:
+        synced = await self.store.sync(self.channel_id, await chain.state(self.channel_id), now=now)
+        self.channel = synced or self.channel
 
     def _cover(self, margin: float, now: float) -> None:
         ch = self.channel

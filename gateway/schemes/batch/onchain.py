@@ -171,6 +171,13 @@ class ChannelChain:
     async def head(self) -> int:
         return hex_int(await self.rpc.request("eth_blockNumber", []))
 
+    async def latest_time(self) -> int:
+        """The timestamp of the chain's latest block: the clock the contract's withdrawal delay runs on."""
+        block = await self.rpc.request("eth_getBlockByNumber", ["latest", False])
+        if not isinstance(block, dict):
+            raise ChainUnavailable(f"network {self.rpc.name}: the node has no latest block")
+        return hex_int(block["timestamp"])
+
     async def block_time(self, number: int) -> int:
         block = await self.rpc.request("eth_getBlockByNumber", [hex(number), False])
         if not isinstance(block, dict):
