@@ -15,8 +15,13 @@ Why each rule exists:
 * Scripts are registered once and called by EVALSHA (redis-py loads them again after a ``NOSCRIPT``, e.g. after a
   restart).
 * Time comes from the caller (``now``), never from the Redis host's clock. A record's Redis TTL is only garbage
-  collection, set :data:`GC_SLACK` seconds after its logical expiry, so that clock skew between a gateway and Redis
-  cannot delete a record the gateway still considers live.
+  collection, and it is always *relative* (:data:`GC_EXPIRE`: ``PEXPIRE`` by ``expires_at - now`` plus
+  :data:`GC_SLACK`), never an absolute ``PEXPIREAT`` computed from the gateway's clock: Redis counts a relative TTL
+  down by its own clock, so the key goes :data:`GC_SLACK` seconds after the logical expiry *by the gateway's clock*
+  however far the gateway's and the Redis host's clocks disagree. (An absolute instant from a gateway whose clock is
+  behind the Redis host's by more than the slack had Redis delete records the gateway still considered live: a
+  consumed payment became new again.) What remains is the skew *between gateways* sharing a record, which the slack
+  absorbs up to :data:`GC_SLACK` seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from gateway.storage.redis_topology import RedisTopology, parse_redis_url
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "GC_EXPIRE",
     "GC_SLACK",
     "POOL_SIZE",
     "SOCKET_TIMEOUT",
@@ -73,6 +79,18 @@ CLUSTER_POOL_SIZE = 1024
 SOCKET_TIMEOUT = 2.0  # seconds; short, so that a hung server fails closed quickly
 CONNECT_TIMEOUT = 2.0
 GC_SLACK = 300.0  # seconds between a record's logical expiry and Redis deleting it
+
+# The one rule for a key's Redis TTL, a Lua function for every store's scripts (prepend it to the script's source):
+# ``gc_expire(key, expires_at, now, slack)`` gives ``key`` the lifetime ``max(expires_at - now, 0) + slack`` seconds,
+# ``expires_at`` and ``now`` both by the caller's clock (numbers), as a relative PEXPIRE that Redis counts down by its
+# own clock. Never PEXPIREAT/EXPIREAT/PXAT/EXAT with an instant from the gateway's clock: Redis would read that
+# instant by the Redis host's clock. An expiry already past keeps the key ``slack`` seconds (never deletes it at once).
+GC_EXPIRE = """
+local function gc_expire(key, expires_at, now, slack)
+  local ttl = math.max(expires_at - now, 0) + slack
+  redis.call('PEXPIRE', key, string.format('%.0f', math.max(math.ceil(ttl * 1000), 1)))
+end
+"""
 
 AnyRedis = Redis | RedisCluster  # one server or a Sentinel-managed master | a Redis Cluster
 

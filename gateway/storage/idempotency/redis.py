@@ -2,7 +2,10 @@
 (atomic across gateway instances).
 
 The logical expiry is the hash's ``exp`` field against the caller's clock; the Redis TTL is only garbage
-collection (see :mod:`gateway.storage.redis_client`).
+collection, set relative to the caller's ``now`` (``PEXPIRE`` by ``exp - now`` plus
+:data:`gateway.storage.redis_client.GC_SLACK`, :data:`gateway.storage.redis_client.GC_EXPIRE`), so Redis, counting
+it down by its own clock, deletes a record GC_SLACK seconds after ``exp`` by the gateway's clock whatever the two
+clocks say (never an absolute ``PEXPIREAT``, which Redis would read by its own clock).
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
 from gateway.storage.idempotency.contract import Begun, StoredResponse, decode_headers, encode_headers
-from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
+from gateway.storage.redis_client import GC_EXPIRE, GC_SLACK, RedisStore, script_number
 
 __all__ = ["PREFIX", "RedisIdempotencyStore"]
 
 PREFIX = "x402:idem:"
 
-# One hash per record: state, owner, fp, exp (+ status, headers, body once DONE). Redis TTL = exp + slack.
+# One hash per record: state, owner, fp, exp (+ status, headers, body once DONE). Redis TTL = exp - now + slack.
 # KEYS: key. ARGV: fingerprint, owner, now, lease_until, slack.
 # -> {'began', taken_over '0'|'1'} | {'in_flight'} | {'mismatch'} | {'done', status, headers, body}
-_BEGIN = """
+_BEGIN = (
+    GC_EXPIRE
+    + """
 local key, fp, owner, now, lease_until, slack = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local h = redis.call('HMGET', key, 'state', 'owner', 'fp', 'exp')
 local taken = '0'
@@ -39,18 +44,22 @@ if h[1] then
   redis.call('DEL', key)
 end
 redis.call('HSET', key, 'state', 'in_flight', 'owner', owner, 'fp', fp, 'exp', lease_until)
-redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil((tonumber(lease_until) + tonumber(slack)) * 1000)))
+gc_expire(key, tonumber(lease_until), now, tonumber(slack))
 return {'began', taken}
 """
+)
 
-# KEYS: key. ARGV: owner, expires_at, status, headers, body, slack. -> 1 | 0
-_COMPLETE = """
+# KEYS: key. ARGV: owner, expires_at, status, headers, body, slack, now. -> 1 | 0
+_COMPLETE = (
+    GC_EXPIRE
+    + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
 if h[1] ~= 'in_flight' or h[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'exp', ARGV[2], 'status', ARGV[3], 'headers', ARGV[4], 'body', ARGV[5])
-redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', math.ceil((tonumber(ARGV[2]) + tonumber(ARGV[6])) * 1000)))
+gc_expire(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[7]), tonumber(ARGV[6]))
 return 1
 """
+)
 
 # KEYS: key. ARGV: owner. -> 1 | 0
 _ABANDON = """
@@ -114,6 +123,7 @@ class RedisIdempotencyStore(RedisStore):
             encode_headers(response.headers),
             response.body,
             script_number(GC_SLACK),
+            script_number(now),
         )
         return bool(res == 1)
 

@@ -137,8 +137,9 @@ class ReceiptStore(Protocol):
         ...
 
     async def lapse(self, key: str, owner: str, *, now: float) -> None:
-        """End the lease of ``owner``'s PENDING/PAID claim now (its request is over, its outcome recorded by hash),
-        so the next presentation takes it over and reconciles at once. No-op if ``owner`` lost it."""
+        """End the lease of ``owner``'s PENDING/PAID claim (its request is over, its outcome recorded by hash), so
+        the next presentation takes it over and reconciles at once. No-op if ``owner`` lost it. The lease is ended
+        outright (0), not set to ``now``: a clock that steps back afterwards must not make it live again."""
         ...
 
     async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:

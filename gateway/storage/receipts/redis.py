@@ -5,10 +5,13 @@ check state/owner/lease, write) is one indivisible step however many gateways sh
 registered once and called by EVALSHA (redis-py loads them again after a ``NOSCRIPT``, e.g. after a restart).
 
 Time: ``now`` always comes from the caller, so the semantics do not depend on the Redis host's clock. The
-hash's Redis TTL (``PEXPIREAT``, or ``PERSIST`` for records kept for ever) is only garbage collection; it is
-set :data:`gateway.storage.redis_client.GC_SLACK` seconds after the logical expiry so that clock skew between a
-gateway and Redis cannot delete a record that the gateway still considers live. A PENDING/PAID claim never
-expires under a live lease.
+hash's Redis TTL is only garbage collection: every transition sets it relative to the caller's ``now``
+(``PEXPIRE`` by the logical expiry minus ``now``, plus :data:`gateway.storage.redis_client.GC_SLACK`; see
+:data:`gateway.storage.redis_client.GC_EXPIRE`), or ``PERSIST`` for records kept for ever. Redis counts that TTL
+down by its own clock, so the hash goes GC_SLACK seconds after the logical expiry by the gateway's clock, however
+far the gateway's and the Redis host's clocks disagree: Redis never deletes a record that the gateway still
+considers live (never an absolute ``PEXPIREAT``, which Redis would read by its own clock). A PENDING/PAID claim
+never expires under a live lease (its TTL covers the later of the expiry and the lease).
 
 Fail closed (a store that cannot answer cannot tell a first presentation from a replay): every Redis error
 becomes :class:`StoreUnavailable`, quickly (see :mod:`gateway.storage.redis_client`). Every script is safe to
@@ -25,7 +28,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
-from gateway.storage.redis_client import GC_SLACK, RedisStore, script_number
+from gateway.storage.redis_client import GC_EXPIRE, GC_SLACK, RedisStore, script_number
 
 __all__ = ["PREFIX", "RedisReceiptStore"]
 
@@ -37,20 +40,23 @@ CLUSTER_PREFIX = "x402:{rcpt}:"
 
 _FIELDS = ("state", "owner", "tx", "lease", "exp", "upd")
 
-# Shared by every script. Hash fields are strings; '' stands for None (tx hash, expiry).
-_PRELUDE = """
+# Shared by every script. Hash fields are strings; '' stands for None (tx hash, expiry). set_expiry's TTL is relative
+# to the caller's ``now`` (GC_EXPIRE), never an instant by the gateway's clock.
+_PRELUDE = (
+    GC_EXPIRE
+    + """
 local function expired(state, lease, exp, now)
   if exp == '' or tonumber(exp) >= now then return false end
   return not ((state == 'pending' or state == 'paid') and tonumber(lease) > now)
 end
-local function set_expiry(key, state, lease, exp, slack)
+local function set_expiry(key, state, lease, exp, now, slack)
   if exp == '' then
     redis.call('PERSIST', key)
     return
   end
   local t = tonumber(exp)
   if (state == 'pending' or state == 'paid') and tonumber(lease) > t then t = tonumber(lease) end
-  redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil((t + slack) * 1000)))
+  gc_expire(key, t, now, slack)
 end
 local function load(key, now)
   local h = redis.call('HMGET', key, 'state', 'owner', 'tx', 'lease', 'exp', 'upd')
@@ -62,6 +68,7 @@ local function load(key, now)
   return h
 end
 """
+)
 
 # KEYS: key. ARGV: owner, now, lease_until, expires_at|'', slack, take_over_from|''.
 # -> {'ok', state, owner, tx, lease_until, expires_at, updated_at, resumed} | {'replayed'} | {'inflight', holder}
@@ -78,7 +85,7 @@ if h and h[2] == owner and h[6] == now_s then
 end
 if not h then
   redis.call('HSET', key, 'state', 'pending', 'owner', owner, 'tx', '', 'lease', lease, 'exp', exp, 'upd', now_s)
-  set_expiry(key, 'pending', lease, exp, slack)
+  set_expiry(key, 'pending', lease, exp, tonumber(now_s), slack)
   return {'ok', 'pending', owner, '', lease, exp, now_s, '0'}
 end
 local state = h[1]
@@ -92,7 +99,7 @@ end
 local new_exp = exp
 if h[5] == '' or exp == '' then new_exp = '' elseif tonumber(h[5]) > tonumber(exp) then new_exp = h[5] end
 redis.call('HSET', key, 'state', state, 'owner', owner, 'lease', lease, 'exp', new_exp, 'upd', now_s)
-set_expiry(key, state, lease, new_exp, slack)
+set_expiry(key, state, lease, new_exp, tonumber(now_s), slack)
 return {'ok', state, owner, h[3], lease, new_exp, now_s, '1'}
 """
 )
@@ -105,7 +112,7 @@ local key = KEYS[1]
 local h = load(key, tonumber(ARGV[3]))
 if not h or h[1] ~= 'pending' or h[2] ~= ARGV[1] then return 'lost' end
 redis.call('HSET', key, 'tx', ARGV[2], 'lease', ARGV[4], 'upd', ARGV[3])
-set_expiry(key, 'pending', ARGV[4], h[5], tonumber(ARGV[5]))
+set_expiry(key, 'pending', ARGV[4], h[5], tonumber(ARGV[3]), tonumber(ARGV[5]))
 return 'ok'
 """
 )
@@ -125,17 +132,17 @@ if KEYS[2] then
   local e = load(KEYS[2], now)
   if e and e[2] ~= ARGV[8] then
     redis.call('HSET', key, 'state', 'consumed', 'tx', tx, 'upd', ARGV[4])
-    set_expiry(key, 'consumed', h[4], h[5], tonumber(ARGV[6]))
+    set_expiry(key, 'consumed', h[4], h[5], now, tonumber(ARGV[6]))
     return 'replayed'
   end
   if not e then
     redis.call('HSET', KEYS[2], 'state', 'consumed', 'owner', ARGV[8], 'tx', tx, 'lease', '0', 'exp', ARGV[7],
       'upd', ARGV[4])
-    set_expiry(KEYS[2], 'consumed', '0', ARGV[7], tonumber(ARGV[6]))
+    set_expiry(KEYS[2], 'consumed', '0', ARGV[7], now, tonumber(ARGV[6]))
   end
 end
 redis.call('HSET', key, 'state', 'paid', 'tx', tx, 'lease', ARGV[5], 'upd', ARGV[4])
-set_expiry(key, 'paid', ARGV[5], h[5], tonumber(ARGV[6]))
+set_expiry(key, 'paid', ARGV[5], h[5], now, tonumber(ARGV[6]))
 return 'ok'
 """
 )
@@ -153,16 +160,17 @@ if not h or h[1] ~= 'paid' or h[2] ~= ARGV[1] then return 'lost' end
 local state = 'unserved'
 if ARGV[2] == '1' then state = 'consumed' end
 redis.call('HSET', key, 'state', state, 'exp', ARGV[4], 'upd', ARGV[3])
-set_expiry(key, state, h[4], ARGV[4], tonumber(ARGV[5]))
+set_expiry(key, state, h[4], ARGV[4], tonumber(ARGV[3]), tonumber(ARGV[5]))
 return 'ok'
 """
 )
 
-# KEYS: key. ARGV: owner, now. -> 1 if the lease ended else 0
+# KEYS: key. ARGV: owner, now. -> 1 if the lease ended else 0. Ended outright (0), never "at now": a clock that
+# steps back afterwards must not make the lease live again.
 _LAPSE = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
 if (h[1] == 'pending' or h[1] == 'paid') and h[2] == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+  redis.call('HSET', KEYS[1], 'lease', '0')
   return 1
 end
 return 0

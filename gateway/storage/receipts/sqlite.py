@@ -238,8 +238,8 @@ class SQLiteReceiptStore:
     def _lapse(self, key: str, owner: str, now: float) -> None:
         def body(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE receipts SET lease_until = ? WHERE key = ? AND owner = ? AND state IN ('pending', 'paid')",
-                (now, key, owner),
+                "UPDATE receipts SET lease_until = 0 WHERE key = ? AND owner = ? AND state IN ('pending', 'paid')",
+                (key, owner),
             )
 
         self._db.transaction(body)

@@ -5,8 +5,11 @@ Keys (all under the hash tag ``{settle}``, so one Redis Cluster slot holds them 
     x402:{settle}:e:<claim key>     hash: network, tx, asset, data (hex), vb, bn, bh, owner, lease, created, upd
     x402:{settle}:n:<network>       zset claim key -> created_at: a network's entries, oldest first
 
-Every entry's Redis TTL is :data:`GC_SECONDS` after it was added (garbage collection of an entry nobody resolves:
-a network no longer configured); ``take`` drops index members whose hash is gone.
+Every entry's Redis TTL is :data:`GC_SECONDS` plus :data:`gateway.storage.redis_client.GC_SLACK` after it was
+added (garbage collection of an entry nobody resolves: a network no longer configured), set relative to the
+caller's ``now`` (``PEXPIRE``, :data:`gateway.storage.redis_client.GC_EXPIRE`), never as an absolute instant by
+the gateway's clock that Redis would read by its own: a gateway whose clock is behind the Redis host's keeps its
+entries as long as one whose clock agrees. ``take`` drops index members whose hash is gone.
 """
 
 from __future__ import annotations
@@ -14,22 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import StoreUnavailable
-from gateway.storage.redis_client import RedisStore, script_number
+from gateway.storage.redis_client import GC_EXPIRE, GC_SLACK, RedisStore, script_number
 from gateway.storage.settlements.contract import GC_SECONDS, JournalEntry
 
 __all__ = ["PREFIX", "RedisSettlementJournal"]
 
 PREFIX = "x402:{settle}:"
 
-# KEYS: entry, index. ARGV: key, network, tx, asset, data, vb, owner, lease_until, now, gc_at_ms.
-_ADD = """
+# KEYS: entry, index. ARGV: key, network, tx, asset, data, vb, owner, lease_until, now, gc_at (now + GC_SECONDS), slack.
+_ADD = (
+    GC_EXPIRE
+    + """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'network', ARGV[2], 'tx', ARGV[3], 'asset', ARGV[4], 'data', ARGV[5], 'vb', ARGV[6],
   'bn', '', 'bh', '', 'owner', ARGV[7], 'lease', ARGV[8], 'created', ARGV[9], 'upd', ARGV[9])
-redis.call('PEXPIREAT', KEYS[1], ARGV[10])
+gc_expire(KEYS[1], tonumber(ARGV[10]), tonumber(ARGV[9]), tonumber(ARGV[11]))
 redis.call('ZADD', KEYS[2], ARGV[9], ARGV[1])
 return 1
 """
+)
 
 # KEYS: index. ARGV: entry prefix, owner, now, lease_until, limit, newest '1'|'0'.
 # -> flat list, 11 fields per entry: key, network, tx, asset, data, vb, bn, bh, created, upd, lease_until
@@ -142,7 +148,8 @@ class RedisSettlementJournal(RedisStore):
                 owner,
                 script_number(now + lease),
                 script_number(now),
-                str(int((now + GC_SECONDS) * 1000)),
+                script_number(now + GC_SECONDS),
+                script_number(GC_SLACK),
             ],
         )
 
