@@ -19,7 +19,8 @@ The rules for what is forwarded (headers, target, answer URLs) live in :mod:`gat
 
 Failure after ``http.response.start`` raises :class:`UpstreamAborted` so the server closes the connection and the
 client sees a truncated body, never a second response. A client that disconnects aborts the upstream request
-and ``__call__`` returns without (further) sending.
+and ``__call__`` returns without (further) sending, unless the request is paid and the upstream has all of it:
+that exchange completes (the server drops the answer) and its payment is spent (docs/threat-model.md T11).
 """
 
 from __future__ import annotations
@@ -220,13 +221,14 @@ class UpstreamProxy:
             state.body_done.set()
         task = asyncio.current_task()
         assert task is not None
+        lease = _lease(scope)
         # The disconnect watcher starts only if the exchange is still going after WATCH_AFTER: most answers are
         # relayed sooner, and a task per request is a tenth of a small request's CPU. A client that left earlier
         # is noticed then (the server keeps its disconnect for the first receive that asks).
         watcher: list[asyncio.Task[None]] = []
         timer = asyncio.get_running_loop().call_later(
             WATCH_AFTER,
-            lambda: watcher.append(asyncio.ensure_future(self._watch_disconnect(receive, state, task))),
+            lambda: watcher.append(asyncio.ensure_future(self._watch_disconnect(receive, state, task, lease))),
         )
         try:
             await self._exchange(
@@ -237,7 +239,7 @@ class UpstreamProxy:
                 length=length,
                 state=state,
                 send=send,
-                lease=_lease(scope),
+                lease=lease,
             )
         except asyncio.CancelledError:
             if state.cancelled and task.uncancel() == 0:
@@ -275,6 +277,10 @@ class UpstreamProxy:
                 silent = rewritten and 300 <= resp.status < 400
                 if silent:
                     out = [(k, v) for k, v in out if k != b"content-length"] + [(b"content-length", b"0")]
+                elif resp.status in (204, 304):
+                    # No body by definition, whatever length it declares (a 304 may repeat the representation's):
+                    # relayed, the length would make our server wait for bytes that never come and cut the reply.
+                    out = [(k, v) for k, v in out if k not in (b"content-length", b"transfer-encoding")]
                 state.started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 chunk = b"" if method == "HEAD" else await resp.next_chunk()
@@ -324,16 +330,23 @@ class UpstreamProxy:
             state.body_done.set()
 
     @staticmethod
-    async def _watch_disconnect(receive: Receive, state: _Exchange, task: asyncio.Task[None]) -> None:
-        """Cancel the request task when the client leaves: an abandoned upstream request must not run on."""
+    async def _watch_disconnect(receive: Receive, state: _Exchange, task: asyncio.Task[None], lease: Lease) -> None:
+        """Cancel the request task when the client leaves: an abandoned upstream request must not run on. A paid
+        one the upstream already has whole runs to its end instead, its answer dropped by the server: the payment
+        layer then settles it as served. Cancelled, it would look unserved and its payment would come back, good
+        for the same upstream work again after every hang-up (docs/threat-model.md T11)."""
         await state.body_done.wait()  # one reader of receive at a time: the body stream goes first
         if state.disconnected:
             return
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not state.finished:
-            state.disconnected = state.cancelled = True
-            task.cancel()
+        if state.finished:
+            return
+        state.disconnected = True  # an upstream failure from here on has no one to be told to
+        if lease.paid and lease.sent:
+            return
+        state.cancelled = True
+        task.cancel()
 
 
 def _lease(scope: Scope) -> Lease:

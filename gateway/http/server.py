@@ -24,10 +24,14 @@ runs only once the head is complete, too late for both.
 They act at the transport, so they hold for any ASGI app behind it. A body the app is reading is timed by the
 app (the proxy bounds each chunk with ``server.body_read_timeout``); uvicorn pauses reading above 64 KiB buffered.
 
+One fix: llhttp reports a chunked body's trailer fields like header fields, and uvicorn appends them to the
+request's headers; here they are dropped, so a trailer never becomes a request header (docs/threat-model.md T14).
+
 One more change, for speed: uvicorn writes a response's status line and headers, then its body, in two writes
 (two system calls, each waking the client). The head is held until the body's first write in the same turn of the
 event loop and both leave in one write (:class:`_OneWrite`); a head whose body is not ready by the end of that turn
-(a stream, a HEAD request) leaves alone, as before.
+(a stream, a HEAD request) leaves alone, as before. Nothing is written once the connection is closing (a head
+refused or timed out while an earlier request's answer was still being made): what was held is dropped too.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class _OneWrite:
         self._held: bytes | None = None  # None: nothing written yet; b"": the head has left
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            self._held = b""  # the connection was ended (a refused head, a timeout): nothing more leaves on it
+            return
         held = self._held
         if held is None and len(data) <= _MAX_HELD:
             self._held = data
@@ -126,6 +133,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._after_chunk_header = False  # a chunk header was parsed and no body byte followed (yet)
         self._trailer_bytes = 0
+        self._messages = 0  # requests the parser completed on this connection
         super().__init__(*args, **kwargs)
 
     # -- transport events ---------------------------------------------------------------------------------
@@ -161,19 +169,29 @@ class _GuardedHttpTools(HttpToolsProtocol):
             # Feed only what the cap allows: if the head ends within it, the rest is body or the next request.
             piece, data = data[:room], data[room:]
             self._head_bytes += len(piece)
+            messages = self._messages
             if piece:
                 super().data_received(piece)
             if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return  # the parser refused it (400), or the connection was upgraded
-            if self._in_head:
-                self._refuse(_TOO_LARGE)
+            if self._in_head and self._messages == messages:
+                self._refuse(_TOO_LARGE)  # one head, still unfinished at the cap
                 return
+            # A request ended within the piece: the head in progress, if any, is the next one's, and its count
+            # started afresh there (its bytes in this piece go uncounted: docs/threat-model.md T40, residual).
 
     # -- parser callbacks -----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
         super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp reports a chunked body's trailer fields here too, and uvicorn would append them to the request's
+        # headers, which every layer reads (the client address from X-Forwarded-For among them) and the proxy
+        # forwards: a trailer is never merged into the header section, it is dropped (docs/threat-model.md T14).
+        if self._in_head:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -186,6 +204,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head = True  # whatever follows is the next request's head: counted and timed afresh
+        self._messages += 1
         self._head_bytes = 0
         self._after_chunk_header = False
         self._trailer_bytes = 0

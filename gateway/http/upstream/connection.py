@@ -4,7 +4,8 @@ One exchange at a time, each with a parser of its own. The rules kept here: a HE
 declares; 1xx interim answers are skipped; an upgrade (101) is refused; an answer without length ends at a clean
 close, while a reset or a close before the declared end is a truncation. The connection is reusable only after a
 complete answer the server did not mark ``Connection: close``, to a request that was sent whole; an upstream
-talking out of turn (bytes nobody asked for, a second answer) is never trusted with the next request. Reading
+talking out of turn (bytes nobody asked for, a second answer) is never trusted with the next request, nor is one
+that may still send a body it declared where HTTP has none (a HEAD answer; a 204 or 304 with a length). Reading
 pauses above ``_HIGH_WATER`` buffered bytes, and the read timeout does not run while it is paused (the client is
 slow, not the upstream).
 
@@ -31,6 +32,15 @@ __all__ = ["Connection", "UpstreamResponse"]
 
 _HIGH_WATER = 1 << 20  # buffered answer bytes above which reading pauses
 _LOW_WATER = 1 << 18
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the answer's headers announce body bytes: a ``Transfer-Encoding``, or a non-zero length."""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding" or (lowered == b"content-length" and value.strip().strip(b"0") != b""):
+            return True
+    return False
 
 
 class UpstreamResponse:
@@ -168,8 +178,15 @@ class Connection(asyncio.Protocol):
         if self.head is None or self.head.done():
             self.spoiled = True  # a second answer to one request: the connection's framing is not to be trusted
             return
-        # Read now: llhttp forgets the message's framing flags once it is complete.
-        self.keep_alive = parser.should_keep_alive()
+        # Read now: llhttp forgets the message's framing flags once it is complete. An answer without a body by
+        # definition (to a HEAD; a 204 or 304) is complete at its headers, but an upstream may write the body it
+        # declared all the same: read on this connection, it would be the next request's answer, another client's
+        # perhaps. So no reuse after a HEAD answer, or after a 204 or 304 that declares a body.
+        self.keep_alive = (
+            parser.should_keep_alive()
+            and not self.head_only
+            and not (status in (204, 304) and _declares_body(self.headers))
+        )
         self.response = UpstreamResponse(self, status, self.headers)
         self.head.set_result(self.response)
         if self.head_only:
@@ -299,6 +316,7 @@ class Connection(asyncio.Protocol):
             if body is None:
                 if not self._write(head):
                     raise StaleConnection() if self.reused else ProtocolFailure("the upstream closed the connection")
+                self._sent_whole()
             else:
                 self.sending = True
                 await self._send_body(head, body, chunked)
@@ -332,9 +350,16 @@ class Connection(asyncio.Protocol):
             pending += b"0\r\n\r\n"
         if pending and not self._write(pending):
             self.spoiled = True
+            return
+        self._sent_whole()
         if self.head is not None and self.head.done():
             # It answered before the request was whole: whether it read the rest is unknown, so no reuse.
             self.spoiled = True
+
+    def _sent_whole(self) -> None:
+        """The request's last byte is written: its lease learns that the upstream has (or will have) all of it."""
+        if self.lease is not None:
+            self.lease.sent = True
 
     async def next_chunk(self) -> bytes:
         while True:
@@ -367,7 +392,7 @@ class Connection(asyncio.Protocol):
             and not self.closed
             and not self.paused_reading
             and self.parser is not None
-            and (self.head_only or self.keep_alive)
+            and self.keep_alive
         )
         self._reset_exchange()
         self.released = True

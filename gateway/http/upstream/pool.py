@@ -40,11 +40,14 @@ _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(slots=True)
 class Lease:
-    """What holds a connection: a paid request or not, its client, and whether its body is still streaming up."""
+    """What holds a connection: a paid request or not, its client, whether its body is still streaming up, and
+    whether the request has gone up whole (set by the connection once its last byte is written: from then on the
+    upstream may be doing the work it asks for)."""
 
     paid: bool = False
     client: str | None = None
     uploading: bool = False
+    sent: bool = False
 
 
 class _Waiter:
