@@ -10,9 +10,14 @@ from decimal import Decimal, InvalidOperation
 
 from gateway.networks import USDC_DECIMALS
 
+# The largest amount in atomic units that every store keeps and computes with exactly (Redis scripts compute in Lua
+# doubles; SQLite's INTEGER is 64-bit): ~9 billion USDC. No price or limit is ever larger.
+MAX_ATOMIC = 2**53 - 1
+
 
 def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
-    """``"0.10"`` / ``"$0.10"`` -> 100000 atomic units. Refuses floats, negatives, and sub-unit precision."""
+    """``"0.10"`` / ``"$0.10"`` -> 100000 atomic units. Refuses floats, negatives, sub-unit precision, and amounts
+    above :data:`MAX_ATOMIC`."""
     if isinstance(text, float):
         raise ValueError('prices must be strings or integers, not floats (write price = "0.10")')
     raw = str(text).strip().removeprefix("$").strip()
@@ -25,6 +30,8 @@ def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> in
     atomic = value.scaleb(decimals)
     if atomic != atomic.to_integral_value():
         raise ValueError(f"{raw!r} has more than {decimals} decimal places")
+    if atomic > MAX_ATOMIC:
+        raise ValueError(f"{raw!r} is more than the largest amount kept exactly ({MAX_ATOMIC} atomic units)")
     return int(atomic)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from gateway.config import GatewayConfig, RouteConfig, load_config
 from gateway.engine.engine import PaymentEngine
 from gateway.errors import BadRequest, ConfigError, StoreUnavailable
-from gateway.money import format_usd
+from gateway.money import MAX_ATOMIC, format_usd
 from gateway.schemes.prices import EarlierPrice
 from gateway.storage.overrides import Overrides, OverrideStore, RouteOverride, open_override_store
 from gateway.x402 import reasons
@@ -212,22 +212,30 @@ class Reloader:
         log.info("config reloaded", extra={"changed": list(changed), "overridden": list(overridden)})
         return ReloadResult(True, message, changed=tuple(changed), overridden=overridden)
 
-    async def set_price(self, route: str, price: int | None) -> RouteState:
+    async def set_price(self, route: str, price: int | None) -> RouteState | None:
         """Set ``route``'s price (atomic units) on every instance of the store; ``None``: back to the file's.
-        Raises ``BadRequest`` (``route_not_found``, or a price that is not positive) and ``StoreUnavailable``."""
-        self._configured(route)
-        if price is not None and (isinstance(price, bool) or not isinstance(price, int) or price <= 0):
-            raise BadRequest("a price is a positive whole number of atomic units", reason=reasons.BAD_REQUEST)
+        Raises ``BadRequest`` (``route_not_found``, or a price that is not positive or beyond what the stores keep
+        exactly) and ``StoreUnavailable``. Clearing works for a route the file no longer has (its override would
+        otherwise come back with it); the answer is then None."""
+        self._configured(route, clearing=price is None)
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int) or not 0 < price <= MAX_ATOMIC):
+            raise BadRequest(
+                f"a price is a whole number of atomic units from 1 to {MAX_ATOMIC}", reason=reasons.BAD_REQUEST
+            )
         await self.store.set_price(route, price, now=self.clock())
         await self.refresh()
-        return self.state(route)
+        return self._state_if_configured(route)
 
-    async def pause(self, route: str, paused: bool | None = True) -> RouteState:
-        """Pause (or resume: ``False``) ``route`` on every instance of the store; ``None``: back to the file's."""
-        self._configured(route)
+    async def pause(self, route: str, paused: bool | None = True) -> RouteState | None:
+        """Pause (or resume: ``False``) ``route`` on every instance of the store; ``None``: back to the file's
+        (also for a route the file no longer has: the answer is then None)."""
+        self._configured(route, clearing=paused is None)
         await self.store.set_paused(route, paused, now=self.clock())
         await self.refresh()
-        return self.state(route)
+        return self._state_if_configured(route)
+
+    def _state_if_configured(self, route: str) -> RouteState | None:
+        return next((s for s in self.states() if s.route == route), None)
 
     # -------------------------------------------------------------------------------------------------- views
 
@@ -253,7 +261,9 @@ class Reloader:
     def state(self, route: str) -> RouteState:
         return next(s for s in self.states() if s.route == route)
 
-    def _configured(self, route: str) -> None:
+    def _configured(self, route: str, *, clearing: bool = False) -> None:
+        if clearing and route in self.overrides.routes:
+            return  # an override left by a route since removed from the file: clearing it is always allowed
         if not any(r.route == route for r in self.file.routes):
             raise BadRequest(f"no configured route {route!r}", reason=reasons.ROUTE_NOT_FOUND)
 

@@ -130,7 +130,8 @@ def run_admin_command(args: argparse.Namespace, *, out: TextIO | None = None) ->
         if not token:
             raise _UsageError(f"no admin token: set {args.token_env} (or name another variable with --token-env)")
         headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
-        with httpx.Client(base_url=url, headers=headers, timeout=args.timeout) as client:
+        # trust_env=False: an HTTP proxy named in the environment (http_proxy, all_proxy) would see the token.
+        with httpx.Client(base_url=url, headers=headers, timeout=args.timeout, trust_env=False) as client:
             if args.admin_command == "export":
                 return _export(client, args, out)
             method, path, body, show = _request(args)
