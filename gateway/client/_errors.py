@@ -41,6 +41,20 @@ __all__ = [
 ]
 
 
+def error_summary(exc: BaseException) -> str:
+    """What may be shown of an error raised by an HTTP or RPC library: its type and, for an HTTP answer, the
+    status code. Never its text: httpx, aiohttp and requests put the full URL there (``... for url
+    'https://rpc.example/v2/<key>'``), and an RPC URL's path or query is often its API key."""
+    status: object = getattr(exc, "status", None)  # aiohttp.ClientResponseError
+    if not isinstance(status, int):
+        try:
+            status = getattr(getattr(exc, "response", None), "status_code", None)  # httpx, requests
+        except Exception:  # a library's property may raise instead of answering None
+            status = None
+    name = type(exc).__name__
+    return f"{name}, HTTP {status}" if isinstance(status, int) and not isinstance(status, bool) else name
+
+
 class X402ClientError(Exception):
     """Base of every error the SDK raises on purpose."""
 

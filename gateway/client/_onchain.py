@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import httpx
 from eth_utils.crypto import keccak
 
-from gateway.client._errors import PaymentFailed
+from gateway.client._errors import PaymentFailed, error_summary
 from gateway.client._spend import chain_id_of
 from gateway.secrets import redact_url
 from gateway.x402.sessions import SETTLEMENT_CONTRACT
@@ -69,7 +69,10 @@ class ChannelReader:
                 (await self._call(url, "eth_call", [{"to": SETTLEMENT_CONTRACT, "data": data}, "latest"]))[2:]
             )
         except (httpx.HTTPError, ValueError) as exc:
-            log.warning("could not read channel %s on %s (%s): %s", channel_id, network, redact_url(url), exc)
+            # The type and status only: an httpx error's text holds the full URL, whose path may be the RPC's key.
+            log.warning(
+                "could not read channel %s on %s (%s): %s", channel_id, network, redact_url(url), error_summary(exc)
+            )
             return None
         if len(raw) < 64:
             return None

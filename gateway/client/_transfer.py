@@ -18,7 +18,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from gateway.client._config import TxHashPayments
-from gateway.client._errors import PaymentFailed, PaymentRefused
+from gateway.client._errors import PaymentFailed, PaymentRefused, error_summary
 from gateway.client._spend import chain_id_of
 from gateway.x402 import reasons
 
@@ -28,6 +28,46 @@ if TYPE_CHECKING:  # web3 costs ~0.5 s to import: only clients that pay by trans
 __all__ = ["TransferSender", "TxOption"]
 
 _TRANSFER = keccak(text="transfer(address,uint256)")[:4]
+_REVERT_REASON_MAX = 200
+
+
+# What an RPC failure may say. web3 passes its HTTP session's errors through (``aiohttp.ClientResponseError: 429,
+# message='Too Many Requests', url='https://rpc.example/v2/<key>'``) and the URL's path or query is often the RPC's
+# API key: messages name the error's type and status only, and are raised ``from None`` so that no traceback shows
+# the original. A contract's revert reason comes from the chain, not from the URL, and is kept.
+
+
+def _rpc_failed(network: str, what: str, exc: BaseException) -> PaymentRefused:
+    return PaymentRefused(f"the RPC for {network} failed {what} ({_rpc_error(exc)})", reason="rpc_unavailable")
+
+
+def _rpc_error(exc: BaseException) -> str:
+    """``error_summary``, plus the JSON-RPC error code of an error the node answered with."""
+    from web3.exceptions import Web3RPCError
+
+    if isinstance(exc, Web3RPCError) and isinstance(exc.rpc_response, dict):
+        error = exc.rpc_response.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        if isinstance(code, int) and not isinstance(code, bool):
+            return f"{type(exc).__name__}, JSON-RPC error {code}"
+    return error_summary(exc)
+
+
+def _following_failed(option: TxOption, tx_hash: str, exc: BaseException) -> PaymentFailed:
+    return PaymentFailed(
+        f"the RPC for {option.network} failed while following the transfer {tx_hash} ({_rpc_error(exc)}); "
+        "it may still become final",
+        reason="rpc_unavailable",
+        tx_hash=tx_hash,
+    )
+
+
+def _revert_reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    if not isinstance(message, str) or not message.strip():
+        return "execution reverted"
+    message = " ".join(message.split())
+    return message if len(message) <= _REVERT_REASON_MAX else message[: _REVERT_REASON_MAX - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +139,11 @@ class TransferSender:
             if url is None:
                 raise PaymentRefused(f"no RPC URL configured for {option.network}", reason="no_rpc_url")
             w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": 30}))
-            if await w3.eth.chain_id != option.chain_id:
+            try:
+                served = await w3.eth.chain_id
+            except Exception as exc:
+                raise _rpc_failed(option.network, "to give its chain id", exc) from None
+            if served != option.chain_id:
                 # Sending to the wrong chain would move real money where the gateway never looks.
                 raise PaymentRefused(
                     f"the RPC configured for {option.network} serves another chain id", reason="rpc_chain_mismatch"
@@ -109,6 +153,8 @@ class TransferSender:
 
     async def send(self, option: TxOption) -> str:
         """Broadcast ``asset.transfer(recipient, amount)``; the transaction hash (lowercase 0x hex)."""
+        from web3.exceptions import ContractLogicError, RequestTimedOut, Web3RPCError
+
         w3 = await self._web3(option)
         data = _TRANSFER + abi_encode(["address", "uint256"], [option.recipient, option.amount])
         lock = self._locks.setdefault(option.chain_id, asyncio.Lock())
@@ -123,13 +169,25 @@ class TransferSender:
             try:
                 # estimate_gas fails early (nothing sent) on a revert: too little USDC, a paused token.
                 gas = await w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
+            except ContractLogicError as exc:
+                raise PaymentRefused(
+                    f"the transfer would fail: {_revert_reason(exc)}", reason="transfer_would_revert"
+                ) from None
+            except Web3RPCError as exc:  # the node refused the estimate: e.g. too little ETH for the gas
+                raise PaymentRefused(
+                    f"the transfer would fail: the RPC for {option.network} refused it ({_rpc_error(exc)})",
+                    reason="transfer_would_revert",
+                ) from None
             except Exception as exc:
-                raise PaymentRefused(f"the transfer would fail: {exc}", reason="transfer_would_revert") from None
-            pending = await w3.eth.get_transaction_count(self.account.address, "pending")
+                raise _rpc_failed(option.network, "to estimate the transfer", exc) from None
+            try:
+                pending = await w3.eth.get_transaction_count(self.account.address, "pending")
+                block = await w3.eth.get_block("latest")
+                tip = int(await w3.eth.max_priority_fee)
+            except Exception as exc:
+                raise _rpc_failed(option.network, "to give the nonce and fees", exc) from None
             nonce = max(pending, self._next_nonce.get(option.chain_id, 0))
-            block = await w3.eth.get_block("latest")
             base_fee = int(block.get("baseFeePerGas", 0) or 0)
-            tip = int(await w3.eth.max_priority_fee)
             tx.update(
                 nonce=nonce,
                 gas=int(gas * 1.2) + 10_000,
@@ -141,9 +199,21 @@ class TransferSender:
             signed = self.account.sign_transaction(tx)
             try:
                 tx_hash = await w3.eth.send_raw_transaction(signed.raw_transaction)
-            except Exception:
+            except Exception as exc:
                 self._next_nonce.pop(option.chain_id, None)
-                raise
+                if isinstance(exc, Web3RPCError) and not isinstance(exc, RequestTimedOut):
+                    # The node answered: it did not take the transaction (nonce, funds, fees).
+                    raise PaymentRefused(
+                        f"the RPC for {option.network} rejected the transfer ({_rpc_error(exc)})",
+                        reason="transfer_rejected",
+                    ) from None
+                # No answer, or a timeout: the transaction may have reached the network all the same.
+                sent = "0x" + bytes(signed.hash).hex()
+                raise PaymentFailed(
+                    f"broadcasting the transfer {sent} failed ({_rpc_error(exc)}); it may still be mined",
+                    reason="transfer_broadcast_failed",
+                    tx_hash=sent,
+                ) from None
             self._next_nonce[option.chain_id] = nonce + 1
         return "0x" + bytes(tx_hash).hex()
 
@@ -158,10 +228,16 @@ class TransferSender:
                 receipt = await w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
             except TransactionNotFound:
                 receipt = None
+            except Exception as exc:
+                raise _following_failed(option, tx_hash, exc) from None
             if receipt is not None:
                 if int(receipt["status"]) != 1:
                     raise PaymentFailed("the transfer reverted", reason=reasons.TX_REVERTED, tx_hash=tx_hash)
-                depth = int(await w3.eth.block_number) - int(receipt["blockNumber"]) + 1
+                try:
+                    head = int(await w3.eth.block_number)
+                except Exception as exc:
+                    raise _following_failed(option, tx_hash, exc) from None
+                depth = head - int(receipt["blockNumber"]) + 1
                 if depth >= max(self.settings.confirmations, 1):
                     return
             if time.monotonic() + interval > deadline:
