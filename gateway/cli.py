@@ -21,12 +21,34 @@ from gateway.http.admin.commands import ADMIN_COMMANDS, add_admin_commands
 from gateway.money import format_usd
 
 
+def _config_error(exc: ConfigError) -> NoReturn:
+    """Exit 2 with the message only: never a traceback, whose chained causes may quote what the message leaves
+    out (a store URL's password)."""
+    print(f"x402-gateway: config error: {exc.message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def _load(path: str) -> GatewayConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"x402-gateway: config error: {exc.message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(exc)
+
+
+def check_store_urls(config: GatewayConfig) -> None:
+    """Every store URL of ``config`` read by the parsers ``serve`` uses (``ConfigError`` naming the key), so that
+    ``check`` never says "ok" for a URL ``serve`` refuses. Nothing is connected."""
+    from gateway.ops.ratelimit import open_storage
+    from gateway.storage.backend import open_backend
+
+    open_backend(config.store.url.reveal(), config_key="store.url")
+    for key, url in (
+        ("idempotency.store_url", config.idempotency.store_url),
+        ("ledger.store_url", config.ledger.store_url),
+    ):
+        if url is not None:
+            open_backend(url.reveal(), config_key=key)
+    open_storage(config.rate_limits.storage_url.reveal())  # ConfigError("rate_limits.storage_url", ...)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -42,7 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or config.server.listen_port
     server = config.server
     # SIGHUP reloads routes and prices from args.config (docs/operating.md, "Prices and routes at run time")
-    app = build_app(config, freeze_heap=True, config_path=args.config, reload_on_sighup=True)
+    try:
+        app = build_app(config, freeze_heap=True, config_path=args.config, reload_on_sighup=True)
+    except ConfigError as exc:  # a store URL the loader let through but a store refuses
+        _config_error(exc)
     options: dict[str, Any] = dict(
         # httptools with a cap on an unfinished request head (and trailers) and deadlines for it and for a body
         # left unread (uvicorn has none of them for httptools; docs/threat-model.md T40, gateway/http/server.py)
@@ -76,6 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    try:
+        check_store_urls(config)
+    except ConfigError as exc:
+        _config_error(exc)
     print(f"ok: {len(config.routes)} priced route(s), networks: {', '.join(config.networks)}")
     for route in config.routes:
         price = f"${format_usd(route.price)} ({route.price} atomic units)"
@@ -131,7 +160,10 @@ def cmd_store_acknowledge(args: argparse.Namespace) -> int:
         finally:
             await store.aclose()
 
-    before, after = asyncio.run(run())
+    try:
+        before, after = asyncio.run(run())
+    except ConfigError as exc:  # open_store: a store URL the loader let through but the store refuses
+        _config_error(exc)
     if before is not None and before.startswith(LOST):
         print(f"acknowledged: the store had lost its records (was {before}); new identity {after}")
     else:

@@ -30,13 +30,15 @@ import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from gateway.config import GatewayConfig, RateLimitConfig
-from gateway.storage.redis_topology import parse_redis_url
+from gateway.errors import ConfigError
+from gateway.storage.redis_topology import RedisTopology, parse_redis_url
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -46,14 +48,37 @@ _WARN_EVERY = 10.0  # seconds between "storage unavailable" warnings while it st
 # process) at most this long, at most this many at once; beyond either, 429 with the budget's Retry-After.
 _SLOT_WAIT = 5.0
 _SLOT_QUEUE = 16
+DEFAULT_PORT = 6379  # a Redis URL without a port: redis-py's default, which limits does not assume
+
+
+_KEY = "rate_limits.storage_url"
+_REFUSED = "limits cannot use this Redis URL (a host, port or option it cannot read)"
 
 
 def open_storage(url: str) -> Storage:
     """``memory://`` or any Redis store URL (one server, Sentinel or Cluster: gateway.storage.redis_topology) as a
-    ``limits`` async storage."""
+    ``limits`` async storage; ``ConfigError("rate_limits.storage_url", ...)`` for a URL that names none.
+
+    The URL is read by our parser, never handed to ``limits`` whole: ``limits`` quotes the whole URL (its password
+    too) in its errors and refuses a host without a port. What it gets is rebuilt from the parts, with the port
+    (6379 by default) and without the credentials, which go as keyword arguments. Its errors become a fixed
+    message, raised ``from None`` (a traceback would print the chained cause)."""
     scheme = url.partition("://")[0]
     if scheme == "memory":
         return MemoryStorage()
+    try:
+        topology = parse_redis_url(url)
+    except ValueError as exc:  # fixed messages: they quote nothing of the URL
+        raise ConfigError(_KEY, f"invalid redis url: {exc}") from None
+    try:
+        return _redis_storage(topology, scheme)
+    except ConfigError:
+        raise
+    except Exception:
+        raise ConfigError(_KEY, _REFUSED) from None
+
+
+def _redis_storage(topology: RedisTopology, scheme: str) -> Storage:
     # redis-py (already a dependency for the receipt store) rather than limits' default coredis.
     # Short socket timeouts: a stalled Redis must not hold requests (they pass unlimited, see above).
     common: dict[str, Any] = {
@@ -62,8 +87,7 @@ def open_storage(url: str) -> Storage:
         "socket_timeout": 1.0,
         "socket_connect_timeout": 1.0,
     }
-    topology = parse_redis_url(url)
-    hosts = ",".join(f"{host}:{port}" for host, port in topology.nodes)
+    hosts = ",".join(f"{_host(host)}:{port}" for host, port in topology.nodes)
     auth: dict[str, Any] = {
         k: v for k, v in (("username", topology.username), ("password", topology.password)) if v is not None
     }
@@ -84,9 +108,27 @@ def open_storage(url: str) -> Storage:
         )
     if topology.kind == "cluster":
         return RedisClusterStorage(f"async+redis+cluster://{hosts}", **auth, **common)
-    client_url = topology.client_url
-    async_url = "async+redis+unix://" + client_url.partition("://")[2] if scheme == "unix" else "async+" + client_url
-    return RedisStorage(async_url, **common)
+    # One server: redis-py reads the path (db) and the query (TLS and socket options) of the URL; the user info
+    # goes as keyword arguments (a query's password=, if any, still wins in redis-py).
+    try:
+        parts = urlsplit(topology.client_url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(_KEY, "malformed redis url: its host or port cannot be read") from None
+    credentials: dict[str, Any] = {
+        k: unquote(v) for k, v in (("username", parts.username), ("password", parts.password)) if v
+    }
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    if scheme == "unix":
+        return RedisStorage(f"async+redis+unix://{tail}", **credentials, **common)
+    if not parts.hostname:
+        raise ConfigError(_KEY, "redis url without a host")
+    netloc = f"{_host(parts.hostname)}:{port or DEFAULT_PORT}"
+    return RedisStorage(f"async+{parts.scheme}://{netloc}{tail}", **credentials, **common)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address
 
 
 class Verification:

@@ -35,7 +35,7 @@ from redis.asyncio.connection import parse_url
 
 from gateway.errors import ConfigError
 from gateway.storage.redis_client import redact_url
-from gateway.storage.redis_topology import TOPOLOGY_SCHEMES, parse_redis_url
+from gateway.storage.redis_topology import TOPOLOGY_SCHEMES, parse_redis_url, refuse_raw_userinfo
 
 __all__ = ["Backend", "RedisBackend", "SqliteBackend", "open_backend"]
 
@@ -77,27 +77,37 @@ def open_backend(url: str, *, config_key: str = "store.url") -> Backend:
             # An in-memory store forgets every claim on restart and is not shared between processes.
             raise ConfigError(config_key, f"a sqlite store needs a file path, got {shown!r}")
         return SqliteBackend(path)
+    if scheme in REDIS_SCHEMES or scheme in TOPOLOGY_SCHEMES:
+        # Fixed messages, raised ``from None``: a raw "/", "?" or "#" in a password moves where the URL seems to
+        # split, and urllib's own errors (a chained cause a traceback prints) quote the piece they could not read.
+        try:
+            refuse_raw_userinfo(url)
+        except ValueError as exc:
+            raise ConfigError(config_key, str(exc)) from None
     if scheme in REDIS_SCHEMES:
         try:
             parts = urlsplit(url)
             _ = parts.port  # raises ValueError on a malformed port
-        except ValueError as exc:
-            raise ConfigError(config_key, f"malformed redis url {shown!r}") from exc
+        except ValueError:
+            raise ConfigError(config_key, "malformed redis url: its host or port cannot be read") from None
         if scheme != "unix" and not parts.hostname:
-            raise ConfigError(config_key, f"redis url without a host: {shown!r}")
+            raise ConfigError(config_key, "redis url without a host")
         try:
-            parse_url(parse_redis_url(url).client_url)  # what the pools will read (db number, query options)
-        except ValueError as exc:
-            raise ConfigError(config_key, f"invalid redis url {shown!r}: {exc}") from exc
+            client_url = parse_redis_url(url).client_url
+        except ValueError as exc:  # our parser's messages are fixed text
+            raise ConfigError(config_key, f"invalid redis url: {exc}") from None
+        try:
+            parse_url(client_url)  # what the pools will read (db number, query options)
+        except ValueError as exc:  # "Invalid value for '<name>' ...": only names of redis-py's own options
+            raise ConfigError(config_key, f"invalid redis url: {exc}") from None
         return RedisBackend(url)
     if scheme in TOPOLOGY_SCHEMES:
         try:
             parse_redis_url(url)
         except ValueError as exc:
-            raise ConfigError(config_key, f"invalid redis url {shown!r}: {exc}") from exc
+            raise ConfigError(config_key, f"invalid redis url: {exc}") from None
         return RedisBackend(url)
     raise ConfigError(
         config_key,
-        f"unsupported store scheme {scheme!r}: use sqlite:///, redis://, rediss://, unix://, redis+sentinel:// "
-        "or redis+cluster://",
+        "unsupported store scheme: use sqlite:///, redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://",
     )

@@ -26,6 +26,7 @@ and refuses the request (503) when they do not within ``replica_ack_timeout_ms``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -36,6 +37,7 @@ __all__ = [
     "TOPOLOGY_SCHEMES",
     "RedisTopology",
     "parse_redis_url",
+    "refuse_raw_userinfo",
 ]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -54,6 +56,17 @@ _NEEDS_TLS = (
     "TLS options (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs) need a TLS URL: "
     "rediss://, rediss+sentinel:// or rediss+cluster://"
 )
+
+# Fixed text too: a raw "/", "?", "#" or "@" in a password moves where the URL seems to split, so any piece of it quoted
+# (a "host", a "port", a "query parameter") could be the password's head or tail.
+_RAW_USERINFO = (
+    "the user info (user:password@) of a Redis URL holds a raw '/', '?', '#' or '@': percent-encode the password "
+    "('/' as %2F, '?' as %3F, '#' as %23, '@' as %40, '%' as %25)"
+)
+# What precedes the first "/", "?" or "#" when an "@" further on is in the path or the query, not after a user
+# info: nothing (unix:///path), or a host list (h1[:port],h2[:port], IPv6 in brackets).
+_HOST = r"(?:\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9._~%!$&'()*+;=-]+)(?::[0-9]*)?"
+_HOSTS = re.compile(rf"(?:{_HOST}(?:,{_HOST})*)?")
 
 Kind = Literal["server", "sentinel", "cluster"]
 CertReqs = Literal["required", "none"]
@@ -119,8 +132,8 @@ def _nodes(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
         parsed = urlsplit("//" + part)
         try:
             port = parsed.port or default_port
-        except ValueError as exc:
-            raise ValueError("a malformed port in the host list") from exc
+        except ValueError:
+            raise ValueError("a malformed port in the host list") from None
         if not parsed.hostname:
             raise ValueError("a host without a name in the host list")
         out.append((parsed.hostname, port))
@@ -144,6 +157,32 @@ def _tls(query: dict[str, str]) -> dict[str, Any]:
     return given
 
 
+def refuse_raw_userinfo(url: str) -> None:
+    """``ValueError`` (a fixed message) when ``url``'s user info holds a raw ``/``, ``?``, ``#`` or ``@``. The first
+    three end the host part for every URL parser (ours, urllib's, redis-py's, ``limits``'), which then reads the
+    rest of the password as a port, a path or a query and quotes it in its errors; on a raw ``@`` the parsers
+    disagree (urllib splits at the last one, ``limits`` at the first), so one of them reads a piece of the password
+    as the host and quotes it."""
+    rest = url.partition("://")[2]
+    head, at, _ = rest.partition("@")
+    if not at:
+        return
+    authority = re.split(r"[/?#]", head, maxsplit=1)[0]
+    if authority != head:
+        after = head[len(authority) :]  # from the first "/", "?" or "#" to the "@"
+        if not _HOSTS.fullmatch(authority) or "#" in after:
+            raise ValueError(_RAW_USERINFO)
+        tcp = url.partition("://")[0].lower() != "unix"
+        if tcp and "?" not in after:
+            raise ValueError(_RAW_USERINFO)  # the path of a TCP URL is a database number: "user:123/x@h" is a password
+        if "?" in after and "=" not in re.split(r"[?&]", after)[-1]:
+            raise ValueError(_RAW_USERINFO)  # an "@" in a query parameter's name is a password's
+    # Otherwise the first "@" ends the user info, or is in the path or the query (a socket or certificate file's
+    # name) and the URL has no user info at all.
+    if re.split(r"[/?#]", rest, maxsplit=1)[0].count("@") > 1:
+        raise ValueError(_RAW_USERINFO)
+
+
 def _credentials(netloc: str) -> tuple[str | None, str | None]:
     if "@" not in netloc:
         return None, None
@@ -159,6 +198,7 @@ def parse_redis_url(url: str) -> RedisTopology:
     scheme = scheme.lower()
     if not sep:
         raise ValueError("not a URL")
+    refuse_raw_userinfo(url)
     # The query first, from the whole remainder: ``redis://host:6379?db=3`` has no path but a query.
     rest, _, query_text = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -176,13 +216,20 @@ def parse_redis_url(url: str) -> RedisTopology:
             "server", base + ("?" + kept if kept else ""), min_replicas_acked=acks, ack_timeout_ms=ack_ms
         )
     if scheme not in TOPOLOGY_SCHEMES:
-        raise ValueError(f"unsupported scheme {scheme!r}")
+        raise ValueError(
+            "unsupported scheme: use redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+            "redis+cluster:// or rediss+cluster://"
+        )
     tls = scheme.startswith("rediss")
     if not tls and any(k.lower().startswith("ssl") for k in query):
         raise ValueError(_NEEDS_TLS)
     unknown = sorted(set(query) - set(_OURS) - set(_TLS_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown query parameter(s) {', '.join(k for k in unknown if 'pass' not in k.lower())}")
+        raise ValueError(
+            "unknown query parameter(s): a Sentinel or Cluster URL takes min_replicas_acked, replica_ack_timeout_ms, "
+            "sentinel_username, sentinel_password and the TLS options (ssl_ca_certs, ssl_certfile, ssl_keyfile, "
+            "ssl_cert_reqs) only"
+        )
     tls_options = _tls(query)
     username, password = _credentials(netloc)
     if scheme in CLUSTER_SCHEMES:
