@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["Secret", "redact_url"]
+__all__ = ["NOT_AN_ENV_NAME", "Secret", "env_var", "is_env_name", "redact_url"]
 
 
 class Secret:
@@ -82,3 +82,36 @@ def redact_url(url: str) -> str:
         return "<invalid url>"
     tail = "/…" if (parts.path not in ("", "/") or parts.query) else ""
     return f"{parts.scheme}://{host}{port}{tail}"
+
+
+# ------------------------------------------------------------------------------ environment variables' names
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# What an error says when the text where a variable's name belongs is no name: it is likely the secret itself.
+NOT_AN_ENV_NAME = "is not an environment variable name (a secret pasted here?)"
+
+
+def is_env_name(name: str) -> bool:
+    """``name`` could name an environment variable: ``[A-Za-z_][A-Za-z0-9_]{0,63}``."""
+    return _ENV_NAME.fullmatch(name) is not None
+
+
+def _reads_as_a_name(name: str) -> bool:
+    # A token such as "Adm1nT0kenPastedHere123456" or 64 hex digits is a valid name too; names people choose are in
+    # one case, made of words (X402_RELAYER_KEY, CDP_API_KEY_ID), and mix letters with digits only in short parts.
+    if not is_env_name(name) or name not in (name.upper(), name.lower()):
+        return False
+    for part in name.split("_"):
+        mixed = any(c.isdigit() for c in part) and any(c.isalpha() for c in part)
+        if len(part) > 24 or (mixed and len(part) > 8):
+            return False
+    return True
+
+
+def env_var(name: str) -> str:
+    """How an error message names the environment variable ``name``: ``environment variable NAME`` when ``name``
+    reads as a variable's name, else a fixed phrase, for the text where a name belongs may be a secret pasted there
+    (``relayer_key_env = "0x<key>"``, ``tokens = [{ env = "<token>" }]``)."""
+    if _reads_as_a_name(name):
+        return f"environment variable {name}"
+    return "the environment variable named here (name not shown: a secret pasted where its name belongs?)"

@@ -41,6 +41,7 @@ from Crypto.Signature import DSS, eddsa
 from gateway.config import Secret
 from gateway.errors import BadGateway, ConfigError, ServiceUnavailable
 from gateway.networks import KNOWN_NETWORKS
+from gateway.secrets import env_var
 from gateway.x402 import reasons
 from gateway.x402.codec import dumps
 
@@ -133,13 +134,13 @@ class CdpAuth:
         key_id = source.get(key_id_env, "").strip()
         secret = source.get(key_secret_env, "").strip()
         if not key_id:
-            raise ConfigError(key_id_env, "environment variable is not set (CDP API key id)")
+            raise ConfigError(env_var(key_id_env), "is not set (CDP API key id)")
         if not secret:
-            raise ConfigError(key_secret_env, "environment variable is not set (CDP API key secret)")
+            raise ConfigError(env_var(key_secret_env), "is not set (CDP API key secret)")
         self._key_id = key_id
         self._secret_env = key_secret_env
         self._expires_in = expires_in
-        self._alg, self._key = _parse_cdp_secret(secret, key_secret_env)
+        self._alg, self._key = _parse_cdp_secret(secret, env_var(key_secret_env))
 
     @property
     def key_id(self) -> str:
@@ -185,30 +186,31 @@ class CdpAuth:
         return {"Authorization": f"Bearer {self.token(method, url)}"}
 
 
-def _parse_cdp_secret(secret: str, env_name: str) -> tuple[Literal["ES256", "EdDSA"], ECC.EccKey]:
+def _parse_cdp_secret(secret: str, shown: str) -> tuple[Literal["ES256", "EdDSA"], ECC.EccKey]:
+    # ``shown``: how errors name the variable (gateway.secrets.env_var), never the secret
     # Keys pasted into env files often carry literal "\n" sequences instead of newlines.
     text = secret.replace("\\n", "\n")
     if "-----BEGIN" in text:
         try:
             key = ECC.import_key(text)
         except (ValueError, IndexError, TypeError):
-            raise ConfigError(env_name, "not a readable PEM private key") from None
+            raise ConfigError(shown, "not a readable PEM private key") from None
         if not key.has_private():
-            raise ConfigError(env_name, "the PEM key is a public key, a private key is required")
+            raise ConfigError(shown, "the PEM key is a public key, a private key is required")
         if key.curve == "NIST P-256":
             return "ES256", key
         if key.curve == "Ed25519":
             return "EdDSA", key
-        raise ConfigError(env_name, f"unsupported key curve {key.curve} (P-256 or Ed25519 expected)")
+        raise ConfigError(shown, f"unsupported key curve {key.curve} (P-256 or Ed25519 expected)")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError(env_name, "neither a PEM EC key nor a base64 Ed25519 key") from None
+        raise ConfigError(shown, "neither a PEM EC key nor a base64 Ed25519 key") from None
     if len(raw) != 64:
-        raise ConfigError(env_name, "a base64 Ed25519 key must decode to 64 bytes (seed + public key)")
+        raise ConfigError(shown, "a base64 Ed25519 key must decode to 64 bytes (seed + public key)")
     key = eddsa.import_private_key(raw[:32])
     if key.public_key().export_key(format="raw") != raw[32:]:
-        raise ConfigError(env_name, "the Ed25519 key's public half does not match its seed")
+        raise ConfigError(shown, "the Ed25519 key's public half does not match its seed")
     return "EdDSA", key
 
 

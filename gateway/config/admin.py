@@ -21,14 +21,13 @@ from typing import Literal
 
 from gateway.config.table import Table
 from gateway.errors import ConfigError
-from gateway.secrets import Secret
+from gateway.secrets import NOT_AN_ENV_NAME, Secret, env_var, is_env_name
 
 __all__ = ["REFUND_KEY_ENV", "AdminConfig", "AdminToken", "parse_admin"]
 
 REFUND_KEY_ENV = "X402_REFUND_KEY"  # default name of the variable holding the refund wallet's private key
 Access = Literal["read", "write"]
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MIN_TOKEN_CHARS = 16  # a shorter bearer token is guessable over a network
 
 
@@ -77,7 +76,7 @@ def parse_admin(t: Table, env: Mapping[str, str], base_dir: Path, *, public: tup
     refund_key = None
     if raw_key:
         if not _PRIVATE_KEY.fullmatch(raw_key):
-            raise ConfigError(t.key("refund_key_env"), f"environment variable {key_env} is not a 32-byte hex key")
+            raise ConfigError(t.key("refund_key_env"), f"{env_var(key_env)} is not a 32-byte hex key")
         refund_key = Secret(raw_key, f"${key_env}")
     cfg = AdminConfig(
         listen_host=host,
@@ -101,19 +100,21 @@ def _tokens(t: Table, env: Mapping[str, str]) -> tuple[AdminToken, ...]:
     for i, item in enumerate(raw):
         entry = Table(item, f"{t.key('tokens')}[{i}]")
         name: str = entry.require("env", str)
-        if not _ENV_NAME.fullmatch(name):
-            raise ConfigError(entry.key("env"), f"{name!r} is not an environment variable name")
+        if not is_env_name(name):  # never quoted: it may be the token itself, pasted where its name belongs
+            raise ConfigError(entry.key("env"), NOT_AN_ENV_NAME)
         access: Access = entry.choice("access", ("read", "write"), "read")
         entry.done()
         # Trimmed as a presented token is (a value read from a file often ends in a newline and would never match).
         value = env.get(name, "").strip()
         if not value:
             # A token the operator listed but did not set would be a door they believe is open (or closed).
-            raise ConfigError(entry.key("env"), f"environment variable {name} is not set")
+            raise ConfigError(entry.key("env"), f"{env_var(name)} is not set")
         if len(value) < MIN_TOKEN_CHARS:
-            raise ConfigError(entry.key("env"), f"the token in {name} is shorter than {MIN_TOKEN_CHARS} characters")
+            raise ConfigError(
+                entry.key("env"), f"the token in {env_var(name)} is shorter than {MIN_TOKEN_CHARS} characters"
+            )
         if value in seen:
-            raise ConfigError(entry.key("env"), f"the token in {name} is the same as another token's")
+            raise ConfigError(entry.key("env"), f"the token in {env_var(name)} is the same as another token's")
         seen.add(value)
         tokens.append(AdminToken(name=name, value=Secret(value, f"${name}"), access=access))
     return tuple(tokens)

@@ -25,6 +25,7 @@ from gateway.config.store import StoreConfig, parse_store
 from gateway.config.table import Table
 from gateway.config.upstream import UpstreamConfig, parse_upstream
 from gateway.errors import ConfigError
+from gateway.secrets import NOT_AN_ENV_NAME, env_var, is_env_name
 
 __all__ = ["GatewayConfig", "load_config", "parse_config"]
 
@@ -64,9 +65,9 @@ def parse_config(
     if payment.relayer_key is None and any(n.verifier == "local" for n in networks.values()):
         # Local verification settles with the relayer's own transactions: without the key it could verify a
         # payment and then never collect it.
-        raise ConfigError(
-            "payment.relayer_key_env", f"environment variable {key_env} must hold the relayer's private key"
-        )
+        if not is_env_name(key_env):  # the key itself, pasted where its variable's name belongs?
+            raise ConfigError("payment.relayer_key_env", NOT_AN_ENV_NAME)
+        raise ConfigError("payment.relayer_key_env", f"{env_var(key_env)} must hold the relayer's private key")
     routes = parse_routes(root, networks, payment, base_dir=base_dir)
     raw_jobs = root.get("jobs", dict, None)
     jobs = None if raw_jobs is None else parse_jobs(Table(raw_jobs, "jobs"), routes)

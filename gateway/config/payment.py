@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from gateway.config.table import Defaults, Table
 from gateway.config.values import address
 from gateway.errors import ConfigError
-from gateway.secrets import Secret
+from gateway.secrets import Secret, env_var
 
 __all__ = ["RELAYER_KEY_ENV", "PaymentConfig", "parse_payment"]
 
@@ -39,7 +39,7 @@ def parse_payment(t: Table, env: Mapping[str, str]) -> tuple[PaymentConfig, str]
     relayer_key = None
     if raw_key:
         if not _PRIVATE_KEY.fullmatch(raw_key.strip()):
-            raise ConfigError(t.key("relayer_key_env"), f"environment variable {key_env} is not a 32-byte hex key")
+            raise ConfigError(t.key("relayer_key_env"), f"{env_var(key_env)} is not a 32-byte hex key")
         relayer_key = Secret(raw_key.strip(), f"${key_env}")
     cfg = PaymentConfig(
         pay_to=pay_to,

@@ -15,7 +15,7 @@ from typing import Literal
 from gateway.config.table import Defaults, Table
 from gateway.errors import ConfigError
 from gateway.money import parse_usd
-from gateway.secrets import Secret
+from gateway.secrets import Secret, env_var
 
 __all__ = ["AUTHORIZER_KEY_ENV", "MeterConfig", "SessionsConfig", "parse_meter", "parse_sessions"]
 
@@ -70,7 +70,7 @@ def parse_sessions(t: Table, env: Mapping[str, str], *, relayer_key: Secret | No
     key = None
     if raw:
         if not _PRIVATE_KEY.fullmatch(raw):
-            raise ConfigError(t.key("authorizer_key_env"), f"environment variable {key_env} is not a 32-byte hex key")
+            raise ConfigError(t.key("authorizer_key_env"), f"{env_var(key_env)} is not a 32-byte hex key")
         key = Secret(raw, f"${key_env}")
         if relayer_key is not None and _same_key(raw, relayer_key.reveal()):
             raise ConfigError(

@@ -4,8 +4,9 @@ requests), and what of the client's request may change how the upstream routes i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
+from urllib.parse import urlsplit
 
 from gateway.config.table import Table
 from gateway.config.values import expand_env, http_url, local_path
@@ -13,15 +14,16 @@ from gateway.errors import ConfigError
 from gateway.routes import RoutePattern
 from gateway.secrets import Secret
 
-__all__ = ["InjectHeadersOn", "UpstreamConfig", "parse_upstream"]
+__all__ = ["InjectHeadersOn", "UpstreamConfig", "parse_upstream", "without_userinfo"]
 
 # "priced": paid requests on [[routes]] and the gateway's own job calls; "all": every request, free ones too;
 # a tuple of patterns: those free routes as well as the priced ones.
 InjectHeadersOn = Literal["priced", "all"] | tuple[RoutePattern, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class UpstreamConfig:
+    # May hold user info, which the proxy sends as ``Authorization: Basic``: the repr masks it.
     url: str = "http://127.0.0.1:9000"
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
@@ -38,6 +40,30 @@ class UpstreamConfig:
     inject_headers_on: InjectHeadersOn = "priced"
     # Drop X-HTTP-Method-Override & co. and ``_method=`` (an unpaid POST must not become a priced GET upstream).
     strip_method_override: bool = True
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["url"] = without_userinfo(self.url, "***@")
+        return f"UpstreamConfig({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
+    __str__ = __repr__
+
+
+def without_userinfo(url: str, mask: str = "") -> str:
+    """``url`` with its user info (``user:password@``) replaced by ``mask``."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return "<invalid url>"
+    scheme, sep, rest = url.partition("://")
+    if "@" in netloc:
+        return f"{scheme}{sep}{mask}{rest[len(netloc.rpartition('@')[0]) + 1 :]}"
+    # A password with a raw "/" ends the netloc early ("u:pa/ss@host"): what seems to be a port is no number.
+    head = rest.partition("?")[0].partition("#")[0]
+    port = netloc.rpartition(":")[2] if ":" in netloc.rpartition("]")[2] else ""
+    if "@" in head and port and not port.isdigit():
+        return f"{scheme}{sep}{mask}{head.rpartition('@')[2]}{rest[len(head) :]}"
+    return url
 
 
 _DEFAULT = UpstreamConfig()

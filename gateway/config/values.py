@@ -11,6 +11,7 @@ from limits import parse_many
 
 from gateway.config.table import Table
 from gateway.errors import ConfigError
+from gateway.secrets import env_var
 
 __all__ = ["address", "expand_env", "http_url", "local_path", "rate"]
 
@@ -25,7 +26,7 @@ def expand_env(value: str, key: str, env: Mapping[str, str]) -> str:
     def sub(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in env:
-            raise ConfigError(key, f"environment variable {name} is not set")
+            raise ConfigError(key, f"{env_var(name)} is not set")
         return env[name]
 
     return _ENV_REF.sub(sub, value)

@@ -163,7 +163,9 @@ class Gateway:
             if self.jobs is not None:
                 await self.jobs.startup()
         except BaseException:
-            await self.shutdown()  # close what did start: no session or connection outlives a failed start
+            # Close what did start (no session or connection outlives a failed start), but keep the redaction: the
+            # server logs the failure (its message, its traceback) after this returns. _lifespan undoes it then.
+            await self._close()
             raise
         if self._reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._sighup)
@@ -182,6 +184,15 @@ class Gateway:
             log.exception("reload failed; the routes in force are unchanged")
 
     async def shutdown(self) -> None:
+        await self._close()
+        self._stop_redaction()
+
+    def _stop_redaction(self) -> None:
+        if self._undo_redaction is not None:
+            self._undo_redaction()
+            self._undo_redaction = None
+
+    async def _close(self) -> None:
         if self._reload_on_sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.jobs is not None:  # first: running jobs still write their outcome to the job store
@@ -194,9 +205,6 @@ class Gateway:
         await self.readiness.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
-        if self._undo_redaction is not None:
-            self._undo_redaction()
-            self._undo_redaction = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -279,6 +287,7 @@ class Gateway:
                     await self.startup()
                 except Exception as exc:  # the server prints it and exits non-zero
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    self._stop_redaction()  # only now: the server logged the failure while it sent
                     return
                 if self._freeze_heap:
                     freeze_start_up_heap()

@@ -88,7 +88,9 @@ class Readiness:
             return OK
         if self._session is None:
             self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
-        target = self._upstream.url.rstrip("/") + self._upstream.health_path
+        # Without the URL's user info: aiohttp would send it as Authorization: Basic, and health_path is a free path
+        # (the proxy adds upstream credentials only where [upstream] inject_headers_on allows).
+        target = str(url.with_user(None)).rstrip("/") + self._upstream.health_path
         async with self._session.get(target, allow_redirects=False) as resp:
             return OK if resp.status < 500 else f"http_{resp.status}"
 

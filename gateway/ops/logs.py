@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from gateway.config import GatewayConfig
 from gateway.ops.events import RequestRecord
 from gateway.ops.metrics import LOG_DROPS, effective_outcome
+from gateway.secrets import Secret
 
 ACCESS_LOGGER = "gateway.access"
 MASK = "***"
@@ -162,25 +164,91 @@ def _url_secrets(url: str, *, path: bool) -> list[str]:
     return out
 
 
-def config_secrets(config: GatewayConfig) -> list[str]:
-    """Every secret string the loaded configuration holds, in the spellings a log line could show."""
+_HEX_KEY = re.compile(r"(?:0[xX])?[0-9a-fA-F]{64}")
+_WORD = re.compile(r"/?[A-Za-z]+(?:[-_/][A-Za-z]+)*")
+_STORE_SCHEMES = ("redis", "rediss", "unix", "sqlite", "memory", "memcached", "mongodb", "etcd")
+
+
+def _config_secrets(value: Any, depth: int = 0) -> Iterator[Secret]:
+    """Every :class:`Secret` anywhere in the configuration (sections, networks, tokens, ...)."""
+    if isinstance(value, Secret):
+        yield value
+    elif depth > 8 or isinstance(value, str | bytes | int | float | bool) or value is None:
+        return
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _config_secrets(getattr(value, f.name), depth + 1)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _config_secrets(item, depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from _config_secrets(item, depth + 1)
+
+
+def _store_url_secrets(url: str) -> list[str]:
+    """A store URL's passwords: in the user info (however raw: a ``/``, ``?``, ``#``, ``;`` or ``@`` in a password
+    moves where a URL parser splits it, so the text between ``://`` and an ``@`` counts) and in the query
+    (``?password=``, ``?sentinel_password=``)."""
     out: list[str] = []
-    key = config.payment.relayer_key
-    if key is not None:
-        bare = key.reveal().removeprefix("0x").removeprefix("0X")
+    rest = url.partition("://")[2]
+    if "@" in rest:
+        for userinfo in {rest.partition("@")[0], rest.rpartition("@")[0]}:
+            password = userinfo.partition(":")[2]
+            out += [userinfo, unquote(userinfo), password, unquote(password)]
+            out += re.split(r"[/?#;@:]", password)  # the pieces a parser's error may quote on their own
+    query = rest.partition("?")[2].partition("#")[0]
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "pass" in name.lower() or "secret" in name.lower() or "token" in name.lower():
+            out.append(value)
+    for name, raw in (p.partition("=")[::2] for p in query.split("&")):
+        if "pass" in name.lower():
+            out.append(raw)  # as written, percent-encoding and all
+    try:
+        from gateway.storage.redis_topology import parse_redis_url  # storage only when asked
+
+        topology = parse_redis_url(url)
+    except Exception:  # not a Redis URL, or one it refuses: the raw text above is what there is
+        return out
+    out += [p for p in (topology.password, topology.sentinel_password) if p]
+    return out
+
+
+def _secret_spellings(raw: str, *, rpc: bool = False) -> list[str]:
+    """``raw`` (a secret value of the configuration) in the spellings a log line could show."""
+    out = [raw]
+    if _HEX_KEY.fullmatch(raw):  # a private key: bare, in either case
+        bare = raw.removeprefix("0x").removeprefix("0X")
         out += [bare, bare.lower(), bare.upper()]
-    for _, value in config.upstream.headers:
-        raw = value.reveal()
-        out.append(raw)
-        scheme, _, token = raw.partition(" ")  # "Bearer <token>": the token alone is the secret
-        if token and scheme.isalpha():
-            out.append(token)
+        return out
+    scheme, sep, _ = raw.partition("://")
+    if sep and scheme.isascii() and scheme[:1].isalpha():
+        if any(part in _STORE_SCHEMES for part in scheme.lower().split("+")):
+            found = _url_secrets(raw, path=False) + _store_url_secrets(raw)
+            # no password: the URL itself ("memory://", a SQLite path) is no secret, and stays readable in logs
+            return out + found if found else []
+        else:  # RPC and facilitator endpoints: providers put API keys in the path and the query
+            whole = _url_secrets(raw, path=True)
+            # but a plain word of a path ("/facilitator", "/platform") is no key: masking it would mask it in every
+            # line (RPC URLs keep the rule of _url_secrets, see config_secrets)
+            out += whole if rpc else [s for s in whole if not _WORD.fullmatch(s)]
+        return out
+    kind, _, token = raw.partition(" ")  # "Bearer <token>": the token alone is the secret
+    if token and kind.isalpha():
+        out.append(token)
+    return out
+
+
+def config_secrets(config: GatewayConfig) -> list[str]:
+    """Every secret string the loaded configuration holds, in the spellings a log line could show: each
+    :class:`Secret` of it (keys, tokens, upstream headers, RPC, facilitator and store URLs) and the upstream URL's user
+    info."""
+    rpc = {url.reveal() for network in config.networks.values() for url in network.rpc_urls}
+    out: list[str] = []
+    for secret in _config_secrets(config):
+        raw = secret.reveal()
+        out += _secret_spellings(raw, rpc=raw in rpc)
     out += _url_secrets(config.upstream.url, path=False)
-    for network in config.networks.values():
-        for url in network.rpc_urls:
-            out += _url_secrets(url.reveal(), path=True)
-    out += _url_secrets(config.store.url.reveal(), path=False)
-    out += _url_secrets(config.rate_limits.storage_url.reveal(), path=False)
     return sorted({s for s in out if len(s) >= _MIN_SECRET})
 
 

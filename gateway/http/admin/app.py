@@ -65,7 +65,9 @@ class AdminApp:
         # The tokens and the refund key join the secrets every log line is scrubbed of.
         secrets = [t.value.reveal() for t in self.admin.tokens]
         if self.admin.refund_key is not None:
-            secrets.append(self.admin.refund_key.reveal().removeprefix("0x"))
+            key = self.admin.refund_key.reveal()
+            bare = key.removeprefix("0x").removeprefix("0X")
+            secrets += [key, bare, bare.lower(), bare.upper()]
         handle = REDACTOR.add(secrets)
         self._undo_redaction = lambda: REDACTOR.remove(handle)
         await self.audit.record({"event": "start", "listen": f"{self.admin.listen_host}:{self.admin.listen_port}"})
@@ -105,11 +107,17 @@ class AdminApp:
         self._prefixed = [("DELETE", re.compile(r"/admin/deny/(?P<payer>[^/]+)"), actions.allow)]
 
     async def shutdown(self) -> None:
+        await self._close()
+        self._stop_redaction()
+
+    async def _close(self) -> None:
         if self.refunds is not None:
             await self.refunds.aclose()
         if self.stores is not None:
             await self.stores.aclose()
         await self.audit.aclose()
+
+    def _stop_redaction(self) -> None:
         if self._undo_redaction is not None:
             self._undo_redaction()
             self._undo_redaction = None
@@ -197,8 +205,10 @@ class AdminApp:
                 try:
                     await self.startup()
                 except Exception as exc:
-                    await self.shutdown()
+                    # The redaction stays until the server has logged the failure (while it takes the message).
+                    await self._close()
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    self._stop_redaction()
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

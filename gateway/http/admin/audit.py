@@ -20,10 +20,40 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote_plus, unquote_plus
 
-from gateway.ops.logs import REDACTOR
+from gateway.ops.logs import MASK, REDACTOR
 
 __all__ = ["AuditLog"]
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return REDACTOR.redact(value)
+    if depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {_scrub(k, depth + 1): _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, depth + 1) for v in value]
+    return value
+
+
+def _scrub_query(query: str) -> str:
+    """``query`` (percent-encoded, as received) with every name or value whose decoded form holds a secret the log
+    redactor knows replaced by its redacted form."""
+    pairs = []
+    for pair in query.split("&"):
+        pieces = []
+        for piece in pair.split("="):
+            decoded = unquote_plus(piece)
+            redacted = REDACTOR.redact(decoded)
+            pieces.append(piece if redacted == decoded else quote_plus(redacted, safe="*"))
+        pairs.append("=".join(pieces))
+    scrubbed = "&".join(pairs)
+    # A secret across the separators (a raw "&" or "=" in it): mask the whole query rather than show it.
+    decoded = unquote_plus(scrubbed)
+    return scrubbed if REDACTOR.redact(decoded) == decoded else MASK
 
 
 class AuditLog:
@@ -45,6 +75,9 @@ class AuditLog:
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         # Scrubbed like a log line: no token or key, even one a caller pasted into an argument.
+        # Each value before it is JSON-escaped (a token holding '"' or '\\' is spelled otherwise in the line), the
+        # query string decoded (it is recorded percent-encoded, as received: "+" as %2B, "/" as %2F), then the line.
+        entry = {k: _scrub_query(v) if k == "query" and isinstance(v, str) else _scrub(v) for k, v in entry.items()}
         line = REDACTOR.redact(json.dumps({"time": stamp, **entry}, separators=(",", ":"), default=str)) + "\n"
         await asyncio.get_running_loop().run_in_executor(self._executor, self._write, line)
 
