@@ -107,6 +107,7 @@ TOO_MANY_UPLOADS = "too_many_uploads"  # the client's bodies still streaming up 
 PAYER_DENIED = "payer_denied"  # the payer is on the deny-list: refused before anything settles, nothing charged
 ADMIN_TOKEN_REQUIRED = "admin_token_required"  # noqa: S105 - 401: no admin token, or not a configured one
 ADMIN_TOKEN_READ_ONLY = "admin_token_read_only"  # noqa: S105 - 403: a read token asked for an action
+ADMIN_CROSS_SITE = "admin_cross_site"  # 403: an action sent by a page of another origin (a browser's CSRF)
 NOT_FOUND = "not_found"  # no such admin path
 NOT_CONFIGURED = "not_configured"  # an admin action this gateway is not set up for (no refund key, no reloader)
 PAYMENT_NOT_FOUND = "payment_not_found"  # no ledger entry with this key

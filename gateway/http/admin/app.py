@@ -128,8 +128,11 @@ class AdminApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
-            return  # no WebSocket here: closing the handshake unanswered refuses it
+            return
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
@@ -137,8 +140,8 @@ class AdminApp:
             "token": None,
             "client": (scope.get("client") or ("?",))[0],
             "method": method,
-            "path": path,
-            "query": query[:2048] or None,
+            "path": path[:_AUDITED_CHARS],  # bounded: anyone who reaches the port writes this line, token or not
+            "query": query[:_AUDITED_CHARS] or None,
         }
         caller = authenticate(header(scope, b"authorization"), self.admin.tokens)
         call: Call | None = None
@@ -146,6 +149,10 @@ class AdminApp:
             if caller is None:
                 raise admin_error(401, reasons.ADMIN_TOKEN_REQUIRED, "send Authorization: Bearer <admin token>")
             entry["token"], entry["access"] = caller.name, caller.access
+            if method not in ("GET", "HEAD") and _cross_site(scope):
+                # A page of another origin in the operator's browser, which adds the token to every request to this
+                # address (the dashboard's documented way in): it may not act (docs/operating.md).
+                raise admin_error(403, reasons.ADMIN_CROSS_SITE, "actions are not taken from another site's page")
             call = Call(caller=caller, method=method, path=path, query=_query(query))
             handler = self._route(call)
             if method in ("POST", "PUT", "DELETE"):
@@ -172,6 +179,21 @@ class AdminApp:
         entry["ms"] = round((time.perf_counter() - started) * 1000, 2)
         await self._audit(entry)
         await _send(send, answer, unauthorized=caller is None)
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """No WebSocket here: audited like any call, then refused (403)."""
+        message = await receive()
+        entry = {
+            "token": None,
+            "client": (scope.get("client") or ("?",))[0],
+            "method": "WEBSOCKET",
+            "path": str(scope.get("path", ""))[:_AUDITED_CHARS],
+            "status": 403,
+            "reason": reasons.ADMIN_CROSS_SITE if _cross_site(scope) else reasons.BAD_REQUEST,
+        }
+        await self._audit(entry)
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
 
     def _route(self, call: Call) -> Handler:
         handler = self._routes.get((call.method, call.path))
@@ -251,6 +273,22 @@ async def _json_body(receive: Receive) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
+
+
+_AUDITED_CHARS = 2048  # of a call's path and query in its audit line
+
+
+def _cross_site(scope: Scope) -> bool:
+    """Sent by a browser on behalf of a page of another origin: ``Sec-Fetch-Site`` says so, or an ``Origin`` that
+    is not this listener's own (``Host``). The CLI and scripts send neither."""
+    site = header(scope, b"sec-fetch-site")
+    if site is not None and site not in (b"same-origin", b"none"):
+        return True
+    origin = header(scope, b"origin")
+    if origin is None:
+        return False
+    host = header(scope, b"host") or b""
+    return origin.split(b"://", 1)[-1].rstrip(b"/").lower() != host.lower()
 
 
 async def _send(send: Send, answer: Answer, *, unauthorized: bool) -> None:
