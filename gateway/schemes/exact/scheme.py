@@ -201,13 +201,7 @@ class ExactScheme:
                 return False
             sender = str(receipt.get("from", "")).lower()
             if net.relayer is not None and sender == net.relayer.address.lower():
-                net.track_settlement(
-                    payment_key(attempt.requirement, attempt.authorization.authorization),
-                    attempt.requirement.asset,
-                    attempt.calldata,
-                    attempt.authorization.authorization.valid_before,
-                    tx_hash,
-                )
+                _track(net, attempt, tx_hash)
             return True
         known = await rpc.request("eth_getTransactionByHash", [tx_hash])
         if known is not None:
@@ -369,13 +363,7 @@ class ExactScheme:
             raise
         if await self._confirmed(claim, net, tx_hash):
             # Served from here on: watched until final, settled again if a reorg drops it (T28; never waits).
-            net.track_settlement(
-                payment_key(attempt.requirement, attempt.authorization.authorization),
-                attempt.requirement.asset,
-                attempt.calldata,
-                attempt.authorization.authorization.valid_before,
-                tx_hash,
-            )
+            _track(net, attempt, tx_hash)
             return tx_hash
         # Reverted: if someone else executed the same authorization to us first, the money still arrived.
         if await self._paid_by_someone_else(claim):
@@ -383,6 +371,14 @@ class ExactScheme:
         claim.in_flight(False)  # our transaction failed and moved nothing: the claim may be released
         net.gas.forget()  # if the limit we learned was too low, the next preflight estimates afresh
         raise SettlementFailed("the settlement transaction reverted", reason=reasons.TRANSACTION_FAILED)
+
+
+def _track(net: Network, attempt: ExactAttempt, tx_hash: str) -> None:
+    """Hand a served settlement our relayer sent to the network's finality tracker (T28; never waits)."""
+    auth = attempt.authorization.authorization
+    net.track_settlement(
+        payment_key(attempt.requirement, auth), attempt.requirement.asset, attempt.calldata, auth.valid_before, tx_hash
+    )
 
 
 __all__ = ["ExactAttempt", "ExactScheme"]
