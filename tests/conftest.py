@@ -68,6 +68,17 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------------- chains
 
 
+@pytest.fixture
+def private_chain() -> Iterator[DevChain]:
+    """A chain of this test's own (automining, with the session contracts): for tests that reorganise it or move
+    its clock, which the session chains must never see."""
+    chain = start_dev_chain(8453)
+    try:
+        yield chain
+    finally:
+        chain.stop()
+
+
 def _start_chain(chain_id: int, usdc_at: str) -> DevChain:
     try:
         return start_dev_chain(chain_id, usdc_at=usdc_at)

@@ -11,12 +11,9 @@ against; the two marked as expected failures are the known limits docs/threat-mo
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 from eth_abi.abi import encode as abi_encode
@@ -25,9 +22,8 @@ from eth_utils.crypto import keccak
 
 from gateway.chain.finality import FinalityTracker
 from gateway.chain.relayer import Relayer
-from gateway.chain.rpc import ChainRpc
 from gateway.config import Secret
-from gateway.dev.chain import BATCH_SETTLEMENT_ADDRESS, DevChain, send_transaction, set_eth_balance, start_dev_chain
+from gateway.dev.chain import BATCH_SETTLEMENT_ADDRESS, DevChain, send_transaction, set_eth_balance
 from gateway.storage.settlements import SQLiteSettlementJournal
 from tests.chain.helpers import PRICE, fast_networks, head, lost_metric, pay, wait_until
 from tests.chain.test_reorged_settlements import Rig, passes, settle_one
@@ -43,31 +39,6 @@ from tests.unit.test_settlement_batches import exact
 
 SESSION_PRICE = 1_000  # GET /session: $0.001
 QUIET_SESSIONS = {**SESSIONS, "min_deposit": "0.05", "claim_interval": 3600}  # charges stay unclaimed meanwhile
-
-
-@pytest.fixture
-def chain() -> Iterator[DevChain]:
-    """A private automining chain (with the session contracts): these tests reorganise it."""
-    c = start_dev_chain(8453)
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-async def rig(chain: DevChain, tmp_path: Path) -> AsyncIterator[Rig]:
-    """A funded relayer key and an RPC client on ``chain`` (as in test_reorged_settlements.py)."""
-    async with aiohttp.ClientSession() as session:
-        rpc = ChainRpc("base", chain.chain_id, [Secret(chain.url)])
-        await rpc.start(session)
-        key = "0x" + os.urandom(32).hex()
-        set_eth_balance(chain.anvil, Account.from_key(key).address, 10**20)
-        journal = SQLiteSettlementJournal(str(tmp_path / "journal.db"))
-        try:
-            yield Rig(chain, rpc, key, journal)
-        finally:
-            await journal.aclose()
 
 
 def key_of(account: Any) -> str:

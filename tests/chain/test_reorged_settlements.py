@@ -9,12 +9,10 @@ and log what cannot be recovered, never sending it again.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from eth_account import Account
 
@@ -32,16 +30,6 @@ from tests.e2e.helpers import authorization_used, decode_payment, receipt_of
 from tests.support.facilitator import Payment, make_payment, requirement
 from tests.support.gateway import running_gateway, sqlite_url
 from tests.unit.test_settlement_batches import exact
-
-
-@pytest.fixture
-def chain() -> Iterator[DevChain]:
-    """A private automining chain: these tests reorganise it."""
-    c = start_dev_chain(8453)
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def test_a_settlement_a_reorg_dropped_is_settled_again_and_pays_once(chain: DevChain, store_url: str) -> None:
@@ -153,20 +141,6 @@ class Rig:
             interval=0.1,
             on_lost=on_lost,
         )
-
-
-@pytest.fixture
-async def rig(chain: DevChain, tmp_path: Path) -> AsyncIterator[Rig]:
-    async with aiohttp.ClientSession() as session:
-        rpc = ChainRpc("base", chain.chain_id, [Secret(chain.url)])
-        await rpc.start(session)
-        key = "0x" + os.urandom(32).hex()
-        set_eth_balance(chain.anvil, Account.from_key(key).address, 10**20)
-        journal = SQLiteSettlementJournal(str(tmp_path / "journal.db"))
-        try:
-            yield Rig(chain, rpc, key, journal)
-        finally:
-            await journal.aclose()
 
 
 async def settle_one(rig: Rig, relayer: Relayer) -> tuple[Payment, str, bytes, str]:

@@ -17,7 +17,6 @@ import asyncio
 import os
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ from gateway.dev.chain import (
     deploy_test_usdc,
     find_anvil,
     set_eth_balance,
-    start_dev_chain,
 )
 from gateway.engine.claim import Claims
 from gateway.engine.deferred import DeferredOutcomes
@@ -268,15 +266,6 @@ WATCHING = {
     "settle_interval": 0.2,
     "withdraw_margin": 600,
 }
-
-
-@pytest.fixture
-def private_chain() -> Iterator[DevChain]:
-    chain = start_dev_chain(8453)
-    try:
-        yield chain
-    finally:
-        chain.stop()
 
 
 @pytest.mark.parametrize("gateway_clock", ["behind_the_chain", "in_line_with_the_chain"])
