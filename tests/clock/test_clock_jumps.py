@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -227,28 +229,68 @@ async def test_a_handed_over_claim_is_taken_at_once_even_after_the_clock_stepped
         await store.aclose()
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason="known limit on SQLite (threat model T31)"))
-        if b == "sqlite"
-        else b
-        for b in BACKENDS
-    ],
-)
-async def test_a_dead_gateway_process_is_found_dead_after_the_clock_stepped_back(
+_HEARTBEATING_PROCESS = """
+import asyncio, sys, time
+from gateway.storage import RedisReceiptStore, SQLiteReceiptStore
+
+async def main() -> None:
+    kind, where, instance = sys.argv[1:4]
+    store = SQLiteReceiptStore(where) if kind == "sqlite" else RedisReceiptStore(where)
+    await store.heartbeat(instance, now=time.time(), ttl=1.0)
+    print("beating", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _heartbeating_process(backend: str, where: str, instance: str) -> subprocess.Popen[str]:
+    """A process that heartbeats ``instance`` on the store once (ttl 1 s) and then lives on until killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HEARTBEATING_PROCESS, backend, where, instance],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "beating"
+    return proc
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_killed_gateway_process_is_found_dead_after_the_clock_stepped_back(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """T31's fast take-over of a killed process's claims relies on ``alive``. Redis keeps heartbeats with a
-    server-side TTL, so no gateway clock matters (passes). SQLite stores ``alive_until`` by the writer's clock and
-    compares it with the reader's: after a crash and a step back of one hour, the dead process stays "alive" for an
-    hour and every claim it held (paid, unanswered) answers 409 until then. A known limit on SQLite (T31)."""
+    server-side TTL, so no gateway clock matters. SQLite stored ``alive_until`` by the writer's clock and compared
+    it with the reader's: after a kill -9 and a step back of one hour the dead process stayed "alive" for an hour
+    and every claim it held (paid, unanswered) answered 409 until then. Each process now also holds a lock file
+    the kernel lets go when it dies (gateway/storage/liveness.py): gone is gone, whatever the clock says."""
+    where = str(tmp_path / "receipts.db") if backend == "sqlite" else request.getfixturevalue("redis_url")
     store = store_on(backend, request, tmp_path)
+    proc = _heartbeating_process(backend, where, "crashed")
     try:
-        await store.heartbeat("crashed", now=_HOST_TIME(), ttl=1.0)
-        await asyncio.sleep(1.5)  # its last heartbeat lapsed: the process was killed
+        assert await store.alive("crashed", now=_HOST_TIME())
+        proc.kill()  # kill -9: no clean shutdown, no last word
+        proc.wait(timeout=10)
+        await asyncio.sleep(1.5)  # its last heartbeat lapsed as well
         assert not await store.alive("crashed", now=_HOST_TIME() - HOUR)  # the clock stepped back meanwhile
     finally:
+        proc.kill()
+        await store.aclose()
+
+
+async def test_a_live_process_on_sqlite_stays_alive_when_the_clock_steps_back(tmp_path: Path) -> None:
+    """The lock file only ever proves death: a live process whose heartbeat is current by the (stepped-back)
+    clock is alive, and its lock file is left in place for it."""
+    where = str(tmp_path / "receipts.db")
+    store = SQLiteReceiptStore(where)
+    proc = _heartbeating_process("sqlite", where, "running")
+    try:
+        assert await store.alive("running", now=_HOST_TIME() - HOUR)
+        assert (tmp_path / "receipts.db.instances" / "running.lock").exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
         await store.aclose()
 
 

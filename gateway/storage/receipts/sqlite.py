@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.errors import PaymentInFlight, PaymentReplayed
+from gateway.storage.liveness import ProcessLocks
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
@@ -105,6 +106,7 @@ class SQLiteReceiptStore:
             what="receipt store",
             thread="x402-sqlite-store",
         )
+        self._processes = ProcessLocks(path)  # who is alive, whatever the clocks did (gateway/storage/liveness.py)
 
     def __repr__(self) -> str:
         return f"SQLiteReceiptStore(path={self._db.path!r})"
@@ -269,6 +271,8 @@ class SQLiteReceiptStore:
         return await self._db.run(self._set_identity, value, only_if_absent)
 
     def _heartbeat(self, instance: str, now: float, ttl: float) -> None:
+        self._processes.hold(instance)
+
         def body(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO instances (instance, alive_until) VALUES (?, ?)"
@@ -280,6 +284,8 @@ class SQLiteReceiptStore:
         self._db.transaction(body)
 
     def _alive(self, instance: str, now: float) -> bool:
+        if self._processes.gone(instance):  # its process died: no clock can make it look alive
+            return False
         conn = self._db.connection()
         row = conn.execute("SELECT alive_until FROM instances WHERE instance = ?", (instance,)).fetchone()
         return row is not None and float(row[0]) > now
@@ -320,3 +326,4 @@ class SQLiteReceiptStore:
 
     async def aclose(self) -> None:
         await self._db.aclose()
+        self._processes.close()
