@@ -25,12 +25,27 @@ or that was never placed, is looked up by its transaction:
   revert) cannot be recovered: the entry is removed, counted (``on_lost`` hooks: the ``settlements_lost_total``
   metric) and logged as an error with the claim key and transaction hash; nothing that would revert is sent.
 
-What a ``transferWithAuthorization`` call and its receipt say is read by :mod:`gateway.chain.authorization`.
-This module stays over ~400 lines because the pass, the look-up and the recovery share one tracker's journal
-lease, relayer and counters, and read as one decision from top to bottom.
+Two more kinds of transaction paid for something served and are watched the same way, though nobody may send
+their call again in a new transaction (:class:`Watched`, handed in by :meth:`FinalityTracker.watch`): a payer's
+own transfer presented as a tx-hash proof (``transfer``), and our relayer's execution of a session deposit
+(``deposit``). Still canonical: kept until final. Mined again (the same hash) with its ``Transfer``: moved there;
+mined again without it: lost. Gone (twice in a row): lost once its sender's account nonce at ``latest`` has passed
+the transaction's and the hash has no receipt (another transaction took the nonce: it can never be mined);
+otherwise the very same signed transaction is sent again (a deposit by the relayer, if it still has it; a transfer
+from its raw bytes, rebuilt from the node's answer when it was served and kept only if they hash to its hash), or
+waited for; one gone with nothing to send again is lost once ``watch_bound`` seconds have passed since it was
+served (chain clock). While a deposit is not on the chain (gone or pending), the channel's mirror is set to the
+chain's state at each pass, and once more when it is lost (``on_deposit_gone`` hooks), so no voucher is served on
+money the chain does not hold.
 
-Nothing here is on the paid request's path: :meth:`FinalityTracker.track` only appends to an in-memory inbox that
-the tracker's own task writes to the journal.
+What a ``transferWithAuthorization`` call and its receipt say is read by :mod:`gateway.chain.authorization`.
+This module stays long because the pass, the look-up and the recovery of every kind of entry share one tracker's
+journal lease, relayer and counters, and read as one decision from top to bottom; what a watched transaction is
+and how its Transfer is recognised live in :mod:`gateway.chain.watched`, its signed bytes are rebuilt by
+:func:`gateway.chain.transactions.signed_transaction`.
+
+Nothing here is on the paid request's path: :meth:`FinalityTracker.track` and :meth:`FinalityTracker.watch` only
+append to an in-memory inbox that the tracker's own task writes to the journal.
 """
 
 from __future__ import annotations
@@ -42,17 +57,20 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from gateway.chain import abi
 from gateway.chain.authorization import Authorization, executed_to_us, reverted
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
+from gateway.chain.transactions import signed_transaction
+from gateway.chain.watched import Watched, pays
 from gateway.errors import ChainUnavailable, GatewayError, SettlementFailed, StoreUnavailable
 
 log = logging.getLogger("gateway.settle")
 
 Finality = Literal["safe", "finalized", "depth"]
+Kind = Literal["exact", "transfer", "deposit"]  # what a journal entry watches (gateway/storage/settlements/)
 
 
 class JournalEntry(Protocol):
@@ -72,6 +90,8 @@ class JournalEntry(Protocol):
     def block_number(self) -> int | None: ...
     @property
     def block_hash(self) -> str | None: ...
+    @property
+    def kind(self) -> str: ...
 
 
 class Journal(Protocol):
@@ -89,6 +109,7 @@ class Journal(Protocol):
         owner: str,
         now: float,
         lease: float,
+        kind: str = "exact",
     ) -> None: ...
 
     async def take(
@@ -128,6 +149,9 @@ class _Settled:
     calldata: bytes
     valid_before: int
     tx_hash: str
+    kind: Kind = "exact"
+    watched: Watched | None = None  # a watched transaction: encoded into calldata when it is journalled
+    read: bool = False  # its sender, nonce and raw bytes were asked for (see FinalityTracker._read_watched)
 
 
 class FinalityTracker:
@@ -141,19 +165,25 @@ class FinalityTracker:
     lookback_blocks = 10_000  # how far back an execution of the authorization by someone else is looked for
     max_resubmissions = 3  # of one settlement; a new transaction that reverts each time is not paid for again
     inbox_max = 100_000  # settlements waiting for the journal (a store outage); beyond, the oldest are dropped
+    # A watched transaction (a payer's transfer, a session deposit) that a reorg dropped, whose nonce is still
+    # unused and that we cannot send again (no signed bytes, or the relayer forgot it), is counted lost once this
+    # long has passed since it was served: its sender's wallet may yet send it again, but not for ever. Entries
+    # still canonical leave when final, long before (minutes on the default finality settings).
+    watch_bound = 3600
 
     def __init__(
         self,
         network: str,
         rpc: ChainRpc,
-        relayer: Rebroadcaster,
+        relayer: Rebroadcaster | None,
         submitter: Callable[[], Submitter],
         journal: Journal,
         *,
         finality: Finality,
         depth: int,
         interval: float,
-        on_lost: list[Callable[[str], None]] | None = None,
+        on_lost: list[Callable[[str, str], None]] | None = None,
+        on_deposit_gone: list[Callable[[str, str], Awaitable[None]]] | None = None,
     ) -> None:
         self.network = network
         self._rpc = rpc
@@ -165,7 +195,12 @@ class FinalityTracker:
         self.interval = interval
         self.lease = max(60.0, interval * 10)  # another instance takes the entries over once this lapses
         self.owner = uuid.uuid4().hex
-        self.on_lost: list[Callable[[str], None]] = on_lost if on_lost is not None else []
+        # Called with (network, claim key) for each entry counted lost (metrics count it, the ledger marks it).
+        self.on_lost: list[Callable[[str, str], None]] = on_lost if on_lost is not None else []
+        # Called with (network, channel id) while a watched deposit is not on the chain, and when it is lost.
+        self.on_deposit_gone: list[Callable[[str, str], Awaitable[None]]] = (
+            on_deposit_gone if on_deposit_gone is not None else []
+        )
         self._inbox: collections.deque[_Settled] = collections.deque()
         self._missing: dict[str, int] = {}  # claim key -> passes its transaction was gone
         self._busy: dict[str, asyncio.Task[None]] = {}  # claim key -> its re-submission in progress
@@ -176,6 +211,7 @@ class FinalityTracker:
         # Counters for logs, tests and readiness.
         self.final = 0
         self.resubmitted = 0
+        self.sent_again = 0  # watched transactions sent again as they were signed
         self.lost = 0
 
     def __repr__(self) -> str:
@@ -185,14 +221,25 @@ class FinalityTracker:
 
     def track(self, key: str, asset: str, calldata: bytes, valid_before: int, tx_hash: str) -> None:
         """A settlement was confirmed: watch it until final. Never waits (the paid request is not slowed)."""
+        self._enqueue(_Settled(key, asset, calldata, valid_before, tx_hash))
+
+    def watch(self, kind: Literal["transfer", "deposit"], key: str, asset: str, tx_hash: str, what: Watched) -> None:
+        """A transaction we may not settle again paid for something served (module docstring): watch it until
+        final, count it if it is lost. Never waits; its sender, nonce and raw bytes are read before it is written."""
+        deadline = int(time.time()) + self.watch_bound
+        self._enqueue(_Settled(key, asset, b"", deadline, tx_hash, kind, what))
+
+    def _enqueue(self, item: _Settled) -> None:
         if len(self._inbox) >= self.inbox_max:
             dropped = self._inbox.popleft()
             log.error("settlement journal backlog full: not watched", extra={"claim_key": dropped.key})
-        self._inbox.append(_Settled(key, asset, calldata, valid_before, tx_hash))
+        self._inbox.append(item)
         if self._wake is not None:
             self._wake.set()
 
-    async def _flush_inbox(self) -> None:
+    async def _flush_inbox(self, *, read: bool = True) -> None:
+        if read:  # not at shutdown: the entry matters more than what the chain would add to it
+            await self._read_watched()
         while self._inbox:
             item = self._inbox[0]
             await self.journal.add(
@@ -200,13 +247,37 @@ class FinalityTracker:
                 self.network,
                 item.tx_hash,
                 item.asset,
-                item.calldata,
+                item.calldata if item.watched is None else item.watched.encode(),
                 item.valid_before,
                 owner=self.owner,
                 now=time.time(),
                 lease=self.lease,
+                kind=item.kind,
             )
             self._inbox.popleft()
+
+    async def _read_watched(self) -> None:
+        """Read each newly watched transaction's sender, nonce and signed bytes (one round trip), once: a node that
+        does not answer now, or a transaction whose bytes cannot be rebuilt (a blob transaction, a newer type),
+        leaves them unread (that entry is then lost only at ``watch_bound``)."""
+        unread = [i for i in self._inbox if i.watched is not None and not i.read]
+        if not unread:
+            return
+        try:
+            answers = await self._rpc.batch([("eth_getTransactionByHash", [i.tx_hash]) for i in unread])
+        except ChainUnavailable:
+            answers = [None] * len(unread)
+        for item, tx in zip(unread, answers, strict=True):
+            item.read = True  # once: a flush is not held up by a node that does not know it
+            if item.watched is None or not isinstance(tx, dict):
+                continue
+            try:
+                sender, nonce = str(tx["from"]).lower(), hex_int(tx.get("nonce"))
+            except (KeyError, ValueError):
+                continue
+            raw = signed_transaction(tx, item.tx_hash)
+            if raw:  # the nonce as the node says it, only when the signed bytes (which hold it) hash to the hash
+                item.watched = replace(item.watched, sender=sender, nonce=nonce, raw=raw)
 
     # ------------------------------------------------------------------------------------------- life cycle
 
@@ -250,7 +321,7 @@ class FinalityTracker:
         if self._inbox:
             # Shutting down right after serving: write what is still in memory, once, briefly.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush_inbox(), 2.0)
+                await asyncio.wait_for(self._flush_inbox(read=False), 2.0)
             if self._inbox:
                 log.error("settlements not written to the journal at shutdown", extra={"count": len(self._inbox)})
         # Another instance (or this gateway restarted) watches them from its next pass, not once the lease lapses:
@@ -313,6 +384,9 @@ class FinalityTracker:
         receipts = dict(zip(hashes, answers[: len(hashes)], strict=True))
         known = dict(zip(hashes, answers[len(hashes) :], strict=True))
         for e in entries:
+            if e.kind != "exact":
+                await self._look_up_watched(e, receipts.get(e.tx_hash), known.get(e.tx_hash), head, chain_time)
+                continue
             auth = Authorization.of_calldata(e.calldata)
             if auth is None:
                 await self._lose(e, "not a transferWithAuthorization call")
@@ -328,14 +402,19 @@ class FinalityTracker:
             if isinstance(known.get(e.tx_hash), dict):
                 self._missing.pop(e.key, None)  # back in (or still in) the mempool: it may be mined yet
                 continue
-            if e.block_number is not None and head < e.block_number:
-                continue  # this node is behind the block the settlement was seen in: not evidence of a reorg
-            passes = self._missing.get(e.key, 0) + 1
-            self._missing[e.key] = passes
-            if passes < self.missing_passes:
-                continue
-            self._missing.pop(e.key, None)
-            await self._recover(e, auth, head, chain_time, dropped=True)
+            if self._dropped(e, head):
+                await self._recover(e, auth, head, chain_time, dropped=True)
+
+    def _dropped(self, e: JournalEntry, head: int) -> bool:
+        """Its transaction is neither mined nor pending on this pass: gone for ``missing_passes`` passes yet?"""
+        if e.block_number is not None and head < e.block_number:
+            return False  # this node is behind the block the settlement was seen in: not evidence of a reorg
+        passes = self._missing.get(e.key, 0) + 1
+        self._missing[e.key] = passes
+        if passes < self.missing_passes:
+            return False
+        self._missing.pop(e.key, None)
+        return True
 
     async def _place(self, e: JournalEntry, tx_hash: str, receipt: dict[str, Any]) -> None:
         await self.journal.update(
@@ -352,6 +431,9 @@ class FinalityTracker:
     ) -> None:
         """The settlement is not on the chain: settle again, follow someone else's execution, or report it lost.
         ``dropped``: its transaction is gone (not reverted), so the relayer may send that very one again."""
+        if self._relayer is None:
+            await self._lose(e, "this network has no relayer to settle it again")
+            return
         # Simulated on "pending": the next block's timestamp, so an authorization that expires before it could be
         # mined is not sent (the relayer would pay gas for a revert, and the payer's nonce stays unused).
         simulation = _call(e.asset, e.calldata) | {"from": self._relayer.address}
@@ -407,6 +489,78 @@ class FinalityTracker:
             return
         self._attempts[e.key] = attempts
         self._busy[e.key] = asyncio.create_task(self._resubmit(e, hex_int(gas)), name=f"resubmit-{e.key[-8:]}")
+
+    # ----------------------------------------------------------- watched transactions (not ours to re-sign)
+
+    async def _look_up_watched(self, e: JournalEntry, receipt: Any, known: Any, head: int, chain_time: int) -> None:
+        """A watched transaction whose block is gone, or that was never placed (module docstring)."""
+        what = Watched.decode(e.calldata)
+        if what is None:
+            await self._lose(e, "the journal entry is unreadable")
+            return
+        if isinstance(receipt, dict):
+            self._missing.pop(e.key, None)
+            if pays(receipt, e.asset, what):
+                await self._place(e, e.tx_hash, receipt)
+            else:  # mined again, and this time it reverted (or paid someone else): its nonce is spent
+                await self._lose(e, "mined again without its transfer to us")
+            return
+        if e.kind == "deposit" and (e.block_number is None or head >= e.block_number):
+            await self._deposit_gone(what.channel)  # no voucher is served on it while the chain does not hold it
+        if isinstance(known, dict):
+            self._missing.pop(e.key, None)  # pending: it may be mined yet
+            return
+        if self._dropped(e, head):
+            await self._recover_watched(e, what, chain_time)
+
+    async def _recover_watched(self, e: JournalEntry, what: Watched, chain_time: int) -> None:
+        """Gone: lost once another transaction took its nonce; else sent again as it was signed, if we can; else
+        waited for, until ``watch_bound`` after it was served (``valid_before``, on the chain's clock)."""
+        if what.sender and what.nonce is not None:
+            count, receipt = await self._rpc.batch(
+                [("eth_getTransactionCount", [what.sender, "latest"]), ("eth_getTransactionReceipt", [e.tx_hash])]
+            )
+            if isinstance(receipt, dict):
+                return  # mined meanwhile: the next pass places it
+            if isinstance(count, RpcError):
+                raise ChainUnavailable(f"network {self.network}: no account nonce for a watched transaction")
+            if hex_int(count) > what.nonce:
+                await self._lose(e, "its sender's nonce was used by another transaction")
+                return
+        if await self._send_again(e, what):
+            self.sent_again += 1
+            log.warning(
+                "a served transaction dropped by a reorg: sent again as it was signed",
+                extra={"network": self.network, "claim_key": e.key, "tx_hash": e.tx_hash},
+            )
+            await self.journal.update(
+                e.key, self.owner, tx_hash=e.tx_hash, block_number=None, block_hash=None, now=time.time()
+            )
+            return
+        if chain_time >= e.valid_before:
+            await self._lose(e, f"gone, nothing to send again, and served over {self.watch_bound} s ago")
+        # Otherwise waited for: its sender may send it again (or take its nonce: then it is lost, above).
+
+    async def _send_again(self, e: JournalEntry, what: Watched) -> bool:
+        """The very same signed transaction, again: a deposit through the relayer that signed it (if it still has
+        it, and it would succeed), a payer's transfer from its checked raw bytes (its own signed intent, its own
+        gas: whatever the chain makes of it, the receipt says and the next pass reads)."""
+        if e.kind == "deposit":
+            return self._relayer is not None and await self._relayer.rebroadcast(e.tx_hash)
+        if not what.raw:
+            return False
+        try:
+            await self._rpc.request("eth_sendRawTransaction", ["0x" + what.raw.hex()])
+        except RpcError as exc:
+            return "known" in exc.message.lower()  # "already known": it is pending again
+        return True
+
+    async def _deposit_gone(self, channel: str) -> None:
+        for hook in self.on_deposit_gone:
+            try:
+                await hook(self.network, channel)
+            except Exception:
+                log.exception("deposit-gone hook failed")
 
     async def _execution(self, asset: str, auth: Authorization, head: int) -> tuple[str, dict[str, Any]] | None:
         """An execution of this authorization to us in the token's logs (its hash and receipt), if any."""
@@ -472,16 +626,28 @@ class FinalityTracker:
         if not await self.journal.remove(e.key, self.owner):
             return
         self._attempts.pop(e.key, None)
+        self._missing.pop(e.key, None)
         self.lost += 1
         log.error(
-            "settlement lost: a served request stays unpaid",
+            _LOST.get(e.kind, _LOST["exact"]),
             extra={"network": self.network, "claim_key": e.key, "tx_hash": e.tx_hash, "why": why},
         )
         for hook in self.on_lost:
             try:
-                hook(self.network)
+                hook(self.network, e.key)
             except Exception:
-                log.exception("settlement-lost hook failed")
+                log.exception("settlement-lost hook failed", extra={"network": self.network, "claim_key": e.key})
+        if e.kind == "deposit":
+            watched = Watched.decode(e.calldata)
+            if watched is not None:
+                await self._deposit_gone(watched.channel)
+
+
+_LOST = {
+    "exact": "settlement lost: a served request stays unpaid",
+    "transfer": "tx-hash transfer lost: a served request stays unpaid",
+    "deposit": "session deposit lost: vouchers served on it are not backed",
+}
 
 
 def _call(to: str, data: bytes) -> dict[str, Any]:
@@ -492,4 +658,12 @@ def _word(result: Any) -> int:
     return int(result[2:66] or "0", 16) if isinstance(result, str) and result.startswith("0x") else 0
 
 
-__all__ = ["Authorization", "FinalityTracker", "Journal", "JournalEntry", "Submitter", "executed_to_us", "reverted"]
+__all__ = [
+    "Authorization",
+    "FinalityTracker",
+    "Journal",
+    "JournalEntry",
+    "Submitter",
+    "executed_to_us",
+    "reverted",
+]

@@ -8,8 +8,9 @@ remote x402 facilitator verifies and settles (docs/protocol.md §3). Built once 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 
@@ -20,6 +21,7 @@ from gateway.chain.finality import FinalityTracker, Journal, Submitter
 from gateway.chain.gas import GasBook
 from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import ChainRpc
+from gateway.chain.watched import Watched
 from gateway.chain.watcher import ReceiptWatcher
 from gateway.config import GatewayConfig, NetworkConfig
 from gateway.errors import ConfigError
@@ -36,14 +38,25 @@ class Network:
     facilitator: FacilitatorClient | None  # or a remote x402 facilitator does both
     gas: GasBook = field(default_factory=GasBook)  # learned settlement gas (local settlement only)
     batcher: SettlementBatcher | None = None  # several settlements per transaction, where the chain has Multicall3
-    finality: FinalityTracker | None = None  # served local settlements, watched until final (needs a journal)
-    # Called with the network's name for each served settlement a reorg dropped beyond recovery (metrics).
-    settlement_lost: list[Callable[[str], None]] = field(default_factory=list)
+    finality: FinalityTracker | None = None  # served settlements and transfers, watched until final (a journal)
+    # Called with (network, claim key) for each served settlement, transfer or deposit a reorg dropped beyond
+    # recovery: the metrics count it, the ledger marks the payment (it is never refunded).
+    settlement_lost: list[Callable[[str, str], None]] = field(default_factory=list)
+    # Called with (network, channel id) while a session deposit is off the chain (a reorg), and when it is lost.
+    deposit_gone: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)
 
     def track_settlement(self, key: str, asset: str, calldata: bytes, valid_before: int, tx_hash: str) -> None:
         """A local settlement was confirmed and its request is served: watch it until final (T28). Never waits."""
         if self.finality is not None:
             self.finality.track(key, asset, calldata, valid_before, tx_hash)
+
+    def watch_transaction(
+        self, kind: Literal["transfer", "deposit"], key: str, asset: str, tx_hash: str, what: Watched
+    ) -> None:
+        """A transaction nobody may send again as a new call paid for something served (a tx-hash proof's
+        transfer, a session deposit): watch it until final, count it if a reorg loses it (T28). Never waits."""
+        if self.finality is not None:
+            self.finality.watch(kind, key, asset, tx_hash, what)
 
     def submitter(self) -> Submitter:
         """Where a settlement goes: the Multicall3 batcher when there is one, else the relayer."""
@@ -116,7 +129,7 @@ def open_networks(config: GatewayConfig, journal: Callable[[], Journal] | None =
             relayer = Relayer(rpc, key)
         watcher = ReceiptWatcher(rpc, interval=n.receipt_poll_interval)
         net = networks[n.name] = Network(n, rpc, watcher, relayer, facilitator)
-        if relayer is not None and journal is not None:
+        if journal is not None:  # also without a relayer: tx-hash transfers are watched there too
             net.finality = FinalityTracker(
                 n.name,
                 rpc,
@@ -127,5 +140,6 @@ def open_networks(config: GatewayConfig, journal: Callable[[], Journal] | None =
                 depth=n.settlement_depth,
                 interval=n.settlement_check_interval,
                 on_lost=net.settlement_lost,
+                on_deposit_gone=net.deposit_gone,
             )
     return networks

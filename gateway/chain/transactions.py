@@ -1,4 +1,5 @@
-"""EIP-1559 transactions, RLP-encoded and signed locally with coincurve (no web3 on the hot path)."""
+"""EIP-1559 transactions, RLP-encoded and signed locally with coincurve (no web3 on the hot path); and a node's
+answer about a signed transaction turned back into its bytes (for the finality tracker, docs/threat-model.md T28)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 from coincurve import PrivateKey
 from eth_utils.crypto import keccak
+
+from gateway.chain.rpc import hex_int
 
 
 def _rlp_length(length: int, offset: int) -> bytes:
@@ -40,3 +43,40 @@ def sign_eip1559(
     fields += [signature[64], int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")]
     raw = b"\x02" + _rlp(fields)
     return "0x" + keccak(raw).hex(), "0x" + raw.hex()
+
+
+def signed_transaction(tx: dict[str, Any], tx_hash: str) -> bytes:
+    """The signed transaction's bytes, rebuilt from a node's ``eth_getTransactionByHash`` answer: only if they hash
+    to ``tx_hash`` (so no node can make us send anything else), and only for types 0, 1 and 2; b"" otherwise (a
+    blob or newer type, a field missing, an answer that does not add up)."""
+
+    def num(name: str) -> int:
+        return hex_int(tx[name])
+
+    def data(value: Any) -> bytes:
+        return bytes.fromhex(str(value or "0x")[2:])
+
+    try:
+        kind = hex_int(tx.get("type", "0x0"))
+        to, value, payload = data(tx.get("to")), num("value"), data(tx.get("input"))
+        signature = [num("r"), num("s")]
+        access = [
+            [data(item["address"]), [data(key) for key in item.get("storageKeys") or ()]]
+            for item in tx.get("accessList") or ()
+        ]
+        parity = hex_int(tx.get("yParity", tx.get("v")))
+        if kind == 0:
+            fields = [num("nonce"), num("gasPrice"), num("gas"), to, value, payload, num("v"), *signature]
+            raw = _rlp(fields)
+        elif kind == 1:
+            fields = [num("chainId"), num("nonce"), num("gasPrice"), num("gas"), to, value, payload, access]
+            raw = b"\x01" + _rlp([*fields, parity, *signature])
+        elif kind == 2:
+            fees = [num("maxPriorityFeePerGas"), num("maxFeePerGas")]
+            fields = [num("chainId"), num("nonce"), *fees, num("gas"), to, value, payload, access]
+            raw = b"\x02" + _rlp([*fields, parity, *signature])
+        else:
+            return b""
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return b""
+    return raw if "0x" + keccak(raw).hex() == tx_hash.lower() else b""

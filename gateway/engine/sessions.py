@@ -24,6 +24,7 @@ from coincurve import PrivateKey
 from eth_account import Account
 
 from gateway.chain.network import Network
+from gateway.chain.watched import Watched
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, PaymentInFlight, PaymentRequired, Resynchronise, StoreUnavailable
 from gateway.schemes.base import Presented, PricedRoute
@@ -41,7 +42,9 @@ from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.codec import RawHeaders, dumps, encode_header
 from gateway.x402.sessions import (
+    DEPOSIT_COLLECTOR,
     SCHEME,
+    SETTLEMENT_CONTRACT,
     ChannelSnapshot,
     claim_batch_digest,
     corrective_extra,
@@ -96,6 +99,7 @@ class Sessions:
         key = config.sessions.authorizer_key
         self._key = None if key is None else PrivateKey(bytes.fromhex(key.reveal().removeprefix("0x")))
         self.authorizer = "" if key is None else str(Account.from_key(key.reveal()).address)
+        self.networks = networks
         self.chains: dict[str, ChannelChain] = {}
         for name, net in networks.items():
             if net.relayer is not None:
@@ -106,6 +110,7 @@ class Sessions:
                     timeout=config.payment.settle_timeout,
                     confirmations=net.config.confirmations,
                 )
+                net.deposit_gone.append(self._deposit_gone)
 
     def __repr__(self) -> str:
         return f"Sessions(authorizer={self.authorizer or None}, networks={sorted(self.chains)})"
@@ -116,6 +121,33 @@ class Sessions:
 
     def chain_for(self, req: Requirement) -> ChannelChain:
         return self.chains[req.network]
+
+    def watch_deposit(self, checked: CheckedPayment, tx_hash: str, amount: int) -> None:
+        """A deposit vouchers will be served on: watched until final by the network's finality tracker, like a
+        settlement (docs/threat-model.md T28). Never waits."""
+        req = checked.requirement
+        what = Watched(
+            payer=DEPOSIT_COLLECTOR.lower(),  # the collector forwards the payer's money to the contract:
+            pay_to=SETTLEMENT_CONTRACT.lower(),  # that Transfer is the deposit's
+            value=amount,
+            channel=checked.channel_id,
+        )
+        key = f"deposit:{req.chain_id}:{tx_hash.lower()}"
+        self.networks[req.network].watch_transaction("deposit", key, checked.payment.config.token, tx_hash, what)
+
+    async def _deposit_gone(self, network: str, channel_id: str) -> None:
+        """A watched deposit is not on the chain (a reorg dropped it, for a while or for good): the channel's mirror
+        takes the chain's state, whose balance lacks it, so vouchers beyond what is really deposited are refused
+        (and a refusal reads the chain again: a deposit mined again is found then)."""
+        chain = self.chains.get(network)
+        if chain is None:
+            return
+        synced = await self.store.sync(channel_id, await chain.state(channel_id), now=time.time())
+        if synced is not None:
+            log.warning(
+                "a session deposit is not on the chain: the channel's balance is the chain's",
+                extra={"network": network, "channel_id": channel_id, "balance": synced.balance},
+            )
 
     # ------------------------------------------------------------------------------------------------- requests
 
@@ -321,6 +353,7 @@ class SessionRequest:
             )
         self.tx_hash = await chain.deposit(self._checked.payment.config, dep)
         self.deposited = dep.amount
+        self._sessions.watch_deposit(self._checked, self.tx_hash, dep.amount)
         state = await chain.state(self.channel_id)
         synced = await self.store.sync(self.channel_id, state, now=time.time())
         if synced is not None:

@@ -360,7 +360,7 @@ class PrometheusMetrics:
                 counter.inc(value - seen)
                 self._store_seen[name] = value
 
-    def settlement_lost(self, network: str) -> None:
+    def settlement_lost(self, network: str, key: str) -> None:
         self.settlements_lost.labels(network).inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -5,7 +5,7 @@ The money invariant: a served request is paid exactly once, forever. Each test r
 (``anvil_reorg [depth, txs]``: the last ``depth`` blocks are replaced by new ones holding ``txs``; their own
 transactions are gone, not back in the mempool) after something was served, then checks that what was served is
 still paid for exactly once, or at least that its loss is counted. Every test here failed on the code it was written
-against; the two marked as expected failures are the known limits docs/threat-model.md T28 states.
+against (the tx-hash transfer and session deposit ones as known limits of T28, until both were journalled).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from eth_utils.crypto import keccak
 
 from gateway.chain.finality import FinalityTracker
 from gateway.chain.relayer import Relayer
+from gateway.chain.transactions import signed_transaction
+from gateway.chain.watched import Watched
 from gateway.config import Secret
 from gateway.dev.chain import BATCH_SETTLEMENT_ADDRESS, DevChain, send_transaction, set_eth_balance
 from gateway.storage.settlements import SQLiteSettlementJournal
+from gateway.x402 import reasons
+from gateway.x402.codec import decode_header
 from tests.chain.helpers import PRICE, fast_networks, head, lost_metric, pay, wait_until
 from tests.chain.test_reorged_settlements import Rig, passes, settle_one
 from tests.e2e import craft
@@ -33,6 +37,7 @@ from tests.sessions.crafted import CraftedChannel, session_offer
 from tests.sessions.test_a_client_that_lost_its_state_resynchronises import fresh_client
 from tests.sessions.test_a_client_that_lost_its_state_resynchronises import pay as pay_session
 from tests.sessions.test_official_client_sessions import ROUTES as SESSION_ROUTES
+from tests.support.facilitator import run_x402_facilitator
 from tests.support.gateway import SESSIONS, running_gateway, sqlite_url
 from tests.txhash.helpers import erc20_transfer, new_tx_payer, proof
 from tests.unit.test_settlement_batches import exact
@@ -95,17 +100,13 @@ def test_a_payer_who_executes_its_own_reorged_authorization_cannot_present_that_
 # ----------------------------------------------------------------- tx-hash: the payer's own transfer reorged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/threat-model.md T28): tx-hash transfers are not watched after they are served",
-)
 def test_a_served_tx_hash_proof_whose_transfer_a_reorg_dropped_is_at_least_counted(
-    chain: DevChain, tmp_path: Path
+    chain: DevChain, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A tx-hash proof is served once its transfer has ``confirmations`` blocks (T7), then nothing watches it:
-    the settlement journal holds exact settlements only. A reorg deeper than that drops the payer's transfer; the
-    payer signs another transaction at the same nonce (its money goes elsewhere). The request stays unpaid for
-    good, and unlike an exact settlement (T28: ``settlements_lost_total``, an ERROR log) nobody is told."""
+    """A tx-hash proof is served once its transfer has ``confirmations`` blocks (T7); a reorg deeper than that drops
+    the payer's transfer, and the payer signs another transaction at the same nonce (its money goes elsewhere).
+    The request stays unpaid for good; like an exact settlement (T28) the loss must be counted and logged: the
+    served transfer is in the settlement journal, and once its payer's nonce is taken it can never be mined."""
     payer = new_tx_payer(chain)
     with (
         running_gateway(chain, store_url=sqlite_url(tmp_path), networks=fast_networks(chain)) as gw,
@@ -120,6 +121,116 @@ def test_a_served_tx_hash_proof_whose_transfer_a_reorg_dropped_is_at_least_count
         assert gw.balance(gw.pay_to) == 0
         counted = wait_until(lambda: lost_metric(gw) == 1.0, timeout=5.0)
         assert counted, "a served tx-hash proof whose transfer a reorg dropped is unpaid, and not counted lost"
+        chain.rpc("anvil_mine", ["0x2"])
+        assert not wait_until(lambda: lost_metric(gw) != 1.0, timeout=1.0)  # once
+        assert asyncio.run(_pending(sqlite_url(tmp_path))) == []  # and no longer watched
+    lost = [r for r in caplog.records if r.levelname == "ERROR" and "lost" in r.getMessage()]
+    assert len(lost) == 1
+    assert getattr(lost[0], "tx_hash", None) == transfer
+    assert str(getattr(lost[0], "claim_key", "")).startswith(f"tx:{chain.chain_id}:{transfer}:")
+
+
+def test_a_tx_hash_proof_served_on_a_facilitator_network_is_watched_too(chain: DevChain, tmp_path: Path) -> None:
+    """A network whose exact payments a remote facilitator settles has no relayer of ours, but its tx-hash proofs
+    are checked and served by the gateway itself: a reorg that drops one is counted as anywhere else."""
+    payer = new_tx_payer(chain)
+    with run_x402_facilitator(chain) as facilitator:
+        networks = fast_networks(chain, verifier="facilitator", facilitator={"url": facilitator, "timeout": 5.0})
+        with (
+            running_gateway(chain, store_url=sqlite_url(tmp_path), networks=networks) as gw,
+            gw.client() as http,
+        ):
+            transfer = erc20_transfer(chain, payer, gw.pay_to, PRICE)
+            served = http.post("/paid", json={}, headers=proof(gw, payer, transfer))
+            assert served.status_code == 200, served.text
+            chain.rpc("anvil_reorg", [1, []])
+            move_everything_away(chain, payer)
+            assert wait_until(lambda: lost_metric(gw) == 1.0, timeout=5.0), "not watched on a facilitator network"
+
+
+def test_a_served_transfer_a_reorg_dropped_is_sent_again_as_its_payer_signed_it(
+    chain: DevChain, store_url: str
+) -> None:
+    """The same reorg, but the payer does nothing: its nonce stays unused, and its signed transfer (rebuilt from
+    the node's answer when it was served, checked against its hash) is sent again as it was. It is mined under the
+    same hash and pays once; nothing is counted lost."""
+    payer = new_tx_payer(chain)
+    with running_gateway(chain, store_url=store_url, networks=fast_networks(chain)) as gw, gw.client() as http:
+        transfer = erc20_transfer(chain, payer, gw.pay_to, PRICE)
+        served = http.post("/paid", json={}, headers=proof(gw, payer, transfer))
+        assert served.status_code == 200, served.text
+        watched = wait_until(lambda: [e.kind for e in asyncio.run(_pending(store_url))] == ["transfer"], timeout=3.0)
+        assert watched, "the served transfer is not in the settlement journal"
+        chain.rpc("anvil_reorg", [1, []])
+        assert chain.rpc("eth_getTransactionReceipt", [transfer]) is None
+        assert gw.balance(gw.pay_to) == 0
+
+        assert wait_until(lambda: gw.balance(gw.pay_to) == PRICE, timeout=10.0), "the transfer was not sent again"
+        assert chain.rpc("eth_getTransactionReceipt", [transfer]) is not None  # under its own hash
+        tracker = gw.app.payments.engine.networks["base"].finality
+        assert tracker is not None and tracker.sent_again == 1
+        chain.rpc("anvil_mine", ["0x3"])
+        assert not wait_until(lambda: gw.balance(gw.pay_to) != PRICE, timeout=1.0)
+        assert lost_metric(gw) == 0.0
+        chain.rpc("anvil_mine", ["0x40"])
+        assert wait_until(lambda: asyncio.run(_pending(store_url)) == [], timeout=5.0), "final, and still watched"
+        # A second presentation of the same transfer is still the same claim: refused.
+        again = http.post("/paid", json={}, headers=proof(gw, payer, transfer))
+        assert again.status_code == 402, again.text
+
+
+async def test_a_watched_transfer_that_is_never_mined_again_is_counted_lost_at_the_bound(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """A reorg drops the payer's transfer before its journal entry could read the transaction (no nonce, no signed
+    bytes to send again), and nobody sends it again: it is counted lost once ``watch_bound`` has passed on the
+    chain's clock, not before, and not again."""
+    payer = new_tx_payer(rig.chain)
+    pay_to = Account.create().address.lower()
+    transfer = erc20_transfer(rig.chain, payer, pay_to, PRICE)
+    relayer = Relayer(rig.rpc, Secret(rig.key))
+    lost: list[tuple[str, str]] = []
+    tracker = rig.tracker(relayer, on_lost=[lambda network, key: lost.append((network, key))])
+    tracker.watch_bound = 600
+    try:
+        rig.chain.rpc("anvil_reorg", [1, []])
+        what = Watched(payer=payer.address.lower(), pay_to=pay_to, value=PRICE)
+        tracker.watch("transfer", f"tx:{rig.chain.chain_id}:{transfer}:0", rig.chain.usdc, transfer, what)
+        await passes(tracker, tracker.missing_passes + 2)
+        assert lost == [] and tracker.sent_again == 0  # nothing to send, its nonce unread: waited for
+        rig.chain.rpc("evm_increaseTime", [tracker.watch_bound + 60])
+        rig.chain.rpc("evm_mine", [])
+        await passes(tracker, 2)
+        assert lost == [("base", f"tx:{rig.chain.chain_id}:{transfer}:0")]
+        assert await rig.journal.pending("base", limit=10) == []
+    finally:
+        await tracker.aclose()
+        await relayer.aclose()
+
+
+def test_a_transaction_is_rebuilt_only_when_its_bytes_hash_to_its_hash(chain: DevChain) -> None:
+    """The tracker may send a payer's transaction again only as the payer signed it: the bytes rebuilt from a node's
+    answer (legacy, EIP-2930 and EIP-1559 transactions) must hash to the transaction's hash, so a node that alters
+    any field cannot make us broadcast something else."""
+    payer = new_tx_payer(chain)
+    to = Account.create().address
+    data = keccak(text="transfer(address,uint256)")[:4] + abi_encode(["address", "uint256"], [to, 1])
+    base = {"chainId": chain.chain_id, "gas": 100_000, "to": chain.usdc, "value": 0, "data": data}
+    fee = int(chain.rpc("eth_gasPrice"), 16) * 2
+    access = [{"address": chain.usdc, "storageKeys": ["0x" + "00" * 31 + "01"]}]
+    shapes: list[dict[str, Any]] = [
+        {"gasPrice": fee},
+        {"gasPrice": fee, "accessList": access, "type": 1},
+        {"maxFeePerGas": fee, "maxPriorityFeePerGas": 10**9, "accessList": access, "type": 2},
+    ]
+    for shape in shapes:
+        nonce = int(chain.rpc("eth_getTransactionCount", [payer.address, "pending"]), 16)
+        signed = payer.sign_transaction({**base, **shape, "nonce": nonce})
+        tx_hash = str(chain.rpc("eth_sendRawTransaction", [signed.raw_transaction.to_0x_hex()])).lower()
+        answer = chain.rpc("eth_getTransactionByHash", [tx_hash])
+        assert signed_transaction(answer, tx_hash) == bytes(signed.raw_transaction), shape
+        assert signed_transaction({**answer, "value": "0x1"}, tx_hash) == b"", shape  # altered: refused
+        assert signed_transaction(answer, "0x" + "00" * 32) == b""
 
 
 # ------------------------------------------------------------ exact: served through reconciliation by hash
@@ -215,15 +326,15 @@ def test_a_session_deposit_waits_for_the_configured_confirmations(chain: DevChai
             assert depth >= 3, f"a session was served on a deposit with {depth} of 3 confirmations"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/threat-model.md T28): session deposits are not journaled after they are served on",
-)
-def test_vouchers_are_not_served_on_a_deposit_a_reorg_took_away(chain: DevChain, tmp_path: Path) -> None:
-    """A deposit is served on, then a reorg drops it. Nothing journals deposits (the finality tracker watches
-    exact settlements only), and vouchers on a known channel are checked against the store's mirror of its
-    balance, without the chain. The payer moves its USDC away so that the deposit can never execute again, and
-    keeps presenting vouchers: each is served on money that is not there."""
+def test_vouchers_are_not_served_on_a_deposit_a_reorg_took_away(
+    chain: DevChain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deposit is served on, then a reorg drops it. Vouchers on a known channel are checked against the store's
+    mirror of its balance, without the chain; the payer moves its USDC away so that the deposit can never execute
+    again, and keeps presenting vouchers. The deposit is in the settlement journal: the tracker sets the channel's
+    mirror to the chain's balance as soon as it finds the deposit gone, and counts it lost once our relayer's
+    nonce has been taken by another transaction (the nonce keeper's no-op: the deposit would revert now). From
+    then on every voucher is refused."""
     payer = chain.new_payer(5_000_000)
     with running_gateway(
         chain,
@@ -243,14 +354,51 @@ def test_vouchers_are_not_served_on_a_deposit_a_reorg_took_away(chain: DevChain,
         assert chain.rpc("eth_getTransactionReceipt", [deposit]) is None
         assert chain.balance(payer.address) == 5_000_000  # the deposit never happened
         move_everything_away(chain, payer)  # ... and now it never can
+        counted = wait_until(lambda: lost_metric(gw) == 1.0, timeout=10.0)
+        assert counted, "a served-on deposit that a reorg took away for good is not counted lost"
 
-        more = asyncio.run(pay_session(client, url, 5, []))
+        answers: list[httpx.Response] = []
+        more = asyncio.run(pay_session(client, url, 5, answers))
         served = [r for r in more if r.status_code == 200]
         unbacked = (2 + len(served)) * SESSION_PRICE
         assert not served, (
             f"{len(served)} more vouchers served after the deposit left the chain: {unbacked} atomic units served "
             "on a channel holding nothing"
         )
+        # Refused with the scheme's answer for a voucher beyond the balance: the client sees it must deposit more.
+        reasons_seen = {decode_header(r.headers["payment-required"]).get("error") for r in answers}
+        assert reasons_seen == {reasons.SESSION_CUMULATIVE_EXCEEDS_BALANCE}, reasons_seen
+        assert lost_metric(gw) == 1.0  # counted once
+    lost = [r for r in caplog.records if r.levelname == "ERROR" and "lost" in r.getMessage()]
+    assert [getattr(r, "tx_hash", None) for r in lost] == [deposit]
+
+
+def test_a_deposit_a_reorg_dropped_is_mined_again_and_the_session_goes_on(chain: DevChain, store_url: str) -> None:
+    """The same reorg, but the payer keeps its money: our relayer sends the very same deposit transaction again
+    (same hash), it is mined, and vouchers on the channel are served again on the chain's word; nothing is lost and
+    the payer paid the deposit once."""
+    payer = chain.new_payer(5_000_000)
+    with running_gateway(
+        chain, store_url=store_url, routes=SESSION_ROUTES, sessions=QUIET_SESSIONS, networks=fast_networks(chain)
+    ) as gw:
+        client = fresh_client(payer, chain.url)
+        url = gw.url + "/session"
+        out = asyncio.run(pay_session(client, url, 2, []))
+        assert [r.status_code for r in out] == [200, 200], [r.text for r in out]
+        deposit = receipt_of(out[0])["transaction"]
+        deposited = 5_000_000 - chain.balance(payer.address)
+        assert deposited > 0
+
+        chain.rpc("anvil_reorg", [1, []])
+        assert chain.rpc("eth_getTransactionReceipt", [deposit]) is None
+        mined = wait_until(lambda: chain.rpc("eth_getTransactionReceipt", [deposit]) is not None, timeout=10.0)
+        assert mined, "the dropped deposit was not sent again"
+        assert chain.balance(payer.address) == 5_000_000 - deposited  # once
+
+        more = asyncio.run(pay_session(client, url, 3, []))
+        assert [r.status_code for r in more] == [200] * 3, [r.text for r in more]
+        assert chain.balance(payer.address) == 5_000_000 - deposited  # no second deposit was needed
+        assert lost_metric(gw) == 0.0
 
 
 # ------------------------------------------------------------------------------ the journal across a restart

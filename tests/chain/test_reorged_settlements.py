@@ -129,7 +129,7 @@ class Rig:
         self.key = key
         self.journal = journal
 
-    def tracker(self, relayer: Relayer, on_lost: list[Callable[[str], None]] | None = None) -> FinalityTracker:
+    def tracker(self, relayer: Relayer, on_lost: list[Callable[[str, str], None]] | None = None) -> FinalityTracker:
         return FinalityTracker(
             "base",
             self.rpc,
@@ -230,8 +230,8 @@ async def test_a_payer_who_spent_the_money_after_the_reorg_is_counted_lost(rig: 
     payment, key, calldata, tx_hash = await settle_one(rig, first)
     await first.aclose()
     relayer = Relayer(rig.rpc, Secret(rig.key))
-    lost: list[str] = []
-    tracker = rig.tracker(relayer, on_lost=[lost.append])
+    lost: list[tuple[str, str]] = []
+    tracker = rig.tracker(relayer, on_lost=[lambda network, key: lost.append((network, key))])
     try:
         wire = exact(payment)
         tracker.track(key, rig.chain.usdc, calldata, wire.authorization.valid_before, tx_hash)
@@ -245,7 +245,7 @@ async def test_a_payer_who_spent_the_money_after_the_reorg_is_counted_lost(rig: 
         transfer = bytes.fromhex("a9059cbb") + bytes(12) + bytes.fromhex(elsewhere[2:]) + balance.to_bytes(32, "big")
         send_transaction(rig.chain.anvil, "0x" + bytes(payer.key).hex(), rig.chain.usdc, transfer)
         await passes(tracker, tracker.missing_passes)
-        assert lost == ["base"] and tracker.lost == 1 and tracker.resubmitted == 0
+        assert lost == [("base", key)] and tracker.lost == 1 and tracker.resubmitted == 0
         assert await rig.journal.take("base", tracker.owner, now=0, lease=0, limit=5) == []
         assert not authorization_used(rig.chain, payer.address, "0x" + wire.authorization.nonce.hex())
     finally:

@@ -4,9 +4,14 @@ once (docs/threat-model.md T28)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 
-from gateway.storage.settlements import SettlementJournal, open_settlement_journal
+import pytest
+import redis
+
+from gateway.storage.settlements import SettlementJournal, SQLiteSettlementJournal, open_settlement_journal
 
 # Times near the real clock: a Redis entry's garbage-collection TTL is set from them.
 T = time.time()
@@ -92,3 +97,100 @@ async def test_entries_outlive_the_journal_object(store_url: str) -> None:
         assert [e.key for e in await second.take("base", "new", now=T + 61, lease=60, limit=10)] == ["kept"]
     finally:
         await second.aclose()
+
+
+async def test_an_entry_keeps_its_kind(journal: SettlementJournal) -> None:
+    """A watched transaction (a tx-hash transfer, a session deposit) is never settled again as an exact call: its
+    kind is what tells the tracker so, on every read."""
+    await add(journal, "exact-one")
+    await journal.add(
+        "tx:8453:0xaa:0",
+        "base",
+        "0x" + "aa" * 32,
+        "0x" + "22" * 20,
+        b"{}",
+        7000,
+        owner="a",
+        now=T,
+        lease=60,
+        kind="transfer",
+    )
+    taken = await journal.take("base", "a", now=T + 1, lease=60, limit=10)
+    assert sorted((e.key, e.kind) for e in taken) == [("exact-one", "exact"), ("tx:8453:0xaa:0", "transfer")]
+    assert sorted(e.kind for e in await journal.pending("base", limit=10)) == ["exact", "transfer"]
+
+
+# The table as gateways before ``kind`` created it.
+OLD_SCHEMA = """
+CREATE TABLE settlements (
+    key TEXT PRIMARY KEY, network TEXT NOT NULL, tx_hash TEXT NOT NULL, asset TEXT NOT NULL, calldata BLOB NOT NULL,
+    valid_before INTEGER NOT NULL, block_number INTEGER, block_hash TEXT, owner TEXT NOT NULL,
+    lease_until REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL
+)
+"""
+
+
+async def test_entries_written_before_kinds_existed_read_as_exact_sqlite(tmp_path: Path) -> None:
+    """An upgrade keeps the settlements an older gateway was watching: its rows read as ``exact``, and the table
+    gains the column for new kinds."""
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute(OLD_SCHEMA)
+    conn.execute(
+        "INSERT INTO settlements VALUES (?, 'base', ?, ?, ?, 5000, 9, '0x09', 'old', 0, ?, ?)",
+        ("kept", "0x" + "11" * 32, "0x" + "22" * 20, CALL, T, T),
+    )
+    conn.commit()
+    conn.close()
+    for _ in range(2):  # and a second object on the migrated file finds the column there
+        journal = SQLiteSettlementJournal(path)
+        try:
+            (entry,) = [e for e in await journal.take("base", "new", now=T + 1, lease=60, limit=10) if e.key == "kept"]
+            assert (entry.kind, entry.calldata, entry.block_number) == ("exact", CALL, 9)
+            await journal.add(
+                "w",
+                "base",
+                "0x" + "aa" * 32,
+                "0x" + "22" * 20,
+                b"{}",
+                1,
+                owner="new",
+                now=T + 2,
+                lease=60,
+                kind="deposit",
+            )
+            assert sorted(e.kind for e in await journal.pending("base", limit=10)) == ["deposit", "exact"]
+        finally:
+            await journal.aclose()
+
+
+async def test_entries_written_before_kinds_existed_read_as_exact_redis(request: pytest.FixtureRequest) -> None:
+    url: str = request.getfixturevalue("redis_url")
+    raw = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        raw.hset(
+            "x402:{settle}:e:kept",
+            mapping={
+                "network": "base",
+                "tx": "0x" + "11" * 32,
+                "asset": "0x" + "22" * 20,
+                "data": CALL.hex(),
+                "vb": "5000",
+                "bn": "9",
+                "bh": "0x09",
+                "owner": "old",
+                "lease": "0",
+                "created": str(T),
+                "upd": str(T),
+            },
+        )
+        raw.zadd("x402:{settle}:n:base", {"kept": T})
+    finally:
+        raw.close()
+    journal = open_settlement_journal(url)
+    try:
+        (entry,) = await journal.take("base", "new", now=T + 1, lease=60, limit=10)
+        assert (entry.key, entry.kind, entry.calldata, entry.block_number) == ("kept", "exact", CALL, 9)
+        assert [e.kind for e in await journal.pending("base", limit=10)] == ["exact"]
+    finally:
+        await journal.aclose()

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway.chain.network import Network
+from gateway.chain.watched import Watched
 from gateway.config import GatewayConfig
 from gateway.errors import PaymentReplayed, PaymentRequired
 from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute, authorization_key
@@ -144,9 +145,19 @@ class TxHashScheme:
             key = authorization_key(req.chain_id, req.asset, found.payer, found.authorization_nonce)
             effect = Effect(key, now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN)
         await claim.mark_paid(payment.proof.tx_hash, effect=effect)
+        _watch(self.networks[payment.requirement.network], payment, found)
 
     async def settle(self, claim: Claim[TxAttempt], *, simulate_again: bool) -> str:
         return claim.tx_hash or ""  # paid before it arrived: confirm() marked it
+
+
+def _watch(net: Network, payment: TxAttempt, found: FoundTransfer) -> None:
+    """Served from here on: the payer's transfer is watched until final, and counted if a reorg loses it
+    (docs/threat-model.md T28; never waits). Watched only: we hold no authorization to pay it again with."""
+    req = payment.requirement
+    key = tx_payment_key(req.chain_id, payment.proof.tx_hash, found.log_index)
+    what = Watched(payer=found.payer, pay_to=req.pay_to.lower(), value=found.value)
+    net.watch_transaction("transfer", key, req.asset, payment.proof.tx_hash, what)
 
 
 __all__ = ["TxAttempt", "TxHashScheme"]

@@ -6,6 +6,17 @@ needed to notice that and to settle it again (docs/threat-model.md T28): the sig
 call (target and calldata), where the settlement was seen mined (block number and hash), the authorization's
 ``validBefore`` and the payment's claim key. The finality tracker (:mod:`gateway.chain.finality`) reads it.
 
+An entry's ``kind`` says what it watches (docs/threat-model.md T28):
+
+* ``exact``: a settlement our relayer sent; ``calldata`` is its signed call, which may be settled again;
+* ``transfer``: a payer's own transaction served as a tx-hash proof, and ``deposit``: our relayer's transaction of a
+  session deposit. Both are watched only (nobody may send their call again as a new transaction); ``calldata``
+  holds what identifies the watched transaction (:class:`gateway.chain.finality.Watched`, JSON), and
+  ``valid_before`` the moment (epoch seconds, chain time) after which one that is not mined again is lost.
+
+Entries written before ``kind`` existed read as ``exact`` (the SQLite table gains the column, default ``exact``,
+the first time a journal object touches it; a Redis hash without the field is an ``exact`` one).
+
 Life of an entry::
 
     (absent) --add--> entry(owner) --update--> entry (new tx hash, or where it was seen mined)
@@ -24,7 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["GC_SECONDS", "JournalEntry", "SettlementJournal"]
+__all__ = ["GC_SECONDS", "KINDS", "JournalEntry", "SettlementJournal"]
+
+KINDS = ("exact", "transfer", "deposit")  # see the module docstring
 
 # An entry is resolved within minutes (final, re-submitted or lost). One that is not after this long belongs to a
 # network no longer configured: the storage drops it then, so nothing accumulates for ever.
@@ -33,18 +46,19 @@ GC_SECONDS = 7 * 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    key: str  # the payment's claim key (exact:<chain id>:<asset>:<payer>:<nonce>)
+    key: str  # the payment's claim key (exact:<chain id>:<asset>:<payer>:<nonce>, tx:<chain id>:<hash>:<log>, ...)
     network: str  # the configured network's name
     tx_hash: str  # the transaction that executed (or, re-submitted, should execute) the authorization
     asset: str  # the token contract the call goes to
-    calldata: bytes  # the signed transferWithAuthorization call, as it was sent
-    valid_before: int  # the authorization's validBefore, epoch seconds (chain time)
+    calldata: bytes  # the signed transferWithAuthorization call, as it was sent (``exact``; see above otherwise)
+    valid_before: int  # the authorization's validBefore, epoch seconds (chain time); see above for other kinds
     block_number: int | None  # where tx_hash was seen mined; None: not seen yet (new, or re-submitted)
     block_hash: str | None
     owner: str  # the tracker holding the lease
     lease_until: float
     created_at: float
     updated_at: float
+    kind: str = "exact"  # one of KINDS
 
 
 @runtime_checkable
@@ -63,9 +77,10 @@ class SettlementJournal(Protocol):
         owner: str,
         now: float,
         lease: float,
+        kind: str = "exact",
     ) -> None:
-        """Record a confirmed settlement for ``owner`` (not yet placed in a block). An entry already under ``key``
-        (the same payment settled again) is replaced."""
+        """Record a confirmed settlement (or a watched transaction, ``kind``) for ``owner``, not yet placed in a
+        block. An entry already under ``key`` (the same payment settled again) is replaced."""
         ...
 
     async def take(

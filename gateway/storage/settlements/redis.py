@@ -2,7 +2,8 @@
 
 Keys (all under the hash tag ``{settle}``, so one Redis Cluster slot holds them and the scripts stay legal)::
 
-    x402:{settle}:e:<claim key>     hash: network, tx, asset, data (hex), vb, bn, bh, owner, lease, created, upd
+    x402:{settle}:e:<claim key>     hash: network, tx, asset, data (hex), vb, bn, bh, owner, lease, created, upd,
+                                    kind (absent in entries written before it: ``exact``)
     x402:{settle}:n:<network>       zset claim key -> created_at: a network's entries, oldest first
 
 Every entry's Redis TTL is :data:`GC_SECONDS` plus :data:`gateway.storage.redis_client.GC_SLACK` after it was
@@ -24,13 +25,14 @@ __all__ = ["PREFIX", "RedisSettlementJournal"]
 
 PREFIX = "x402:{settle}:"
 
-# KEYS: entry, index. ARGV: key, network, tx, asset, data, vb, owner, lease_until, now, gc_at (now + GC_SECONDS), slack.
+# KEYS: entry, index. ARGV: key, network, tx, asset, data, vb, owner, lease_until, now, gc_at (now + GC_SECONDS), slack,
+# kind.
 _ADD = (
     GC_EXPIRE
     + """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'network', ARGV[2], 'tx', ARGV[3], 'asset', ARGV[4], 'data', ARGV[5], 'vb', ARGV[6],
-  'bn', '', 'bh', '', 'owner', ARGV[7], 'lease', ARGV[8], 'created', ARGV[9], 'upd', ARGV[9])
+  'bn', '', 'bh', '', 'owner', ARGV[7], 'lease', ARGV[8], 'created', ARGV[9], 'upd', ARGV[9], 'kind', ARGV[12])
 gc_expire(KEYS[1], tonumber(ARGV[10]), tonumber(ARGV[9]), tonumber(ARGV[11]))
 redis.call('ZADD', KEYS[2], ARGV[9], ARGV[1])
 return 1
@@ -38,7 +40,7 @@ return 1
 )
 
 # KEYS: index. ARGV: entry prefix, owner, now, lease_until, limit, newest '1'|'0'.
-# -> flat list, 11 fields per entry: key, network, tx, asset, data, vb, bn, bh, created, upd, lease_until
+# -> flat list, 12 fields per entry: key, network, tx, asset, data, vb, bn, bh, created, upd, lease_until, kind
 _TAKE = """
 local prefix, owner, now, lease, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local range = ARGV[6] == '1' and 'ZREVRANGE' or 'ZRANGE'
@@ -50,13 +52,13 @@ while taken < limit do
   for _, id in ipairs(ids) do
     local k = prefix .. id
     local h = redis.call('HMGET', k, 'network', 'tx', 'asset', 'data', 'vb', 'bn', 'bh', 'owner', 'lease', 'created',
-      'upd')
+      'upd', 'kind')
     if not h[1] then
       redis.call('ZREM', KEYS[1], id)
       gone = gone + 1
     elseif h[8] == owner or tonumber(h[9]) <= now then
       redis.call('HSET', k, 'owner', owner, 'lease', lease)
-      for _, v in ipairs({id, h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[10], h[11], lease}) do
+      for _, v in ipairs({id, h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[10], h[11], lease, h[12] or 'exact'}) do
         out[#out + 1] = v
       end
       taken = taken + 1
@@ -96,7 +98,7 @@ end
 return released
 """
 
-_FIELDS = 11
+_FIELDS = 12
 
 
 def _opt_int(value: str) -> int | None:
@@ -134,6 +136,7 @@ class RedisSettlementJournal(RedisStore):
         owner: str,
         now: float,
         lease: float,
+        kind: str = "exact",
     ) -> None:
         await self._client.run_script(
             self._add,
@@ -150,6 +153,7 @@ class RedisSettlementJournal(RedisStore):
                 script_number(now),
                 script_number(now + GC_SECONDS),
                 script_number(GC_SLACK),
+                kind,
             ],
         )
 
@@ -172,8 +176,8 @@ class RedisSettlementJournal(RedisStore):
             raise StoreUnavailable("redis settlement journal: unexpected script reply")
         entries = []
         for i in range(0, len(flat), _FIELDS):
-            key, net, tx, asset, data, vb, bn, bh, created, upd, lease_until = flat[i : i + _FIELDS]
-            entries.append(_entry(key, net, owner, tx, asset, data, vb, bn, bh, lease_until, created, upd))
+            key, net, tx, asset, data, vb, bn, bh, created, upd, lease_until, kind = flat[i : i + _FIELDS]
+            entries.append(_entry(key, net, owner, tx, asset, data, vb, bn, bh, lease_until, created, upd, kind))
         return entries
 
     async def update(
@@ -194,7 +198,7 @@ class RedisSettlementJournal(RedisStore):
         return bool(res == 1)
 
     async def pending(self, network: str, *, limit: int) -> list[JournalEntry]:
-        names = ("tx", "asset", "data", "vb", "bn", "bh", "owner", "lease", "created", "upd")
+        names = ("tx", "asset", "data", "vb", "bn", "bh", "owner", "lease", "created", "upd", "kind")
         with self._client.guard():
             ids: Any = await self._client.redis.zrange(self._index(network), 0, max(0, limit - 1))
             async with self._client.redis.pipeline(transaction=False) as pipe:
@@ -203,10 +207,10 @@ class RedisSettlementJournal(RedisStore):
                 rows: Any = await pipe.execute()
         entries = []
         for key, row in zip(ids, rows, strict=True):
-            tx, asset, data, vb, bn, bh, owner, lease, created, upd = row
+            tx, asset, data, vb, bn, bh, owner, lease, created, upd, kind = row
             if tx is None:
                 continue  # resolved between the two reads
-            entries.append(_entry(key, network, owner, tx, asset, data, vb, bn, bh, lease, created, upd))
+            entries.append(_entry(key, network, owner, tx, asset, data, vb, bn, bh, lease, created, upd, kind))
         return entries
 
     async def release(self, network: str, owner: str) -> int:
@@ -236,6 +240,7 @@ def _entry(
     lease: str,
     created: str,
     updated: str,
+    kind: str | None,
 ) -> JournalEntry:
     """An entry from its hash's fields (as Redis returns them: strings)."""
     return JournalEntry(
@@ -251,4 +256,5 @@ def _entry(
         lease_until=float(lease),
         created_at=float(created),
         updated_at=float(updated),
+        kind=kind or "exact",  # written before kinds existed
     )

@@ -2,6 +2,10 @@
 
 One worker thread owns the connection and every change is one ``BEGIN IMMEDIATE`` transaction, so two processes
 taking entries at once cannot both lease the same one (see :mod:`gateway.storage.sqlite_file`).
+
+Column ``kind`` came later: a table created before it gains it (``ALTER TABLE ... ADD COLUMN``, default
+``'exact'``, what every older row is) the first time a journal object uses the file, in one write transaction, so
+two processes starting together cannot both add it. Older rows stay readable as they were.
 """
 
 from __future__ import annotations
@@ -26,23 +30,27 @@ CREATE TABLE IF NOT EXISTS settlements (
     owner        TEXT NOT NULL,
     lease_until  REAL NOT NULL,
     created_at   REAL NOT NULL,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    kind         TEXT NOT NULL DEFAULT 'exact'
 )
 """
+_ADD_KIND = "ALTER TABLE settlements ADD COLUMN kind TEXT NOT NULL DEFAULT 'exact'"
 _INDEX = "CREATE INDEX IF NOT EXISTS settlements_network ON settlements (network, created_at)"
 _ADD = (
     "INSERT OR REPLACE INTO settlements (key, network, tx_hash, asset, calldata, valid_before, block_number,"
-    " block_hash, owner, lease_until, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)"
+    " block_hash, owner, lease_until, created_at, updated_at, kind)"
+    " VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?)"
 )
 _DUE = (
     "SELECT key, network, tx_hash, asset, calldata, valid_before, block_number, block_hash, owner, lease_until,"
-    " created_at, updated_at FROM settlements WHERE network = :network AND (owner = :owner OR lease_until <= :now)"
+    " created_at, updated_at, kind FROM settlements"
+    " WHERE network = :network AND (owner = :owner OR lease_until <= :now)"
     " ORDER BY created_at LIMIT :limit"
 )
 _DUE_NEWEST = _DUE.replace("ORDER BY created_at", "ORDER BY created_at DESC")
 _PENDING = (
     "SELECT key, network, tx_hash, asset, calldata, valid_before, block_number, block_hash, owner, lease_until,"
-    " created_at, updated_at FROM settlements WHERE network = ? ORDER BY created_at LIMIT ?"
+    " created_at, updated_at, kind FROM settlements WHERE network = ? ORDER BY created_at LIMIT ?"
 )
 _LEASE = "UPDATE settlements SET owner = ?, lease_until = ? WHERE key = ?"
 _UPDATE = (
@@ -52,11 +60,11 @@ _REMOVE = "DELETE FROM settlements WHERE key = ? AND owner = ?"
 _RELEASE = "UPDATE settlements SET lease_until = 0 WHERE network = ? AND owner = ?"
 _GC = "DELETE FROM settlements WHERE created_at < ?"
 
-_Row = tuple[str, str, str, str, bytes, int, int | None, str | None, str, float, float, float]
+_Row = tuple[str, str, str, str, bytes, int, int | None, str | None, str, float, float, float, str]
 
 
 def _entry(row: _Row, owner: str, lease_until: float) -> JournalEntry:
-    key, network, tx_hash, asset, calldata, valid_before, block_number, block_hash, _o, _l, created, updated = row
+    key, network, tx_hash, asset, calldata, valid_before, block_number, block_hash, _o, _l, created, updated, kind = row
     return JournalEntry(
         key=key,
         network=network,
@@ -70,6 +78,7 @@ def _entry(row: _Row, owner: str, lease_until: float) -> JournalEntry:
         lease_until=lease_until,
         created_at=created,
         updated_at=updated,
+        kind=kind,
     )
 
 
@@ -84,16 +93,34 @@ class SQLiteSettlementJournal:
             what="settlement journal",
             thread="x402-settlements-sqlite",
         )
+        self._has_kind = False  # worker thread: the table is known to have column ``kind`` (module docstring)
 
     def __repr__(self) -> str:
         return f"SQLiteSettlementJournal(path={self._db.path!r})"
 
     # -- worker-thread side ---------------------------------------------------------------------------------
 
+    def _migrate(self) -> None:
+        """Add column ``kind`` to a table created before it (module docstring). Known for good only once a call
+        finds it there: a group commit that fails rolls an ``ALTER`` back with the rest."""
+        if self._has_kind:
+            return
+
+        def body(conn: sqlite3.Connection) -> bool:
+            if "kind" in {row[1] for row in conn.execute("PRAGMA table_info(settlements)")}:
+                return True
+            conn.execute(_ADD_KIND)
+            return False
+
+        self._has_kind = self._db.transaction(body)
+
     def _add(self, row: tuple[object, ...]) -> None:
+        self._migrate()
         self._db.transaction(lambda conn: conn.execute(_ADD, row))
 
     def _take(self, network: str, owner: str, now: float, lease: float, limit: int, newest: bool) -> list[JournalEntry]:
+        self._migrate()
+
         def body(conn: sqlite3.Connection) -> list[JournalEntry]:
             conn.execute(_GC, (now - GC_SECONDS,))
             rows: list[_Row] = conn.execute(
@@ -105,15 +132,23 @@ class SQLiteSettlementJournal:
         return self._db.transaction(body)
 
     def _update(self, key: str, owner: str, tx_hash: str, number: int | None, block: str | None, now: float) -> bool:
+        self._migrate()
+
         def body(conn: sqlite3.Connection) -> bool:
             return conn.execute(_UPDATE, (tx_hash, number, block, now, key, owner)).rowcount == 1
 
         return self._db.transaction(body)
 
     def _remove(self, key: str, owner: str) -> bool:
+        self._migrate()
         return self._db.transaction(lambda conn: conn.execute(_REMOVE, (key, owner)).rowcount == 1)
 
+    def _release(self, network: str, owner: str) -> int:
+        self._migrate()
+        return self._db.transaction(lambda conn: conn.execute(_RELEASE, (network, owner)).rowcount)
+
     def _pending(self, network: str, limit: int) -> list[JournalEntry]:
+        self._migrate()
         rows: list[_Row] = self._db.connection().execute(_PENDING, (network, limit)).fetchall()
         return [_entry(row, row[8], row[9]) for row in rows]
 
@@ -134,8 +169,9 @@ class SQLiteSettlementJournal:
         owner: str,
         now: float,
         lease: float,
+        kind: str = "exact",
     ) -> None:
-        row = (key, network, tx_hash, asset, calldata, valid_before, owner, now + lease, now, now)
+        row = (key, network, tx_hash, asset, calldata, valid_before, owner, now + lease, now, now, kind)
         await self._db.run(self._add, row)
 
     async def take(
@@ -144,9 +180,7 @@ class SQLiteSettlementJournal:
         return await self._db.run(self._take, network, owner, now, lease, limit, newest)
 
     async def release(self, network: str, owner: str) -> int:
-        return await self._db.run(
-            lambda: self._db.transaction(lambda conn: conn.execute(_RELEASE, (network, owner)).rowcount)
-        )
+        return await self._db.run(self._release, network, owner)
 
     async def update(
         self,
