@@ -6,7 +6,8 @@ any of them is ``None`` where it does not apply::
 
     X402ClientError
     ├── PaymentRefused      we did not pay: over a spend cap or the budget, a network or asset not allowed,
-    │                       no option this client can pay, no wallet; nothing was signed or sent
+    │                       no option this client can pay, no wallet, a transfer that failed before it left;
+    │                       nothing was sent
     ├── PaymentFailed       we paid (signed or transferred) and the server refused that payment (402 + reason)
     ├── ApiError            any other 4xx/5xx answer (status, reason, message; job_id for job calls)
     ├── JobError            a job ended without completing (``.job`` is the final :class:`Job`)
@@ -84,7 +85,8 @@ class X402ClientError(Exception):
 
 
 class PaymentRefused(X402ClientError):
-    """The client would not pay: nothing was signed, nothing was sent."""
+    """The client did not pay: nothing was sent (a transfer may have been signed, and was shown never to have left:
+    refused by the node, or after a failed broadcast unknown to it with its nonce unused)."""
 
     default_reason = "payment_refused"
 

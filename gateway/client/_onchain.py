@@ -11,6 +11,7 @@ import httpx
 from eth_utils.crypto import keccak
 
 from gateway.client._errors import PaymentFailed, error_summary
+from gateway.client._logs import hide_urls
 from gateway.client._spend import chain_id_of
 from gateway.secrets import redact_url
 from gateway.x402.sessions import SETTLEMENT_CONTRACT
@@ -33,6 +34,7 @@ class ChannelReader:
 
     def __init__(self, rpc_urls: Mapping[str, str], *, timeout: float = 10.0) -> None:
         self._urls = dict(rpc_urls)
+        hide_urls(self._urls.values())  # httpx logs every request's URL at INFO: the path is often an API key
         self._http = httpx.AsyncClient(timeout=timeout)
         self._checked: set[int] = set()
 

@@ -15,7 +15,10 @@ Paying a 402, in order:
    is waited out first).
 
 The budget counts every payment presented, except one refused outright on its first presentation (an
-authorization that was never settled); a transfer counts once broadcast.
+authorization that was never settled). A transfer counts from the moment its broadcast starts, whatever happens next
+(a broadcast with no answer may still be mined): it is given back only when the transfer is known not to have left,
+before the broadcast (refused by the estimate, the node refused it) or after a failed one, when the node knows no
+transaction with its hash and the wallet's nonce is unused (``transfer_not_sent``).
 
 ``pay_with="session"`` pays a ``batch-settlement`` offer through a channel (:mod:`gateway.client._sessions`: a
 deposit once, then a voucher per request) and any other 402 as ``exact``. A URL whose 402 offered a session is
@@ -404,6 +407,11 @@ class PayingClient:
         refundable = True  # until money may have moved
         tx_hash: str | None = None
         deadline = 0.0
+
+        def broadcasting() -> None:
+            nonlocal refundable
+            refundable = False  # the transfer leaves now: it may be mined whatever happens next
+
         try:
             if offer.exact is not None:
                 name, value = sign_exact_payment(self.account, offer.exact)
@@ -411,13 +419,14 @@ class PayingClient:
             else:
                 assert offer.tx is not None and self._sender is not None and self.tx_hash is not None
                 deadline = time.monotonic() + self.tx_hash.timeout
-                tx_hash = await self._sender.send(offer.tx)
-                refundable = False  # broadcast: the transfer may be mined whatever happens next
+                tx_hash = await self._sender.send(offer.tx, broadcasting=broadcasting)
                 await self._sender.wait_final(offer.tx, tx_hash, deadline=deadline)
                 resource = offer.tx.resource or str(challenge.request.url)
                 proof = tx_proof_headers(self.account, tx_hash, offer.tx.network, method, resource)
-        except BaseException:
-            if refundable:
+        except BaseException as exc:
+            # PaymentRefused: nothing left, by that error's contract (a transfer never broadcast, or one the node
+            # showed was never sent); anything else once broadcasting began may have moved the money.
+            if refundable or isinstance(exc, PaymentRefused):
                 self._budget.refund(offer.amount)
             raise
         paid_headers = {**headers, **proof}

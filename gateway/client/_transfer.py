@@ -8,7 +8,9 @@ assigned under one lock per chain, so concurrent payments from one wallet do not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ from eth_utils.crypto import keccak
 
 from gateway.client._config import TxHashPayments
 from gateway.client._errors import PaymentFailed, PaymentRefused, error_summary
+from gateway.client._logs import hide_urls
 from gateway.client._spend import chain_id_of
 from gateway.x402 import reasons
 
@@ -138,12 +141,18 @@ class TransferSender:
             url = self.rpc_url(option)
             if url is None:
                 raise PaymentRefused(f"no RPC URL configured for {option.network}", reason="no_rpc_url")
-            w3 = AsyncWeb3(AsyncHTTPProvider(url, request_kwargs={"timeout": 30}))
+            hide_urls([url])  # web3 logs its provider's URL (INFO on disconnect): the path is often an API key
+            provider = AsyncHTTPProvider(url, request_kwargs={"timeout": 30})
+            w3 = AsyncWeb3(provider)
             try:
                 served = await w3.eth.chain_id
             except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await provider.disconnect()  # its HTTP session: this provider is not kept
                 raise _rpc_failed(option.network, "to give its chain id", exc) from None
             if served != option.chain_id:
+                with contextlib.suppress(Exception):
+                    await provider.disconnect()
                 # Sending to the wrong chain would move real money where the gateway never looks.
                 raise PaymentRefused(
                     f"the RPC configured for {option.network} serves another chain id", reason="rpc_chain_mismatch"
@@ -151,8 +160,15 @@ class TransferSender:
             self._w3[option.chain_id] = w3
         return w3
 
-    async def send(self, option: TxOption) -> str:
-        """Broadcast ``asset.transfer(recipient, amount)``; the transaction hash (lowercase 0x hex)."""
+    async def send(self, option: TxOption, *, broadcasting: Callable[[], None] | None = None) -> str:
+        """Broadcast ``asset.transfer(recipient, amount)``; the transaction hash (lowercase 0x hex).
+
+        ``broadcasting`` is called just before the signed transaction leaves: from then on the money may move
+        whatever this call raises, except :class:`PaymentRefused`. A failed broadcast (no answer, or a refusal) is
+        followed by two questions to the node: when it knows no transaction with this hash and no transaction of
+        this wallet has used its nonce, nothing left (:class:`PaymentRefused`, ``transfer_rejected`` when the node
+        refused it, else ``transfer_not_sent``); otherwise :class:`PaymentFailed` (``transfer_broadcast_failed``,
+        with the hash): it may be mined."""
         from web3.exceptions import ContractLogicError, RequestTimedOut, Web3RPCError
 
         w3 = await self._web3(option)
@@ -197,18 +213,28 @@ class TransferSender:
             )
             del tx["from"]
             signed = self.account.sign_transaction(tx)
+            if broadcasting is not None:
+                broadcasting()
             try:
                 tx_hash = await w3.eth.send_raw_transaction(signed.raw_transaction)
             except Exception as exc:
                 self._next_nonce.pop(option.chain_id, None)
-                if isinstance(exc, Web3RPCError) and not isinstance(exc, RequestTimedOut):
-                    # The node answered: it did not take the transaction (nonce, funds, fees).
-                    raise PaymentRefused(
-                        f"the RPC for {option.network} rejected the transfer ({_rpc_error(exc)})",
-                        reason="transfer_rejected",
-                    ) from None
-                # No answer, or a timeout: the transaction may have reached the network all the same.
                 sent = "0x" + bytes(signed.hash).hex()
+                refused = isinstance(exc, Web3RPCError) and not isinstance(exc, RequestTimedOut)
+                # No answer, or a timeout: the transaction may have reached the network all the same. Asked even
+                # when the node answered with a refusal: web3 resends a broadcast that got no answer, and the resend
+                # of a transaction the node did take is refused ("already known", "nonce too low").
+                if not await self._may_have_left(w3, sent, nonce):
+                    if refused:  # the node did not take it (nonce, funds, fees)
+                        raise PaymentRefused(
+                            f"the RPC for {option.network} rejected the transfer ({_rpc_error(exc)})",
+                            reason="transfer_rejected",
+                        ) from None
+                    raise PaymentRefused(
+                        f"broadcasting the transfer failed ({_rpc_error(exc)}); the node does not know it and its "
+                        "nonce is unused: nothing was sent",
+                        reason="transfer_not_sent",
+                    ) from None
                 raise PaymentFailed(
                     f"broadcasting the transfer {sent} failed ({_rpc_error(exc)}); it may still be mined",
                     reason="transfer_broadcast_failed",
@@ -216,6 +242,24 @@ class TransferSender:
                 ) from None
             self._next_nonce[option.chain_id] = nonce + 1
         return "0x" + bytes(tx_hash).hex()
+
+    async def _may_have_left(self, w3: AsyncWeb3[Any], tx_hash: str, nonce: int) -> bool:
+        """After a broadcast with no answer: False only when the node, asked now, knows no transaction with this
+        hash and counts no transaction of this wallet at this nonce, not even a pending one (asked in that order, so
+        a transaction the node takes between the two questions is seen by the second). Any doubt (an RPC that does
+        not answer, the nonce used by a transaction we do not know) is True: the money may be on its way."""
+        from web3.exceptions import TransactionNotFound
+
+        try:
+            try:
+                await w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+                return True
+            except TransactionNotFound:
+                pass
+            used = await w3.eth.get_transaction_count(self.account.address, "pending")
+        except Exception:
+            return True
+        return int(used) > nonce
 
     async def wait_final(self, option: TxOption, tx_hash: str, *, deadline: float) -> None:
         """Until the transfer is mined with ``confirmations`` blocks; PaymentFailed if it reverted or time ran out."""

@@ -10,6 +10,9 @@ in memory (up to :data:`BACKLOG` entries) to be written again every :data:`RETRY
 it; the entry's key makes a second write of the same payment a no-op. The same background task deletes entries
 older than ``[ledger].retention_days`` every ``purge_interval`` seconds. What each kind of payment records, and
 the crash window: docs/operating.md ("Ledger").
+
+:class:`LostSettlements` marks in the ledger the payments whose settlement the finality tracker counted lost, so that
+none of them is ever refunded (docs/operating.md, "Refunds").
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.chain.network import Network
 from gateway.config import GatewayConfig
 from gateway.config.ledger import LedgerConfig
 from gateway.engine.claim import PaidRequest
@@ -29,9 +34,9 @@ from gateway.errors import StoreUnavailable
 from gateway.schemes.exact.scheme import ExactAttempt
 from gateway.schemes.txhash.scheme import TxAttempt
 from gateway.storage.ledger import LedgerEntry, LedgerStore, open_ledger_store
-from gateway.storage.ledger.contract import DAY, Kind
+from gateway.storage.ledger.contract import DAY, REFUND_PREFIX, Kind
 
-__all__ = ["BACKLOG", "RETRY_SECONDS", "Ledger", "LedgerStats", "served_entry"]
+__all__ = ["BACKLOG", "RETRY_SECONDS", "Ledger", "LedgerStats", "LostSettlements", "served_entry"]
 
 log = logging.getLogger("gateway.ledger")
 
@@ -261,3 +266,78 @@ class Ledger:
         if n:
             log.info("ledger retention purge", extra={"deleted": n, "retention_days": self.config.retention_days})
         return n
+
+
+class LostSettlements:
+    """Marks in the ledger each payment whose settlement a network's finality tracker counted lost: a reorg dropped
+    it and it could not be settled again (docs/threat-model.md T28), so the merchant never received that money and
+    a refund of it would pay out money that never came in. The refund reads the mark and refuses.
+
+    Fed by each followed network's ``settlement_lost`` hooks, which are called on the tracker's task and must not
+    wait: each mark is written by a task of its own, again every :data:`RETRY_SECONDS` while the store does not
+    answer, until it is taken or :meth:`aclose` gives up on it (logged as an error with the key)."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self.marked = 0  # marks the store took (a mark made before by another instance counts too)
+        self._networks: list[Network] = []
+        self._writes: dict[str, asyncio.Task[None]] = {}
+
+    def __repr__(self) -> str:
+        return f"LostSettlements(store={self.store!r})"
+
+    def follow(self, networks: Iterable[Network]) -> None:
+        for net in networks:
+            if net not in self._networks:
+                net.settlement_lost.append(self.lost)
+                self._networks.append(net)
+
+    def lost(self, network: str, key: str) -> None:
+        """``network``'s tracker counted the settlement of the payment ``key`` lost: mark it. Never raises."""
+        if key in self._writes:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._mark(key), name="x402-ledger-lost")
+        except RuntimeError:  # no loop (the tracker runs on one: a caller outside it is a bug, not worth a crash)
+            log.error("a lost settlement could not be marked in the ledger", extra={"key": key})
+            return
+        self._writes[key] = task
+        task.add_done_callback(lambda _: self._writes.pop(key, None))
+
+    async def _mark(self, key: str) -> None:
+        while True:
+            try:
+                await self.store.mark_settlement_lost(key, at=time.time())
+                refunded = await self.store.get(REFUND_PREFIX + key)
+                break
+            except StoreUnavailable as exc:
+                log.warning(
+                    "could not mark a lost settlement in the ledger; trying again",
+                    extra={"key": key, "error": exc.message},
+                )
+            except Exception:
+                log.exception("could not mark a lost settlement in the ledger", extra={"key": key})
+                return
+            await asyncio.sleep(RETRY_SECONDS)
+        self.marked += 1
+        if refunded is not None:
+            # Refunded while its settlement was not final yet, then lost: the refund paid out money that never came.
+            log.error(
+                "settlement lost of a payment already refunded: the refund was paid from money never received",
+                extra={"key": key, "refund_tx_hash": refunded.tx_hash},
+            )
+
+    async def aclose(self) -> None:
+        for net in self._networks:
+            with contextlib.suppress(ValueError):
+                net.settlement_lost.remove(self.lost)
+        self._networks.clear()
+        pending = list(self._writes.items())
+        if pending:
+            await asyncio.wait([task for _, task in pending], timeout=2.0)  # a last chance for a slow write
+        for key, task in pending:
+            if not task.done():
+                task.cancel()
+                log.error("a lost settlement was not marked in the ledger before shutdown", extra={"key": key})
+        if pending:
+            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)

@@ -115,6 +115,7 @@ PAYMENT_NOT_REFUNDABLE = "payment_not_refundable"  # a refund, a zero amount, or
 PAYMENT_ALREADY_REFUNDED = "payment_already_refunded"  # 409: refunded before; nothing sent again
 REFUND_IN_PROGRESS = "refund_in_progress"  # this payment's refund is being sent by another call
 REFUND_FAILED = "refund_failed"  # nothing moved (the refund wallet is short), or the outcome is not known yet
+PAYMENT_SETTLEMENT_LOST = "payment_settlement_lost"  # 409: a reorg lost its settlement: the money never came in
 
 # Sessions: the ``batch-settlement`` scheme (docs/sessions.md). The official client acts on these strings (it
 # resynchronises on a cumulative mismatch), so they are the x402 reference names.

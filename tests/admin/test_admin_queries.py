@@ -95,10 +95,10 @@ def test_pending_jobs_and_config_answer_without_showing_a_secret(
         # anvil's "finalized" block trails the head: the settlement is watched until it is final. The finality
         # tracker journals it at once and records its block at its next pass (settlement_check_interval): until then
         # it reads "unconfirmed" (not seen mined by the tracker yet).
-        assert [(s["network"], s["status"]) for s in pending["settlements"]] in (
+        assert [(s["network"], s["kind"], s["status"]) for s in pending["settlements"]] in (
             [],
-            [("base", "mined")],
-            [("base", "unconfirmed")],
+            [("base", "exact", "mined")],
+            [("base", "exact", "unconfirmed")],
         )
         assert pending["channels"] == [] and pending["unclaimed"]["amount"] == 0
         assert jobs == {"payer": payer.address.lower(), "jobs": [], "total": 0}

@@ -1,5 +1,6 @@
 """Refunds: a real payment's amount goes back to its payer from the refund wallet exactly once on chain, however
-many times and however concurrently it is asked for, and is recorded in the ledger linked to the payment."""
+many times and however concurrently it is asked for, and is recorded in the ledger linked to the payment; a payment
+whose settlement a reorg lost is never refunded (the money never arrived), by any instance, after a restart too."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from gateway.chain import abi
-from gateway.dev.chain import DevChain, send_transaction
+from gateway.dev.chain import DevChain, send_transaction, set_eth_balance
 from gateway.dev.keys import DEV_KEYS
 from gateway.http.admin.refunds import refund_nonce
 from gateway.storage.ledger import LedgerEntry
 from gateway.storage.ledger.export import entry_from_record
 from tests.admin.conftest import READ_TOKEN, WRITE_TOKEN, Admin, running_admin
+from tests.chain.helpers import fast_networks, head, wait_until
+from tests.support.gateway import sqlite_url
 
 PRICE = 100_000  # POST /paid: $0.10
 FLOAT = 1_000_000  # the refund wallet's USDC
@@ -173,3 +177,60 @@ def _ledger_entry(admin: Admin, key: str) -> LedgerEntry:
     with admin.client(READ_TOKEN) as api:
         (doc,) = [p for p in api.get("/admin/payments").json()["payments"] if p["key"] == key]
     return entry_from_record(doc)
+
+
+def test_a_payment_whose_settlement_a_reorg_lost_is_never_refunded_by_any_instance(
+    private_chain: DevChain, store_url: str, tmp_path: Path, admin_env: LocalAccount
+) -> None:
+    """The merchant would pay back money it never received: the tracker's loss is marked in the ledger and every
+    refund of that payment is refused (409 payment_settlement_lost), with nothing signed or sent."""
+    chain = private_chain  # reorganised: never the session chain
+    refund_wallet = admin_env.address.lower()
+    chain.mint(refund_wallet, FLOAT)
+    with running_admin(chain, store_url, tmp_path, admin_env, networks=fast_networks(chain)) as admin:
+        payer, payment = _paid(admin, chain)
+        key = payment["key"]
+        refunds = admin.app.refunds
+        assert refunds is not None
+        mined_at = int(chain.rpc("eth_getTransactionReceipt", [payment["tx_hash"]])["blockNumber"], 16)
+        assert head(chain) == mined_at  # one confirmation: a reorg of depth 1 drops the settlement
+        chain.rpc("anvil_reorg", [1, []])
+        # The payer moves the money away before the authorization can be settled again: the tracker counts it lost.
+        set_eth_balance(chain.anvil, payer.address, 10**18)
+        elsewhere = bytes.fromhex(Account.create().address[2:])  # anywhere but the merchant
+        transfer = bytes.fromhex("a9059cbb") + bytes(12) + elsewhere + PRICE.to_bytes(32, "big")
+        send_transaction(chain.anvil, "0x" + bytes(payer.key).hex(), chain.usdc, transfer)
+        assert wait_until(lambda: refunds.lost.marked == 1), "the lost settlement was not marked in the ledger"
+        assert chain.balance(admin.gateway.pay_to) == 0  # served, and never paid
+
+        with admin.client() as api:
+            r = api.post("/admin/refund", json={"key": key})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "payment_settlement_lost"
+        assert chain.balance(refund_wallet) == FLOAT and chain.balance(payer.address) == 0  # nothing sent
+        assert _refund_executions(chain, refund_wallet, key) == []
+        assert [c["status"] for c in admin.audit() if c.get("path") == "/admin/refund"] == [409]
+
+    # Another instance, started afresh on the same store, refuses it too: the mark is in the store, not in memory.
+    with running_admin(chain, store_url, tmp_path, admin_env, networks=fast_networks(chain)) as again:
+        assert again.app.refunds is not None and again.app.refunds.lost.marked == 0
+        with again.client() as api:
+            r = api.post("/admin/refund", json={"key": key})
+        assert r.status_code == 409 and r.json()["error"] == "payment_settlement_lost", r.text
+    assert _refund_executions(chain, refund_wallet, key) == []
+    assert chain.balance(refund_wallet) == FLOAT
+
+
+def test_a_payment_whose_settlement_is_not_final_yet_is_refunded(
+    base_chain: DevChain, tmp_path: Path, admin_env: LocalAccount
+) -> None:
+    """docs/operating.md ("Refunds"): a refund does not wait for finality; only a settlement counted lost is refused."""
+    base_chain.mint(admin_env.address, PRICE)
+    with running_admin(base_chain, sqlite_url(tmp_path), tmp_path, admin_env) as admin:
+        payer, payment = _paid(admin, base_chain)
+        with admin.client() as api:
+            pending = api.get("/admin/pending").json()["settlements"]
+            assert payment["key"] in [s["key"] for s in pending]  # watched by the tracker: not final yet
+            r = api.post("/admin/refund", json={"key": payment["key"]})
+        assert r.status_code == 200 and r.json()["sent"] is True, r.text
+        assert base_chain.balance(payer.address) == PRICE

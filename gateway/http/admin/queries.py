@@ -117,24 +117,26 @@ class Queries:
         return Answer(200, stream=chunks(), content_type=content_type, filename=filename)
 
     async def pending(self, call: Call) -> Answer:
-        """``GET /admin/pending?limit=``: settlements not final yet, and session charges not claimed yet."""
+        """``GET /admin/pending?limit=``: journal entries not final yet (our settlements; payers' transfers behind
+        tx-hash proofs and session deposits, watched only), and session charges not claimed yet."""
         call.only(("limit",))
         limit = call.integer("limit", 100, minimum=1, maximum=self._max_page)
         now = time.time()
         settlements: list[dict[str, Any]] = []
-        for name, net in self._config.networks.items():
-            if net.verifier != "local":
-                continue  # a facilitator settles there: nothing of it is in our journal
+        for name in self._config.networks:  # a facilitator's network too: transfers behind tx-hash proofs are watched
             for e in await self._stores.journal.pending(name, limit=limit):
                 if e.block_number is not None:
                     status = "mined"  # watched until final (docs/threat-model.md T28)
                 elif e.valid_before < now:
-                    status = "expired"  # not seen mined, and its authorization can no longer be executed
+                    # not seen mined: its authorization can no longer be executed (a watched transfer or deposit:
+                    # past the hour it is waited for)
+                    status = "expired"
                 else:
                     status = "unconfirmed"  # sent (or sent again after a reorganisation), not seen mined yet
                 settlements.append(
                     {
                         "key": e.key,
+                        "kind": e.kind,
                         "network": e.network,
                         "tx_hash": e.tx_hash,
                         "block": e.block_number,

@@ -13,6 +13,12 @@ How "at most once" holds, layer by layer (docs/operating.md, "Refunds"):
    negative amount, ``refund_of``, the tx hash and block) is recorded, then the claim is marked done. The ledger
    refuses a second refund of one payment.
 
+A payment whose settlement the finality tracker counted lost (a reorg dropped it and it could not be settled again) is
+never refunded: the merchant never received that money. The ledger holds the mark (written by
+:class:`gateway.engine.ledger.LostSettlements`, which this object feeds from the networks' hooks for as long as it
+lives), so every instance refuses it, after a restart too: 409 ``payment_settlement_lost``. A settlement not final yet
+is refunded (docs/operating.md, "Refunds", says why).
+
 Crash windows (the process dies at each point; what the next request for the same refund does once it holds the
 claim, which it does at once when the dead process's heartbeat lapsed, else after the claim's lease):
 
@@ -46,10 +52,11 @@ from gateway.chain.network import Network
 from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import RpcError, hex_int
 from gateway.engine.claim import Claims
+from gateway.engine.ledger import LostSettlements
 from gateway.errors import GatewayError, PaymentInFlight, PaymentReplayed, ServiceUnavailable, SettlementFailed
 from gateway.http.admin.calls import admin_error
 from gateway.secrets import Secret
-from gateway.storage.ledger.contract import LedgerEntry, LedgerStore
+from gateway.storage.ledger.contract import REFUND_PREFIX, LedgerEntry, LedgerStore
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
 from gateway.x402.eip712 import authorization_digest
@@ -59,7 +66,6 @@ __all__ = ["REFUND_PREFIX", "RefundOutcome", "Refunds", "refund_nonce"]
 
 log = logging.getLogger("gateway.admin")
 
-REFUND_PREFIX = "refund:"
 LOOKBACK_BLOCKS = 50_000  # how far back the token's AuthorizationUsed log of an earlier attempt is looked for
 _GAS_MARGIN = 1.25  # over the node's estimate: the state a refund runs in may differ a little from the estimate's
 
@@ -105,6 +111,9 @@ class Refunds:
         self._validity = validity
         self._timeout = settle_timeout
         self._own: dict[str, Relayer] = {}  # networks without a relayer: the refund key sends itself
+        # Settlements counted lost from now on are marked in the ledger (the gateway's trackers call the hooks).
+        self.lost = LostSettlements(ledger)
+        self.lost.follow(networks.values())
 
     def __repr__(self) -> str:
         return f"Refunds(address={self.address})"
@@ -112,8 +121,8 @@ class Refunds:
     async def refund(self, payment_key: str, *, by: str) -> RefundOutcome:
         """Refund the payment recorded under ``payment_key`` (``by``: who asked, kept in the entry's request id).
 
-        Raises 404 ``payment_not_found``, 400 ``payment_not_refundable``, 409 ``refund_in_progress``, 503/502
-        ``refund_failed`` (see the module docstring for what each leaves behind)."""
+        Raises 404 ``payment_not_found``, 400 ``payment_not_refundable``, 409 ``payment_settlement_lost``, 409
+        ``refund_in_progress``, 503/502 ``refund_failed`` (see the module docstring for what each leaves behind)."""
         key = REFUND_PREFIX + payment_key
         done = await self._ledger.get(key)
         if done is not None:
@@ -122,6 +131,13 @@ class Refunds:
         if payment is None:
             raise admin_error(404, reasons.PAYMENT_NOT_FOUND, "no payment with this key in the ledger")
         network = self._refundable(payment)
+        if await self._ledger.settlement_lost_at(payment_key) is not None:
+            raise admin_error(
+                409,
+                reasons.PAYMENT_SETTLEMENT_LOST,
+                "a chain reorganisation dropped this payment's settlement and it could not be settled again: the "
+                "money never arrived, so nothing is refunded",
+            )
         owner = self._claims.new_owner()
         try:
             await self._claims.claim(key, owner, now=time.time(), expires_at=None)
@@ -296,6 +312,7 @@ class Refunds:
         return _Transfer("", None)
 
     async def aclose(self) -> None:
+        await self.lost.aclose()
         for relayer in self._own.values():
             await relayer.aclose()
 

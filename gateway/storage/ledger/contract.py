@@ -7,6 +7,10 @@ payment's own identity (exact: its claim key; tx-hash: the transfer's effect key
 ``session:<channel id>:<cumulative after it>``; a refund: ``refund:<refunded entry's key>``), so a payment recorded
 twice is one row, and a second refund of one payment is refused by the store itself.
 
+A payment whose settlement the finality tracker counted lost (a reorg dropped it and it could not be settled again,
+docs/threat-model.md T28) is marked, by its key, whether or not its entry is recorded yet: the merchant never
+received that money, so it is never refunded (docs/operating.md, "Refunds"). A mark goes with the retention purge.
+
 Queries are what an operator asks on day one: payments by payer, route, time range or tx hash (newest first,
 paginated by ``before``), revenue by route / network / day, and exports (CSV, JSON Lines).
 
@@ -24,6 +28,7 @@ __all__ = [
     "DAY",
     "KINDS",
     "MAX_AMOUNT",
+    "REFUND_PREFIX",
     "Group",
     "Kind",
     "LedgerEntry",
@@ -42,6 +47,7 @@ DAY = 86_400
 # Per entry, at most 2**53 - 1 atomic units (~9e9 USDC): a JSON reader (JSON Lines export) and a Lua number hold it
 # exactly, and sums stay far inside the signed 64-bit integers SQLite and Redis (HINCRBY) add with.
 MAX_AMOUNT = 2**53 - 1
+REFUND_PREFIX = "refund:"  # a refund's key: this prefix and the refunded entry's key
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +127,15 @@ class LedgerStore(Protocol):
 
     async def get(self, key: str) -> LedgerEntry | None: ...
 
+    async def mark_settlement_lost(self, key: str, *, at: float) -> bool:
+        """Mark the payment under ``key`` as one whose settlement was lost (counted so at ``at``), whether or not
+        its entry is recorded yet; True if it was not marked before."""
+        ...
+
+    async def settlement_lost_at(self, key: str) -> float | None:
+        """When the payment under ``key`` was marked lost; None when it was not."""
+        ...
+
     async def find(self, query: LedgerQuery) -> list[LedgerEntry]:
         """Newest first."""
         ...
@@ -137,7 +152,8 @@ class LedgerStore(Protocol):
         ...
 
     async def purge(self, *, older_than: float) -> int:
-        """Drop entries older than ``older_than`` (the retention setting); returns how many."""
+        """Drop entries older than ``older_than`` (the retention setting), and the lost marks made before it; returns
+        how many entries."""
         ...
 
     async def ping(self) -> None: ...

@@ -10,6 +10,8 @@ Keys (all under the hash tag ``{ledger}``, so one Redis Cluster slot holds them 
     x402:{ledger}:f:<key>        the key of the refund of entry <key>: one refund per payment
     x402:{ledger}:d:<day>        hash: that UTC day's revenue, kept incrementally (below)
     x402:{ledger}:days           zset day -> its first second: the days that have entries
+    x402:{ledger}:lost           zset key -> when: payments whose settlement was counted lost (before or after
+                                 their entry is recorded); the purge drops the marks older than its cutoff
 
 A day's hash holds, for the day and for each route and network seen that day, the net amount (``a``), the number
 of payments (``p``, refunds not counted) and of entries (``e``): fields ``a p e``, ``ra:<route> rp:<route>
@@ -69,9 +71,10 @@ redis.call('ZADD', KEYS[8], 'NX', ARGV[4], ARGV[3])
 return 1
 """
 
-# KEYS: all, days. ARGV: prefix, cutoff (exclusive), batch. -> how many entries were removed
+# KEYS: all, days, lost marks. ARGV: prefix, cutoff (exclusive), batch. -> how many entries were removed
 _PURGE = """
 local P = ARGV[1]
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[2])
 local function negated(s)
   if s == '0' then return s end
   if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
@@ -105,6 +108,9 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
+
+# KEYS: lost marks. ARGV: when, key. -> 1 (new) | 0 (marked before: its first time is kept)
+_MARK_LOST = "return redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])"
 
 _PURGE_BATCH = 500
 _PAGE = 200  # index members read per round trip while filling a page or an export
@@ -219,6 +225,7 @@ class RedisLedgerStore(RedisStore):
     def _register(self) -> None:
         self._record = self._client.register_script(_RECORD)
         self._purge = self._client.register_script(_PURGE)
+        self._mark_lost = self._client.register_script(_MARK_LOST)
 
     def _index(self, q: LedgerQuery) -> str:
         """The sorted set to read for ``q``: the narrowest one a filter names."""
@@ -273,14 +280,28 @@ class RedisLedgerStore(RedisStore):
         while True:
             n = await self._client.run_script(
                 self._purge,
-                [f"{self._prefix}t", f"{self._prefix}days"],
+                [f"{self._prefix}t", f"{self._prefix}days", f"{self._prefix}lost"],
                 [self._prefix, script_number(older_than), str(_PURGE_BATCH)],
             )
             total += int(n)
             if int(n) < _PURGE_BATCH:
                 return total
 
+    async def mark_settlement_lost(self, key: str, *, at: float) -> bool:
+        if not key:
+            raise ValueError("ledger: a lost mark needs a key")
+        # Replicated (when the URL asks for it): a mark a failover lost would let that money be refunded.
+        added = await self._client.run_script(
+            self._mark_lost, [f"{self._prefix}lost"], [script_number(at), key], replicated=True
+        )
+        return bool(added == 1)
+
     # ----------------------------------------------------------------------------------------------- queries
+
+    async def settlement_lost_at(self, key: str) -> float | None:
+        with self._client.guard():
+            at: Any = await self._client.redis.zscore(f"{self._prefix}lost", key)
+        return None if at is None else float(at)
 
     async def get(self, key: str) -> LedgerEntry | None:
         found = await self._load([key])

@@ -9,7 +9,8 @@ holds up the record of a request being served.
 on ``refund_of`` makes a second refund of one payment a no-op in the same statement. The other indexes serve the
 queries: (``at``, ``key``) for time ranges, pages and exports, (``payer``, ...) and (``route``, ...) for the two
 filters an operator reaches for first, ``tx_hash`` for a transaction (one transaction may settle several
-payments).
+payments). Table ``ledger_lost`` holds the keys of payments whose settlement was counted lost (a row may come before
+its payment's entry), with when; the purge deletes the rows older than its cutoff with the entries.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     refund_of       TEXT
 )
 """
+_LOST_SCHEMA = "CREATE TABLE IF NOT EXISTS ledger_lost (key TEXT PRIMARY KEY, at REAL NOT NULL)"
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at, key)",
     "CREATE INDEX IF NOT EXISTS ledger_payer ON ledger (payer, at, key)",
@@ -64,6 +66,9 @@ _INSERT = (
     " :asset, :payer, :pay_to, :kind, :tx_hash, :block, :request_id, :job_id, :upstream_status, :refund_of)"
 )
 _GET = f"SELECT {_COLUMNS} FROM ledger WHERE key = ?"  # noqa: S608 - fixed text
+_MARK_LOST = "INSERT OR IGNORE INTO ledger_lost (key, at) VALUES (?, ?)"
+_LOST_AT = "SELECT at FROM ledger_lost WHERE key = ?"
+_PURGE_LOST = "DELETE FROM ledger_lost WHERE at < ?"
 # Deleted a batch at a time: one transaction per batch, so the write lock the receipts share is never held long.
 _PURGE = "DELETE FROM ledger WHERE key IN (SELECT key FROM ledger WHERE at < ? ORDER BY at LIMIT ?)"
 _PURGE_BATCH = 1000
@@ -188,7 +193,7 @@ class SQLiteLedgerStore:
     """:class:`gateway.storage.ledger.LedgerStore` on one SQLite file (see the module docstring)."""
 
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
-        schema = (_SCHEMA, *_INDEXES)
+        schema = (_SCHEMA, *_INDEXES, _LOST_SCHEMA)
         self._db = SQLiteFile(
             path, schema=schema, busy_timeout=busy_timeout, what="ledger", thread="x402-ledger-sqlite"
         )
@@ -203,7 +208,14 @@ class SQLiteLedgerStore:
         return self._db.transaction(lambda conn: conn.execute(_INSERT, params).rowcount == 1)
 
     def _purge(self, older_than: float) -> int:
-        return self._db.transaction(lambda conn: conn.execute(_PURGE, (older_than, _PURGE_BATCH)).rowcount)
+        def body(conn: sqlite3.Connection) -> int:
+            conn.execute(_PURGE_LOST, (older_than,))  # a few rows at most: lost settlements are rare
+            return conn.execute(_PURGE, (older_than, _PURGE_BATCH)).rowcount
+
+        return self._db.transaction(body)
+
+    def _mark_lost(self, key: str, at: float) -> bool:
+        return self._db.transaction(lambda conn: conn.execute(_MARK_LOST, (key, at)).rowcount == 1)
 
     def _ping(self) -> None:
         self._db.connection().execute("SELECT 1 FROM ledger LIMIT 1").fetchall()
@@ -214,6 +226,11 @@ class SQLiteLedgerStore:
     def _get(conn: sqlite3.Connection, key: str) -> LedgerEntry | None:
         row: _Row | None = conn.execute(_GET, (key,)).fetchone()
         return None if row is None else _entry(row)
+
+    @staticmethod
+    def _lost_at(conn: sqlite3.Connection, key: str) -> float | None:
+        row: tuple[float] | None = conn.execute(_LOST_AT, (key,)).fetchone()
+        return None if row is None else float(row[0])
 
     @staticmethod
     def _find(conn: sqlite3.Connection, query: LedgerQuery) -> list[LedgerEntry]:
@@ -267,6 +284,14 @@ class SQLiteLedgerStore:
 
     async def get(self, key: str) -> LedgerEntry | None:
         return await self._queries.run(self._get, key)
+
+    async def mark_settlement_lost(self, key: str, *, at: float) -> bool:
+        if not key:
+            raise ValueError("ledger: a lost mark needs a key")
+        return await self._db.run(self._mark_lost, key, at)
+
+    async def settlement_lost_at(self, key: str) -> float | None:
+        return await self._queries.run(self._lost_at, key)
 
     async def find(self, query: LedgerQuery) -> list[LedgerEntry]:
         return await self._queries.run(self._find, query)
