@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import httpx
 
-from tests.support.servers import serve_asgi
+from tests.support.servers import read_body, serve_asgi
 
 Broadcast = Literal["forward", "lose_answer", "lose_first_answer", "lose_request"]
 
@@ -32,12 +32,7 @@ class RpcProxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         method = str(json.loads(body).get("method", "")) if body.startswith(b"{") else "batch"
         self.methods.append(method)
         forward = not self._down

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.servers import read_body
+
 Fault = Callable[[dict[str, Any]], dict[str, Any] | None]
 SEND_METHODS = ("eth_sendRawTransaction", "eth_sendRawTransactionSync")
 GETH_TX_MAX_SIZE = 128 * 1024  # geth's (and op-geth's) txpool refuses a larger transaction
@@ -60,12 +62,7 @@ class RpcProxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         doc = json.loads(body)
         calls: list[dict[str, Any]] = doc if isinstance(doc, list) else [doc]
         answers: dict[int, dict[str, Any]] = {}

@@ -26,7 +26,7 @@ from gateway.x402.codec import decode_header
 from tests.sessions.crafted import CraftedChannel, session_offer
 from tests.sessions.test_official_client_sessions import wait_for
 from tests.support.gateway import SESSIONS, running_gateway, sqlite_url
-from tests.support.servers import serve_asgi
+from tests.support.servers import read_body, serve_asgi
 
 PRICE = 1_000
 DEPOSIT = 100_000
@@ -149,12 +149,7 @@ class RangeCappedRpc:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         doc = json.loads(body)
         calls = doc if isinstance(doc, list) else [doc]
         answers = [await asyncio.to_thread(self._answer, call) for call in calls]
