@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from tests.support.servers import Behaviour, RecordingUpstream
 PRICE = 1_000  # $0.001 per request: the voucher's ceiling
 ROUTES: list[dict[str, Any]] = [
     {"route": "GET /session", "price": "0.001", "schemes": ["exact", "batch-settlement"]},
+    {"route": "POST /chat", "price": "0.001", "schemes": ["exact", "batch-settlement"]},
     {
         "route": "GET /metered",
         "price": "0.001",
@@ -175,6 +177,36 @@ def test_a_cooperative_refund_returns_exactly_the_unclaimed_remainder(base_chain
         # all but what the seven requests were charged came back; the charged part was claimed for us
         assert gw.balance(payer.address) == start - 7 * PRICE
         assert len(gw.upstream.requests) == 7
+
+
+def test_a_refund_on_a_route_priced_for_post_needs_a_fetch_that_posts(base_chain: DevChain, tmp_path: Any) -> None:
+    """What README.md's session example says: the official client's refund asks the URL with GET (its probe for the
+    402, then the refund itself). On a route priced for POST only, a GET is not priced (it reaches the upstream
+    free), so the default refund fails before anything is signed; with a ``fetch`` that POSTs, it refunds exactly
+    the unclaimed remainder."""
+    payer = base_chain.new_payer(5_000_000)
+    client, scheme = session_client(payer)
+    sessions = {**SESSIONS, "min_deposit": "1.00", "claim_interval": 3600}
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, sessions=sessions) as gw:
+        url = gw.url + "/chat"
+        start = gw.balance(payer.address)
+
+        async def post_three() -> list[httpx.Response]:
+            async with x402HttpxClient(client, timeout=30) as http:
+                return [await http.post(url, json={"q": n}) for n in range(3)]
+
+        assert [r.status_code for r in asyncio.run(post_three())] == [200] * 3
+        with pytest.raises(RuntimeError, match="expected 402, got 200"):
+            scheme.refund(url)  # GET /chat is not priced: the upstream answered it
+
+        def post(url: str, headers: dict[str, str]) -> Any:
+            answer = httpx.post(url, headers=headers)
+            return types.SimpleNamespace(status=answer.status_code, header=answer.headers.get)
+
+        settle = scheme.refund(url, RefundOptions(fetch=post))
+        assert settle.success, settle
+        assert gw.balance(payer.address) == start - 3 * PRICE
+        assert [r.method for r in gw.upstream.requests] == ["POST", "POST", "POST", "GET"]
 
 
 @pytest.mark.parametrize("n", [50])
