@@ -25,24 +25,25 @@ or that was never placed, is looked up by its transaction:
   revert) cannot be recovered: the entry is removed, counted (``on_lost`` hooks: the ``settlements_lost_total``
   metric) and logged as an error with the claim key and transaction hash; nothing that would revert is sent.
 
-Two more kinds of transaction paid for something served and are watched the same way, though nobody may send
-their call again in a new transaction (:class:`Watched`, handed in by :meth:`FinalityTracker.watch`): a payer's
-own transfer presented as a tx-hash proof (``transfer``), and our relayer's execution of a session deposit
+Two more kinds of transaction paid for something served and are watched the same way, though nobody may send their
+call again in a new transaction (:class:`Watched`, handed in by :meth:`FinalityTracker.watch`): a payer's own
+transfer presented as a tx-hash proof (``transfer``), and our relayer's execution of a session deposit
 (``deposit``). Still canonical: kept until final. Mined again (the same hash) with its ``Transfer``: moved there;
 mined again without it: lost. Gone (twice in a row): lost once its sender's account nonce at ``latest`` has passed
 the transaction's and the hash has no receipt (another transaction took the nonce: it can never be mined);
 otherwise the very same signed transaction is sent again (a deposit by the relayer, if it still has it; a transfer
-from its raw bytes, rebuilt from the node's answer when it was served and kept only if they hash to its hash), or
+from its raw bytes, rebuilt from the node's answer when it was served and kept only if they hash to its hash and
+are at most ``MAX_RAW`` long; its sender is the address its signature recovers to, never the node's ``from``), or
 waited for; one gone with nothing to send again is lost once ``watch_bound`` seconds have passed since it was
-served (chain clock). While a deposit is not on the chain (gone or pending), the channel's mirror is set to the
-chain's state at each pass, and once more when it is lost (``on_deposit_gone`` hooks), so no voucher is served on
-money the chain does not hold.
+served (chain clock, read with it). Only a node's "already known" makes a refused broadcast count as sent. While a
+deposit is not on the chain (gone or pending), the channel's mirror is set to the chain's state at each pass, and
+once more when it is lost (``on_deposit_gone`` hooks), so no voucher is served on money the chain does not hold.
 
 What a ``transferWithAuthorization`` call and its receipt say is read by :mod:`gateway.chain.authorization`.
 This module stays long because the pass, the look-up and the recovery of every kind of entry share one tracker's
 journal lease, relayer and counters, and read as one decision from top to bottom; what a watched transaction is
 and how its Transfer is recognised live in :mod:`gateway.chain.watched`, its signed bytes are rebuilt by
-:func:`gateway.chain.transactions.signed_transaction`.
+:func:`gateway.chain.transactions.signed_by` (with the address its signature recovers to).
 
 Nothing here is on the paid request's path: :meth:`FinalityTracker.track` and :meth:`FinalityTracker.watch` only
 append to an in-memory inbox that the tracker's own task writes to the journal.
@@ -54,6 +55,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,8 +65,8 @@ from typing import Any, Literal, Protocol
 from gateway.chain import abi
 from gateway.chain.authorization import Authorization, executed_to_us, reverted
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
-from gateway.chain.transactions import signed_transaction
-from gateway.chain.watched import Watched, pays
+from gateway.chain.transactions import signed_by
+from gateway.chain.watched import MAX_RAW, Watched, pays
 from gateway.errors import ChainUnavailable, GatewayError, SettlementFailed, StoreUnavailable
 
 log = logging.getLogger("gateway.settle")
@@ -257,27 +259,34 @@ class FinalityTracker:
             self._inbox.popleft()
 
     async def _read_watched(self) -> None:
-        """Read each newly watched transaction's sender, nonce and signed bytes (one round trip), once: a node that
-        does not answer now, or a transaction whose bytes cannot be rebuilt (a blob transaction, a newer type),
-        leaves them unread (that entry is then lost only at ``watch_bound``)."""
+        """Read each newly watched transaction's sender (recovered from its signature), nonce and signed bytes, and
+        the chain's clock its ``watch_bound`` starts from (one round trip), once: a node that does not answer now, or
+        a transaction whose bytes cannot be rebuilt (a blob transaction, a newer type), leaves them unread (that
+        entry is then lost only at ``watch_bound``)."""
         unread = [i for i in self._inbox if i.watched is not None and not i.read]
         if not unread:
             return
+        calls = [("eth_getTransactionByHash", [i.tx_hash]) for i in unread]
         try:
-            answers = await self._rpc.batch([("eth_getTransactionByHash", [i.tx_hash]) for i in unread])
+            *answers, latest = await self._rpc.batch([*calls, ("eth_getBlockByNumber", ["latest", False])])
         except ChainUnavailable:
-            answers = [None] * len(unread)
+            answers, latest = [None] * len(unread), None
+        served_at = None
+        with contextlib.suppress(ValueError, TypeError):
+            served_at = hex_int(latest.get("timestamp")) if isinstance(latest, dict) else None
         for item, tx in zip(unread, answers, strict=True):
             item.read = True  # once: a flush is not held up by a node that does not know it
+            if served_at:  # watch_bound runs on the chain's clock, as the pass compares it (ours: if it is silent)
+                item.valid_before = served_at + self.watch_bound
             if item.watched is None or not isinstance(tx, dict):
                 continue
-            try:
-                sender, nonce = str(tx["from"]).lower(), hex_int(tx.get("nonce"))
-            except (KeyError, ValueError):
-                continue
-            raw = signed_transaction(tx, item.tx_hash)
-            if raw:  # the nonce as the node says it, only when the signed bytes (which hold it) hash to the hash
-                item.watched = replace(item.watched, sender=sender, nonce=nonce, raw=raw)
+            raw, sender = signed_by(tx, item.tx_hash)
+            if raw and sender:  # the nonce and sender only as the signed bytes (hashed to the hash) hold them
+                nonce = hex_int(tx.get("nonce"))
+                # Kept to be sent again only when it is a transfer of ordinary size (MAX_RAW): a deposit is our
+                # relayer's to send again, and a padded transfer would weigh on every pass until final.
+                keep = raw if item.kind == "transfer" and len(raw) <= MAX_RAW else b""
+                item.watched = replace(item.watched, sender=sender, nonce=nonce, raw=keep)
 
     # ------------------------------------------------------------------------------------------- life cycle
 
@@ -552,7 +561,7 @@ class FinalityTracker:
         try:
             await self._rpc.request("eth_sendRawTransaction", ["0x" + what.raw.hex()])
         except RpcError as exc:
-            return "known" in exc.message.lower()  # "already known": it is pending again
+            return _already_known(exc.message)  # it is pending again; any other refusal: it is not
         return True
 
     async def _deposit_gone(self, channel: str) -> None:
@@ -648,6 +657,16 @@ _LOST = {
     "transfer": "tx-hash transfer lost: a served request stays unpaid",
     "deposit": "session deposit lost: vouchers served on it are not backed",
 }
+
+
+def _already_known(message: str) -> bool:
+    """A node's refusal of a broadcast because it holds that very transaction already (geth, reth, erigon: "already
+    known"; older geth: "known transaction"; nethermind: "AlreadyKnown"; anvil: "transaction already imported"), not
+    just any message containing "known" ("unknown ...")."""
+    return _ALREADY_KNOWN.search(message) is not None
+
+
+_ALREADY_KNOWN = re.compile(r"\balready[ _]?known\b|\bknown transaction\b|\balready imported\b", re.IGNORECASE)
 
 
 def _call(to: str, data: bytes) -> dict[str, Any]:

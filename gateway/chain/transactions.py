@@ -1,11 +1,12 @@
 """EIP-1559 transactions, RLP-encoded and signed locally with coincurve (no web3 on the hot path); and a node's
-answer about a signed transaction turned back into its bytes (for the finality tracker, docs/threat-model.md T28)."""
+answer about a signed transaction turned back into its bytes and its signer (for the finality tracker,
+docs/threat-model.md T28)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from coincurve import PrivateKey
+from coincurve import PrivateKey, PublicKey
 from eth_utils.crypto import keccak
 
 from gateway.chain.rpc import hex_int
@@ -45,10 +46,10 @@ def sign_eip1559(
     return "0x" + keccak(raw).hex(), "0x" + raw.hex()
 
 
-def signed_transaction(tx: dict[str, Any], tx_hash: str) -> bytes:
-    """The signed transaction's bytes, rebuilt from a node's ``eth_getTransactionByHash`` answer: only if they hash
-    to ``tx_hash`` (so no node can make us send anything else), and only for types 0, 1 and 2; b"" otherwise (a
-    blob or newer type, a field missing, an answer that does not add up)."""
+def _rebuilt(tx: dict[str, Any]) -> tuple[bytes, bytes, bytes] | None:
+    """(signed bytes, the digest that was signed, the 65-byte recoverable signature) of a node's answer about a
+    transaction of type 0, 1 or 2; None otherwise (a blob or newer type, a field missing, an answer that does not
+    add up). Nothing here is checked against the transaction's hash: the callers do that."""
 
     def num(name: str) -> int:
         return hex_int(tx[name])
@@ -59,24 +60,57 @@ def signed_transaction(tx: dict[str, Any], tx_hash: str) -> bytes:
     try:
         kind = hex_int(tx.get("type", "0x0"))
         to, value, payload = data(tx.get("to")), num("value"), data(tx.get("input"))
-        signature = [num("r"), num("s")]
+        r, s = num("r"), num("s")
         access = [
             [data(item["address"]), [data(key) for key in item.get("storageKeys") or ()]]
             for item in tx.get("accessList") or ()
         ]
         parity = hex_int(tx.get("yParity", tx.get("v")))
         if kind == 0:
-            fields = [num("nonce"), num("gasPrice"), num("gas"), to, value, payload, num("v"), *signature]
-            raw = _rlp(fields)
+            fields = [num("nonce"), num("gasPrice"), num("gas"), to, value, payload]
+            v = num("v")
+            raw = _rlp([*fields, v, r, s])
+            if v in (27, 28):  # before EIP-155: no chain id in what was signed
+                signed, parity = _rlp(fields), v - 27
+            else:
+                signed, parity = _rlp([*fields, (v - 35) // 2, 0, 0]), (v - 35) % 2
         elif kind == 1:
             fields = [num("chainId"), num("nonce"), num("gasPrice"), num("gas"), to, value, payload, access]
-            raw = b"\x01" + _rlp([*fields, parity, *signature])
+            raw, signed = b"\x01" + _rlp([*fields, parity, r, s]), b"\x01" + _rlp(fields)
         elif kind == 2:
             fees = [num("maxPriorityFeePerGas"), num("maxFeePerGas")]
             fields = [num("chainId"), num("nonce"), *fees, num("gas"), to, value, payload, access]
-            raw = b"\x02" + _rlp([*fields, parity, *signature])
+            raw, signed = b"\x02" + _rlp([*fields, parity, r, s]), b"\x02" + _rlp(fields)
         else:
-            return b""
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return b""
-    return raw if "0x" + keccak(raw).hex() == tx_hash.lower() else b""
+            return None
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([parity])
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError):
+        return None
+    return raw, keccak(signed), signature
+
+
+def signed_transaction(tx: dict[str, Any], tx_hash: str) -> bytes:
+    """The signed transaction's bytes, rebuilt from a node's ``eth_getTransactionByHash`` answer: only if they hash
+    to ``tx_hash`` (so no node can make us send anything else), and only for types 0, 1 and 2; b"" otherwise (a
+    blob or newer type, a field missing, an answer that does not add up)."""
+    return signed_by(tx, tx_hash)[0]
+
+
+def signer(tx: dict[str, Any], tx_hash: str) -> str:
+    """The address (lowercase) that signed the transaction a node describes; "" unless its bytes hash right."""
+    return signed_by(tx, tx_hash)[1]
+
+
+def signed_by(tx: dict[str, Any], tx_hash: str) -> tuple[bytes, str]:
+    """(:func:`signed_transaction`, the address its signature recovers to), or (b"", "") unless the rebuilt bytes
+    hash to ``tx_hash``. A node's ``from`` is its word: nothing binds it to the hash, and whose account nonce
+    decides that a dropped transaction can never be mined must not be a node's word (docs/threat-model.md T28)."""
+    rebuilt = _rebuilt(tx)
+    if rebuilt is None or "0x" + keccak(rebuilt[0]).hex() != tx_hash.lower():
+        return b"", ""
+    raw, digest, signature = rebuilt
+    try:
+        key = PublicKey.from_signature_and_message(signature, digest, hasher=None)
+    except (ValueError, TypeError):
+        return b"", ""
+    return raw, "0x" + keccak(key.format(compressed=False)[1:])[-20:].hex()

@@ -13,6 +13,12 @@ from typing import Any
 from gateway.chain import abi
 from gateway.chain.rpc import hex_int
 
+# The largest signed transaction kept to be sent again. A plain transfer is ~110 bytes, a transferWithAuthorization or
+# a smart account's call a few hundred: a bigger one carries padding a payer chose (a token ignores calldata past
+# its arguments, up to the node's 128 KB limit), which every pass would read and write again until final. Its sender
+# and nonce are still kept (it is counted lost once its nonce is taken); it is not sent again.
+MAX_RAW = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Watched:
@@ -75,4 +81,4 @@ def _topic(address: str) -> str:
     return "0x" + "0" * 24 + address[2:].lower()
 
 
-__all__ = ["Watched", "pays"]
+__all__ = ["MAX_RAW", "Watched", "pays"]

@@ -16,9 +16,10 @@ more after the reboot. FULL costs one fsync per transition, which is cheap next 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
-from gateway.errors import PaymentInFlight, PaymentReplayed
+from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage.liveness import ProcessLocks
 from gateway.storage.receipts.contract import ClaimRecord, ClaimState, Effect, link_owner
 from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS receipts (
 _INDEX = "CREATE INDEX IF NOT EXISTS receipts_expires_at ON receipts (expires_at) WHERE expires_at IS NOT NULL"
 # Which gateway processes are alive (their claims must not be taken over before their lease lapses).
 _INSTANCES = "CREATE TABLE IF NOT EXISTS instances (instance TEXT PRIMARY KEY, alive_until REAL NOT NULL) WITHOUT ROWID"
+_FORGET = "DELETE FROM instances WHERE instance = ?"  # a process found dead by its lock files
 # The store's identity marker (docs/threat-model.md T30): a wiped or replaced file has none.
 _META = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
 # SQL is spelled out in full (no string building): every value goes through a ``?``/``:name`` parameter.
@@ -271,7 +273,7 @@ class SQLiteReceiptStore:
         return await self._db.run(self._set_identity, value, only_if_absent)
 
     def _heartbeat(self, instance: str, now: float, ttl: float) -> None:
-        self._processes.hold(instance)
+        dead = self._processes.hold(instance)  # the first time: processes found gone by their lock files
 
         def body(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -280,11 +282,16 @@ class SQLiteReceiptStore:
                 (instance, now + ttl),
             )
             conn.execute("DELETE FROM instances WHERE alive_until < ?", (now - 3600.0,))
+            conn.executemany(_FORGET, [(name,) for name in dead])
 
         self._db.transaction(body)
 
     def _alive(self, instance: str, now: float) -> bool:
         if self._processes.gone(instance):  # its process died: no clock can make it look alive
+            # Its lock files are removed: its heartbeat goes too, or the next question (its next claim) would be
+            # answered by that heartbeat's time alone (gateway/storage/liveness.py).
+            with contextlib.suppress(StoreUnavailable, sqlite3.Error):
+                self._db.transaction(lambda conn: conn.execute(_FORGET, (instance,)))
             return False
         conn = self._db.connection()
         row = conn.execute("SELECT alive_until FROM instances WHERE instance = ?", (instance,)).fetchone()
