@@ -152,11 +152,19 @@ class RoutePattern:
 T = TypeVar("T")
 
 
+# match_request's answers, per table: requests repeat a few paths, and reading and normalising one costs more than
+# looking it up. Bounded in entries and in the length of the paths kept; a table is replaced, never changed.
+_CACHED_ANSWERS = 1024
+_CACHED_PATH_LENGTH = 256
+
+
 class RouteTable(Generic[T]):
     """First matching entry wins, in configuration order."""
 
     def __init__(self, entries: list[tuple[RoutePattern, T]]) -> None:
-        self._entries = entries
+        self._entries = list(entries)
+        # (method, raw path) -> match_request's answer, or the AmbiguousPath message it raised
+        self._answers: dict[tuple[str, str], tuple[T, dict[str, str]] | str | None] = {}
 
     def match(self, method: str, path: str) -> tuple[T, dict[str, str]] | None:
         for pattern, value in self._entries:
@@ -172,6 +180,27 @@ class RouteTable(Generic[T]):
         Raises :class:`AmbiguousPath` when readings reach different entries: an upstream could route the request
         to either, and only one of them would have been priced.
         """
+        if len(raw_path) > _CACHED_PATH_LENGTH:
+            return self._match_request(method, raw_path)
+        key = (method, raw_path)
+        answer: tuple[T, dict[str, str]] | str | None
+        if key in self._answers:
+            answer = self._answers[key]
+        else:
+            try:
+                answer = self._match_request(method, raw_path)
+            except AmbiguousPath as exc:
+                answer = str(exc)
+            if len(self._answers) >= _CACHED_ANSWERS:
+                self._answers.clear()
+            self._answers[key] = answer
+        if answer is None:
+            return None
+        if isinstance(answer, str):
+            raise AmbiguousPath(answer)
+        return answer[0], dict(answer[1])  # the caller's own values
+
+    def _match_request(self, method: str, raw_path: str) -> tuple[T, dict[str, str]] | None:
         readings = path_readings(raw_path)
         found = self.match(method, readings[0])
         for path in readings[1:]:

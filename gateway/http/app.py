@@ -213,7 +213,8 @@ class Gateway:
             return
         if kind == "http":
             server = self.config.server
-            if _header_bytes(scope) > server.max_header_bytes:
+            size, length = _head_size_and_length(scope)
+            if size > server.max_header_bytes:
                 await self._refuse(scope, send, HeadersTooLarge("request headers exceed the limit"))
                 return
             if server.trust_forwarded_headers:
@@ -228,7 +229,6 @@ class Gateway:
             if self.discovery is not None and scope["path"] in self.discovery.paths:
                 await self.discovery.serve(scope, send)  # never priced, never proxied
                 return
-            length = _declared_length(scope)
             if length is not None and length > server.max_body_bytes:
                 await self._refuse(scope, send, PayloadTooLarge("request body exceeds the limit"))
                 return
@@ -298,15 +298,22 @@ class Gateway:
                 return
 
 
-def _header_bytes(scope: Scope) -> int:
-    """The request line's target plus every header line, as received (``name: value\\r\\n``)."""
+def _head_size_and_length(scope: Scope) -> tuple[int, int | None]:
+    """In one pass over the headers: the request line's target plus every header line, as received
+    (``name: value\\r\\n``), and the declared body length: a well-formed single ``Content-Length``, or None
+    (anything odd is left to the proxy, which refuses it)."""
     headers = scope.get("headers") or ()
     if not isinstance(headers, list | tuple):  # ASGI allows any iterable
         headers = list(headers)
     size = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 4 * len(headers)
+    lengths: list[bytes] = []
     for k, v in headers:
         size += len(k) + len(v)
-    return size
+        if k == b"content-length":
+            lengths.append(v)
+    if len(lengths) != 1 or not lengths[0].strip().isdigit():
+        return size, None
+    return size, int(lengths[0])
 
 
 def _forwarded_client(scope: Scope) -> str | None:
@@ -320,14 +327,6 @@ def _forwarded_client(scope: Scope) -> str | None:
         return str(ipaddress.ip_address(last))
     except ValueError:
         return None
-
-
-def _declared_length(scope: Scope) -> int | None:
-    """A well-formed single ``Content-Length``; anything odd is left to the proxy, which refuses it."""
-    values = [v for k, v in scope.get("headers", ()) if k == b"content-length"]
-    if len(values) != 1 or not values[0].strip().isdigit():
-        return None
-    return int(values[0])
 
 
 def _scheme(public_url: str | None) -> str | None:

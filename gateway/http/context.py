@@ -116,19 +116,19 @@ def request_context(scope: Scope, source: RouteSource, server: ServerConfig) -> 
     except AmbiguousPath as exc:
         matched, ambiguous = None, str(exc)
     client = scope.get("client")
-    ctx = RequestContext(
-        method=method,
-        path=path,
-        route=matched[0] if matched else None,
-        params=matched[1] if matched else {},
-        ambiguous=ambiguous,
-        client=client[0] if client else None,
-        request_id=ctx.request_id if isinstance(ctx, RequestContext) else request_id_of(scope),
-        routes=routes,
-        source=source,
-        _scope=scope,
-        _server=server,
-        _raw_path=raw_path,
+    ctx = RequestContext(  # positional (the fields' order): half the cost of keywords, once per request
+        method,
+        path,
+        matched[0] if matched else None,  # route
+        matched[1] if matched else {},  # params
+        ambiguous,
+        client[0] if client else None,
+        ctx.request_id if isinstance(ctx, RequestContext) else request_id_of(scope),
+        routes,
+        source,
+        scope,
+        server,
+        raw_path,
     )
     scope[CONTEXT_KEY] = ctx
     return ctx

@@ -10,6 +10,7 @@ above the base path; hop-by-hop, payment and client-sent forwarding headers neve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
@@ -40,6 +41,8 @@ RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_OWN
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
 _DOT_SEGMENTS = frozenset({".", ".."})
+# A path that upstream_path returns as it is (after the base): only characters quote() keeps with _PATH_SAFE, no '%'.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
 # Answer headers that carry a URL the upstream may build from its own origin (RFC 9110 10.2.2, 8.7).
 _URL_HEADERS = frozenset({b"location", b"content-location"})
 # Set by :meth:`UpstreamProxy.credentialed`: a call the gateway itself makes (the jobs layer), headers injected.
@@ -53,6 +56,9 @@ def upstream_path(base: str, raw_path: str) -> str:
     so ``//evil/x`` cannot be read as a network-path reference by an upstream. A segment hiding ``..`` behind an
     encoded ``/`` or ``\\`` (``..%2F..``) is refused: an upstream that decodes before resolving would climb.
     """
+    if _PLAIN_PATH.fullmatch(raw_path) and "//" not in raw_path and "/." not in raw_path:
+        # Nothing to escape, resolve or merge (the common case): what the loop below would return.
+        return base.rstrip("/") + raw_path
     out: list[str] = []
     trailing = ""
     for seg in quote(raw_path, safe=_PATH_SAFE).split("/"):
@@ -132,16 +138,21 @@ class Forwarding:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         named: set[bytes] = set()
         hosts: list[bytes] = []
+        drop = self._drop
+        out: list[tuple[bytes, bytes]] = []
         for k, v in raw:
             name = k.lower()
             if name == b"connection":  # the headers it names are hop-by-hop too (RFC 9110 7.6.1)
                 named.update(t.strip().lower() for t in v.split(b","))
             elif name == b"host":
                 hosts.append(v)
-        drop = self._drop | {header_name(n) for n in named} if named else self._drop
+            if name.replace(b"_", b"-") not in drop:  # header_name(k)
+                out.append((name, v))
         if len(hosts) > 1:  # which one the upstream would trust in X-Forwarded-Host is anyone's guess
             raise BadRequest("repeated Host header", reason=reasons.INVALID_HOST)
-        out = [(k.lower(), v) for k, v in raw if header_name(k) not in drop]
+        if named:
+            listed = {header_name(n) for n in named}
+            out = [(k, v) for k, v in out if header_name(k) not in listed]
         client = scope.get("client")
         if client:
             out.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))

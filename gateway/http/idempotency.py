@@ -238,11 +238,13 @@ class IdempotencyLayer:
     # ----------------------------------------------------------------------------------------------- requests
 
     def _applies(self, scope: Scope) -> bool:
-        if not any(k == KEY_HEADER for k, _ in scope.get("headers", ())):
-            return False
-        if not any(k in PAYMENT_HEADERS for k, _ in scope.get("headers", ())):
-            return False
-        return self.is_priced(scope)
+        keyed = paying = False
+        for k, _ in scope.get("headers", ()):  # one pass (every request asks)
+            if k == KEY_HEADER:
+                keyed = True
+            elif k in PAYMENT_HEADERS:
+                paying = True
+        return keyed and paying and self.is_priced(scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

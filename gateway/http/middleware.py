@@ -126,7 +126,7 @@ class PaymentMiddleware:
         if not self._started:
             await self.startup()
         ctx = request_context(scope, self.engine, self.config.server)
-        record = RequestRecord(request_id=ctx.request_id, method=ctx.method, path=ctx.path, client=ctx.client)
+        record = RequestRecord(ctx.request_id, ctx.method, ctx.path, ctx.client)
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":

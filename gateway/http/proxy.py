@@ -29,7 +29,6 @@ import asyncio
 import base64
 import ipaddress
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
 
 from yarl import URL
 
@@ -66,33 +65,55 @@ class UpstreamAborted(RuntimeError):
     """The upstream failed after the response started. Not a GatewayError on purpose: no answer can follow."""
 
 
-@dataclass(slots=True)
 class _Exchange:
     """What the body reader learned, read by the request task once the upstream client reports the failure it caused."""
 
-    error: GatewayError | None = None
-    disconnected: bool = False
-    cancelled: bool = False  # the watcher cancelled the request task (tells our cancel from anyone else's)
-    started: bool = False
-    finished: bool = False
-    body_done: asyncio.Event = field(default_factory=asyncio.Event)
+    __slots__ = ("_body_event", "body_over", "cancelled", "disconnected", "error", "finished", "started")
+
+    def __init__(self) -> None:
+        self.error: GatewayError | None = None
+        self.disconnected = False
+        self.cancelled = False  # the watcher cancelled the request task (tells our cancel from anyone else's)
+        self.started = False
+        self.finished = False
+        self.body_over = False  # the request body was read whole (or its reading ended), or there is none
+        self._body_event: asyncio.Event | None = None  # made only for a watcher that has to wait for it
+
+    def body_done(self) -> None:
+        self.body_over = True
+        if self._body_event is not None:
+            self._body_event.set()
+
+    async def body_read(self) -> None:
+        """Until :meth:`body_done`."""
+        if not self.body_over:
+            if self._body_event is None:
+                self._body_event = asyncio.Event()
+            await self._body_event.wait()
 
 
 class _BodyAborted(Exception):
     pass
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The declared body length, or None when chunked/absent; refuses the framings smugglers rely on."""
-    lengths = [v for k, v in headers if k.lower() == b"content-length"]
-    chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+    """The declared body length (None when chunked/absent) and whether a ``Transfer-Encoding`` is present; refuses
+    the framings smugglers rely on."""
+    lengths: list[bytes] = []
+    chunked = False
+    for k, v in headers:
+        name = k.lower()
+        if name == b"content-length":
+            lengths.append(v)
+        elif name == b"transfer-encoding":
+            chunked = True
     if lengths and chunked:  # front and back end may pick different framings: request smuggling
         raise BadRequest("Content-Length together with Transfer-Encoding", reason=reasons.AMBIGUOUS_CONTENT_LENGTH)
     if not lengths:
-        return None
+        return None, chunked
     if len(lengths) > 1 or not lengths[0].strip().isdigit():
         raise BadRequest("malformed or repeated Content-Length", reason=reasons.INVALID_CONTENT_LENGTH)
-    return int(lengths[0])
+    return int(lengths[0]), chunked
 
 
 class UpstreamProxy:
@@ -206,7 +227,7 @@ class UpstreamProxy:
         try:
             if scope["method"] in REFUSED_METHODS:
                 raise BadRequest("method not forwarded", reason=reasons.METHOD_NOT_ALLOWED)
-            length = _content_length(scope["headers"])
+            length, chunked = _framing(scope["headers"])
             if length is not None and self._max_body is not None and length > self._max_body:
                 raise PayloadTooLarge("request body exceeds the limit")
             headers = self._forwarding.request_headers(scope)
@@ -214,11 +235,10 @@ class UpstreamProxy:
         except GatewayError as exc:  # refused before a byte went upstream
             await send_error(send, exc)
             return
-        chunked = any(k.lower() == b"transfer-encoding" for k, _ in scope["headers"])
         state = _Exchange()
         body = self._body(receive, state) if chunked or (length or 0) > 0 else None
         if body is None:
-            state.body_done.set()
+            state.body_done()
         task = asyncio.current_task()
         assert task is not None
         lease = _lease(scope)
@@ -227,8 +247,7 @@ class UpstreamProxy:
         # is noticed then (the server keeps its disconnect for the first receive that asks).
         watcher: list[asyncio.Task[None]] = []
         timer = asyncio.get_running_loop().call_later(
-            WATCH_AFTER,
-            lambda: watcher.append(asyncio.ensure_future(self._watch_disconnect(receive, state, task, lease))),
+            WATCH_AFTER, _start_watching, watcher, receive, state, task, lease
         )
         try:
             await self._exchange(
@@ -327,7 +346,7 @@ class UpstreamProxy:
                 if not message.get("more_body", False):
                     return
         finally:
-            state.body_done.set()
+            state.body_done()
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, state: _Exchange, task: asyncio.Task[None], lease: Lease) -> None:
@@ -335,7 +354,7 @@ class UpstreamProxy:
         one the upstream already has whole runs to its end instead, its answer dropped by the server: the payment
         layer then settles it as served. Cancelled, it would look unserved and its payment would come back, good
         for the same upstream work again after every hang-up (docs/threat-model.md T11)."""
-        await state.body_done.wait()  # one reader of receive at a time: the body stream goes first
+        await state.body_read()  # one reader of receive at a time: the body stream goes first
         if state.disconnected:
             return
         while (await receive())["type"] != "http.disconnect":
@@ -349,6 +368,12 @@ class UpstreamProxy:
         task.cancel()
 
 
+def _start_watching(
+    watcher: list[asyncio.Task[None]], receive: Receive, state: _Exchange, task: asyncio.Task[None], lease: Lease
+) -> None:
+    watcher.append(asyncio.ensure_future(UpstreamProxy._watch_disconnect(receive, state, task, lease)))
+
+
 def _lease(scope: Scope) -> Lease:
     """Who holds the upstream connection for this request: a verified payment's payer (PaymentMiddleware put it in
     the scope's state), or else the client's address; an IPv6 client counts by its /64, the block one host gets."""
@@ -360,15 +385,32 @@ def _lease(scope: Scope) -> Lease:
     if not client:
         return Lease()
     address = str(client[0])
+    key = _CLIENT_KEYS.get(address)
+    if key is None:
+        key = client_key(address)
+        if len(_CLIENT_KEYS) >= _CLIENT_KEYS_KEPT:
+            _CLIENT_KEYS.clear()  # bounded, whatever addresses arrive; a busy gateway sees a few it keeps meeting
+        _CLIENT_KEYS[address] = key
+    return Lease(client=key)
+
+
+def client_key(address: str) -> str:
+    """The upload-bound key of a client address: ``ip:`` and the address in its canonical form (an IPv4-mapped
+    IPv6 address as its IPv4 one), an IPv6 address's /64 network; an address that does not parse as it is."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return Lease(client=f"ip:{address}")
+        return f"ip:{address}"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
-            return Lease(client=f"ip:{ip.ipv4_mapped}")
-        return Lease(client=f"ip:{ipaddress.ip_network(f'{ip}/64', strict=False)}")
-    return Lease(client=f"ip:{ip}")
+            return f"ip:{ip.ipv4_mapped}"
+        return f"ip:{ipaddress.ip_network(f'{ip}/64', strict=False)}"
+    return f"ip:{ip}"
+
+
+# client address -> client_key(address): parsing and formatting an address costs more than the rest of the lease
+_CLIENT_KEYS: dict[str, str] = {}
+_CLIENT_KEYS_KEPT = 4096
 
 
 async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool]:

@@ -130,6 +130,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
         self._in_head = True  # the parser is between requests or inside a head
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_due: float | None = None  # when the head being read must be complete; None: no head is timed
         self._drain_timer: asyncio.TimerHandle | None = None
         self._after_chunk_header = False  # a chunk header was parsed and no body byte followed (yet)
         self._trailer_bytes = 0
@@ -144,6 +145,9 @@ class _GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._cancel_drain_timer()
         super().connection_lost(exc)
 
@@ -159,7 +163,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
                     if self._trailer_bytes > self.max_head_bytes and not self.transport.is_closing():
                         self._refuse(_TOO_LARGE)
                 return
-            if self._head_timer is None:
+            if self._head_due is None:
                 self._arm_head_timer()  # the first byte of a request on a kept-alive connection
             room = self.max_head_bytes - self._head_bytes
             if len(data) <= room:
@@ -233,13 +237,16 @@ class _GuardedHttpTools(HttpToolsProtocol):
     # -- limits -------------------------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+        """Time the head from now. One timer per connection, kept across its requests: one still pending (due at an
+        earlier head's deadline) is left be, and when it fires it waits on to this head's deadline (a timer made
+        and cancelled per request on a kept-alive connection cost more than the rest of this bookkeeping)."""
+        self._head_due = self.loop.time() + self.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        """No head is timed now; a pending timer finds nothing to do when it fires (see :meth:`_arm_head_timer`)."""
+        self._head_due = None
 
     def _cancel_drain_timer(self) -> None:
         if self._drain_timer is not None:
@@ -253,6 +260,13 @@ class _GuardedHttpTools(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return  # the head it was armed for completed in time, and no other is being read
+        if self.loop.time() < due:
+            self._head_timer = self.loop.call_at(due, self._head_timed_out)  # a later head's deadline
+            return
+        self._head_due = None
         if not self._in_head or self.transport is None or self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:

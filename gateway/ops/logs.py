@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -296,15 +297,21 @@ def access_fields(record: RequestRecord) -> dict[str, Any]:
 
 
 class AccessLog:
-    """Observer: one ``gateway.access`` INFO record per request, its fields under ``extra["access"]``.
+    """Observer: one ``gateway.access`` INFO line per request, its fields under ``extra["access"]``.
 
-    The hot path: the record is built here, already redacted, with its fields pre-encoded as JSON
-    (``_x402_access_json``, used by :class:`JsonFormatter`), so neither the generic :class:`SecretRedactor`
-    pass nor a per-record ``json.dumps`` of a generic dict runs for it. Why that keeps docs/threat-model.md T19: every
-    field of a :class:`RequestRecord` is a public fact by construction (method, status, outcome and reason words,
-    route pattern, client address, payer address, network name, tx hash, amounts, timings); the only ones a
-    client controls are the path and the request id (an ``X-Request-Id`` of ``[A-Za-z0-9_-]{1,64}``), and those
-    two still go through :meth:`SecretRedactor.redact` here. Every other record keeps the full filter.
+    The hot path: the fields are redacted here and encoded as JSON once (:func:`access_json`), so neither the
+    generic :class:`SecretRedactor` pass nor a per-record ``json.dumps`` of a generic dict runs for them. Why that
+    keeps docs/threat-model.md T19: every field of a :class:`RequestRecord` is a public fact by construction (method,
+    status, outcome and reason words, route pattern, client address, payer address, network name, tx hash, amounts,
+    timings); the only ones a client controls are the path and the request id (an ``X-Request-Id`` of
+    ``[A-Za-z0-9_-]{1,64}``), and those two still go through :meth:`SecretRedactor.redact` here. Every other record
+    keeps the full filter.
+
+    When the line can only go to the served process's one handler (``serve``'s :class:`BufferedHandler` with
+    :class:`JsonFormatter`, reached through loggers with no filter of their own, see :func:`_sole_json_handler`), the
+    finished line is handed to it directly, exactly as :meth:`JsonFormatter.format` would have written it: no
+    ``logging.LogRecord`` is built. Any other set-up (a test's capture, a text format, a second handler) gets the
+    record through ``logging`` as before.
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -315,14 +322,100 @@ class AccessLog:
         if not log.isEnabledFor(logging.INFO):
             return
         redact = REDACTOR.redact
+        path = redact(record.path[:_MAX_PATH])
+        request_id = redact(record.request_id)
+        outcome = effective_outcome(record)
+        message = f"{record.method} {path} {record.status} {outcome}"
+        encoded = access_json(record, request_id, path, outcome)
+        handler = _sole_json_handler(log)
+        if handler is not None:
+            handler.emit_line(
+                f'{{"time":"{_iso_time(time.time())}","level":"info","logger":{_STRING(log.name)},'
+                f'"message":{_STRING(message)},{encoded[1:]}'
+            )
+            return
         fields = access_fields(record)
-        path = fields["path"] = redact(fields["path"])
-        fields["request_id"] = redact(record.request_id)
-        message = f"{record.method} {path} {record.status} {fields['outcome']}"
+        fields["path"], fields["request_id"] = path, request_id
         entry = logging.LogRecord(log.name, logging.INFO, "", 0, message, None, None)
         # redacted above, field by field: the handlers' SecretRedactor lets it pass untouched
-        entry.__dict__.update(access=fields, _x402_access_json=_ENCODE(fields), _x402_redacted=True)
+        entry.__dict__.update(access=fields, _x402_access_json=encoded, _x402_redacted=True)
         log.handle(entry)
+
+
+def _sole_json_handler(logger: logging.Logger) -> BufferedHandler | None:
+    """The one handler an INFO record of ``logger`` would reach, when that is a :class:`BufferedHandler` formatting
+    JSON whose filters are at most the redactor (which passes a pre-redacted record as it is) and no logger on the
+    way filters; else None (the record goes through ``logging``: :meth:`logging.Logger.handle`)."""
+    if logger.disabled or logger.filters:
+        return None
+    found: BufferedHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if (
+                found is not None
+                or type(handler) is not BufferedHandler
+                or handler.level > logging.INFO
+                or type(handler.formatter) is not JsonFormatter
+            ):
+                return None
+            for f in handler.filters:
+                if f is not REDACTOR:
+                    return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
+
+
+def access_json(record: RequestRecord, request_id: str, path: str, outcome: str) -> str:
+    """``access_fields(record)`` with this (redacted) request id, path and outcome, as ``_ENCODE`` writes it."""
+    route, reason, client, kind = record.route, record.reason, record.client, record.kind
+    payer, network, tx_hash = record.payer, record.network, record.tx_hash
+    status, amount = record.status, record.amount
+    return (
+        f'{{"request_id":{_json(request_id)},"method":{_json(record.method)},"path":{_json(path)},'
+        f'"route":{"null" if route is None else _json(route)},'
+        f'"status":{int.__repr__(status) if type(status) is int else _ENCODE(status)},'
+        f'"outcome":{_json(outcome)},"reason":{"null" if reason is None else _json(reason)},'
+        f'"client":{"null" if client is None else _json(client)},"kind":{"null" if kind is None else _json(kind)},'
+        f'"payer":{"null" if payer is None else _json(payer)},'
+        f'"network":{"null" if network is None else _json(network)},'
+        f'"tx_hash":{"null" if tx_hash is None else _json(tx_hash)},'
+        f'"amount":{int.__repr__(amount) if type(amount) is int else _ENCODE(amount)},'
+        f'"resumed":{_flag(record.resumed)},"unbound":{_flag(record.unbound)},'
+        f'"verify_ms":{_ms(record.verify_seconds)},"settle_ms":{_ms(record.settle_seconds)},'
+        f'"upstream_ms":{_ms(record.upstream_seconds)},"total_ms":{_ms(record.total_seconds)}}}'
+    )
+
+
+def _json(value: Any) -> str:
+    if type(value) is str:
+        return _STRING(value)
+    return _ENCODE(value)
+
+
+def _ms(seconds: float) -> str:
+    """``round(seconds * 1000, 2)`` as the JSON encoder writes it, at a third of the cost. Format ``.2f`` rounds exactly
+    as ``round(x, 2)`` does (both correctly rounded by dtoa), and the shortest repr of a value with at most 15
+    significant digits is those digits, trailing zeros dropped ("1.50" -> 1.5, "2.00" -> 2.0)."""
+    if type(seconds) is float:
+        if seconds == 0.0 and math.copysign(1.0, seconds) > 0:
+            return "0.0"  # a phase the request never had
+        ms = seconds * 1000
+        if -1e13 < ms < 1e13:  # finite, and at most 13 + 2 digits
+            text = f"{ms:.2f}".rstrip("0")
+            return text + "0" if text[-1] == "." else text
+    return _ENCODE(round(seconds * 1000, 2))
+
+
+def _flag(value: bool) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return _ENCODE(value)
 
 
 _ENCODE = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
@@ -428,6 +521,10 @@ class BufferedHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.emit_line(line)
+
+    def emit_line(self, line: str) -> None:
+        """Queue one finished line (what :meth:`emit` does once the record is formatted)."""
         lines = self._lines
         if len(lines) >= self.capacity:
             LOG_DROPS.add(1)

@@ -6,9 +6,12 @@ import asyncio
 import collections
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
+import random
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +21,18 @@ import pytest
 
 import gateway.ops.health
 from gateway.dev.chain import DevChain
+from gateway.http.context import new_request_id
+from gateway.ops.events import RequestRecord
 from gateway.ops.logs import (
     REDACTOR,
+    AccessLog,
     BufferedHandler,
     JsonFormatter,
     SecretRedactor,
     TextFormatter,
+    _ms,
+    _sole_json_handler,
+    access_fields,
     config_secrets,
     configure_logging,
     install_redaction,
@@ -345,3 +354,126 @@ def test_closing_the_log_at_exit_never_hangs_on_a_reader_that_stopped_reading() 
         os.close(read_fd)  # the stuck writer thread gets EPIPE and ends
         with contextlib.suppress(OSError):
             stream.close()
+
+
+# ------------------------------------------------------------------- the access line, handed over directly
+
+
+def _access_records() -> list[RequestRecord]:
+    free = RequestRecord(new_request_id(), "GET", "/free/hello", "127.0.0.1", status=200, total_seconds=0.000456)
+    paid = RequestRecord("client-id_1", "POST", '/paid/ünï"\\\n' + "x" * 600, "::1", route="POST /paid/**", status=200)
+    paid.outcome, paid.kind, paid.payer, paid.network = "paid", "exact", "0x" + "ab" * 20, "base"
+    paid.tx_hash, paid.amount, paid.resumed, paid.unbound = "0x" + "cd" * 32, 100_000, True, True
+    paid.verify_seconds, paid.settle_seconds, paid.upstream_seconds = 0.0123456, 1.5, 2e-7
+    paid.total_seconds = 3.0049999
+    refused = RequestRecord("r", "GET", f"/x/{API_KEY}/y", None, route="GET /x/**", status=402)
+    refused.outcome, refused.reason = "challenge", "payment_required"
+    unserved = RequestRecord("u", "GET", "/x", "10.0.0.1", route="GET /x", status=0)  # priced, upstream failed
+    return [free, paid, refused, unserved]
+
+
+_LOGGERS = itertools.count()
+
+
+@contextlib.contextmanager
+def _served_access_log() -> Iterator[tuple[logging.Logger, BufferedHandler, io.StringIO]]:
+    """A logger with what ``serve`` gives the root: one BufferedHandler, JSON, the redactor."""
+    stream = io.StringIO()
+    handler = BufferedHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(REDACTOR)
+    # A logger of its own each time: pytest adds its capture handlers to every non-propagating logger that exists
+    # when a test starts, and a second handler is not serve's set-up.
+    logger = logging.getLogger(f"tests.ops.access_direct.{next(_LOGGERS)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    handle = REDACTOR.add([API_KEY])
+    try:
+        yield logger, handler, stream
+    finally:
+        REDACTOR.remove(handle)
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _lines(handler: BufferedHandler, stream: io.StringIO) -> list[dict[str, object]]:
+    handler.flush()
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_an_access_line_handed_straight_to_serves_handler_is_the_line_logging_would_have_written() -> None:
+    records = _access_records()
+    with _served_access_log() as (logger, handler, stream):
+        assert _sole_json_handler(logger) is handler  # serve's set-up: the line skips logging.LogRecord
+        for record in records:
+            AccessLog(logger).request_done(record)
+        handler.flush()
+        direct = stream.getvalue().splitlines()
+        stream.seek(0)
+        stream.truncate()
+        handler.addFilter(lambda record: True)  # any other filter: the record goes through logging again
+        assert _sole_json_handler(logger) is None
+        for record in records:
+            AccessLog(logger).request_done(record)
+        handler.flush()
+        through_logging = stream.getvalue().splitlines()
+        # what the access line's fields were before it had a direct path: the dict of access_fields, redacted and
+        # encoded by the JSON encoder
+        encoded = []
+        for record in records:
+            fields = access_fields(record)
+            fields["path"], fields["request_id"] = REDACTOR.redact(fields["path"]), REDACTOR.redact(record.request_id)
+            encoded.append(json.dumps(fields, default=str, ensure_ascii=False, separators=(",", ":")))
+    assert len(direct) == len(through_logging) == len(records)
+    for fast, slow, fields in zip(direct, through_logging, encoded, strict=True):
+        assert API_KEY not in fast
+        assert fast.endswith("," + fields[1:])
+        # the same bytes but for the time (a few microseconds apart), which both write in one format
+        assert fast.split('"level"', 1)[1] == slow.split('"level"', 1)[1]
+        assert json.loads(fast)["time"].endswith("Z") and len(json.loads(fast)["time"]) == 24
+    first = json.loads(direct[1])
+    assert first["path"] == '/paid/ünï"\\\n' + "x" * (512 - len('/paid/ünï"\\\n'))  # capped, escaped, whole
+    assert (first["verify_ms"], first["settle_ms"], first["upstream_ms"], first["total_ms"]) == (
+        12.35,
+        1500.0,
+        0.0,
+        3005.0,
+    )
+    assert json.loads(direct[2])["path"] == "/x/***/y"
+    assert json.loads(direct[3])["outcome"] == "unserved"
+
+
+def test_the_direct_access_line_keeps_level_filtering_and_any_other_handler_gets_the_record() -> None:
+    record = _access_records()[0]
+    with _served_access_log() as (logger, handler, stream):
+        handler.setLevel(logging.WARNING)
+        AccessLog(logger).request_done(record)
+        assert _lines(handler, stream) == []
+        handler.setLevel(logging.NOTSET)
+        logger.setLevel(logging.WARNING)
+        AccessLog(logger).request_done(record)
+        assert _lines(handler, stream) == []
+        logger.setLevel(logging.INFO)
+        seen: list[logging.LogRecord] = []
+        capture = logging.Handler()
+        capture.emit = seen.append  # type: ignore[method-assign]
+        logger.addHandler(capture)  # a second handler (a test's capture): both get the record, with its fields
+        try:
+            AccessLog(logger).request_done(record)
+        finally:
+            logger.removeHandler(capture)
+        assert [line["request_id"] for line in _lines(handler, stream)] == [record.request_id]
+        assert seen and seen[0].__dict__["access"]["status"] == 200
+        assert seen[0].getMessage() == "GET /free/hello 200 free"
+
+
+def test_access_durations_are_written_as_round_to_the_hundredth_of_a_millisecond_writes_them() -> None:
+    rng = random.Random(7)
+    values = [0.0, -0.0, 1e-9, 5e-6, 1.5e-5, 2.5e-5, 0.001005, 0.0045, 1e10 - 1e-6, 9_999_999_999.995, float("inf")]
+    values += [rng.random() * 10 ** rng.randint(-9, 10) for _ in range(20_000)]
+    values += [rng.randint(0, 10**7) * 5e-6 for _ in range(20_000)]  # exact halves of a hundredth, in binary or not
+    values += [struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0] for _ in range(20_000)]  # any double
+    encode = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
+    for seconds in values:
+        assert _ms(seconds) == encode(round(seconds * 1000, 2)), seconds

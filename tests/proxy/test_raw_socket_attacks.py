@@ -467,3 +467,31 @@ def test_a_not_modified_answer_that_declares_a_length_reaches_the_client_whole(
                 assert answer.content == b""
     finally:
         upstream.close()
+
+
+# --- request heads are timed, each from its own first byte --------------------------------------------------------
+
+
+def test_a_head_trickled_on_a_kept_alive_connection_is_cut_off_at_its_own_deadline(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    """A connection keeps one head timer across its requests: the timer armed for the first request is still pending
+    when the second one's head starts. Firing at the first one's deadline, it must neither cut the second head short
+    nor forget it: the second head gets its full ``header_read_timeout`` from its own first byte, then 408."""
+    with served(base_chain, tmp_path, server={"header_read_timeout": 1.0}) as gw:
+        sock = connect(gw.url)
+        sock.sendall(b"GET /free/first HTTP/1.1\r\nHost: x\r\n\r\n")  # its head's deadline: ~1 s from the connect
+        (first,) = read_answers(sock, 1)
+        assert first[0] == 200
+        time.sleep(0.5)
+        sock.sendall(b"GET /free/second HTTP/1.1\r\n")  # and nothing more: past the first deadline, well within its own
+        started = time.monotonic()
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 408 ")
+        assert 0.9 <= elapsed < 3.0, elapsed
+        assert [r.path for r in gw.upstream.requests] == ["/free/first"]

@@ -246,6 +246,34 @@ async def test_a_silent_upstream_is_a_read_timeout() -> None:
         await pool.aclose()
 
 
+async def test_the_read_timeout_times_each_exchange_and_never_an_idle_connection() -> None:
+    """A connection keeps one read timer across its exchanges (one made and cancelled per request cost more than the
+    rest of the bookkeeping): a timer left pending by an earlier exchange must neither close the connection while it
+    sits idle in the pool, nor cut the next exchange short, nor let it run past its own deadline."""
+    delays = [0.0, 0.0, 0.2, 10.0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        for delay in delays:
+            await read_request(reader)
+            await asyncio.sleep(delay)
+            writer.write(OK)
+
+    async with scripted(handler) as state:
+        pool = pool_for(state, read_timeout=0.3)
+        loop = asyncio.get_running_loop()
+        assert await fetch(pool) == b"ok"
+        await asyncio.sleep(0.5)  # idle past the read timeout (within the pool's idle timeout): still reusable
+        assert await fetch(pool) == b"ok"
+        await asyncio.sleep(0.2)
+        assert await fetch(pool) == b"ok"  # 0.2 s to answer, while the timer from 0.2 s before is still pending
+        started = loop.time()
+        with pytest.raises(ReadTimeout):
+            await fetch(pool)
+        assert 0.25 <= loop.time() - started < 1.0  # its own deadline, not an earlier exchange's
+        assert state.connections == 1
+        await pool.aclose()
+
+
 async def test_a_saturated_pool_fails_as_unreachable_instead_of_queueing_for_ever() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
         await read_request(reader)

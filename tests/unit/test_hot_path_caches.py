@@ -5,20 +5,29 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
+from gateway import routes as routes_module
+from gateway.errors import BadRequest
+from gateway.http import forwarding
+from gateway.http import proxy as proxy_module
 from gateway.http.context import new_request_id
+from gateway.http.forwarding import upstream_path
+from gateway.http.proxy import _lease, client_key
 from gateway.jobs import layer as layer_module
 from gateway.jobs.api import Kind, Match
 from gateway.jobs.auth import payer_auth_message
 from gateway.jobs.layer import JobsLayer, _Expiring
 from gateway.ops.events import RequestRecord
 from gateway.ops.logs import REDACTOR, AccessLog, JsonFormatter
+from gateway.routes import AmbiguousPath, RoutePattern, RouteTable
 
 
 def _signed(account: Any, method: str, path: str, ts: int) -> bytes:
@@ -100,3 +109,96 @@ def test_settlement_gas_is_estimated_first_then_assumed_but_estimated_again_peri
     assert book.hint() == 84_000
     book.forget()  # one of our settlements reverted: maybe the limit was too low
     assert book.hint() is None
+
+
+def test_a_route_tables_remembered_answers_are_the_answers_it_would_compute() -> None:
+    table = RouteTable(
+        [
+            (RoutePattern.parse("GET /items/{id}"), "item"),
+            (RoutePattern.parse("POST /paid"), "paid"),
+            (RoutePattern.parse("GET /a%2Fb/**"), "a"),
+        ]
+    )
+    fresh = RouteTable(table._entries)
+    paths = ["/items/7", "/items/7/", "/paid", "/PAID", "/free", "/items/%2e%2e/paid", "/a%2Fb/x", "/items/a%2Fb"]
+    paths += ["/items/\u00e9", "/x/%ZZ", "/x%00", "/" + "p" * 300]
+    for _ in range(3):  # the first round computes, the next ones are answered from memory
+        for method in ("GET", "POST", "HEAD"):
+            for path in paths:
+                try:
+                    expected: object = fresh._match_request(method, path)
+                except AmbiguousPath as exc:
+                    expected = ("ambiguous", str(exc))
+                try:
+                    got: object = table.match_request(method, path)
+                except AmbiguousPath as exc:
+                    got = ("ambiguous", str(exc))
+                assert got == expected, (method, path)
+    answer = table.match_request("GET", "/items/7")
+    assert answer is not None
+    answer[1]["id"] = "changed by a caller"
+    assert table.match_request("GET", "/items/7") == ("item", {"id": "7"})  # each caller gets its own values
+
+
+def test_a_route_tables_memory_is_bounded_whatever_paths_clients_send() -> None:
+    table = RouteTable([(RoutePattern.parse("POST /paid"), "paid")])
+    for i in range(routes_module._CACHED_ANSWERS * 3):
+        assert table.match_request("GET", f"/free/{i}") is None
+        assert len(table._answers) <= routes_module._CACHED_ANSWERS
+    assert table.match_request("GET", "/" + "x" * (routes_module._CACHED_PATH_LENGTH + 1)) is None
+    assert all(len(path) <= routes_module._CACHED_PATH_LENGTH for _, path in table._answers)
+
+
+def _resolved_the_long_way(base: str, raw_path: str) -> str:
+    """upstream_path without its shortcut for plain paths (the full resolution, as it reads in forwarding.py)."""
+    out: list[str] = []
+    trailing = ""
+    for seg in quote(raw_path, safe=forwarding._PATH_SAFE).split("/"):
+        decoded = unquote(seg) if "%" in seg else seg
+        trailing = "/" if not seg or decoded in (".", "..") else ""
+        if decoded in (".", ".."):
+            if decoded == ".." and out:
+                out.pop()
+        elif "%" in seg and ".." in decoded.replace("\\", "/").split("/"):
+            return "refused"
+        elif seg:
+            out.append(seg)
+    if not out:
+        return base.rstrip("/") + "/"
+    return f"{base.rstrip('/')}/{'/'.join(out)}{trailing}"
+
+
+def test_the_upstream_path_shortcut_for_plain_paths_resolves_exactly_like_the_full_rules() -> None:
+    rng = random.Random(11)
+    alphabet = "/ab.%2e_~-:@!$&'()*+,;=\u00e9#?\\ 0Z"
+    paths = ["/", "//", "/a", "/a/", "/a//b", "/./a", "/a/..", "/.well-known/x", "/a.b/c..d", "a/b", ""]
+    paths += [
+        "/" * rng.randint(0, 1) + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        for _ in range(50_000)
+    ]
+    for base in ("", "/", "/api", "/api/"):
+        for path in paths:
+            try:
+                got = upstream_path(base, path)
+            except BadRequest:
+                got = "refused"
+            assert got == _resolved_the_long_way(base, path), (base, path)
+
+
+def test_client_keys_are_remembered_as_computed_and_the_memory_is_bounded() -> None:
+    cases = {
+        "127.0.0.1": "ip:127.0.0.1",
+        "::ffff:10.1.2.3": "ip:10.1.2.3",  # an IPv4 client seen through an IPv6 socket counts as itself
+        "2001:db8:1:2:3:4:5:6": "ip:2001:db8:1:2::/64",  # one host's /64 is one client
+        "2001:db8:1:2:ffff::1": "ip:2001:db8:1:2::/64",
+        "not an address": "ip:not an address",
+    }
+    for _ in range(2):
+        for address, key in cases.items():
+            assert _lease({"client": (address, 1)}).client == key
+            assert client_key(address) == key
+    assert _lease({"client": ("127.0.0.1", 1), "state": {"x402": {"payer": "0xAbC"}}}).client == "payer:0xabc"
+    assert _lease({}).client is None
+    for i in range(proxy_module._CLIENT_KEYS_KEPT * 2):
+        _lease({"client": (f"10.0.{i // 256 % 256}.{i % 256}", 1)})
+        assert len(proxy_module._CLIENT_KEYS) <= proxy_module._CLIENT_KEYS_KEPT

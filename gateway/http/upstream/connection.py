@@ -90,6 +90,7 @@ class Connection(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.timing = False  # an exchange is waiting on the upstream: the read timeout runs (see _arm_timer)
         self.lease: Lease | None = None  # who holds the connection (set and ended by the pool)
         self._reset_exchange()
 
@@ -118,7 +119,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = not self.closed
         self.closed = True
-        self._stop_timer()
+        self._cancel_timer()
         if self.parser is not None and not self.complete:
             if self.head is not None and not self.head.done():
                 self._fail(ProtocolFailure("the upstream closed the connection without an answer"), closed=True)
@@ -266,17 +267,27 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _arm_timer(self) -> None:
+        """Start the read timeout. One timer per connection, kept across its exchanges: an exchange that finds it
+        still pending (due at an earlier exchange's deadline) leaves it be, and when it fires it waits on to this
+        exchange's deadline (a timer made and cancelled per request cost more than the rest of the bookkeeping)."""
         self.last_read = self.loop.time()
-        self.timer = self.loop.call_at(self.last_read + self.pool.read_timeout, self._on_timer)
+        self.timing = True
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.last_read + self.pool.read_timeout, self._on_timer)
 
     def _stop_timer(self) -> None:
+        """Stop the read timeout; a pending timer finds nothing to time when it fires (see :meth:`_arm_timer`)."""
+        self.timing = False
+
+    def _cancel_timer(self) -> None:
+        self.timing = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.complete or self.closed:
+        if not self.timing or self.complete or self.closed:
             return
         now = self.loop.time()
         due = self.last_read + self.pool.read_timeout
