@@ -31,7 +31,7 @@ import aiohttp
 
 from gateway.config import GatewayConfig
 from gateway.engine.engine import AnyPaidRequest, PaymentEngine
-from gateway.engine.ledger import Ledger
+from gateway.engine.ledger import Ledger, LostSettlements
 from gateway.engine.sessions import SessionRequest
 from gateway.errors import (
     BadRequest,
@@ -87,6 +87,8 @@ class PaymentMiddleware:
         self.denylist = denylist or open_denylist(engine.config.store.url.reveal())
         # Every paid-and-served request, recorded once (docs/operating.md, "Ledger"); None: [ledger] is off.
         self.ledger = ledger or Ledger.from_config(engine.config)
+        # Payments whose settlement a reorg lost, marked in the ledger (never refunded; docs/operating.md, "Refunds").
+        self.lost = LostSettlements(self.ledger.store) if self.ledger is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -102,12 +104,16 @@ class PaymentMiddleware:
                 await self.engine.start(self._session)
                 if self.ledger is not None:
                     await self.ledger.start()
+                if self.lost is not None:
+                    self.lost.follow(self.engine.networks.values())
             except BaseException:
                 await self.shutdown()
                 raise
             self._started = True
 
     async def shutdown(self) -> None:
+        if self.lost is not None:
+            await self.lost.aclose()
         if self.ledger is not None:  # first: writes still running finish
             await self.ledger.aclose()
         await self.engine.aclose()

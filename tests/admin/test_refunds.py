@@ -4,6 +4,7 @@ whose settlement a reorg lost is never refunded (the money never arrived), by an
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -17,11 +18,11 @@ from gateway.chain import abi
 from gateway.dev.chain import DevChain, send_transaction, set_eth_balance
 from gateway.dev.keys import DEV_KEYS
 from gateway.http.admin.refunds import refund_nonce
-from gateway.storage.ledger import LedgerEntry
+from gateway.storage.ledger import LedgerEntry, LedgerQuery, open_ledger_store
 from gateway.storage.ledger.export import entry_from_record
 from tests.admin.conftest import READ_TOKEN, WRITE_TOKEN, Admin, running_admin
 from tests.chain.helpers import fast_networks, head, wait_until
-from tests.support.gateway import sqlite_url
+from tests.support.gateway import running_gateway, sqlite_url
 
 PRICE = 100_000  # POST /paid: $0.10
 FLOAT = 1_000_000  # the refund wallet's USDC
@@ -190,8 +191,6 @@ def test_a_payment_whose_settlement_a_reorg_lost_is_never_refunded_by_any_instan
     with running_admin(chain, store_url, tmp_path, admin_env, networks=fast_networks(chain)) as admin:
         payer, payment = _paid(admin, chain)
         key = payment["key"]
-        refunds = admin.app.refunds
-        assert refunds is not None
         mined_at = int(chain.rpc("eth_getTransactionReceipt", [payment["tx_hash"]])["blockNumber"], 16)
         assert head(chain) == mined_at  # one confirmation: a reorg of depth 1 drops the settlement
         chain.rpc("anvil_reorg", [1, []])
@@ -200,7 +199,7 @@ def test_a_payment_whose_settlement_a_reorg_lost_is_never_refunded_by_any_instan
         elsewhere = bytes.fromhex(Account.create().address[2:])  # anywhere but the merchant
         transfer = bytes.fromhex("a9059cbb") + bytes(12) + elsewhere + PRICE.to_bytes(32, "big")
         send_transaction(chain.anvil, "0x" + bytes(payer.key).hex(), chain.usdc, transfer)
-        assert wait_until(lambda: refunds.lost.marked == 1), "the lost settlement was not marked in the ledger"
+        assert wait_until(lambda: _marked_lost(store_url, key)), "the lost settlement was not marked in the ledger"
         assert chain.balance(admin.gateway.pay_to) == 0  # served, and never paid
 
         with admin.client() as api:
@@ -213,12 +212,58 @@ def test_a_payment_whose_settlement_a_reorg_lost_is_never_refunded_by_any_instan
 
     # Another instance, started afresh on the same store, refuses it too: the mark is in the store, not in memory.
     with running_admin(chain, store_url, tmp_path, admin_env, networks=fast_networks(chain)) as again:
-        assert again.app.refunds is not None and again.app.refunds.lost.marked == 0
         with again.client() as api:
             r = api.post("/admin/refund", json={"key": key})
         assert r.status_code == 409 and r.json()["error"] == "payment_settlement_lost", r.text
     assert _refund_executions(chain, refund_wallet, key) == []
     assert chain.balance(refund_wallet) == FLOAT
+
+
+def _marked_lost(store_url: str, key: str) -> bool:
+    """Whether the ledger (the store every instance shares) holds the mark of ``key``'s lost settlement."""
+
+    async def read() -> bool:
+        store = open_ledger_store(store_url)
+        try:
+            return await store.settlement_lost_at(key) is not None
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
+
+
+def _lose_the_settlement(chain: DevChain, payer: LocalAccount) -> None:
+    """A reorg of depth 1 drops the settlement; the payer moves the money away before it can be settled again."""
+    chain.rpc("anvil_reorg", [1, []])
+    set_eth_balance(chain.anvil, payer.address, 10**18)
+    elsewhere = bytes.fromhex(Account.create().address[2:])  # anywhere but the merchant
+    transfer = bytes.fromhex("a9059cbb") + bytes(12) + elsewhere + PRICE.to_bytes(32, "big")
+    send_transaction(chain.anvil, "0x" + bytes(payer.key).hex(), chain.usdc, transfer)
+
+
+def test_a_gateway_without_the_admin_api_marks_the_losses_its_tracker_counts(
+    private_chain: DevChain, store_url: str
+) -> None:
+    """Whichever instance's tracker counts a loss (the one holding the journal entry's lease) marks it, admin API
+    or not: the instance that later serves the refund reads the mark from the shared store."""
+    chain = private_chain
+    with running_gateway(chain, store_url=store_url, networks=fast_networks(chain)) as gw:
+        payer = chain.new_payer(PRICE)
+        with gw.client() as client:
+            name, value = gw.sign(payer, client.post("/paid"))
+            assert client.post("/paid", headers={name: value}).status_code == 200
+        assert wait_until(lambda: len(asyncio.run(_entries(store_url))) == 1)  # written as the answer leaves
+        (key,) = [e.key for e in asyncio.run(_entries(store_url))]
+        _lose_the_settlement(chain, payer)
+        assert wait_until(lambda: _marked_lost(store_url, key)), "a loss counted without the admin API is not marked"
+
+
+async def _entries(store_url: str) -> list[LedgerEntry]:
+    store = open_ledger_store(store_url)
+    try:
+        return await store.find(LedgerQuery())
+    finally:
+        await store.aclose()
 
 
 def test_a_payment_whose_settlement_is_not_final_yet_is_refunded(

@@ -15,9 +15,9 @@ How "at most once" holds, layer by layer (docs/operating.md, "Refunds"):
 
 A payment whose settlement the finality tracker counted lost (a reorg dropped it and it could not be settled again) is
 never refunded: the merchant never received that money. The ledger holds the mark (written by
-:class:`gateway.engine.ledger.LostSettlements`, which this object feeds from the networks' hooks for as long as it
-lives), so every instance refuses it, after a restart too: 409 ``payment_settlement_lost``. A settlement not final yet
-is refunded (docs/operating.md, "Refunds", says why).
+:class:`gateway.engine.ledger.LostSettlements`, which every gateway process with a ledger feeds from its networks'
+finality trackers: ``PaymentMiddleware``), so every instance refuses it, after a restart too: 409
+``payment_settlement_lost``. A settlement not final yet is refunded (docs/operating.md, "Refunds", says why).
 
 Crash windows (the process dies at each point; what the next request for the same refund does once it holds the
 claim, which it does at once when the dead process's heartbeat lapsed, else after the claim's lease):
@@ -52,7 +52,6 @@ from gateway.chain.network import Network
 from gateway.chain.relayer import Relayer
 from gateway.chain.rpc import RpcError, hex_int
 from gateway.engine.claim import Claims
-from gateway.engine.ledger import LostSettlements
 from gateway.errors import GatewayError, PaymentInFlight, PaymentReplayed, ServiceUnavailable, SettlementFailed
 from gateway.http.admin.calls import admin_error
 from gateway.secrets import Secret
@@ -111,9 +110,6 @@ class Refunds:
         self._validity = validity
         self._timeout = settle_timeout
         self._own: dict[str, Relayer] = {}  # networks without a relayer: the refund key sends itself
-        # Settlements counted lost from now on are marked in the ledger (the gateway's trackers call the hooks).
-        self.lost = LostSettlements(ledger)
-        self.lost.follow(networks.values())
 
     def __repr__(self) -> str:
         return f"Refunds(address={self.address})"
@@ -312,7 +308,6 @@ class Refunds:
         return _Transfer("", None)
 
     async def aclose(self) -> None:
-        await self.lost.aclose()
         for relayer in self._own.values():
             await relayer.aclose()
 
