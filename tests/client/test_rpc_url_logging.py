@@ -42,6 +42,19 @@ def _option(chain: DevChain, amount: int = 1_000) -> TxOption:
     return option
 
 
+@pytest.fixture(autouse=True)
+def _every_library_logger_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an SDK user's fresh process has them: an earlier test in this process may have configured logging as
+    ``serve`` does (its logger levels, ``disable_existing_loggers``), which silences httpx's and web3's loggers and
+    would make these tests pass without looking."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("httpx", "httpcore", "web3"):
+            logger = logging.getLogger(name)
+            monkeypatch.setattr(logger, "disabled", False)
+            monkeypatch.setattr(logger, "propagate", True)
+            monkeypatch.setattr(logger, "level", logging.NOTSET)  # `serve` quiets httpx: a plain SDK user does not
+
+
 def _leaks(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Every captured record, as any handler or formatter could render it, that shows the key."""
     return [

@@ -177,7 +177,7 @@ def test_sqlite_store_corrupted_under_a_running_gateway_is_503(base_chain: DevCh
         balances = Balances(gw, payer.address)
         name, value = pay(gw, payer, "/paid")
         for path in tmp_path.iterdir():
-            if path.name.startswith("receipts.db"):
+            if path.name.startswith("receipts.db") and path.is_file():  # not the lock files' directory
                 with path.open("r+b") as fh:  # in place: the gateway's open handles see the damage
                     size = max(path.stat().st_size, 4096)
                     fh.write(b"\xde\xad\xbe\xef" * (size // 4))
