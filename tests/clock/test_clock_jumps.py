@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -64,6 +63,7 @@ from tests.sessions.crafted import CraftedChannel, session_offer
 from tests.support.facilitator import make_payment, requirement
 from tests.support.gateway import SESSIONS, running_gateway, sqlite_url
 from tests.support.jobs_upstreams import SlowAgent, wait_until
+from tests.support.processes import python_process
 from tests.txhash.helpers import assert_served, error_of, proof
 from tests.txhash.helpers import pay as pay_on_chain
 from tests.unit.test_settlement_batches import exact
@@ -246,14 +246,7 @@ asyncio.run(main())
 
 def _heartbeating_process(backend: str, where: str, instance: str) -> subprocess.Popen[str]:
     """A process that heartbeats ``instance`` on the store once (ttl 1 s) and then lives on until killed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HEARTBEATING_PROCESS, backend, where, instance],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "beating"
-    return proc
+    return python_process(_HEARTBEATING_PROCESS, backend, where, instance, ready="beating")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

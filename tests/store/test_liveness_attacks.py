@@ -8,12 +8,12 @@ for dead (its paid claims taken over while it still serves them: one payment, tw
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from gateway.storage import SQLiteReceiptStore
 from gateway.storage.liveness import ProcessLocks
+from tests.support.processes import python_process
 
 HOUR = 3600.0
 
@@ -35,14 +35,7 @@ asyncio.run(main())
 
 
 def _process(database: str, instance: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PROCESS, database, instance],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "beating"
-    return proc
+    return python_process(_PROCESS, database, instance, ready="beating")
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

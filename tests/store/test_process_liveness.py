@@ -4,10 +4,10 @@ docs/threat-model.md T31)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from gateway.storage.liveness import ProcessLocks
+from tests.support.processes import python_process
 
 _HOLDER = """
 import sys, time
@@ -19,14 +19,7 @@ time.sleep(3600)
 
 
 def _holder(database: str, instance: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, database, instance],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
-    return proc
+    return python_process(_HOLDER, database, instance, ready="holding")
 
 
 def test_a_process_is_gone_only_once_it_died(tmp_path: Path) -> None:

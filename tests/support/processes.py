@@ -32,6 +32,19 @@ from tests.support.gateway import network_name
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def python_process(code: str, *args: str, ready: str) -> subprocess.Popen[str]:
+    """``python -c code args`` from the repository's root, once it has printed the line ``ready`` (its own
+    process: a test can kill it with SIGKILL, as a crash would)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == ready
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
