@@ -111,26 +111,28 @@ class PaidRequest(Generic[P]):
         self.resumed = True
         self.tx_hash = tx_hash
 
-    async def mark_paid(self, tx_hash: str, *, effect: Effect | None = None) -> None:
+    async def mark_paid(self, tx_hash: str, *, effects: tuple[Effect, ...] = ()) -> None:
         self._money_moved = True
         try:
-            await self._mark_paid(tx_hash, effect)
+            await self._mark_paid(tx_hash, effects)
         except StoreUnavailable:
             # The money moved but the store did not hear it, and this request fails closed: once the store is
             # back, record the payment as paid-but-unserved, so the same payment is served without paying again.
             async def paid_unless_lost() -> None:
                 # already PAID (the write landed), no longer ours, or the transfer already paid for something else
                 with contextlib.suppress(PaymentInFlight, PaymentReplayed):
-                    await self._mark_paid(tx_hash, effect)
+                    await self._mark_paid(tx_hash, effects)
 
             self._defer(paid_unless_lost, functools.partial(self._finish, served=False))
             raise
         self.paid = True
         self.tx_hash = tx_hash
 
-    async def _mark_paid(self, tx_hash: str, effect: Effect | None) -> None:
+    async def _mark_paid(self, tx_hash: str, effects: tuple[Effect, ...]) -> None:
         claims = self._claims
-        await claims.store.mark_paid(self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease, effect=effect)
+        await claims.store.mark_paid(
+            self.key, self._owner, tx_hash, now=time.time(), lease=claims.lease, effects=effects
+        )
 
     async def record_tx(self, tx_hash: str) -> None:
         claims = self._claims

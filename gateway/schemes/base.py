@@ -71,6 +71,13 @@ def authorization_key(chain_id: int, asset: str, payer: str, nonce: bytes) -> st
     return f"exact:{chain_id}:{asset.lower()}:{payer.lower()}:0x{nonce.hex()}"
 
 
+def slot_key(chain_id: int, sender: str, nonce: int) -> str:
+    """The store key of one transaction slot: (chain, sender, account nonce). Each is filled once on a chain, so a
+    transfer that replaced a reorged one at the same nonce is the money of the first, not new money
+    (docs/threat-model.md T28)."""
+    return f"slot:{chain_id}:{sender.lower()}:{nonce}"
+
+
 def effect_key(chain_id: int, tx_hash: str, log_index: int) -> str:
     """The store key of one on-chain effect: the Transfer log that moved the money. Every scheme whose money
     arrives as a transfer ends on this key, so one transfer pays once, whichever way it is presented
@@ -133,10 +140,11 @@ class Claim(Protocol[P_co]):
     def mark_resumed(self, tx_hash: str | None) -> None:
         """The money moved during an earlier request that failed: serve this one without charging again."""
 
-    async def mark_paid(self, tx_hash: str, *, effect: Effect | None = None) -> None:
+    async def mark_paid(self, tx_hash: str, *, effects: tuple[Effect, ...] = ()) -> None:
         """The money is on chain in ``tx_hash`` (PENDING -> PAID); from here the claim is never given back.
-        ``effect``: the transfer's effect key, taken in the same step; raises ``PaymentReplayed`` (and the claim is
-        consumed) when that transfer already paid for something else."""
+        ``effects``: the keys of what the money spent on chain (the transfer's effect key, ...), all taken in the
+        same step; raises ``PaymentReplayed`` (and the claim is consumed) when any of them already paid for
+        something else."""
 
     async def record_tx(self, tx_hash: str) -> None:
         """Store the settlement's hash *before* it is broadcast, so a crash is reconciled by hash, never re-sent."""
@@ -183,4 +191,5 @@ __all__ = [
     "Scheme",
     "effect_key",
     "requirements_for",
+    "slot_key",
 ]

@@ -130,6 +130,31 @@ def test_a_served_tx_hash_proof_whose_transfer_a_reorg_dropped_is_at_least_count
     assert str(getattr(lost[0], "claim_key", "")).startswith(f"tx:{chain.chain_id}:{transfer}:")
 
 
+def test_a_replacement_of_a_served_transfer_a_reorg_dropped_pays_nothing_new(chain: DevChain, store_url: str) -> None:
+    """The reorg drops a served transfer and the payer gets a *replacement* mined at once: the same nonce, a new
+    hash, paying us again. The money arrives once (the first transfer never lands), so the replacement, a
+    transaction never presented before, must not buy a second request: it fills the transaction slot the served
+    proof took."""
+    payer = new_tx_payer(chain)
+    with running_gateway(chain, store_url=store_url, networks=fast_networks(chain)) as gw, gw.client() as http:
+        transfer = erc20_transfer(chain, payer, gw.pay_to, PRICE)
+        nonce = chain.rpc("eth_getTransactionByHash", [transfer])["nonce"]
+        served = http.post("/paid", json={}, headers=proof(gw, payer, transfer))
+        assert served.status_code == 200, served.text
+
+        chain.rpc("anvil_reorg", [1, []])
+        assert chain.rpc("eth_getTransactionReceipt", [transfer]) is None
+        replacement = erc20_transfer(chain, payer, gw.pay_to, PRICE + 1)  # the next nonce is the dropped one's
+        assert replacement != transfer
+        assert chain.rpc("eth_getTransactionByHash", [replacement])["nonce"] == nonce
+        assert gw.balance(gw.pay_to) == PRICE + 1
+
+        second = http.post("/paid", json={}, headers=proof(gw, payer, replacement))
+        assert second.status_code == 402, f"one payment served twice: {transfer} (reorged away) and its replacement"
+        assert decode_header(second.headers["payment-required"])["error"] == reasons.PAYMENT_ALREADY_USED
+        assert len(gw.upstream.requests) == 1
+
+
 def test_a_tx_hash_proof_served_on_a_facilitator_network_is_watched_too(chain: DevChain, tmp_path: Path) -> None:
     """A network whose exact payments a remote facilitator settles has no relayer of ours, but its tx-hash proofs
     are checked and served by the gateway itself: a reorg that drops one is counted as anywhere else."""

@@ -292,8 +292,8 @@ async def test_the_effect_is_taken_with_the_payment_and_refuses_a_second_present
 ) -> None:
     key, effect = new_key(), new_effect()
     await store.claim(key, "a", now=now, lease=LEASE, expires_at=now + 3600)
-    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effect=Effect(effect, now + 7200))
-    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effect=Effect(effect, now + 7200))  # idempotent
+    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effects=(Effect(effect, now + 7200),))
+    await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effects=(Effect(effect, now + 7200),))  # idempotent
     held = await store.get(effect, now=now)
     assert held is not None and held.state is ClaimState.CONSUMED and held.expires_at == now + 7200
     with pytest.raises(PaymentReplayed):  # the same transfer presented by its hash
@@ -309,15 +309,44 @@ async def test_a_payment_whose_transfer_already_paid_is_consumed_not_paid(
         await store.claim(effect, "proof", now=now, lease=LEASE, expires_at=None)
     else:  # the record of the first claim is gone (expired or lost); the effect it took is not
         await store.claim(key, "first", now=now, lease=LEASE, expires_at=now + 3600)
-        await store.mark_paid(key, "first", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+        await store.mark_paid(key, "first", TX, now=now, lease=LEASE, effects=(Effect(effect, None),))
         await store.finish(key, "first", served=True, now=now, expires_at=now - 1)
     await store.claim(key, "again", now=now, lease=LEASE, expires_at=now + 3600)
     with pytest.raises(PaymentReplayed):
-        await store.mark_paid(key, "again", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+        await store.mark_paid(key, "again", TX, now=now, lease=LEASE, effects=(Effect(effect, None),))
     rec = await store.get(key, now=now)
     assert rec is not None and rec.state is ClaimState.CONSUMED
     with pytest.raises(PaymentReplayed):
         await store.claim(key, "third", now=now, lease=LEASE, expires_at=now + 3600)
+
+
+async def test_several_effects_are_taken_all_or_none(store: ReceiptStore, now: float) -> None:
+    """A payment that spent several things on chain (its transfer, its transaction slot) takes them in one step:
+    when one is already held, the payment is consumed and none of the others is taken, so they stay free for
+    whatever they really pay."""
+    held, free_one, free_two = new_effect(), new_effect(), new_effect()
+    await store.claim(held, "proof", now=now, lease=LEASE, expires_at=None)
+    key = new_key()
+    await store.claim(key, "a", now=now, lease=LEASE, expires_at=now + 3600)
+    effects = (Effect(free_one, now + 600), Effect(held, now + 600), Effect(free_two, now + 600))
+    with pytest.raises(PaymentReplayed):
+        await store.mark_paid(key, "a", TX, now=now, lease=LEASE, effects=effects)
+    assert await store.get(free_one, now=now) is None and await store.get(free_two, now=now) is None
+    rec = await store.get(key, now=now)
+    assert rec is not None and rec.state is ClaimState.CONSUMED
+
+    other = new_key()
+    await store.claim(other, "b", now=now, lease=LEASE, expires_at=now + 3600)
+    both = (Effect(free_one, now + 600), Effect(free_two, now + 900))
+    await store.mark_paid(other, "b", TX, now=now, lease=LEASE, effects=both)
+    await store.mark_paid(other, "b", TX, now=now, lease=LEASE, effects=both)  # idempotent
+    for effect in both:
+        taken = await store.get(effect.key, now=now)
+        assert taken is not None and taken.state is ClaimState.CONSUMED and taken.expires_at == effect.expires_at
+    third = new_key()
+    await store.claim(third, "c", now=now, lease=LEASE, expires_at=now + 3600)
+    with pytest.raises(PaymentReplayed):  # either one, alone, is already spent
+        await store.mark_paid(third, "c", TX, now=now, lease=LEASE, effects=(Effect(free_two, None),))
 
 
 async def test_a_payment_and_a_proof_of_its_transfer_racing_have_one_winner(backend: Backend, now: float) -> None:
@@ -332,7 +361,7 @@ async def test_a_payment_and_a_proof_of_its_transfer_racing_have_one_winner(back
         await store.claim(key, "x", now=now, lease=LEASE, expires_at=now + 3600)
         await go.wait()
         try:
-            await store.mark_paid(key, "x", TX, now=now, lease=LEASE, effect=Effect(effect, None))
+            await store.mark_paid(key, "x", TX, now=now, lease=LEASE, effects=(Effect(effect, None),))
             outcomes.append(f"{effect}:paid")
         except PaymentReplayed:
             outcomes.append(f"{effect}:replayed")

@@ -34,7 +34,7 @@ async def test_cluster_writes_wait_for_a_replica_and_are_refused_without_one(rep
         for n, key in enumerate(keys):
             await strict.claim(key, "a", now=now, lease=60, expires_at=now + 600)
             effect = Effect(f"tx:8453:0x{n:064x}:0", now + 600)
-            await strict.mark_paid(key, "a", f"0x{n:064x}", now=now, lease=60, effect=effect)
+            await strict.mark_paid(key, "a", f"0x{n:064x}", now=now, lease=60, effects=(effect,))
             assert await strict.finish(key, "a", served=True, now=now, expires_at=now + 600)
             record = await plain.get(key, now=now)
             assert record is not None and record.state == ClaimState.CONSUMED

@@ -214,7 +214,7 @@ class ExactScheme:
         effect key, the key a tx-hash proof of the same transfer would claim (docs/threat-model.md T26)."""
         req = claim.payment.requirement
         effect = Effect(effect_key(req.chain_id, tx_hash, found.log_index), time.time() + self._effect_retention)
-        await claim.mark_paid(tx_hash, effect=effect)
+        await claim.mark_paid(tx_hash, effects=(effect,))
         claim.payment.block_number = found.block_number
 
     async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:

@@ -11,7 +11,7 @@ from gateway.chain import abi
 from gateway.chain.network import Network
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.config import PaymentConfig
-from gateway.errors import PaymentRequired
+from gateway.errors import ChainUnavailable, PaymentRequired
 from gateway.schemes.txhash.check import FoundTransfer
 from gateway.x402 import reasons
 
@@ -32,6 +32,26 @@ async def agreed_receipt(rpc: ChainRpc, tx_hash: str) -> dict[str, Any]:
     if not isinstance(receipt, dict):
         raise PaymentRequired("no such transaction on this network (yet)", reason=reasons.TX_NOT_FOUND)
     return receipt
+
+
+def _transaction_view(tx: Any) -> Any:
+    """What several RPC endpoints must agree on about a transaction: whose transaction slot it fills."""
+    if not isinstance(tx, dict):
+        return tx
+    return (str(tx.get("hash", "")).lower(), str(tx.get("from", "")).lower(), str(tx.get("nonce", "")))
+
+
+async def agreed_slot(rpc: ChainRpc, tx_hash: str) -> tuple[str, int]:
+    """The (sender, nonce) of the transaction ``tx_hash``: the slot it fills in its sender's account. A sender can
+    fill each slot once on a chain; a replacement of a dropped transaction (same nonce, new hash) fills the same one
+    (docs/threat-model.md T28)."""
+    tx = await rpc.request_agreed("eth_getTransactionByHash", [tx_hash], project=_transaction_view)
+    if not isinstance(tx, dict) or str(tx.get("hash", "")).lower() != tx_hash.lower():
+        raise PaymentRequired("no such transaction on this network (yet)", reason=reasons.TX_NOT_FOUND)
+    try:
+        return str(tx["from"]).lower(), hex_int(tx["nonce"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ChainUnavailable("the RPC described the transaction without a sender or nonce") from exc
 
 
 async def contract_vouches(rpc: ChainRpc, address: str, digest: bytes, signature: bytes) -> bool:

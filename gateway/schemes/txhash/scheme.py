@@ -10,6 +10,7 @@ still runs, and the same claim key makes its first presenter the only one served
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,11 +18,19 @@ from dataclasses import dataclass, replace
 from gateway.chain.network import Network
 from gateway.chain.watched import Watched
 from gateway.config import GatewayConfig
-from gateway.errors import PaymentReplayed, PaymentRequired
-from gateway.schemes.base import RECORD_MARGIN, Claim, Offer, Presented, PricedRoute, authorization_key
+from gateway.errors import ChainUnavailable, PaymentReplayed, PaymentRequired
+from gateway.schemes.base import (
+    RECORD_MARGIN,
+    Claim,
+    Offer,
+    Presented,
+    PricedRoute,
+    authorization_key,
+    slot_key,
+)
 from gateway.schemes.prices import EarlierPrice, honoured_floor, honoured_for
 from gateway.schemes.txhash.check import FoundTransfer, binding_digest, binding_signer, find_transfer, tx_payment_key
-from gateway.schemes.txhash.onchain import agreed_receipt, check_final_and_fresh, contract_vouches
+from gateway.schemes.txhash.onchain import agreed_receipt, agreed_slot, check_final_and_fresh, contract_vouches
 from gateway.storage.receipts import ClaimRecord, ClaimState, Effect
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
@@ -39,6 +48,7 @@ class TxAttempt:
     method: str
     earlier: tuple[EarlierPrice, ...] = ()  # the route's earlier prices still honoured (gateway/schemes/prices.py)
     found: FoundTransfer | None = None  # set by verify()
+    slot: tuple[str, int] | None = None  # set by verify(): the transaction's (sender, nonce)
     version: int = 1  # receipts go back in the v1 header: the proof came in X-PAYMENT
 
     @property
@@ -86,7 +96,12 @@ class TxHashScheme:
     async def verify(self, payment: TxAttempt) -> None:
         net = self.networks[payment.requirement.network]
         proof = payment.proof
-        receipt = await agreed_receipt(net.rpc, proof.tx_hash)
+        # Both reads at once: the receipt says what the transaction did, the transaction whose slot it filled.
+        receipt, slot = await asyncio.gather(
+            agreed_receipt(net.rpc, proof.tx_hash), agreed_slot(net.rpc, proof.tx_hash)
+        )
+        if str(receipt.get("from", "")).lower() != slot[0]:
+            raise ChainUnavailable("the RPC's receipt and transaction name different senders")
         req, now = payment.requirement, time.time()
         if payment.earlier:
             # A transfer answering a 402 from before a price change pays at the price that 402 showed.
@@ -110,6 +125,7 @@ class TxHashScheme:
             raise PaymentReplayed("this transfer swept session charges this gateway already collected")
         await check_final_and_fresh(net, receipt, found, self.config.payment)
         payment.found = found
+        payment.slot = slot
 
     async def _check_binding(self, net: Network, payment: TxAttempt, binding: bytes, found: FoundTransfer) -> None:
         proof = payment.proof
@@ -135,16 +151,20 @@ class TxHashScheme:
         payment = claim.payment
         found = payment.found
         assert found is not None
-        effect = None
+        req = payment.requirement
+        expires = now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN
+        assert payment.slot is not None
+        # The sender's transaction slot: after a reorg dropped this transfer, a replacement at the same nonce (a new
+        # hash, paying us again) is the same payment, not a new one (docs/threat-model.md T28).
+        effects = [Effect(slot_key(req.chain_id, *payment.slot), expires)]
         if found.authorization_nonce is not None:
             # This transfer executed an EIP-3009 authorization: the same money may have been presented (or be
             # presented later) as that authorization, served through a settlement of ours that a reorg then dropped
             # while the payer executed it itself. Its authorization key is taken with this claim: whichever way
             # comes second is refused (docs/threat-model.md T26).
-            req = payment.requirement
             key = authorization_key(req.chain_id, req.asset, found.payer, found.authorization_nonce)
-            effect = Effect(key, now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN)
-        await claim.mark_paid(payment.proof.tx_hash, effect=effect)
+            effects.append(Effect(key, expires))
+        await claim.mark_paid(payment.proof.tx_hash, effects=tuple(effects))
         _watch(self.networks[payment.requirement.network], payment, found)
 
     async def settle(self, claim: Claim[TxAttempt], *, simulate_again: bool) -> str:

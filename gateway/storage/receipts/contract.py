@@ -53,7 +53,8 @@ class ClaimRecord:
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """The on-chain transfer a payment's money arrived in, as a store key, and how long it is kept."""
+    """Something on chain a payment's money spent (the transfer it arrived in, the authorization it executed, the
+    sender's transaction slot), as a store key, and how long it is kept."""
 
     key: str
     expires_at: float | None
@@ -94,15 +95,24 @@ class ReceiptStore(Protocol):
         ...
 
     async def mark_paid(
-        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+        self,
+        key: str,
+        owner: str,
+        tx_hash: str | None,
+        *,
+        now: float,
+        lease: float,
+        effects: tuple[Effect, ...] = (),
     ) -> None:
         """PENDING(owner) -> PAID(owner). Raises ``PaymentInFlight`` if ``owner`` lost the claim.
 
-        ``effect``: the key of the on-chain transfer this money arrived in (``tx:<chain>:<tx>:<log index>``, the key a
-        tx-hash proof of the same transfer claims). In the same atomic step it is taken for this claim; if it is
-        already held by anything else (a tx-hash proof, or an earlier claim of the same authorization), the money
-        was already spent here: this claim becomes CONSUMED and ``PaymentReplayed`` is raised (one transfer pays
-        once, whichever way it is presented: docs/threat-model.md T26)."""
+        ``effects``: the keys of what this money spent on chain (the transfer it arrived in,
+        ``tx:<chain>:<tx>:<log index>``, the key a tx-hash proof of the same transfer claims; the authorization it
+        executed; the sender's transaction slot). In the same atomic step they are all taken for this claim; if any
+        is already held by anything else (a tx-hash proof, an earlier claim of the same authorization, a replaced
+        transaction), the money was already spent here: this claim becomes CONSUMED, none is taken, and
+        ``PaymentReplayed`` is raised (one transfer pays once, whichever way it is presented: docs/threat-model.md
+        T26, T28)."""
         ...
 
     async def finish(

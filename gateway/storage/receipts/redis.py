@@ -117,8 +117,9 @@ return 'ok'
 """
 )
 
-# KEYS: key[, effect key]. ARGV: owner, has_tx '1'|'0', tx_hash, now, lease_until, slack, effect expiry|'', link.
-# -> 'ok' | 'lost' | 'replayed' (the effect key is held by something else: this claim is now CONSUMED)
+# KEYS: key, effect keys... ARGV: owner, has_tx '1'|'0', tx_hash, now, lease_until, slack, link, then one expiry|''
+# per effect key. -> 'ok' | 'lost' | 'replayed' (an effect key is held by something else: this claim is now CONSUMED
+# and no effect key was taken)
 _MARK_PAID = (
     _PRELUDE
     + """
@@ -128,18 +129,21 @@ local h = load(key, now)
 if not h or (h[1] ~= 'pending' and h[1] ~= 'paid') or h[2] ~= ARGV[1] then return 'lost' end
 local tx = h[3]
 if ARGV[2] == '1' then tx = ARGV[3] end
-if KEYS[2] then
-  local e = load(KEYS[2], now)
-  if e and e[2] ~= ARGV[8] then
+local free = {}
+for i = 2, #KEYS do
+  local e = load(KEYS[i], now)
+  if e and e[2] ~= ARGV[7] then
     redis.call('HSET', key, 'state', 'consumed', 'tx', tx, 'upd', ARGV[4])
     set_expiry(key, 'consumed', h[4], h[5], now, tonumber(ARGV[6]))
     return 'replayed'
   end
-  if not e then
-    redis.call('HSET', KEYS[2], 'state', 'consumed', 'owner', ARGV[8], 'tx', tx, 'lease', '0', 'exp', ARGV[7],
-      'upd', ARGV[4])
-    set_expiry(KEYS[2], 'consumed', '0', ARGV[7], now, tonumber(ARGV[6]))
-  end
+  if not e then free[#free + 1] = i end
+end
+for _, i in ipairs(free) do
+  local exp = ARGV[6 + i]
+  redis.call('HSET', KEYS[i], 'state', 'consumed', 'owner', ARGV[7], 'tx', tx, 'lease', '0', 'exp', exp,
+    'upd', ARGV[4])
+  set_expiry(KEYS[i], 'consumed', '0', exp, now, tonumber(ARGV[6]))
 end
 redis.call('HSET', key, 'state', 'paid', 'tx', tx, 'lease', ARGV[5], 'upd', ARGV[4])
 set_expiry(key, 'paid', ARGV[5], h[5], now, tonumber(ARGV[6]))
@@ -312,11 +316,18 @@ class RedisReceiptStore(RedisStore):
             raise PaymentInFlight("the claim on this payment was lost")
 
     async def mark_paid(
-        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+        self,
+        key: str,
+        owner: str,
+        tx_hash: str | None,
+        *,
+        now: float,
+        lease: float,
+        effects: tuple[Effect, ...] = (),
     ) -> None:
-        # Both keys in one script: the claim and the transfer it spends change together or not at all (on a Redis
-        # Cluster both carry the store's one hash tag, CLUSTER_PREFIX).
-        keys = [self._prefix + key] if effect is None else [self._prefix + key, self._prefix + effect.key]
+        # All keys in one script: the claim and the effects it spends change together or not at all (on a Redis
+        # Cluster they all carry the store's one hash tag, CLUSTER_PREFIX).
+        keys = [self._prefix + key, *(self._prefix + e.key for e in effects)]
         args = [
             owner,
             "0" if tx_hash is None else "1",
@@ -324,8 +335,8 @@ class RedisReceiptStore(RedisStore):
             script_number(now),
             script_number(now + lease),
             script_number(GC_SLACK),
-            "" if effect is None else _opt(effect.expires_at),
             link_owner(key, owner),
+            *(_opt(e.expires_at) for e in effects),
         ]
         res = await self._client.run_script(self._mark_paid, keys, args, replicated=True)
         if res == "replayed":

@@ -160,9 +160,9 @@ class SQLiteReceiptStore:
         self._db.transaction(body)
 
     def _mark_paid(
-        self, key: str, owner: str, tx_hash: str | None, now: float, lease: float, effect: Effect | None
+        self, key: str, owner: str, tx_hash: str | None, now: float, lease: float, effects: tuple[Effect, ...]
     ) -> bool:
-        """True when PAID; False when the effect was already spent (this claim is then CONSUMED)."""
+        """True when PAID; False when an effect was already spent (this claim is then CONSUMED, no effect taken)."""
 
         def body(conn: sqlite3.Connection) -> bool:
             row = self._select(conn, key)
@@ -175,8 +175,9 @@ class SQLiteReceiptStore:
             ):
                 raise PaymentInFlight("the claim on this payment was lost")
             new_tx = tx_hash if tx_hash is not None else row[3]
-            if effect is not None:
-                link = link_owner(key, owner)
+            link = link_owner(key, owner)
+            free: dict[str, Effect] = {}
+            for effect in effects:
                 held = self._select(conn, effect.key)
                 if held is not None and _expired(held, now):
                     conn.execute("DELETE FROM receipts WHERE key = ?", (effect.key,))
@@ -185,9 +186,11 @@ class SQLiteReceiptStore:
                     self._update(conn, (key, ClaimState.CONSUMED.value, owner, new_tx, row[4], row[5], now))
                     return False
                 if held is None:
-                    conn.execute(
-                        _INSERT, (effect.key, ClaimState.CONSUMED.value, link, new_tx, 0.0, effect.expires_at, now)
-                    )
+                    free[effect.key] = effect
+            for effect in free.values():
+                conn.execute(
+                    _INSERT, (effect.key, ClaimState.CONSUMED.value, link, new_tx, 0.0, effect.expires_at, now)
+                )
             self._update(conn, (key, ClaimState.PAID.value, owner, new_tx, now + lease, row[5], now))
             return True
 
@@ -307,9 +310,16 @@ class SQLiteReceiptStore:
         await self._db.run(self._record_tx, key, owner, tx_hash, now, lease)
 
     async def mark_paid(
-        self, key: str, owner: str, tx_hash: str | None, *, now: float, lease: float, effect: Effect | None = None
+        self,
+        key: str,
+        owner: str,
+        tx_hash: str | None,
+        *,
+        now: float,
+        lease: float,
+        effects: tuple[Effect, ...] = (),
     ) -> None:
-        if not await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease, effect):
+        if not await self._db.run(self._mark_paid, key, owner, tx_hash, now, lease, effects):
             raise PaymentReplayed("this payment's transfer was already used")
 
     async def finish(
