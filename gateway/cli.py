@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -224,7 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then would be a traceback
+    except BrokenPipeError:
+        # The reader stopped early (`... --json | head`): the rest of the output is not wanted, and a traceback
+        # would hide the part that was. Later flushes of stdout go nowhere. 141 = 128 + SIGPIPE, what a shell
+        # reports for a program the signal ended: none of the documented exit codes (README, "Client SDK and CLI").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return result
 
 

@@ -229,6 +229,24 @@ def test_progress_is_a_spinner_line_on_a_terminal_and_plain_lines_when_piped(tty
         assert out == "status: pending\nupdate: Thinking...\nstatus: processing\nupdate: More\n"
 
 
+def test_cli_output_to_a_reader_that_stopped_early_ends_without_a_traceback(tmp_path: Path) -> None:
+    # `x402-gateway session status --json | head -1`: the reader is gone before the output is written.
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "session", "status", "--json"],
+        cwd=ROOT,
+        env=cli_env(tmp_path, None, None),
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    os.close(read_end)  # long before the child has imported the package and printed
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports it: none of the documented exit codes
+
+
 def test_cli_cancel_exits_0_and_a_finished_job_cannot_be_cancelled_exits_1(
     agent_gateway: GatewayUnderTest, base_chain: DevChain, tmp_path: Path
 ) -> None:
