@@ -236,7 +236,7 @@ class UpstreamProxy:
             await send_error(send, exc)
             return
         state = _Exchange()
-        body = self._body(receive, state) if chunked or (length or 0) > 0 else None
+        body = self._body(receive, state, length) if chunked or (length or 0) > 0 else None
         if body is None:
             state.body_done()
         task = asyncio.current_task()
@@ -322,8 +322,12 @@ class UpstreamProxy:
             error = state.error or _map_error(exc)
             await send_error(send, error, [(b"retry-after", b"1")] if error.status == 429 else ())
 
-    async def _body(self, receive: Receive, state: _Exchange) -> AsyncIterator[bytes]:
-        """Stream the client's body upstream, enforcing the size cap and the per-chunk deadline."""
+    async def _body(self, receive: Receive, state: _Exchange, length: int | None) -> AsyncIterator[bytes]:
+        """Stream the client's body upstream, enforcing the size cap, the per-chunk deadline and, for a declared
+        ``length`` (sent upstream as the request's Content-Length), exactly that many bytes: fewer would make the
+        upstream read the start of the next request on the connection as this body, more would be read as a request
+        of its own (docs/threat-model.md T14). The server frames the body by that same length, so a mismatch is
+        a server (or an ASGI layer) disagreeing with it: the request is refused before its last byte goes up."""
         seen = 0
         try:
             while True:
@@ -341,9 +345,15 @@ class UpstreamProxy:
                 if self._max_body is not None and seen > self._max_body:  # a chunked body has no declared size
                     state.error = PayloadTooLarge("request body exceeds the limit")
                     raise _BodyAborted
+                last = not message.get("more_body", False)
+                if length is not None and (seen > length or (last and seen != length)):
+                    state.error = BadRequest(
+                        "request body does not match its Content-Length", reason=reasons.INVALID_CONTENT_LENGTH
+                    )
+                    raise _BodyAborted
                 if chunk:
                     yield chunk
-                if not message.get("more_body", False):
+                if last:
                     return
         finally:
             state.body_done()

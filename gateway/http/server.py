@@ -24,8 +24,16 @@ runs only once the head is complete, too late for both.
 They act at the transport, so they hold for any ASGI app behind it. A body the app is reading is timed by the
 app (the proxy bounds each chunk with ``server.body_read_timeout``); uvicorn pauses reading above 64 KiB buffered.
 
-One fix: llhttp reports a chunked body's trailer fields like header fields, and uvicorn appends them to the
-request's headers; here they are dropped, so a trailer never becomes a request header (docs/threat-model.md T14).
+Two fixes of framing (docs/threat-model.md T14). llhttp reports a chunked body's trailer fields like header fields,
+and uvicorn appends them to the request's headers; here they are dropped, so a trailer never becomes a request
+header. And llhttp takes any request with ``Connection: upgrade`` and an ``Upgrade`` header for a protocol switch:
+it skips the request's body, stops parsing the read it came in, and would parse the next read as a new request.
+uvicorn takes only a WebSocket upgrade; any other (``h2c``, made-up ones) runs as a plain request, so a body it
+declared was read as the requests that follow: a front proxy that ignores the ``Upgrade`` (as HTTP allows) sends
+that body as a body, and the gateway answered the requests hidden in it (request smuggling), while a declared length
+went upstream with no bytes behind it. Such a request with a body is a 400 and the connection is closed, like every
+other framing the gateway cannot read one way; one without a body is answered as a plain request, and the
+connection closes after it (what followed it in the same read was never parsed).
 
 One more change, for speed: uvicorn writes a response's status line and headers, then its body, in two writes
 (two system calls, each waking the client). The head is held until the body's first write in the same turn of the
@@ -118,6 +126,18 @@ class _OneWrite:
 _MAX_HELD = 16 * 1024  # a head (or a first write) larger than this is written at once
 
 
+class _UpgradeWithBody(Exception):
+    """A request offering a protocol upgrade the server does not take, with a body llhttp would skip."""
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether request headers (lowercase names) announce body bytes: a Transfer-Encoding, or a non-zero length."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip().strip(b"0") != b""):
+            return True
+    return False
+
+
 class _GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded, timed request head (see the module docstring)."""
 
@@ -200,11 +220,18 @@ class _GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        # An upgrade uvicorn does not take is served as a plain request, but llhttp has switched protocols all the
+        # same: it skips this request's body (see the module docstring).
+        ignored_upgrade = self.parser.should_upgrade() and not self._should_upgrade()
+        if ignored_upgrade and _declares_body(self.headers):
+            raise _UpgradeWithBody  # the parser fails: uvicorn answers 400 and closes, nothing after it is parsed
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle is not before:  # a new request's cycle (not an upgrade)
             cycle.transport = _OneWrite(self.transport, self.loop)  # type: ignore[assignment]
+            if ignored_upgrade:
+                cycle.keep_alive = False  # what followed it in its read is gone: nothing more is read as a request
 
     def on_message_complete(self) -> None:
         self._in_head = True  # whatever follows is the next request's head: counted and timed afresh

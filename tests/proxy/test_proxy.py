@@ -355,6 +355,20 @@ async def test_ambiguous_framing_is_refused_by_the_proxy_itself(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("declared", [b"4", b"6"], ids=["body-longer", "body-shorter"])
+async def test_a_body_that_disagrees_with_its_content_length_never_goes_upstream(
+    upstream_url: str, upstream: RecordingUpstream, declared: bytes
+) -> None:
+    """Failed before: the proxy sent the declared Content-Length upstream and then whatever body the server handed
+    over. A server (or an ASGI layer) that delivers five bytes for a declared four makes the upstream read the fifth
+    as the start of the next request on its pooled connection; for a declared six, the upstream reads the first byte
+    of the next request (another client's, with its credentials) as this one's body. uvicorn's httptools protocol
+    did exactly that for an upgrade offer with a body (tests/proxy/test_raw_socket_attacks.py)."""
+    status, body = await call_proxy(UpstreamProxy(upstream_url), [(b"content-length", declared)])
+    assert (status, body["error"]) == (400, "invalid_content_length")
+    assert upstream.requests == []
+
+
 # --- responses -------------------------------------------------------------------------------------------------
 
 

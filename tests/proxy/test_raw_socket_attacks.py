@@ -230,6 +230,59 @@ def test_the_body_of_a_refused_request_is_never_read_as_a_request(gw: GatewayUnd
     assert [r.path for r in gw.upstream.requests] == ["/free/after"]
 
 
+# --- an upgrade the gateway does not take ---------------------------------------------------------------------
+
+UPGRADE_POST = b"POST /free/front HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Content-Length: %d" % len(SMUGGLED), SMUGGLED),
+        (b"Transfer-Encoding: chunked", b"%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_upgrade_offer_never_hides_its_body_from_the_gateways_parser(
+    gw: GatewayUnderTest, framing: bytes, body: bytes
+) -> None:
+    """Failed before (gateway/http/server.py): llhttp takes any request with ``Connection: Upgrade`` and an
+    ``Upgrade`` header for a protocol switch and skips its body; uvicorn runs one that is not a WebSocket as a plain
+    request. So the body a front proxy sends behind the head (it ignores the offer, as HTTP allows) was parsed as
+    the requests that follow: ``/free/smuggled`` was answered as a second request on the connection (a front proxy
+    hands that answer to its next client), while the upstream got the POST with a declared length and no bytes,
+    waiting for the start of whatever request came next on its connection."""
+    sock = connect(gw.url, timeout=5)
+    sock.sendall(UPGRADE_POST + framing + b"\r\n\r\n")
+    time.sleep(0.2)  # the body in a read of its own, as a front proxy streams it
+    with contextlib.suppress(OSError):  # the gateway may have closed the connection already
+        sock.sendall(body)
+    answers = read_answers(sock, 2)
+    sock.close()
+    assert [status for status, _, _ in answers] == [400]
+    assert gw.upstream.requests == []
+
+
+def test_an_upgrade_the_gateway_does_not_take_is_answered_as_a_plain_request_and_ends_the_connection(
+    gw: GatewayUnderTest,
+) -> None:
+    """Failed before: llhttp stops parsing the read an upgrade request came in, so a request pipelined behind an
+    ``h2c`` offer was dropped without an answer while the connection stayed open (the client waits for ever). The
+    offer is answered as a plain request, upstream without the hop-by-hop ``Upgrade``, with ``Connection: close``."""
+    sock = connect(gw.url, timeout=5)
+    sock.sendall(
+        b"GET /free/h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nGET /free/after HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answers = read_answers(sock, 2)
+    closed = sock.recv(1) == b""
+    sock.close()
+    assert [(status, headers.get("connection")) for status, headers, _ in answers] == [(200, "close")]
+    assert closed
+    (rec,) = gw.upstream.requests
+    assert (rec.path, rec.header("upgrade"), rec.header("http2-settings")) == ("/free/h2c", None, None)
+
+
 # --- one keep-alive connection, several clients' worth of requests --------------------------------------------
 
 
