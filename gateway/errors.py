@@ -77,6 +77,13 @@ class RequestTimeout(BadRequest):
     default_reason = reasons.REQUEST_TIMEOUT
 
 
+class NotImplementedHere(GatewayError):
+    """501: the request needs something the gateway does not do (a transfer coding besides ``chunked``)."""
+
+    status = 501
+    default_reason = reasons.UNSUPPORTED_TRANSFER_CODING
+
+
 class PaymentRequired(GatewayError):
     """The request carries no payment, or one that does not pay for this route."""
 

@@ -31,6 +31,9 @@ HOP_BY_HOP = frozenset(
 # singleton, RFC 9110 6.6.1), which strict clients refuse. nginx drops the same two by default.
 UPSTREAM_OWN = frozenset({b"date", b"server"})
 PAYMENT_HEADERS = frozenset(b"x-payment payment-signature x-payment-network x-payment-auth x-payment-binding".split())
+# RFC 3986's host (an IP literal in brackets, or a reg-name: unreserved, percent-encoded, sub-delims) and a port.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
+
 # A client must not be able to claim an address, scheme or host: upstreams use these for auth and links.
 FORWARDING_HEADERS = frozenset(
     b"forwarded x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port x-real-ip".split()
@@ -150,6 +153,10 @@ class Forwarding:
                 out.append((name, v))
         if len(hosts) > 1:  # which one the upstream would trust in X-Forwarded-Host is anyone's guess
             raise BadRequest("repeated Host header", reason=reasons.INVALID_HOST)
+        if hosts and _HOST.fullmatch(hosts[0]) is None:
+            # The upstream trusts X-Forwarded-Host (the gateway sets it): only a host and port go there, never
+            # user-info, a path or anything else an upstream could build a link or a decision on (RFC 9110 7.2).
+            raise BadRequest("malformed Host header", reason=reasons.INVALID_HOST)
         if named:
             listed = {header_name(n) for n in named}
             out = [(k, v) for k, v in out if header_name(k) not in listed]

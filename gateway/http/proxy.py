@@ -38,6 +38,7 @@ from gateway.errors import (
     BadGateway,
     BadRequest,
     GatewayError,
+    NotImplementedHere,
     PayloadTooLarge,
     RequestTimeout,
     UpstreamTimeout,
@@ -107,6 +108,12 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
             lengths.append(v)
         elif name == b"transfer-encoding":
             chunked = True
+            if v.strip().lower() != b"chunked":
+                # ``gzip, chunked``: the server takes the chunks off, and the body that is left is still gzip; sent
+                # on without its coding, the upstream would read other bytes than the client sent (RFC 9112 6.1).
+                raise NotImplementedHere(
+                    "only the chunked transfer coding is supported", reason=reasons.UNSUPPORTED_TRANSFER_CODING
+                )
     if lengths and chunked:  # front and back end may pick different framings: request smuggling
         raise BadRequest("Content-Length together with Transfer-Encoding", reason=reasons.AMBIGUOUS_CONTENT_LENGTH)
     if not lengths:

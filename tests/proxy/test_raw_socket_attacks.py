@@ -230,6 +230,43 @@ def test_the_body_of_a_refused_request_is_never_read_as_a_request(gw: GatewayUnd
     assert [r.path for r in gw.upstream.requests] == ["/free/after"]
 
 
+def test_a_transfer_coding_besides_chunked_is_refused_not_forwarded_as_other_bytes(gw: GatewayUnderTest) -> None:
+    """``gzip, chunked``: the server takes the chunks off and what is left is still gzip. Forwarded without its
+    coding, the upstream would read other bytes than the client sent: 501, nothing reaches the upstream."""
+    sock = connect(gw.url)
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    sock.sendall(b"POST /free/front HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n" + body)
+    answers = read_answers(sock, 1)
+    sock.close()
+    assert [status for status, _, _ in answers] == [501]
+    assert b"unsupported_transfer_coding" in answers[0][2]
+    assert gw.upstream.requests == []
+
+
+@pytest.mark.parametrize("host", [b"evil.example@gw", b"a/../cheap", b"gw\\x", b"gw:80/x", b"<b>"])
+def test_a_malformed_host_never_reaches_the_upstream_as_a_forwarded_host(gw: GatewayUnderTest, host: bytes) -> None:
+    """The upstream trusts X-Forwarded-Host (the gateway sets it, from the request's Host): only a host and a
+    port may go there, never user-info, a path or markup."""
+    sock = connect(gw.url)
+    sock.sendall(b"GET /free/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answers = read_answers(sock, 1)
+    sock.close()
+    assert [status for status, _, _ in answers] == [400]
+    assert b"invalid_host" in answers[0][2]
+    assert gw.upstream.requests == []
+
+
+@pytest.mark.parametrize("host", [b"api.example.com", b"gw.example:8443", b"[::1]:8080", b"127.0.0.1"])
+def test_a_well_formed_host_goes_upstream_as_the_forwarded_host(gw: GatewayUnderTest, host: bytes) -> None:
+    sock = connect(gw.url)
+    sock.sendall(b"GET /free/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answers = read_answers(sock, 1)
+    sock.close()
+    assert [status for status, _, _ in answers] == [200]
+    (seen,) = gw.upstream.requests
+    assert seen.header("x-forwarded-host") == host.decode()
+
+
 # --- an upgrade the gateway does not take ---------------------------------------------------------------------
 
 UPGRADE_POST = b"POST /free/front HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
