@@ -109,6 +109,8 @@ OTHER_READINGS = [
     "/item%252F7",  # decoded twice: /item/7
     "/%EF%BC%8Fitem%EF%BC%8F7",  # NFKC: fullwidth solidus -> /item/7
     "/report%3Bx",  # ;x once decoded
+    "/report.",  # IIS: a segment's trailing dots are dropped
+    "/item/7%2E%2E/",  # the same, once decoded
 ]
 
 
@@ -158,6 +160,12 @@ def table(*entries: str) -> RouteTable[str]:
 
 def test_a_plain_path_has_one_reading() -> None:
     assert path_readings("/a/./b/../c") == ["/a/c"]
+
+
+def test_a_segment_with_trailing_dots_is_also_read_without_them() -> None:
+    assert path_readings("/report.") == ["/report.", "/report"]
+    assert path_readings("/a../b.c/d...") == ["/a../b.c/d...", "/a/b.c/d"]
+    assert path_readings("/.well-known/x/../y") == ["/.well-known/y"]
 
 
 def test_an_encoded_slash_is_read_both_as_a_separator_and_inside_its_segment() -> None:
