@@ -10,7 +10,7 @@ Life of a job the runner owns::
     pending --runner starts--> processing --upstream answers--> completed | failed
        |                           |--deadline passes--------> timeout
        '----------cancel-----------'-------------------------> cancelled
-       '--runner_lease_until lapses (the gateway running it died)--> failed ("runner lost")
+       '--runner_lease_until lapses, its runner's instance dead (the gateway died)--> failed ("runner lost")
 
 Every change of status is a compare-and-set in the store, so a cancel racing a completion has one winner. A
 record becomes *evictable* once it has a ``purge_at`` (terminal jobs, and the payer bindings kept in front mode):
@@ -103,6 +103,7 @@ class Job:
     tx_hash: str | None = None
     network: str | None = None
     runner_lease_until: int | None = None  # None: no runner (front mode)
+    runner: str | None = None  # the runner's instance name; None: a record written before runners were named
     purge_at: int | None = None  # None: live, never evicted or purged
 
     @property
@@ -177,16 +178,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def overdue(job: Job, now: int, *, grace_ms: int) -> tuple[JobStatus, str] | None:
+def overdue(job: Job, now: int, *, grace_ms: int, runner_alive: bool = False) -> tuple[JobStatus, str] | None:
     """What a live runner-owned job must become, read at ``now``, if its runner is gone or its deadline passed.
 
     A lapsed lease means the gateway running it died (restart, crash): the job fails with "runner lost" rather
-    than staying ``processing`` for ever. A deadline passed by more than ``grace_ms`` (the live runner times its
-    own jobs out at the deadline; the grace lets it win) reads as ``timeout``.
+    than staying ``processing`` for ever. ``runner_alive``: the reader knows the runner's instance is alive
+    (:meth:`gateway.jobs.runner.JobRunner.reconcile` asks the store only once the lease lapsed by the reader's
+    clock); a lease lapsed by that clock then proves nothing, as the clock may be ahead of the runner's
+    (docs/jobs.md). A deadline passed by more than ``grace_ms`` (the live runner times its own jobs out at the
+    deadline; the grace lets it win) reads as ``timeout``.
     """
     if not job.active or job.runner_lease_until is None:
         return None
-    if job.runner_lease_until < now:
+    if job.runner_lease_until < now and not runner_alive:
         return JobStatus.FAILED, RUNNER_LOST
     if job.expires_at is not None and job.expires_at + grace_ms < now:
         return JobStatus.TIMEOUT, timeout_error(job.timeout_ms)

@@ -13,9 +13,12 @@ never runs a job. One task per job on the gateway instance that took the submit:
 * the outcome is written with ``when={processing}``: if a cancel won the race, the result is dropped.
 
 A job whose runner died (crash, restart) stops being heartbeaten: :meth:`JobRunner.reconcile` — on every read
-and in the periodic sweep of *every* instance — marks it failed with ``"runner lost"`` once the lease lapses, so
-no job stays ``processing`` past ``max(lease, deadline)``. A graceful shutdown waits up to
-``shutdown_grace_seconds`` for running jobs, then fails the rest the same way at once.
+and in the periodic sweep of *every* instance — marks it failed with ``"runner lost"`` once the lease lapses and
+its runner's instance (recorded on the job, ``runner``) is not alive by the store's liveness, which compares no two
+gateways' clocks (:meth:`gateway.storage.jobs.JobStore.alive`): an instance whose wall clock is ahead of the
+runner's sees the lease lapse early, but not the runner die (docs/jobs.md). So no job of a dead runner stays
+``processing`` past ``max(lease, deadline)``. A graceful shutdown waits up to ``shutdown_grace_seconds`` for
+running jobs, then fails the rest the same way at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -61,6 +64,9 @@ class _TimedOut:
     pass
 
 
+_Alive = Callable[[Job], Awaitable[bool]]
+
+
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
     """(up to ``cap`` bytes of the body, whether that was all of it)."""
     chunks: list[bytes] = []
@@ -86,8 +92,11 @@ class JobRunner:
         inject_headers: Mapping[str, str],
         connect_timeout: float,
         max_connections: int,
+        instance: str | None = None,
     ) -> None:
         self.store = store
+        # This runner's name on the jobs it runs, proved alive through the job store (heartbeat / alive).
+        self.instance = instance or uuid.uuid4().hex
         self.config = config
         self._url = url
         self._headers = dict(inject_headers)
@@ -97,6 +106,7 @@ class JobRunner:
         self._retention_ms = int(config.retention_seconds * 1000)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._liveness: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the injected header values: they are the upstream's API key
         return f"JobRunner(running={len(self._tasks)}, inject_headers={sorted(self._headers)})"
@@ -113,6 +123,20 @@ class JobRunner:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,
             )
+        if self._liveness is None:
+            await self._beat()  # before any job names this instance as its runner
+            self._liveness = asyncio.create_task(self._beat_forever(), name="x402-jobs-runner-alive")
+
+    async def _beat(self) -> None:
+        try:
+            await self.store.heartbeat(self.instance, ttl=self._lease_ms / 1000)
+        except StoreUnavailable as exc:  # until the next beat, others judge this runner's jobs by the lease alone
+            log.warning("could not prove the job runner alive: %s", exc.message)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            await self._beat()
 
     async def aclose(self) -> None:
         tasks = dict(self._tasks)
@@ -136,6 +160,11 @@ class JobRunner:
                     to=JobStatus.FAILED,
                     changes=self._final(now, error=f"{RUNNER_LOST}: the gateway stopped before the job finished"),
                 )
+        liveness, self._liveness = self._liveness, None
+        if liveness is not None:
+            liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await liveness
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -160,7 +189,7 @@ class JobRunner:
     def _final(self, now: int, **changes: Any) -> dict[str, Any]:
         return {"completed_at": now, "purge_at": now + self._retention_ms, **changes}
 
-    async def reconcile(self, job: Job, now: int | None = None) -> Job:
+    async def reconcile(self, job: Job, now: int | None = None, *, alive: _Alive | None = None) -> Job:
         """``job`` as a reader must see it: failed if its runner is lost, timed out past its deadline."""
         if job.job_id in self._tasks:
             # Running here: its runner is alive by definition, and it times the job out itself on the monotonic
@@ -170,6 +199,12 @@ class JobRunner:
         verdict = overdue(job, now, grace_ms=READ_GRACE_MS)
         if verdict is None:
             return job
+        if verdict[1] == RUNNER_LOST and await (alive or self._runner_alive)(job):
+            # The lease lapsed by this instance's clock, yet the runner's instance is alive: this clock is ahead of
+            # the runner's (or the runner is slow to renew). It keeps the job; its deadline still holds.
+            verdict = overdue(job, now, grace_ms=READ_GRACE_MS, runner_alive=True)
+            if verdict is None:
+                return job
         status, error = verdict
         applied, current = await self.store.transition(
             job.job_id, when=ACTIVE, to=status, changes=self._final(now, error=error)
@@ -179,10 +214,28 @@ class JobRunner:
             self.abort(job.job_id)
         return current or job
 
+    async def _runner_alive(self, job: Job) -> bool:
+        """Whether the instance that runs ``job`` is known alive, by no wall clock (docs/jobs.md)."""
+        if job.runner is None or job.runner == self.instance:
+            # A record from before runners were named: judged by its lease as then. Ours but not running here (its
+            # task ended without writing an outcome, the store failed): nobody runs it.
+            return False
+        try:
+            return await self.store.alive(job.runner)
+        except StoreUnavailable:
+            return True  # unknown: no verdict now; the next read or sweep asks again
+
     async def sweep(self) -> None:
         now = now_ms()
+        known: dict[str | None, bool] = {}  # one question per runner instance in a sweep
+
+        async def alive(job: Job) -> bool:
+            if job.runner not in known:
+                known[job.runner] = await self._runner_alive(job)
+            return known[job.runner]
+
         for job in await self.store.stale(now, grace_ms=READ_GRACE_MS, limit=1000):
-            await self.reconcile(job, now)
+            await self.reconcile(job, now, alive=alive)
 
     # ------------------------------------------------------------------------------------------------- run
 
@@ -193,7 +246,7 @@ class JobRunner:
                 job.job_id,
                 when=_PENDING,
                 to=JobStatus.PROCESSING,
-                changes={"started_at": start, "runner_lease_until": start + self._lease_ms},
+                changes={"started_at": start, "runner_lease_until": start + self._lease_ms, "runner": self.instance},
             )
             if not applied or current is None:
                 return  # cancelled (or lost) before it started

@@ -100,7 +100,7 @@ class RunnerJobs(JobsLayer):
 
         async def start() -> None:  # the payment settled: record the job, then run it
             lease_until = now_ms() + int(cfg.runner_lease_seconds * 1000)
-            paid = job.changed(tx_hash=info.get("tx_hash"), runner_lease_until=lease_until)
+            paid = job.changed(tx_hash=info.get("tx_hash"), runner_lease_until=lease_until, runner=self.runner.instance)
             await self.store.create(paid, max_jobs=cfg.max_jobs)
             self.runner.launch(paid)
 

@@ -35,6 +35,7 @@ async def test_a_record_reads_back_field_for_field(job_store: JobStore) -> None:
         tx_hash="0x" + "c" * 64,
         network="eip155:8453",
         runner_lease_until=T0 + 15_000,
+        runner="0f3a9c",
     )
     await job_store.create(original, max_jobs=10)
     assert await job_store.get("j1") == original
@@ -176,6 +177,28 @@ async def test_records_survive_a_new_store_object_on_the_same_storage(job_backen
     got = await second.get("kept")
     assert got is not None and got.status == JobStatus.PROCESSING
     assert got.status_updates == (StatusUpdate("working", T0 + 1),)
+
+
+async def test_a_runner_is_alive_to_every_store_object_from_its_first_heartbeat_until_its_process_stops(
+    job_backend: JobBackend,
+) -> None:
+    # Another instance fails a job "runner lost" only once its runner is not alive (docs/jobs.md): that answer
+    # must come from the storage, never from comparing the two gateways' clocks.
+    reader = job_backend.make()
+    runner = open_job_store(job_backend.url)
+    try:
+        assert not await reader.alive("runner-1")  # never beat here: no proof of life, the lease alone decides
+        await runner.heartbeat("runner-1", ttl=0.5)
+        assert await reader.alive("runner-1") and await runner.alive("runner-1")
+        assert not await reader.alive("runner-2")
+        await asyncio.sleep(0.6)
+        await runner.heartbeat("runner-1", ttl=0.5)  # renewed in time: still alive
+        assert await reader.alive("runner-1")
+    finally:
+        await runner.aclose()  # SQLite: its process's lock file is let go, as when the process dies
+    if job_backend.name != "sqlite":
+        await asyncio.sleep(0.6)  # Redis: the server expires the last heartbeat
+    assert not await reader.alive("runner-1")
 
 
 async def test_a_reader_sees_every_change_another_store_object_made_and_never_a_stale_copy(

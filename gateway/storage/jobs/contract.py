@@ -4,6 +4,9 @@
   it drops the oldest *evictable* ones (those with a ``purge_at``: terminal jobs, front-mode bindings) to make
   room and raises :class:`JobStoreFull` when only live jobs are left;
 * ``transition`` is a compare-and-set on the status: of two racing transitions out of one status, one wins;
+* ``heartbeat`` / ``alive`` tell which runner instances are alive without comparing two gateways' clocks (SQLite:
+  a lock file the kernel lets go when the process dies, :mod:`gateway.storage.liveness`; Redis: a key the Redis
+  server expires), so that a reader whose clock is ahead never takes a live runner's job for lost (docs/jobs.md);
 * every method raises :class:`gateway.errors.StoreUnavailable` when the backend cannot answer (fail closed).
 """
 
@@ -64,6 +67,16 @@ class JobStore(Protocol):
 
     async def purge(self, now: int) -> int:
         """Delete every record whose ``purge_at`` has passed; return how many went."""
+        ...
+
+    async def heartbeat(self, instance: str, *, ttl: float) -> None:
+        """Runner ``instance`` (this process) is alive: for as long as this process lives (SQLite), for ``ttl``
+        more seconds by the Redis server's clock (Redis). Called again every third of ``ttl``."""
+        ...
+
+    async def alive(self, instance: str) -> bool:
+        """Whether runner ``instance`` is known alive by no gateway's clock. False once it died, and for an instance
+        that left no proof of life here (it never beat, or its lock file could not be made): the lease decides."""
         ...
 
     async def stats(self) -> JobStats: ...

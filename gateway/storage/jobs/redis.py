@@ -10,6 +10,7 @@ Keys (all under the hash tag ``{jobs}``, so one Redis Cluster slot holds them an
     x402:{jobs}:evictable       zset id -> created_at: records with a purge_at, oldest dropped first
     x402:{jobs}:purge           zset id -> purge_at: what the sweeper deletes
     x402:{jobs}:stats           hash: completed_ms (sum of processing_ms over stored completed jobs)
+    x402:{jobs}:alive:<runner>  a runner instance's heartbeat: expired by the Redis server's clock, never a gateway's
 
 Scripts read and write every index of a record in one step, so an index never disagrees with the records.
 Errors become :class:`StoreUnavailable` as in every Redis store (see :mod:`gateway.storage.redis_client`: short
@@ -283,6 +284,14 @@ class RedisJobStore(RedisStore):
             total += n
             if n < _PURGE_BATCH:
                 return total
+
+    async def heartbeat(self, instance: str, *, ttl: float) -> None:
+        with self._client.guard():
+            await self._client.redis.set(f"{self._prefix}alive:{instance}", "1", px=max(1, int(ttl * 1000)))
+
+    async def alive(self, instance: str) -> bool:
+        with self._client.guard():
+            return bool(await self._client.redis.exists(f"{self._prefix}alive:{instance}"))
 
     async def stats(self) -> JobStats:
         with self._client.guard():

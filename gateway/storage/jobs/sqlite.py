@@ -5,6 +5,10 @@ blocks on the file), every write is one ``BEGIN IMMEDIATE`` transaction (the wri
 is read, so a compare-and-set cannot interleave with another process's), WAL mode, ``synchronous=FULL`` (a paid
 job's record must survive a power cut as its receipt does). The record is a JSON document; the columns beside it
 are the ones the queries filter and sort on.
+
+Runner liveness (``heartbeat`` / ``alive``): each runner instance holds a lock file in ``<database>.jobs.instances``
+for as long as its process lives (:class:`gateway.storage.liveness.ProcessLocks`; a directory of its own, so that
+the receipt store's sweep, which forgets the heartbeats of the instances whose files it removes, never meets them).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from gateway.jobs.model import ACTIVE, Job, JobExists, JobStatus, JobStoreFull, StatusUpdate
 from gateway.storage.jobs.contract import JobStats
+from gateway.storage.liveness import ProcessLocks
 from gateway.storage.sqlite_file import BUSY_TIMEOUT, SQLiteFile
 
 __all__ = ["SQLiteJobStore"]
@@ -81,6 +86,14 @@ def _job(doc: str) -> Job:
     return Job.from_doc(json.loads(doc))
 
 
+class _RunnerLocks(ProcessLocks):
+    def held(self, instance: str) -> bool:
+        """True while a process of ``instance`` holds one of its lock files: it exists, whatever any clock says.
+        False once every such process died (their files are removed then), or when ``instance`` never held one
+        here (a record from before runners were named, a directory that cannot be written): the lease decides."""
+        return not self.gone(instance) and bool(self._files(instance))
+
+
 class SQLiteJobStore:
     """:class:`gateway.storage.jobs.JobStore` on one SQLite file (see the module docstring)."""
 
@@ -88,6 +101,7 @@ class SQLiteJobStore:
         self._db = SQLiteFile(
             path, schema=_SCHEMA, busy_timeout=busy_timeout, what="job store", thread="x402-sqlite-jobs"
         )
+        self._runners = _RunnerLocks(path + ".jobs")  # <database>.jobs.instances: see the module docstring
 
     def __repr__(self) -> str:
         return f"SQLiteJobStore(path={self._db.path!r})"
@@ -196,6 +210,13 @@ class SQLiteJobStore:
     async def purge(self, now: int) -> int:
         return await self._db.run(self._purge, now)
 
+    async def heartbeat(self, instance: str, *, ttl: float) -> None:
+        # Idempotent once held; the lock lasts as long as the process, so ``ttl`` has nothing to do here.
+        await self._db.run(self._runners.hold, instance)
+
+    async def alive(self, instance: str) -> bool:
+        return await self._db.run(self._runners.held, instance)
+
     async def stats(self) -> JobStats:
         return await self._db.run(self._stats)
 
@@ -204,3 +225,4 @@ class SQLiteJobStore:
 
     async def aclose(self) -> None:
         await self._db.aclose()
+        self._runners.close()  # other instances find this one's runner gone at once
