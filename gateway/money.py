@@ -27,6 +27,12 @@ def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> in
         raise ValueError(f"not a decimal amount: {raw!r}") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"not a non-negative amount: {raw!r}")
+    # Checked on the exponent before any arithmetic: "1e999999999999" would overflow the decimal context and
+    # "1e-999999999" would be rounded to zero by it (a price of nothing).
+    if value.adjusted() > 30:
+        raise ValueError(f"{raw!r} is more than the largest amount kept exactly ({MAX_ATOMIC} atomic units)")
+    if value and value.adjusted() < -decimals:
+        raise ValueError(f"{raw!r} has more than {decimals} decimal places")
     atomic = value.scaleb(decimals)
     if atomic != atomic.to_integral_value():
         raise ValueError(f"{raw!r} has more than {decimals} decimal places")

@@ -42,6 +42,9 @@ class AdminToken:
 class AdminConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9402
+    # Names a browser may reach the listener under besides an IP address, localhost and listen's host (a name the
+    # operator's reverse proxy or tunnel uses); any other name in a browser's request is refused (DNS rebinding).
+    browser_hosts: tuple[str, ...] = ()
     tokens: tuple[AdminToken, ...] = ()
     audit_log: Path = Path("admin-audit.jsonl")  # JSON Lines, appended; relative to the config file's folder
     refund_key: Secret | None = None  # None: POST /admin/refund answers 501
@@ -78,9 +81,13 @@ def parse_admin(t: Table, env: Mapping[str, str], base_dir: Path, *, public: tup
         if not _PRIVATE_KEY.fullmatch(raw_key):
             raise ConfigError(t.key("refund_key_env"), f"{env_var(key_env)} is not a 32-byte hex key")
         refund_key = Secret(raw_key, f"${key_env}")
+    hosts = t.get("browser_hosts", list, list(_DEFAULT.browser_hosts))
+    if not all(isinstance(h, str) and h.strip() and ":" not in h and "/" not in h for h in hosts):
+        raise ConfigError(t.key("browser_hosts"), 'must be a list of host names without port, e.g. ["admin.example"]')
     cfg = AdminConfig(
         listen_host=host,
         listen_port=int(port),
+        browser_hosts=tuple(h.strip().lower().removesuffix(".") for h in hosts),
         tokens=tokens,
         audit_log=(base_dir / audit).resolve(),
         refund_key=refund_key,

@@ -130,6 +130,8 @@ class Actions:
                 price = parse_usd(raw)
             except ValueError as exc:
                 raise BadRequest(f"price: {exc}") from None
+            except ArithmeticError:  # decimal.Overflow: an exponent beyond Decimal's range ("1e999999999")
+                raise BadRequest("price: not an amount the gateway can hold") from None
             call.args["atomic"] = price
         assert route is not None
         reloader = self._reloading()
@@ -144,6 +146,9 @@ class Actions:
         back to the file's setting. A paused route answers 503 before any payment is taken."""
         call.only(("route", "paused"))
         route = call.text("route", required=True)
+        if "paused" in call.query:
+            # Only the JSON body says true, false or null; read from nowhere, ?paused=false would pause the route.
+            raise BadRequest("paused goes in the JSON body: true, false or null")
         paused = call.body.get("paused", True)
         call.args = {"route": route, "paused": paused}
         if paused is not None and not isinstance(paused, bool):

@@ -1,14 +1,17 @@
 """The admin API as one pure ASGI app, served on ``[admin].listen`` beside the public listener (never on it).
 
 Every request, in order: the bearer token (401 ``admin_token_required`` without a valid one, whatever the path, so a
-scanner learns nothing), the route (404 ``not_found``, 405), the token's access (403 ``admin_token_read_only`` for a
-read token on anything but ``GET``), the handler, and one line in the audit log, written before the answer leaves.
+scanner learns nothing), a browser's ``Host`` (400 ``invalid_host`` unless an IP address, ``localhost`` or the listen
+host or a ``browser_hosts`` name: DNS rebinding), the route (404 ``not_found``, 405), the token's access (403
+``admin_token_read_only`` for a read token on anything but ``GET``), the handler, and one line in the audit log, written
+before the answer leaves.
 Answers are JSON (exports: CSV or JSON Lines, streamed) and never cached; no CORS header is ever sent, so no web page
 of another origin can read them. Routes and what they answer: docs/operating.md ("Admin API").
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -149,6 +152,12 @@ class AdminApp:
             if caller is None:
                 raise admin_error(401, reasons.ADMIN_TOKEN_REQUIRED, "send Authorization: Bearer <admin token>")
             entry["token"], entry["access"] = caller.name, caller.access
+            if _rebound(scope, (self.admin.listen_host, *self.admin.browser_hosts)):
+                # A page under a name of its own re-resolved to this address (DNS rebinding) is same-origin here:
+                # it could read every answer and act (docs/operating.md, "Admin API").
+                raise admin_error(
+                    400, reasons.INVALID_HOST, "a browser reaches the admin API by its IP address or localhost"
+                )
             if method not in ("GET", "HEAD") and _cross_site(scope):
                 # A page of another origin in the operator's browser, which adds the token to every request to this
                 # address (the dashboard's documented way in): it may not act (docs/operating.md).
@@ -268,14 +277,40 @@ async def _json_body(receive: Receive) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's limit
         raise BadRequest("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    try:
+        # A "\ud800" escape is valid JSON but no character: no store can encode it (UTF-8), so refuse it here.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise BadRequest("the request body holds a string that is not Unicode text (a lone surrogate)") from None
     return body
 
 
 _AUDITED_CHARS = 2048  # of a call's path and query in its audit line
+
+
+def _rebound(scope: Scope, names: tuple[str, ...]) -> bool:
+    """Sent by a browser (``Origin`` or ``Sec-Fetch-*``, which scripts and the CLI do not send) under a ``Host`` that
+    is neither an IP address, ``localhost`` nor one of ``names`` (listen's host, ``browser_hosts``): a page whose own
+    name was made to resolve to this address (DNS rebinding), which the browser treats as that page's origin."""
+    if not any(name == b"origin" or name.startswith(b"sec-fetch-") for name, _ in scope.get("headers", ())):
+        return False
+    host = (header(scope, b"host") or b"").decode("latin-1").strip().lower()
+    if host.startswith("["):  # an IPv6 address, with or without a port
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.removesuffix(".")
+    if name == "localhost" or name in (n.lower() for n in names):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return True
+    return False
 
 
 def _cross_site(scope: Scope) -> bool:

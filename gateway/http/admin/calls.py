@@ -7,6 +7,7 @@ Inputs are checked strictly: an unknown query parameter or body field is a 400, 
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class Call:
         for name in (*self.query, *self.body):
             if name not in allowed:
                 raise BadRequest(f"unknown parameter {name!r} (expected: {', '.join(sorted(allowed)) or 'none'})")
+        both = sorted(self.query.keys() & self.body.keys())
+        if both:  # two values for one argument: acting on either would be acting on something not asked for
+            raise BadRequest(f"{both[0]!r} is given in both the query and the JSON body")
 
     def text(self, name: str, *, required: bool = False) -> str | None:
         value = self.query.get(name, self.body.get(name))
@@ -73,9 +77,13 @@ class Call:
         if raw is None:
             return None
         try:
-            return float(raw)
+            epoch = float(raw)
         except ValueError:
             pass
+        else:
+            if not math.isfinite(epoch):  # "nan" and "inf" parse, match nothing, and are not JSON to echo back
+                raise BadRequest(f"{name} must be a finite number of epoch seconds or an ISO 8601 date/time")
+            return epoch
         try:
             moment = datetime.datetime.fromisoformat(raw)
         except ValueError:
