@@ -25,6 +25,7 @@ from gateway.config.jobs import JobsConfig
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error, send_json
 from gateway.http.context import request_id_of
+from gateway.http.cors import cors_preflight
 from gateway.jobs.api import FREE_KINDS, Kind, Match
 from gateway.jobs.auth import (
     PAYER_AUTH_HEADER,
@@ -102,6 +103,11 @@ class JobsLayer:
     def outer(self, app: ASGIApp) -> ASGIApp:
         async def outer(scope: Scope, receive: Receive, send: Send) -> None:
             match = self.routes.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
+            if match is None and cors_preflight(scope) is not None:
+                # A browser's CORS preflight of a job call is no job call: it goes on like any preflight (passed to
+                # the upstream unpriced and bodiless, docs/threat-model.md T38), never refused as one not offered.
+                await app(scope, receive, send)
+                return
             if match is None and scope["type"] == "http" and self.routes.shadowed(scope["path"]):
                 refused = RequestRecord.of_scope(
                     scope, request_id_of(scope), status=404, outcome="refused", reason=reasons.JOB_CALL_NOT_OFFERED

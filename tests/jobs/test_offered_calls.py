@@ -89,3 +89,24 @@ async def test_a_fronted_agent_api_has_no_list_and_the_sdk_says_what_to_configur
     # of the caller's proof, which the gateway would have named (payer_auth_*).
     assert caught.value.reason == "not_supported" and caught.value.status in (401, 404)
     assert 'list = "GET /agent/jobs"' in caught.value.message
+
+
+@pytest.mark.parametrize("mode", ["front", "runner"])
+@pytest.mark.parametrize("path", ["/agent/prompt", "/agent/job/job_1"])
+def test_a_browsers_preflight_of_a_job_call_goes_on_like_any_preflight(
+    base_chain: DevChain, tmp_path: Path, mode: str, path: str
+) -> None:
+    """A CORS preflight (OPTIONS + Origin + Access-Control-Request-Method) of a job call is no job call: it goes
+    to the upstream like any preflight (on the priced submit unpriced and bodiless, docs/threat-model.md T38),
+    never refused as a call the jobs API does not offer (404 job_call_not_offered)."""
+    api = FakeJobsApi("agent")
+    with (
+        jobs_gateway(base_chain, store_url=sqlite_url(tmp_path), upstream=api, mode=mode, style="agent") as gw,
+        gw.client() as c,
+    ):
+        method = "POST" if path == "/agent/prompt" else "GET"
+        r = c.options(path, headers={"Origin": "https://app.example", "Access-Control-Request-Method": method})
+    assert "job_call_not_offered" not in r.text and "payment-required" not in r.headers
+    if method == "POST":  # the priced submit: its answer never carries a body
+        assert r.content == b""
+    assert [(call.method, call.path) for call in api.calls] == [("OPTIONS", path)]
