@@ -96,12 +96,7 @@ class TxHashScheme:
     async def verify(self, payment: TxAttempt) -> None:
         net = self.networks[payment.requirement.network]
         proof = payment.proof
-        # Both reads at once: the receipt says what the transaction did, the transaction whose slot it filled.
-        receipt, slot = await asyncio.gather(
-            agreed_receipt(net.rpc, proof.tx_hash), agreed_slot(net.rpc, proof.tx_hash)
-        )
-        if str(receipt.get("from", "")).lower() != slot[0]:
-            raise ChainUnavailable("the RPC's receipt and transaction name different senders")
+        receipt = await agreed_receipt(net.rpc, proof.tx_hash)
         req, now = payment.requirement, time.time()
         if payment.earlier:
             # A transfer answering a 402 from before a price change pays at the price that 402 showed.
@@ -123,7 +118,13 @@ class TxHashScheme:
             # A sweep of session charges to pay_to (anyone may call ``settle``): money collected as sessions, never
             # a payment for something else (docs/threat-model.md T48).
             raise PaymentReplayed("this transfer swept session charges this gateway already collected")
-        await check_final_and_fresh(net, receipt, found, self.config.payment)
+        # The transaction's slot (its sender's nonce) is read beside the block checks: a proof that fails before
+        # here costs no read of it.
+        slot, _ = await asyncio.gather(
+            agreed_slot(net.rpc, proof.tx_hash), check_final_and_fresh(net, receipt, found, self.config.payment)
+        )
+        if str(receipt.get("from", "")).lower() != slot[0]:
+            raise ChainUnavailable("the RPC's receipt and transaction name different senders")
         payment.found = found
         payment.slot = slot
 
@@ -154,8 +155,9 @@ class TxHashScheme:
         req = payment.requirement
         expires = now + self.config.payment.tx_max_age_seconds + RECORD_MARGIN
         assert payment.slot is not None
-        # The sender's transaction slot: after a reorg dropped this transfer, a replacement at the same nonce (a new
-        # hash, paying us again) is the same payment, not a new one (docs/threat-model.md T28).
+        # The sender's transaction slot: after a reorg dropped this transfer, a replacement at the same nonce (a
+        # wallet sending it again with more gas: a new hash, paying us again) is the same payment, not a new one.
+        # It also makes one transaction pay for one request (docs/protocol.md §5, docs/threat-model.md T28).
         effects = [Effect(slot_key(req.chain_id, *payment.slot), expires)]
         if found.authorization_nonce is not None:
             # This transfer executed an EIP-3009 authorization: the same money may have been presented (or be
