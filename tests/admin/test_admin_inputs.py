@@ -114,11 +114,14 @@ def test_a_page_whose_name_was_rebound_to_the_admin_address_can_neither_read_nor
         own = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "navigate"}
         dashboard = {h: api.get("/admin/", headers={**own, "host": f"{h}:{port}"}) for h in ("localhost", "127.0.0.1")}
         script = api.get("/admin/routes", headers={"host": f"admin.internal:{port}"})  # no browser headers
+        # Node's fetch (undici) sends Sec-Fetch-Mode on every request, and no Sec-Fetch-Site: a script, not a page.
+        node = api.get("/admin/routes", headers={"host": f"gateway:{port}", "sec-fetch-mode": "cors"})
         denied = api.get("/admin/deny").json()["denied"]
     assert [(r.status_code, r.json()["error"]) for r in (read, act)] == [(400, "invalid_host")] * 2
     assert denied == []
     assert {h: r.status_code for h, r in dashboard.items()} == {"localhost": 200, "127.0.0.1": 200}
     assert script.status_code == 200
+    assert node.status_code == 200
 
 
 def test_a_browser_may_use_a_name_the_operator_listed_and_no_other(

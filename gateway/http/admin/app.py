@@ -156,7 +156,9 @@ class AdminApp:
                 # A page under a name of its own re-resolved to this address (DNS rebinding) is same-origin here:
                 # it could read every answer and act (docs/operating.md, "Admin API").
                 raise admin_error(
-                    400, reasons.INVALID_HOST, "a browser reaches the admin API by its IP address or localhost"
+                    400,
+                    reasons.INVALID_HOST,
+                    "a browser reaches the admin API by its IP address, localhost or a name in [admin] browser_hosts",
                 )
             if method not in ("GET", "HEAD") and _cross_site(scope):
                 # A page of another origin in the operator's browser, which adds the token to every request to this
@@ -293,10 +295,12 @@ _AUDITED_CHARS = 2048  # of a call's path and query in its audit line
 
 
 def _rebound(scope: Scope, names: tuple[str, ...]) -> bool:
-    """Sent by a browser (``Origin`` or ``Sec-Fetch-*``, which scripts and the CLI do not send) under a ``Host`` that
+    """Sent by a browser (``Origin`` or ``Sec-Fetch-Site``, which scripts and the CLI do not send) under a ``Host`` that
     is neither an IP address, ``localhost`` nor one of ``names`` (listen's host, ``browser_hosts``): a page whose own
     name was made to resolve to this address (DNS rebinding), which the browser treats as that page's origin."""
-    if not any(name == b"origin" or name.startswith(b"sec-fetch-") for name, _ in scope.get("headers", ())):
+    # Origin or Sec-Fetch-Site: every current browser sends the latter; Node's fetch (undici) sends Sec-Fetch-Mode
+    # on every request, so that one alone is no browser.
+    if not any(name in (b"origin", b"sec-fetch-site") for name, _ in scope.get("headers", ())):
         return False
     host = (header(scope, b"host") or b"").decode("latin-1").strip().lower()
     if host.startswith("["):  # an IPv6 address, with or without a port
