@@ -31,8 +31,10 @@ HOP_BY_HOP = frozenset(
 # singleton, RFC 9110 6.6.1), which strict clients refuse. nginx drops the same two by default.
 UPSTREAM_OWN = frozenset({b"date", b"server"})
 PAYMENT_HEADERS = frozenset(b"x-payment payment-signature x-payment-network x-payment-auth x-payment-binding".split())
-# RFC 3986's host (an IP literal in brackets, or a reg-name: unreserved, percent-encoded, sub-delims) and a port.
-_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]{0,5})?")
+# A host as DNS and IP addresses spell it (letters, digits, '-', '.', '_'; an IPv6 literal in brackets) and a port:
+# RFC 3986 also allows sub-delimiters (quotes, parentheses, ...) in a name, which no real host has and an upstream
+# building a link from X-Forwarded-Host would put into its markup.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]*)(?::([0-9]{1,5}))?")
 
 # A client must not be able to claim an address, scheme or host: upstreams use these for auth and links.
 FORWARDING_HEADERS = frozenset(
@@ -77,6 +79,11 @@ def upstream_path(base: str, raw_path: str) -> str:
     if not out:
         return base.rstrip("/") + "/"
     return f"{base.rstrip('/')}/{'/'.join(out)}{trailing}"
+
+
+def _host_and_port(value: bytes) -> bool:
+    match = _HOST.fullmatch(value)
+    return match is not None and (match[2] is None or int(match[2]) <= 65535)
 
 
 class Forwarding:
@@ -153,7 +160,7 @@ class Forwarding:
                 out.append((name, v))
         if len(hosts) > 1:  # which one the upstream would trust in X-Forwarded-Host is anyone's guess
             raise BadRequest("repeated Host header", reason=reasons.INVALID_HOST)
-        if hosts and _HOST.fullmatch(hosts[0]) is None:
+        if hosts and not _host_and_port(hosts[0]):
             # The upstream trusts X-Forwarded-Host (the gateway sets it): only a host and port go there, never
             # user-info, a path or anything else an upstream could build a link or a decision on (RFC 9110 7.2).
             raise BadRequest("malformed Host header", reason=reasons.INVALID_HOST)

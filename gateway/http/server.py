@@ -79,6 +79,12 @@ _TOO_LARGE = _answer(
     b"431 Request Header Fields Too Large", reasons.HEADERS_TOO_LARGE, "request headers exceed the limit"
 )
 _TIMEOUT = _answer(b"408 Request Timeout", reasons.REQUEST_TIMEOUT, "request headers not received in time")
+_UPGRADE_WITH_BODY = _answer(
+    b"400 Bad Request",
+    reasons.UNSUPPORTED_UPGRADE,
+    "a protocol upgrade other than WebSocket cannot carry a body here: send it as plain HTTP/1.1"
+    " (curl: --http1.1 instead of --http2 on http:// URLs)",
+)
 
 
 class _OneWrite:
@@ -155,6 +161,7 @@ class _GuardedHttpTools(HttpToolsProtocol):
         self._after_chunk_header = False  # a chunk header was parsed and no body byte followed (yet)
         self._trailer_bytes = 0
         self._messages = 0  # requests the parser completed on this connection
+        self._upgrade_refused = False  # the parser stopped at an upgrade offer with a body (send_400_response)
         super().__init__(*args, **kwargs)
 
     # -- transport events ---------------------------------------------------------------------------------
@@ -224,7 +231,8 @@ class _GuardedHttpTools(HttpToolsProtocol):
         # same: it skips this request's body (see the module docstring).
         ignored_upgrade = self.parser.should_upgrade() and not self._should_upgrade()
         if ignored_upgrade and _declares_body(self.headers):
-            raise _UpgradeWithBody  # the parser fails: uvicorn answers 400 and closes, nothing after it is parsed
+            self._upgrade_refused = True
+            raise _UpgradeWithBody  # the parser fails: a 400 (send_400_response) and close, nothing after it parsed
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
@@ -305,6 +313,15 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self._refuse(_TIMEOUT)
         else:
             self.transport.close()  # nothing asked, nothing to answer
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser refused: ours, with a reason, for an upgrade offer with a body
+        (``curl --http2 -d ...`` on an http:// URL sends one)."""
+        if self._upgrade_refused:
+            self._upgrade_refused = False
+            self._refuse(_UPGRADE_WITH_BODY)
+            return
+        super().send_400_response(msg)
 
     def _refuse(self, answer: bytes) -> None:
         self._cancel_head_timer()

@@ -68,6 +68,7 @@ INVALID_PATH = "invalid_path"
 INVALID_HOST = "invalid_host"
 AMBIGUOUS_CONTENT_LENGTH = "ambiguous_content_length"
 INVALID_CONTENT_LENGTH = "invalid_content_length"
+UNSUPPORTED_UPGRADE = "unsupported_upgrade"  # 400: an Upgrade offer (h2c, ...) with a body the parser would skip
 UNSUPPORTED_TRANSFER_CODING = "unsupported_transfer_coding"  # 501: a coding besides chunked (RFC 9112 6.1)
 
 # Idempotent retries (the Idempotency-Key header)

@@ -243,7 +243,9 @@ def test_a_transfer_coding_besides_chunked_is_refused_not_forwarded_as_other_byt
     assert gw.upstream.requests == []
 
 
-@pytest.mark.parametrize("host", [b"evil.example@gw", b"a/../cheap", b"gw\\x", b"gw:80/x", b"<b>"])
+@pytest.mark.parametrize(
+    "host", [b"evil.example@gw", b"a/../cheap", b"gw\\x", b"gw:80/x", b"<b>", b"x'onmouseover=alert(1)", b"gw:99999"]
+)
 def test_a_malformed_host_never_reaches_the_upstream_as_a_forwarded_host(gw: GatewayUnderTest, host: bytes) -> None:
     """The upstream trusts X-Forwarded-Host (the gateway sets it, from the request's Host): only a host and a
     port may go there, never user-info, a path or markup."""
@@ -256,7 +258,10 @@ def test_a_malformed_host_never_reaches_the_upstream_as_a_forwarded_host(gw: Gat
     assert gw.upstream.requests == []
 
 
-@pytest.mark.parametrize("host", [b"api.example.com", b"gw.example:8443", b"[::1]:8080", b"127.0.0.1"])
+@pytest.mark.parametrize(
+    "host",
+    [b"api.example.com", b"gw.example:8443", b"[::1]:8080", b"127.0.0.1", b"xn--bcher-kva.example.", b"my_svc:80"],
+)
 def test_a_well_formed_host_goes_upstream_as_the_forwarded_host(gw: GatewayUnderTest, host: bytes) -> None:
     sock = connect(gw.url)
     sock.sendall(b"GET /free/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
@@ -297,6 +302,8 @@ def test_an_upgrade_offer_never_hides_its_body_from_the_gateways_parser(
     answers = read_answers(sock, 2)
     sock.close()
     assert [status for status, _, _ in answers] == [400]
+    assert answers[0][1]["content-type"] == "application/json"  # the gateway's error, with its reason
+    assert b"unsupported_upgrade" in answers[0][2]
     assert gw.upstream.requests == []
 
 
