@@ -6,11 +6,11 @@ A ``{name}`` matches one path segment, a trailing ``*`` one segment, a trailing 
 
 Upstream frameworks do not all read one raw path the same way (docs/threat-model.md T33): Starlette routes on the
 decoded path, where ``%2F`` is a separator; aiohttp and Express route on the raw path, where it is part of a segment;
-Tomcat drops ``;params``; IIS reads ``\\`` as ``/`` and drops a segment's trailing dots; some decode twice or fold
-Unicode compatibility forms (U+FF0F, the fullwidth solidus). :func:`path_readings` lists every such reading of a request
-path and :meth:`RouteTable.match_request` prices the request by the one priced route any of them reaches, so no reading
-an upstream may make is free while another is priced; two different priced routes, control characters, bytes that are
-not UTF-8 and IIS ``%u`` escapes have no one meaning and are refused (:class:`AmbiguousPath`).
+Tomcat drops ``;params``; IIS reads ``\\`` as ``/`` and drops a segment's trailing dots and spaces; some decode twice or
+fold Unicode compatibility forms (U+FF0F, the fullwidth solidus). :func:`path_readings` lists every such reading of a
+request path and :meth:`RouteTable.match_request` prices the request by the one priced route any of them reaches, so no
+reading an upstream may make is free while another is priced; two different priced routes, control characters, bytes
+that are not UTF-8 and IIS ``%u`` escapes have no one meaning and are refused (:class:`AmbiguousPath`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,16 @@ _PLAIN = re.compile(r"[!$&'()*+,\-./0-9:=@A-Z_a-z~]*\Z")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _IIS_ESCAPE = re.compile(r"%u[0-9A-Fa-f]{4}", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# A segment ending in dots that is not a dot-segment ("cheap.", "a.."): IIS and Windows file names drop them.
-_TRAILING_DOTS = re.compile(r"(?<=[^/.])\.+(?=/|\Z)")
+# A segment ending in dots or spaces that is not a dot-segment ("cheap.", "a..", "cheap "): IIS and Windows file
+# names drop them.
+_TRAILING_DOTS = re.compile(r"(?<=[^/. ])[. ]+(?=/|\Z)")
+
+
+def _trailing_dots(path: str) -> bool:
+    """Whether a segment of ``path`` ends in a dot or space (a cheap test first: most paths have neither)."""
+    return ("./" in path or " /" in path or path.endswith((".", " "))) and _TRAILING_DOTS.search(path) is not None
+
+
 _ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
 # An encoded '/' read as part of its segment (aiohttp, Express). NUL itself is refused, so it occurs nowhere else.
 _IN_SEGMENT_SLASH = "\x00"
@@ -61,7 +69,7 @@ def path_readings(raw_path: str) -> list[str]:
 
     Raises :class:`AmbiguousPath` for a path no reading makes safe.
     """
-    if _PLAIN.match(raw_path) and not _TRAILING_DOTS.search(raw_path):
+    if _PLAIN.match(raw_path) and not _trailing_dots(raw_path):
         return [normalise_path(raw_path)]
     if not raw_path.isascii() or _CONTROL.search(raw_path) or " " in raw_path or _IIS_ESCAPE.search(raw_path):
         raise AmbiguousPath("the path is not plain ASCII with percent-escapes")
@@ -80,9 +88,8 @@ def path_readings(raw_path: str) -> list[str]:
             variants += [_without_path_params(v) for v in variants]
         if not base.isascii():  # NFKC folding: fullwidth solidus, ligatures, superscripts
             variants += [unicodedata.normalize("NFKC", v) for v in variants]
-        variants += [
-            _TRAILING_DOTS.sub("", v) for v in variants if _TRAILING_DOTS.search(v)
-        ]  # IIS: "cheap." is "cheap"
+        # IIS: "cheap." and "cheap%20" are "cheap"
+        variants += [_TRAILING_DOTS.sub("", v) for v in variants if _trailing_dots(v)]
         for variant in variants:
             readings.setdefault(normalise_path(variant))
     return list(readings)

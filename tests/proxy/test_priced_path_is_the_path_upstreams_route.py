@@ -111,6 +111,7 @@ OTHER_READINGS = [
     "/report%3Bx",  # ;x once decoded
     "/report.",  # IIS: a segment's trailing dots are dropped
     "/item/7%2E%2E/",  # the same, once decoded
+    "/report%20",  # IIS: trailing spaces too
 ]
 
 
@@ -166,6 +167,8 @@ def test_a_segment_with_trailing_dots_is_also_read_without_them() -> None:
     assert path_readings("/report.") == ["/report.", "/report"]
     assert path_readings("/a../b.c/d...") == ["/a../b.c/d...", "/a/b.c/d"]
     assert path_readings("/.well-known/x/../y") == ["/.well-known/y"]
+    assert path_readings("/report%20") == ["/report ", "/report"]
+    assert path_readings("/v1.2/report") == ["/v1.2/report"]
 
 
 def test_an_encoded_slash_is_read_both_as_a_separator_and_inside_its_segment() -> None:
