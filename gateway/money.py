@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from gateway.networks import USDC_DECIMALS
 
 # The largest amount in atomic units that every store keeps and computes with exactly (Redis scripts compute in Lua
 # doubles; SQLite's INTEGER is 64-bit): ~9 billion USDC. No price or limit is ever larger.
 MAX_ATOMIC = 2**53 - 1
+_MAX_DIGITS = 64  # characters of a price as written: far more than any real one
 
 
 def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
@@ -21,6 +22,8 @@ def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> in
     if isinstance(text, float):
         raise ValueError('prices must be strings or integers, not floats (write price = "0.10")')
     raw = str(text).strip().removeprefix("$").strip()
+    if len(raw) > _MAX_DIGITS:  # every digit below is then kept exactly (the context's precision)
+        raise ValueError(f"not a price: {raw[:20]!r}... is {len(raw)} characters long")
     try:
         value = Decimal(raw)
     except InvalidOperation:
@@ -33,7 +36,9 @@ def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> in
         raise ValueError(f"{raw!r} is more than the largest amount kept exactly ({MAX_ATOMIC} atomic units)")
     if value and value.adjusted() < -decimals:
         raise ValueError(f"{raw!r} has more than {decimals} decimal places")
-    atomic = value.scaleb(decimals)
+    with localcontext() as exact:
+        exact.prec = 2 * _MAX_DIGITS  # scaling never rounds ("1.9999999999999999999999999999999" is not 2)
+        atomic = value.scaleb(decimals)
     if atomic != atomic.to_integral_value():
         raise ValueError(f"{raw!r} has more than {decimals} decimal places")
     if atomic > MAX_ATOMIC:

@@ -21,6 +21,9 @@ def test_a_price_is_read_exactly(text: str, atomic: int) -> None:
         "1e-999999999",  # the decimal context rounded it to zero: a price of nothing
         "1e-7",
         "1.5e-6",
+        "1.9999999999999999999999999999999",  # more digits than the default context keeps: it was rounded to 2
+        "0.0000019999999999999999999999999999",
+        "1" * 100,
         "1e999999999999",  # overflowed the decimal context (an exception no caller expected)
         "9e15",
         "-1",
