@@ -225,15 +225,20 @@ class JobRunner:
         except StoreUnavailable:
             return True  # unknown: no verdict now; the next read or sweep asks again
 
-    async def sweep(self) -> None:
-        now = now_ms()
-        known: dict[str | None, bool] = {}  # one question per runner instance in a sweep
+    def liveness(self) -> _Alive:
+        """:meth:`reconcile`'s ``alive`` for many jobs read at once (a sweep, a list): one question per runner."""
+        known: dict[str | None, bool] = {}
 
         async def alive(job: Job) -> bool:
             if job.runner not in known:
                 known[job.runner] = await self._runner_alive(job)
             return known[job.runner]
 
+        return alive
+
+    async def sweep(self) -> None:
+        now = now_ms()
+        alive = self.liveness()
         for job in await self.store.stale(now, grace_ms=READ_GRACE_MS, limit=1000):
             await self.reconcile(job, now, alive=alive)
 

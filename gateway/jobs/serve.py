@@ -151,5 +151,6 @@ class RunnerJobs(JobsLayer):
             scope, match, lambda payer: self.store.list_for_payer(payer, statuses=statuses, limit=int(raw_limit))
         )
         now = now_ms()
-        jobs = [await self.runner.reconcile(job, now) if job.active else job for job in jobs]
+        alive = self.runner.liveness()
+        jobs = [await self.runner.reconcile(job, now, alive=alive) if job.active else job for job in jobs]
         await send_json(send, 200, job_list(self.style, jobs, total))
