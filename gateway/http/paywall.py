@@ -4,7 +4,7 @@ The status stays 402 and every x402 header stays (an agent that sends ``Accept: 
 challenge); only the body changes (PaymentMiddleware's ``paywall`` hook). The page is self-contained: one inline
 stylesheet and one inline script (``gateway/http/paywall_assets/``), no CDN, no fonts, no images, no request except
 the paid retry to its own URL. It shows the route's description, the price in dollars, the networks and, for a
-manual transfer, the recipient and the USDC contract on each; its "Pay with wallet" button signs the EIP-3009
+manual transfer, the recipient and the USDC contract on each; its "Pay $… with wallet" button signs the EIP-3009
 authorization with an injected EIP-1193 wallet (``window.ethereum``) and re-issues the request with
 ``PAYMENT-SIGNATURE``; a transaction hash can be proven the same way (tx-hash proofs, EIP-191 binding).
 
