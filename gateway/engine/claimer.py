@@ -34,6 +34,7 @@ from gateway.engine.sessions import Sessions
 from gateway.errors import GatewayError, SettlementFailed, StoreUnavailable
 from gateway.schemes.batch.onchain import SETTLE, ChannelChain, VoucherClaim, claim_calldata
 from gateway.storage.channels import Channel
+from gateway.tasks import stop
 from gateway.x402.sessions import ChannelConfig, claim_batch_digest
 
 log = logging.getLogger("gateway.sessions")
@@ -97,11 +98,8 @@ class Claimer:
             self._task = asyncio.create_task(self._loop(), name="x402-session-claimer")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

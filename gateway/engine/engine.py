@@ -11,7 +11,6 @@ chain directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from gateway.schemes.prices import EarlierPrice
 from gateway.storage.channels import open_channel_store
 from gateway.storage.receipts import ReceiptStore
 from gateway.storage.settlements import open_settlement_journal
+from gateway.tasks import stop
 from gateway.x402 import reasons
 from gateway.x402.challenge import Challenge, Requirement, build_challenge
 
@@ -114,11 +114,8 @@ class PaymentEngine:
             self.claimer.start()
 
     async def aclose(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await stop(self._watch)
+        self._watch = None
         if self.claimer is not None:
             await self.claimer.aclose()  # before the networks: a last pass may still send a claim
         if self.sessions is not None:

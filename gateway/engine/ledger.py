@@ -35,6 +35,7 @@ from gateway.schemes.exact.scheme import ExactAttempt
 from gateway.schemes.txhash.scheme import TxAttempt
 from gateway.storage.ledger import LedgerEntry, LedgerStore, open_ledger_store
 from gateway.storage.ledger.contract import DAY, REFUND_PREFIX, Kind
+from gateway.tasks import stop
 
 __all__ = ["BACKLOG", "RETRY_SECONDS", "Ledger", "LedgerStats", "LostSettlements", "served_entry"]
 
@@ -138,11 +139,8 @@ class Ledger:
             self._task = asyncio.create_task(self._maintain(), name="x402-ledger")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self._retry()  # a last try for what failed before

@@ -26,7 +26,6 @@ instance honours only the prices in force.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -42,6 +41,7 @@ from gateway.errors import BadRequest, ConfigError, StoreUnavailable
 from gateway.money import MAX_ATOMIC, format_usd
 from gateway.schemes.prices import EarlierPrice
 from gateway.storage.overrides import Overrides, OverrideStore, RouteOverride, open_override_store
+from gateway.tasks import stop
 from gateway.x402 import reasons
 
 __all__ = ["HISTORY_LIMIT", "POLL_SECONDS", "ReloadResult", "Reloader", "RouteState", "needs_restart"]
@@ -146,11 +146,8 @@ class Reloader:
         self._poller = asyncio.create_task(self._poll(), name="x402-route-overrides")
 
     async def aclose(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await stop(self._poller)
+        self._poller = None
         await self.store.aclose()
 
     async def _poll(self) -> None:

@@ -15,7 +15,6 @@ and without the payer check. Everything else passes through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from gateway.jobs.model import Job, now_ms
 from gateway.jobs.wire import WireError, authentication_required, job_id_required, not_found, payer_auth_refused
 from gateway.ops.events import Observer, RequestRecord, notify
 from gateway.storage.jobs import JobStore
+from gateway.tasks import stop
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.jobs")
@@ -304,10 +304,7 @@ class JobsLayer:
 
     async def shutdown(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        await stop(sweeper)
         await self.store.aclose()
 
     async def _sweep_forever(self) -> None:

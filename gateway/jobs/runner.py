@@ -48,6 +48,7 @@ from gateway.jobs.stream import (
     sse_events,
 )
 from gateway.storage.jobs import JobStore
+from gateway.tasks import stop
 
 __all__ = ["READ_GRACE_MS", "JobRunner"]
 
@@ -161,10 +162,7 @@ class JobRunner:
                     changes=self._final(now, error=f"{RUNNER_LOST}: the gateway stopped before the job finished"),
                 )
         liveness, self._liveness = self._liveness, None
-        if liveness is not None:
-            liveness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await liveness
+        await stop(liveness)
         session, self._session = self._session, None
         if session is not None:
             await session.close()

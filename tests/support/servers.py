@@ -55,6 +55,21 @@ def _cancel_everything(loop: asyncio.AbstractEventLoop) -> None:
         task.cancel()
 
 
+def _tasks_of(loop: asyncio.AbstractEventLoop, out: list[str], done: threading.Event) -> None:
+    """Where each task of ``loop`` waits (run on the loop): a thread idle in its event loop shows nothing else."""
+    for task in asyncio.all_tasks(loop):
+        lines = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(lines) < 30:  # down the chain of awaits, outermost first
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        where = "".join(lines) or "(not started)\n"
+        out.append(f"task {task.get_name()}:\n{where}")
+    done.set()
+
+
 def stop_server_thread(servers: Sequence[uvicorn.Server], thread: threading.Thread, *, grace: float = 10.0) -> None:
     """Stop ``servers`` (served by ``thread``) and make sure the thread ended.
 
@@ -74,6 +89,15 @@ def stop_server_thread(servers: Sequence[uvicorn.Server], thread: threading.Thre
         return
     frame = sys._current_frames().get(thread.ident or -1)
     where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+    tasks: list[str] = []
+    for server in servers:
+        loop = getattr(server, "loop", None)
+        if loop is not None and not loop.is_closed():
+            listed = threading.Event()
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_tasks_of, loop, tasks, listed)
+                listed.wait(2)
+    where += "".join(tasks)
     for server in servers:
         loop = getattr(server, "loop", None)
         if loop is not None and not loop.is_closed():
