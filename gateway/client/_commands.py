@@ -180,7 +180,7 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
 def _report(args: argparse.Namespace, exc: X402ClientError, code: int, job: Job | None = None) -> int:
     label = {EXIT_PAYMENT: "payment refused", EXIT_USAGE: "error"}.get(code, "failed")
     status = f" (HTTP {exc.status})" if exc.status else ""
-    print(f"x402-gateway: {label}{status}: [{exc.reason}] {exc.message}", file=sys.stderr)
+    print(f"x402-gateway: {label}{status}: [{shown(exc.reason)}] {shown(exc.message)}", file=sys.stderr)
     if args.json:
         doc: dict[str, Any] = {"error": exc.reason, "message": exc.message, "status": exc.status, "jobId": exc.job_id}
         if job is not None:
@@ -193,9 +193,23 @@ def _report(args: argparse.Namespace, exc: X402ClientError, code: int, job: Job 
 
 # ---------------------------------------------------------------------------------------------------- output
 
+# Control characters a server's text may carry (ESC starts terminal commands, CR overwrites a line, U+009B is a
+# one-character ESC [): shown as escapes, never obeyed by the terminal. Newline and tab stay.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+# In JSON the C0 controls are escaped already (json.dumps); DEL and the C1 controls are not, with ensure_ascii=False.
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
+
+
+def shown(value: object) -> str:
+    """``value`` as text for a terminal: a job's answer, a server's message or id, with its control characters
+    escaped (the human-readable output only; ``--json`` output is JSON, which escapes them itself)."""
+    return str(value).translate(_CONTROLS)
+
 
 def _print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2, default=str, ensure_ascii=False))
+    print(json.dumps(doc, indent=2, default=str, ensure_ascii=False).translate(_JSON_CONTROLS))
 
 
 def _payment_doc(sub: SubmitResult | None) -> dict[str, Any] | None:
@@ -213,21 +227,21 @@ def _job_doc(job: Job) -> dict[str, Any]:
 
 
 def _print_job(job: Job, out: TextIO) -> None:
-    print(f"job:      {job.job_id}", file=out)
-    print(f"status:   {job.status}", file=out)
+    print(f"job:      {shown(job.job_id)}", file=out)
+    print(f"status:   {shown(job.status)}", file=out)
     if job.prompt:
-        print(f"prompt:   {job.prompt}", file=out)
+        print(f"prompt:   {shown(job.prompt)}", file=out)
     for update in job.status_updates:
-        print(f"update:   {update.message}", file=out)
+        print(f"update:   {shown(update.message)}", file=out)
     if job.error:
-        print(f"error:    {job.error}", file=out)
+        print(f"error:    {shown(job.error)}", file=out)
     if job.response is not None:
-        print(f"response: {job.response}", file=out)
+        print(f"response: {shown(job.response)}", file=out)
     if job.rich_data:
         print("rich data:", file=out)
-        print(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False), file=out)
+        print(shown(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)), file=out)
     if job.submission is not None and job.submission.tx_hash:
-        print(f"tx:       {job.submission.tx_hash} ({job.submission.network})", file=out)
+        print(f"tx:       {shown(job.submission.tx_hash)} ({shown(job.submission.network)})", file=out)
 
 
 class Progress:
@@ -261,12 +275,12 @@ class Progress:
         self.stream.flush()
 
     def on_update(self, update: StatusUpdate) -> None:
-        self.line(f"update: {update.message}")
+        self.line(f"update: {shown(update.message)}")
 
     def on_poll(self, job: Job) -> None:
-        self.status = job.status
+        self.status = shown(job.status)
         if not self.tty and job.status != self._shown_status:
-            self.line(f"status: {job.status}")
+            self.line(f"status: {self.status}")
         self._shown_status = job.status
         self._draw()
 
@@ -320,17 +334,18 @@ async def cmd_prompt(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({**submitted.raw, "payment": _payment_doc(submitted)})
         else:
-            print(submitted.job_id)
+            print(shown(submitted.job_id))
         return EXIT_OK
     if args.json:
         _print_json(_job_doc(job))
         return EXIT_OK
-    print(job.response or "")
+    # The answer as the server gave it when it goes to a file or a pipe; on a terminal, never a command to it.
+    print(shown(job.response or "") if sys.stdout.isatty() else job.response or "")
     if job.rich_data:
         print("rich data:")
-        print(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False))
+        print(shown(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)))
     if submitted.tx_hash:
-        print(f"tx: {submitted.tx_hash} ({submitted.network})")
+        print(f"tx: {shown(submitted.tx_hash)} ({shown(submitted.network)})")
     return EXIT_OK
 
 
@@ -350,7 +365,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(_job_doc(job))
     else:
-        print(f"{job.job_id}: {job.status}")
+        print(f"{shown(job.job_id)}: {shown(job.status)}")
     return EXIT_OK
 
 
@@ -363,7 +378,7 @@ async def cmd_jobs(args: argparse.Namespace) -> int:
     for job in listed.jobs:
         created = job.created_at.isoformat(timespec="seconds") if job.created_at else "-"
         prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "..."
-        print(f"{job.job_id}  {job.status:<10}  {created}  {prompt}")
+        print(f"{shown(job.job_id)}  {shown(job.status):<10}  {created}  {shown(prompt)}")
     print(f"{listed.filtered} of {listed.total} job(s)", file=sys.stderr)
     return EXIT_OK
 
@@ -406,7 +421,7 @@ async def _session_client(args: argparse.Namespace) -> AsyncIterator[AsyncX402Cl
 
 def _channel_line(ch: SessionChannel) -> str:
     return (
-        f"{ch.channel_id}  {ch.origin}  {ch.network}  balance ${format_usd(ch.balance)}  "
+        f"{shown(ch.channel_id)}  {shown(ch.origin)}  {shown(ch.network)}  balance ${format_usd(ch.balance)}  "
         f"charged ${format_usd(ch.charged)}  remaining ${format_usd(ch.remaining)}"
     )
 
