@@ -1,4 +1,5 @@
-"""Secrets that must never reach a ``repr``, a log line or an error message, and URLs made fit to show.
+"""Secrets that must never reach a ``repr``, a log line or an error message, URLs made fit to show, and other
+parties' text made fit for a terminal.
 
 Core vocabulary: the gateway's configuration, its stores and the client SDK all use it, so it imports nothing
 but the standard library. (Absolute imports keep ``import secrets`` elsewhere meaning the standard library's.)
@@ -9,7 +10,25 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["NOT_AN_ENV_NAME", "Secret", "env_var", "is_env_name", "redact_url"]
+__all__ = ["NOT_AN_ENV_NAME", "Secret", "env_var", "is_env_name", "json_for_terminal", "redact_url", "terminal_text"]
+
+# Control characters another party's text may carry (ESC starts terminal commands, CR overwrites a line, U+009B is a
+# one-character ESC [): shown as escapes, never obeyed by the terminal. Newline and tab stay.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+# In JSON the C0 controls are escaped already (json.dumps); DEL and the C1 controls are not, with ensure_ascii=False.
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
+
+
+def terminal_text(value: object) -> str:
+    """``value`` as text for a terminal (a server's answer, message or id, a client's path in an operator's table),
+    its control characters escaped: it can never command the terminal."""
+    return str(value).translate(_CONTROLS)
+
+
+def json_for_terminal(text: str) -> str:
+    """JSON text (from ``json.dumps(..., ensure_ascii=False)``) with DEL and the C1 controls escaped as well: still
+    JSON that reads back to the same document."""
+    return text.translate(_JSON_CONTROLS)
 
 
 class Secret:

@@ -49,6 +49,7 @@ from gateway.client._sessions import origin_of
 from gateway.client._spend import SpendControls
 from gateway.client._tokens import FileTokenStore
 from gateway.money import format_usd, parse_usd
+from gateway.secrets import json_for_terminal, terminal_text
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PAYMENT", "EXIT_USAGE", "run_client_command"]
 
@@ -180,7 +181,7 @@ def _run(command: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
 def _report(args: argparse.Namespace, exc: X402ClientError, code: int, job: Job | None = None) -> int:
     label = {EXIT_PAYMENT: "payment refused", EXIT_USAGE: "error"}.get(code, "failed")
     status = f" (HTTP {exc.status})" if exc.status else ""
-    print(f"x402-gateway: {label}{status}: [{shown(exc.reason)}] {shown(exc.message)}", file=sys.stderr)
+    print(f"x402-gateway: {label}{status}: [{terminal_text(exc.reason)}] {terminal_text(exc.message)}", file=sys.stderr)
     if args.json:
         doc: dict[str, Any] = {"error": exc.reason, "message": exc.message, "status": exc.status, "jobId": exc.job_id}
         if job is not None:
@@ -193,23 +194,9 @@ def _report(args: argparse.Namespace, exc: X402ClientError, code: int, job: Job 
 
 # ---------------------------------------------------------------------------------------------------- output
 
-# Control characters a server's text may carry (ESC starts terminal commands, CR overwrites a line, U+009B is a
-# one-character ESC [): shown as escapes, never obeyed by the terminal. Newline and tab stay.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
-
-
-# In JSON the C0 controls are escaped already (json.dumps); DEL and the C1 controls are not, with ensure_ascii=False.
-_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
-
-
-def shown(value: object) -> str:
-    """``value`` as text for a terminal: a job's answer, a server's message or id, with its control characters
-    escaped (the human-readable output only; ``--json`` output is JSON, which escapes them itself)."""
-    return str(value).translate(_CONTROLS)
-
 
 def _print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2, default=str, ensure_ascii=False).translate(_JSON_CONTROLS))
+    print(json_for_terminal(json.dumps(doc, indent=2, default=str, ensure_ascii=False)))
 
 
 def _payment_doc(sub: SubmitResult | None) -> dict[str, Any] | None:
@@ -227,21 +214,21 @@ def _job_doc(job: Job) -> dict[str, Any]:
 
 
 def _print_job(job: Job, out: TextIO) -> None:
-    print(f"job:      {shown(job.job_id)}", file=out)
-    print(f"status:   {shown(job.status)}", file=out)
+    print(f"job:      {terminal_text(job.job_id)}", file=out)
+    print(f"status:   {terminal_text(job.status)}", file=out)
     if job.prompt:
-        print(f"prompt:   {shown(job.prompt)}", file=out)
+        print(f"prompt:   {terminal_text(job.prompt)}", file=out)
     for update in job.status_updates:
-        print(f"update:   {shown(update.message)}", file=out)
+        print(f"update:   {terminal_text(update.message)}", file=out)
     if job.error:
-        print(f"error:    {shown(job.error)}", file=out)
+        print(f"error:    {terminal_text(job.error)}", file=out)
     if job.response is not None:
-        print(f"response: {shown(job.response)}", file=out)
+        print(f"response: {terminal_text(job.response)}", file=out)
     if job.rich_data:
         print("rich data:", file=out)
-        print(shown(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)), file=out)
+        print(terminal_text(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)), file=out)
     if job.submission is not None and job.submission.tx_hash:
-        print(f"tx:       {shown(job.submission.tx_hash)} ({shown(job.submission.network)})", file=out)
+        print(f"tx:       {terminal_text(job.submission.tx_hash)} ({terminal_text(job.submission.network)})", file=out)
 
 
 class Progress:
@@ -275,10 +262,10 @@ class Progress:
         self.stream.flush()
 
     def on_update(self, update: StatusUpdate) -> None:
-        self.line(f"update: {shown(update.message)}")
+        self.line(f"update: {terminal_text(update.message)}")
 
     def on_poll(self, job: Job) -> None:
-        self.status = shown(job.status)
+        self.status = terminal_text(job.status)
         if not self.tty and job.status != self._shown_status:
             self.line(f"status: {self.status}")
         self._shown_status = job.status
@@ -334,18 +321,18 @@ async def cmd_prompt(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({**submitted.raw, "payment": _payment_doc(submitted)})
         else:
-            print(shown(submitted.job_id))
+            print(terminal_text(submitted.job_id))
         return EXIT_OK
     if args.json:
         _print_json(_job_doc(job))
         return EXIT_OK
     # The answer as the server gave it when it goes to a file or a pipe; on a terminal, never a command to it.
-    print(shown(job.response or "") if sys.stdout.isatty() else job.response or "")
+    print(terminal_text(job.response or "") if sys.stdout.isatty() else job.response or "")
     if job.rich_data:
         print("rich data:")
-        print(shown(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)))
+        print(terminal_text(json.dumps(list(job.rich_data), indent=2, ensure_ascii=False)))
     if submitted.tx_hash:
-        print(f"tx: {shown(submitted.tx_hash)} ({shown(submitted.network)})")
+        print(f"tx: {terminal_text(submitted.tx_hash)} ({terminal_text(submitted.network)})")
     return EXIT_OK
 
 
@@ -365,7 +352,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(_job_doc(job))
     else:
-        print(f"{shown(job.job_id)}: {shown(job.status)}")
+        print(f"{terminal_text(job.job_id)}: {terminal_text(job.status)}")
     return EXIT_OK
 
 
@@ -378,7 +365,7 @@ async def cmd_jobs(args: argparse.Namespace) -> int:
     for job in listed.jobs:
         created = job.created_at.isoformat(timespec="seconds") if job.created_at else "-"
         prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "..."
-        print(f"{shown(job.job_id)}  {shown(job.status):<10}  {created}  {shown(prompt)}")
+        print(f"{terminal_text(job.job_id)}  {terminal_text(job.status):<10}  {created}  {terminal_text(prompt)}")
     print(f"{listed.filtered} of {listed.total} job(s)", file=sys.stderr)
     return EXIT_OK
 
@@ -420,9 +407,10 @@ async def _session_client(args: argparse.Namespace) -> AsyncIterator[AsyncX402Cl
 
 
 def _channel_line(ch: SessionChannel) -> str:
+    where = "  ".join(terminal_text(v) for v in (ch.channel_id, ch.origin, ch.network))
     return (
-        f"{shown(ch.channel_id)}  {shown(ch.origin)}  {shown(ch.network)}  balance ${format_usd(ch.balance)}  "
-        f"charged ${format_usd(ch.charged)}  remaining ${format_usd(ch.remaining)}"
+        f"{where}  balance ${format_usd(ch.balance)}  charged ${format_usd(ch.charged)}  "
+        f"remaining ${format_usd(ch.remaining)}"
     )
 
 

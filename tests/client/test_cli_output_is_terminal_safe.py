@@ -12,8 +12,10 @@ import re
 import pytest
 
 from gateway.client import ApiError
-from gateway.client._commands import _print_job, _print_json, _report, shown
+from gateway.client._commands import _print_job, _print_json, _report
 from gateway.client._models import Job, StatusUpdate
+from gateway.http.admin.commands import _table
+from gateway.secrets import terminal_text
 
 HOSTILE = "done\x1b]0;pwned\x07\x1b[2J\rfake ok\x9b31m\x7f"
 OBEYED = re.compile("[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # every control character but newline and tab
@@ -56,4 +58,11 @@ def test_json_output_escapes_every_control_character_and_reads_back_the_same(
 
 
 def test_plain_text_is_shown_unchanged() -> None:
-    assert shown("job_1: completed — 3 tokens\n\tok") == "job_1: completed — 3 tokens\n\tok"
+    assert terminal_text("job_1: completed — 3 tokens\n\tok") == "job_1: completed — 3 tokens\n\tok"
+
+
+def test_the_operators_tables_show_what_clients_sent_as_text() -> None:
+    out = io.StringIO()
+    _table(out, ["route", "job"], [("POST /agent/prompt", "job\x1b]8;;http://evil\x07click\x1b]8;;\x07"), ("x", None)])
+    assert not OBEYED.search(out.getvalue()), repr(out.getvalue())
+    assert "job\\x1b]8;;http://evil\\x07click" in out.getvalue()

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from gateway.secrets import terminal_text
 from gateway.x402 import reasons
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class _Refused(Exception):
         self.body = body
         reason = body.get("error") if isinstance(body, dict) else None
         message = body.get("message") if isinstance(body, dict) else None
-        super().__init__(f"{status} {reason or 'error'}: {message or body}")
+        super().__init__(terminal_text(f"{status} {reason or 'error'}: {message or body}"))
         self.reason = reason
 
 
@@ -234,7 +235,8 @@ def _export(client: httpx.Client, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _table(out: TextIO, head: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[int] = ()) -> None:
-    cells = [[str(c) for c in head], *[["" if c is None else str(c) for c in row] for row in rows]]
+    # Cells hold what clients and servers sent (routes, job ids, deny notes): text, never commands to the terminal.
+    cells = [[str(c) for c in head], *[["" if c is None else terminal_text(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     for row in cells:
         parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
