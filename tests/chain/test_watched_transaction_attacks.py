@@ -6,9 +6,11 @@ Each test runs against a private anvil chain it may reorganise (``anvil_reorg``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -137,6 +139,25 @@ class _WrongSender:
         await send({"type": "http.response.body", "body": content})
 
 
+@contextlib.asynccontextmanager
+async def _tracker_behind(rig: Rig, hop: _WrongSender, lost: list[str]) -> AsyncIterator[FinalityTracker]:
+    """A tracker (with a relayer of its own) whose RPC goes through ``hop``; the keys it counts lost go to ``lost``."""
+    relayer = Relayer(rig.rpc, Secret(rig.key))
+    with serve_asgi(hop) as url:
+        async with aiohttp.ClientSession() as session:
+            rpc = ChainRpc("base", rig.chain.chain_id, [Secret(url)])
+            await rpc.start(session)
+            tracker = FinalityTracker(
+                "base", rpc, relayer, lambda: relayer, rig.journal, finality="depth", depth=3, interval=0.1,
+                on_lost=[lambda network, key: lost.append(key)],
+            )  # fmt: skip
+            try:
+                yield tracker
+            finally:
+                await tracker.aclose()
+                await relayer.aclose()
+
+
 async def test_a_node_that_names_another_sender_cannot_get_a_dropped_transfer_written_off(rig: Rig) -> None:
     """Whose account nonce decides that a dropped transfer can never be mined was the node's ``from``: nothing binds
     it to the transaction's hash. A node naming an account whose nonce is already past the transfer's had the
@@ -148,29 +169,17 @@ async def test_a_node_that_names_another_sender_cannot_get_a_dropped_transfer_wr
     transfer = str(send_transaction(rig.chain.anvil, key_of(payer), rig.chain.usdc, data)["transactionHash"]).lower()
     busy = Account.create().address.lower()
     rig.chain.rpc("anvil_setNonce", [busy, "0x64"])  # well past the payer's
-    relayer = Relayer(rig.rpc, Secret(rig.key))
     lost: list[str] = []
-    with serve_asgi(_WrongSender(rig.chain.url, sender=busy)) as url:
-        async with aiohttp.ClientSession() as session:
-            rpc = ChainRpc("base", rig.chain.chain_id, [Secret(url)])
-            await rpc.start(session)
-            tracker = FinalityTracker(
-                "base", rpc, relayer, lambda: relayer, rig.journal, finality="depth", depth=3, interval=0.1,
-                on_lost=[lambda network, key: lost.append(key)],
-            )  # fmt: skip
-            try:
-                what = Watched(payer.address.lower(), pay_to, PRICE)
-                tracker.watch("transfer", f"tx:{rig.chain.chain_id}:{transfer}:0", rig.chain.usdc, transfer, what)
-                await passes(tracker, 1)
-                [entry] = await rig.journal.pending("base", limit=10)
-                watched = Watched.decode(entry.calldata)
-                assert watched is not None and watched.sender == payer.address.lower(), "the node's word was kept"
-                rig.chain.rpc("anvil_reorg", [1, []])
-                await passes(tracker, tracker.missing_passes + 1)
-                assert lost == [] and tracker.sent_again == 1
-            finally:
-                await tracker.aclose()
-                await relayer.aclose()
+    async with _tracker_behind(rig, _WrongSender(rig.chain.url, sender=busy), lost) as tracker:
+        what = Watched(payer.address.lower(), pay_to, PRICE)
+        tracker.watch("transfer", f"tx:{rig.chain.chain_id}:{transfer}:0", rig.chain.usdc, transfer, what)
+        await passes(tracker, 1)
+        [entry] = await rig.journal.pending("base", limit=10)
+        watched = Watched.decode(entry.calldata)
+        assert watched is not None and watched.sender == payer.address.lower(), "the node's word was kept"
+        rig.chain.rpc("anvil_reorg", [1, []])
+        await passes(tracker, tracker.missing_passes + 1)
+        assert lost == [] and tracker.sent_again == 1
 
 
 def test_a_transactions_sender_is_recovered_from_its_signature_for_every_type_it_rebuilds(rig: Rig) -> None:
@@ -239,28 +248,16 @@ async def test_a_refused_broadcast_is_not_taken_for_one_already_pending(rig: Rig
     pay_to = Account.create().address.lower()
     data = TRANSFER_SELECTOR + abi_encode(["address", "uint256"], [pay_to, PRICE])
     transfer = str(send_transaction(rig.chain.anvil, key_of(payer), rig.chain.usdc, data)["transactionHash"]).lower()
-    relayer = Relayer(rig.rpc, Secret(rig.key))
     lost: list[str] = []
-    with serve_asgi(_WrongSender(rig.chain.url, refusal="unknown transaction type")) as url:
-        async with aiohttp.ClientSession() as session:
-            rpc = ChainRpc("base", rig.chain.chain_id, [Secret(url)])
-            await rpc.start(session)
-            tracker = FinalityTracker(
-                "base", rpc, relayer, lambda: relayer, rig.journal, finality="depth", depth=3, interval=0.1,
-                on_lost=[lambda network, key: lost.append(key)],
-            )  # fmt: skip
-            tracker.watch_bound = 600
-            try:
-                what = Watched(payer.address.lower(), pay_to, PRICE)
-                tracker.watch("transfer", f"tx:{rig.chain.chain_id}:{transfer}:0", rig.chain.usdc, transfer, what)
-                await passes(tracker, 1)
-                rig.chain.rpc("anvil_reorg", [1, []])
-                await passes(tracker, tracker.missing_passes + 1)
-                assert tracker.sent_again == 0, "a refused broadcast counted as sent again"
-                rig.chain.rpc("evm_increaseTime", [tracker.watch_bound + 60])
-                rig.chain.rpc("evm_mine", [])
-                await passes(tracker, tracker.missing_passes + 1)
-                assert len(lost) == 1, "never counted lost: every pass took the refusal for a pending transaction"
-            finally:
-                await tracker.aclose()
-                await relayer.aclose()
+    async with _tracker_behind(rig, _WrongSender(rig.chain.url, refusal="unknown transaction type"), lost) as tracker:
+        tracker.watch_bound = 600
+        what = Watched(payer.address.lower(), pay_to, PRICE)
+        tracker.watch("transfer", f"tx:{rig.chain.chain_id}:{transfer}:0", rig.chain.usdc, transfer, what)
+        await passes(tracker, 1)
+        rig.chain.rpc("anvil_reorg", [1, []])
+        await passes(tracker, tracker.missing_passes + 1)
+        assert tracker.sent_again == 0, "a refused broadcast counted as sent again"
+        rig.chain.rpc("evm_increaseTime", [tracker.watch_bound + 60])
+        rig.chain.rpc("evm_mine", [])
+        await passes(tracker, tracker.missing_passes + 1)
+        assert len(lost) == 1, "never counted lost: every pass took the refusal for a pending transaction"
