@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.errors import ChainUnavailable
+from gateway.tasks import stop
 
 
 class ReceiptWatcher:
@@ -151,7 +152,4 @@ class ReceiptWatcher:
             await asyncio.sleep(rest)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop(self._task)
