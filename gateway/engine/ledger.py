@@ -126,7 +126,10 @@ class Ledger:
         if not cfg.enabled:
             return None
         url = (cfg.store_url or config.store.url).reveal()
-        return cls(open_ledger_store(url, config_key="ledger.store_url" if cfg.store_url else "store.url"), cfg)
+        key = "ledger.store_url" if cfg.store_url else "store.url"
+        # In the receipt store's storage, the payments' own synced writes make the entries durable.
+        shared = url == config.store.url.reveal()
+        return cls(open_ledger_store(url, config_key=key, synced_by_payments=shared), cfg)
 
     def __repr__(self) -> str:
         return f"Ledger(store={self.store!r})"

@@ -19,7 +19,8 @@ Why each rule exists:
   cumulative checksums, so recovery after an OS crash keeps the commits up to some point, in order; and the next
   commit with fsync, from any connection to the file, flushes every frame before its own. So a write without fsync
   can be lost only together with every later commit that was not synced either, never from under a durable one
-  that followed it. The one such call today is a session channel's lock (docs/sessions.md, "Durability").
+  that followed it. Two such calls today: a session channel's lock (docs/sessions.md, "Durability") and a ledger
+  entry in the receipt store's file (docs/operating.md, "Ledger").
 * Every write is one ``BEGIN IMMEDIATE`` transaction, which takes the write lock *before* the row is read, so two
   processes (or two store objects in one process) cannot interleave a compare-and-set.
 * One write transaction at a time per file in this process: the stores of one gateway share the file, each with a

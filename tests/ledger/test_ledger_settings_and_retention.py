@@ -44,6 +44,47 @@ def test_the_ledger_is_on_by_default_on_the_receipt_store(tmp_path: Path) -> Non
     assert repr(ledger.store) == f"SQLiteLedgerStore(path={str(tmp_path / 'x.db')!r})"
 
 
+def _synchronous_after_a_record(store: SQLiteLedgerStore) -> int:
+    """SQLite's ``synchronous`` on the store's writer right after an entry's commit: 2 (FULL) is an fsync per
+    commit, 1 (NORMAL) none."""
+
+    async def go() -> int:
+        try:
+            entry = LedgerEntry(
+                key="exact:1:a:b:1", at=time.time(), route="POST /a", method="POST", resource="http://x/a",
+                amount=1, network="base", asset="0x" + "22" * 20, payer="0x" + "33" * 20, pay_to="0x" + "11" * 20,
+                kind="exact", tx_hash="", block=None, request_id="r", job_id="", upstream_status=200,
+            )  # fmt: skip
+            assert await store.record(entry)
+            db = store._db  # the writer's own connection is what commits the entry
+            row = await db.run(lambda: db.connection().execute("PRAGMA synchronous").fetchone())
+            return int(row[0])
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_ledger_entries_in_the_receipt_stores_file_are_synced_by_payments_and_elsewhere_each_one(
+    tmp_path: Path,
+) -> None:
+    """docs/operating.md ("Ledger"): in the receipt store's file the next payment's synced commit makes an entry
+    durable, so the entry's own commit skips the fsync; a ledger file of its own has no such payments and syncs
+    every entry."""
+    shared = Ledger.from_config(parse_config(doc(store={"url": "sqlite:///x.db"}), env=ENV, base_dir=tmp_path))
+    assert shared is not None and isinstance(shared.store, SQLiteLedgerStore)
+    assert _synchronous_after_a_record(shared.store) == 1
+    own = Ledger.from_config(
+        parse_config(
+            doc(store={"url": "sqlite:///x.db"}, ledger={"store_url": "sqlite:///ledger.db"}),
+            env=ENV,
+            base_dir=tmp_path,
+        )
+    )
+    assert own is not None and isinstance(own.store, SQLiteLedgerStore)
+    assert _synchronous_after_a_record(own.store) == 2
+
+
 def test_the_ledger_can_live_elsewhere_and_its_password_is_never_shown(tmp_path: Path) -> None:
     url = "redis://:hunter2hunter2@127.0.0.1:6390/3"
     c = parse_config(doc(ledger={"store_url": url, "retention_days": 0}), env=ENV, base_dir=tmp_path)

@@ -28,14 +28,17 @@ __all__ = [
 ]
 
 
-def ledger_store_on(backend: Backend) -> LedgerStore:
-    """A ledger store (its own connection) on ``backend``."""
+def ledger_store_on(backend: Backend, *, synced_by_payments: bool = False) -> LedgerStore:
+    """A ledger store (its own connection) on ``backend``. ``synced_by_payments``: the backend is the receipt
+    store's, whose synced payment writes make a SQLite entry durable (:class:`SQLiteLedgerStore`)."""
     if isinstance(backend, SqliteBackend):
-        return SQLiteLedgerStore(backend.path)
+        return SQLiteLedgerStore(backend.path, synced_by_payments=synced_by_payments)
     return RedisLedgerStore(backend.url)
 
 
-def open_ledger_store(url: str, *, config_key: str = "ledger.store_url") -> LedgerStore:
+def open_ledger_store(
+    url: str, *, config_key: str = "ledger.store_url", synced_by_payments: bool = False
+) -> LedgerStore:
     """The ledger on the storage named by ``url``; ``ConfigError(config_key, ...)`` otherwise. Nothing is
     connected here: ``await store.ping()`` at start-up fails fast."""
-    return ledger_store_on(open_backend(url, config_key=config_key))
+    return ledger_store_on(open_backend(url, config_key=config_key), synced_by_payments=synced_by_payments)

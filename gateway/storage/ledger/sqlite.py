@@ -1,7 +1,11 @@
 """The embedded ledger: table ``ledger`` in the receipt store's SQLite file.
 
 Writes (record, purge) go through one worker thread, each one ``BEGIN IMMEDIATE`` transaction, concurrent records
-grouped into one commit (see :mod:`gateway.storage.sqlite_file`). Queries run on a second connection with a
+grouped into one commit (see :mod:`gateway.storage.sqlite_file`). In the receipt store's own file (the default) an
+entry is committed without fsync (``synced_by_payments``): the next payment's own commit, which is synced, makes it
+durable, so an OS crash can cost only the entries written since the last payment, as a killed process can
+(docs/operating.md, "Ledger"); an fsync per entry held the file's write lock for the next request's payment. In a
+file of its own every entry is synced. Queries run on a second connection with a
 worker thread of its own: a WAL reader never waits for the writer, and a long query (revenue over a year) never
 holds up the record of a request being served.
 
@@ -192,8 +196,9 @@ class _Queries:
 class SQLiteLedgerStore:
     """:class:`gateway.storage.ledger.LedgerStore` on one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT, synced_by_payments: bool = False) -> None:
         schema = (_SCHEMA, *_INDEXES, _LOST_SCHEMA)
+        self.synced_by_payments = synced_by_payments
         self._db = SQLiteFile(
             path, schema=schema, busy_timeout=busy_timeout, what="ledger", thread="x402-ledger-sqlite"
         )
@@ -280,7 +285,7 @@ class SQLiteLedgerStore:
             "upstream_status": e.upstream_status,
             "refund_of": e.refund_of,
         }
-        return await self._db.run(self._record, params)
+        return await self._db.run(self._record, params, durable=not self.synced_by_payments)
 
     async def get(self, key: str) -> LedgerEntry | None:
         return await self._queries.run(self._get, key)
