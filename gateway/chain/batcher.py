@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from gateway.chain import abi
 from gateway.chain.relayer import Relayer
 from gateway.errors import ServiceUnavailable, SettlementFailed
+from gateway.tasks import stop
 from gateway.x402 import reasons
 
 
@@ -179,10 +179,7 @@ class SettlementBatcher:
 
     async def aclose(self) -> None:
         """Stop; settlements not yet in a transaction fail as unavailable (nothing was signed for them)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._flusher
+        await stop(self._flusher)
         while self._queue:
             item = self._queue.popleft()
             if not item.done.done():

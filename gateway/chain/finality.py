@@ -68,6 +68,7 @@ from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.chain.transactions import signed_by
 from gateway.chain.watched import MAX_RAW, Watched, pays
 from gateway.errors import ChainUnavailable, GatewayError, SettlementFailed, StoreUnavailable
+from gateway.tasks import stop_all
 
 log = logging.getLogger("gateway.settle")
 
@@ -321,12 +322,7 @@ class FinalityTracker:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, last_pass + self.interval - loop.time()))
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._task, *self._busy.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_all((self._task, *self._busy.values()))
         if self._inbox:
             # Shutting down right after serving: write what is still in memory, once, briefly.
             with contextlib.suppress(Exception):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -29,6 +28,7 @@ from gateway.chain.rpc import ChainRpc, RpcError, hex_int
 from gateway.chain.transactions import sign_eip1559
 from gateway.config import Secret
 from gateway.errors import ChainUnavailable, ServiceUnavailable, SettlementFailed
+from gateway.tasks import stop_all
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.settle")
@@ -426,10 +426,6 @@ class Relayer(NonceKeeper):
     async def aclose(self) -> None:
         for call in list(self._late):
             call.cancel()
-        for task in (self._keeper, self._sender):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_all((self._keeper, self._sender))
         while self._queue:  # recorded but maybe never sent: their claims are reconciled by hash
             self._queue.popleft().resolve("unknown")

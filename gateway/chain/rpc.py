@@ -43,6 +43,7 @@ import aiohttp
 from gateway.chain.endpoints import Endpoint, hedgeable, hedged, ranked
 from gateway.config import Secret
 from gateway.errors import ChainUnavailable
+from gateway.tasks import stop_all
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.chain")
@@ -109,9 +110,7 @@ class ChainRpc:
     async def aclose(self) -> None:
         """Stop the probes in flight (calls in flight belong to their callers)."""
         probes, self._probes = self._probes, set()
-        for task in probes:
-            task.cancel()
-        await asyncio.gather(*probes, return_exceptions=True)
+        await stop_all(probes)
 
     # -- endpoints ------------------------------------------------------------------------------------------------
 
@@ -132,9 +131,7 @@ class ChainRpc:
                 if grace_end is None and any(task.result() for task in done):
                     grace_end = loop.time() + max(1.0, loop.time() - started)
         finally:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await stop_all(pending)
         if any(ep.state == "ok" for ep in self._endpoints):
             for ep in self._endpoints:
                 if ep.state == "unverified":

@@ -14,7 +14,6 @@ whose lease has lapsed and whose claim another request took over changes nothing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError, StoreUnavailable
+from gateway.tasks import stop
 
 log = logging.getLogger("gateway.deferred")
 
@@ -120,10 +120,7 @@ class DeferredOutcomes:
         """Stop retrying. What is still pending lapses with its lease, as it would have without this."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         self._pending.clear()
 
 

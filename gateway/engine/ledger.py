@@ -35,7 +35,7 @@ from gateway.schemes.exact.scheme import ExactAttempt
 from gateway.schemes.txhash.scheme import TxAttempt
 from gateway.storage.ledger import LedgerEntry, LedgerStore, open_ledger_store
 from gateway.storage.ledger.contract import DAY, REFUND_PREFIX, Kind
-from gateway.tasks import stop
+from gateway.tasks import stop, stop_all
 
 __all__ = ["BACKLOG", "RETRY_SECONDS", "Ledger", "LedgerStats", "LostSettlements", "served_entry"]
 
@@ -338,7 +338,5 @@ class LostSettlements:
             await asyncio.wait([task for _, task in pending], timeout=2.0)  # a last chance for a slow write
         for key, task in pending:
             if not task.done():
-                task.cancel()
                 log.error("a lost settlement was not marked in the ledger before shutdown", extra={"key": key})
-        if pending:
-            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        await stop_all(task for _, task in pending)

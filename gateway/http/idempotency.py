@@ -50,7 +50,6 @@ access log) do not see them; they are logged here at INFO.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -69,6 +68,7 @@ from gateway.storage.idempotency import (
     StoredResponse,
     open_idempotency_store,
 )
+from gateway.tasks import stop
 from gateway.x402 import reasons
 
 log = logging.getLogger("gateway.idempotency")
@@ -362,9 +362,7 @@ class IdempotencyLayer:
             await self._quietly(self.store.abandon(rkey, owner))
             raise
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+            await stop(watcher)
         answer = capture.response()
         if answer is None:
             await self._quietly(self.store.abandon(rkey, owner))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.tasks import stop
+from gateway.tasks import stop, stop_all
 
 
 async def test_a_loop_that_swallows_its_cancellation_is_stopped_all_the_same() -> None:
@@ -59,3 +59,23 @@ async def test_an_ended_task_or_none_is_a_no_op_and_its_error_is_retrieved() -> 
     await stop(task)
     await stop(None)
     assert task.done()
+
+
+async def test_several_loops_are_stopped_together_swallowed_cancellations_and_errors_included() -> None:
+    async def swallows() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+
+    async def sleeps() -> None:
+        await asyncio.sleep(3600)
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    tasks = [asyncio.create_task(f()) for f in (swallows, sleeps, fails)]
+    await asyncio.sleep(0.01)
+    await stop_all([*tasks, None], timeout=5.0)
+    assert all(t.done() for t in tasks)
+    assert tasks[1].cancelled() and isinstance(tasks[2].exception(), RuntimeError)
