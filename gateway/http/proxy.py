@@ -18,9 +18,14 @@ gateway's public URL (or to a path), and a redirect that named it loses its body
 The rules for what is forwarded (headers, target, answer URLs) live in :mod:`gateway.http.forwarding`.
 
 Failure after ``http.response.start`` raises :class:`UpstreamAborted` so the server closes the connection and the
-client sees a truncated body, never a second response. A client that disconnects aborts the upstream request
-and ``__call__`` returns without (further) sending, unless the request is paid and the upstream has all of it:
-that exchange completes (the server drops the answer) and its payment is spent (docs/threat-model.md T11).
+client sees a truncated body, never a second response. A failure already known when the head arrives (the answer
+garbled or cut short in the same read) is a 502 instead; and a paid answer that declares a length up to
+:data:`WHOLE_BEFORE_START` is read whole first, so the upstream cutting it short is a 502 that the payment layer
+never settles (it settles on the status line, docs/threat-model.md T11).
+
+A client that disconnects aborts the upstream request and ``__call__`` returns without (further) sending, unless
+the request is paid and the upstream has all of it: that exchange runs until its status line is relayed (the server
+drops it) and its payment is spent (docs/threat-model.md T11); the rest of its body is not read.
 """
 
 from __future__ import annotations
@@ -46,7 +51,15 @@ from gateway.errors import (
 )
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
 from gateway.http.forwarding import CREDENTIALS_KEY, Forwarding, upstream_path
-from gateway.http.upstream import ClientBusy, ConnectFailed, Lease, ReadTimeout, UpstreamError, UpstreamPool
+from gateway.http.upstream import (
+    ClientBusy,
+    ConnectFailed,
+    Lease,
+    ReadTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from gateway.x402 import reasons
 
 # Library defaults are the configuration's defaults, written once (gateway/config/).
@@ -60,6 +73,11 @@ WATCH_AFTER = 0.05  # seconds into an exchange before a client's disconnect is w
 # slowly holds nothing upstream; a larger one streams from here on, under the pool's per-client upload bound
 # (docs/threat-model.md T39).
 PREFETCH_BYTES = 64 * 1024
+# A paid answer that declares a length up to this is read whole before its status line is relayed: the payment
+# layer settles on the status line (docs/threat-model.md T11), so an answer the upstream cuts short must fail before
+# it, as a 502, not after it as a truncated body that was charged. As much as a connection buffers anyway before it
+# pauses reading (gateway/http/upstream/connection.py), so it costs no memory an answer could not take already.
+WHOLE_BEFORE_START = 1 << 20
 
 
 class UpstreamAborted(RuntimeError):
@@ -297,6 +315,9 @@ class UpstreamProxy:
                 lease.uploading = not whole
             resp = await self._pool.request(method, target, headers, body, content_length=length, lease=lease)
             try:
+                held = await _whole_body(resp) if lease.paid and method != "HEAD" else None
+                if resp.error is not None:  # already known to be cut short or garbled: a 502, not a truncated answer
+                    raise resp.error
                 out, rewritten = self._forwarding.response_headers(resp.headers)
                 # A redirect's body is a note repeating its Location (Express: "Redirecting to http://..."): when
                 # that named the upstream's origin, the note goes too, so the origin is not shown there instead.
@@ -309,10 +330,18 @@ class UpstreamProxy:
                     out = [(k, v) for k, v in out if k not in (b"content-length", b"transfer-encoding")]
                 state.started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
-                chunk = b"" if method == "HEAD" else await resp.next_chunk()
-                while not (method == "HEAD" or resp.at_eof):
+                streams = method != "HEAD" and held is None
+                chunk = held or b""
+                if streams:
+                    chunk = await resp.next_chunk()
+                while streams and not resp.at_eof:
                     if not silent:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if state.disconnected:
+                        # A paid request the client left runs on only until its status line is relayed (and its
+                        # payment settled on it, docs/threat-model.md T11): the rest of the answer is for no one,
+                        # and an endless stream would hold its upstream connection for ever.
+                        return
                     chunk = await resp.next_chunk()
                 if silent:
                     chunk = b""
@@ -428,6 +457,18 @@ def client_key(address: str) -> str:
 # client address -> client_key(address): parsing and formatting an address costs more than the rest of the lease
 _CLIENT_KEYS: dict[str, str] = {}
 _CLIENT_KEYS_KEPT = 4096
+
+
+async def _whole_body(resp: UpstreamResponse) -> bytes | None:
+    """The whole body of an answer that declares a length up to :data:`WHOLE_BEFORE_START` (raises the upstream
+    client's error if it is cut short); None for any other answer, which streams."""
+    declared = next((v for k, v in resp.headers if k.lower() == b"content-length"), None)
+    if declared is None or int(declared) > WHOLE_BEFORE_START:  # llhttp took it: one field, digits only
+        return None
+    parts: list[bytes] = []
+    while not resp.at_eof:
+        parts.append(await resp.next_chunk())
+    return b"".join(parts)
 
 
 async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool]:

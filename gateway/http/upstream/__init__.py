@@ -21,12 +21,15 @@ What it does, and the rules it keeps:
   length goes ``Transfer-Encoding: chunked``; a body-less POST/PUT/PATCH says ``content-length: 0``. The head and
   the first body chunk leave in one write.
 * Response framing is llhttp's (Content-Length, chunked, or until close); a HEAD answer has no body whatever it
-  declares; 1xx interim answers are skipped; an upgrade (101) is refused. A connection goes back to the pool only
-  after a complete answer the server did not mark ``Connection: close``, and never after a HEAD answer or a 204 or
-  304 that declares a body (the upstream may write that body all the same: it would answer the next request,
-  docs/threat-model.md T14); anything else closes it.
-* Read timeout: ``read_timeout`` without a byte from the upstream while we wait for one (time spent with reading
-  paused because the client is slow to take the body does not count). Reading pauses above 1 MiB buffered.
+  declares; 1xx interim answers are skipped; an upgrade (101), a status outside 200-599 and a transfer coding
+  besides ``chunked`` are refused; trailer fields are dropped (never merged into the headers). A connection goes
+  back to the pool only after a complete answer the server did not mark ``Connection: close``, and never after a
+  HEAD answer or a 204 or 304 that declares a body (the upstream may write that body all the same: it would answer
+  the next request, docs/threat-model.md T14); anything else closes it.
+* Read timeout: the final head must arrive within ``read_timeout`` of the request's last byte (interim answers and
+  a trickled head do not extend it) and within 1 MiB; then the body may not go ``read_timeout`` without a byte
+  while we wait for one (time spent with reading paused because the client is slow to take the body does not
+  count). Reading pauses above 1 MiB buffered.
 * Errors are :class:`UpstreamError` subclasses whose messages never name the origin.
 
 The package: ``errors`` (the exception tree the proxy maps to its own), ``framing`` (the request head, checked

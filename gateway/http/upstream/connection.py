@@ -1,13 +1,14 @@
 """One upstream connection as an asyncio protocol, with the ``httptools`` (llhttp) parser, and the answer it hands out.
 
 One exchange at a time, each with a parser of its own. The rules kept here: a HEAD answer has no body whatever it
-declares; 1xx interim answers are skipped; an upgrade (101) is refused; an answer without length ends at a clean
-close, while a reset or a close before the declared end is a truncation. The connection is reusable only after a
-complete answer the server did not mark ``Connection: close``, to a request that was sent whole; an upstream
-talking out of turn (bytes nobody asked for, a second answer) is never trusted with the next request, nor is one
-that may still send a body it declared where HTTP has none (a HEAD answer; a 204 or 304 with a length). Reading
-pauses above ``_HIGH_WATER`` buffered bytes, and the read timeout does not run while it is paused (the client is
-slow, not the upstream).
+declares; 1xx interim answers are skipped; an upgrade (101), a status outside 200-599 and a transfer coding besides
+chunked are refused; trailer fields are dropped; an answer without length ends at a clean close, while a reset or a
+close before the declared end is a truncation. The final head must arrive within the read timeout of the request's
+last byte and within ``_HIGH_WATER`` bytes. The connection is reusable only after a complete answer the server did
+not mark ``Connection: close``, to a request that was sent whole; an upstream talking out of turn (bytes nobody
+asked for, a second answer) is never trusted with the next request, nor is one that may still send a body it declared
+where HTTP has none (a HEAD answer; a 204 or 304 with a length). Reading pauses above ``_HIGH_WATER`` buffered bytes,
+and the read timeout does not run while it is paused (the client is slow, not the upstream).
 
 A complete answer no longer needs its connection: its buffered body moves to the :class:`UpstreamResponse` and the
 connection goes back to the pool at once, so a client slow to read an answer of up to ``_HIGH_WATER`` bytes holds
@@ -32,6 +33,15 @@ __all__ = ["Connection", "UpstreamResponse"]
 
 _HIGH_WATER = 1 << 20  # buffered answer bytes above which reading pauses
 _LOW_WATER = 1 << 18
+
+
+def _transfer_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The transfer codings the answer's ``Transfer-Encoding`` fields list, in order, lowercase."""
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            codings += [token.strip().lower() for token in value.split(b",") if token.strip()]
+    return codings
 
 
 def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -61,6 +71,11 @@ class UpstreamResponse:
             return not self._rest
         conn = self._conn
         return conn.complete and not conn.chunks
+
+    @property
+    def error(self) -> UpstreamError | None:
+        """Why the answer already failed (cut short, not valid HTTP), with body chunks still to hand out maybe."""
+        return self._conn.error if self._rest is None else None
 
     async def next_chunk(self) -> bytes:
         """The next piece of the body; ``b""`` once it is all read. Raises ``ProtocolFailure``/``ReadTimeout``."""
@@ -102,6 +117,7 @@ class Connection(asyncio.Protocol):
         self.sending = False  # the request (head or body) is still being written
         self.head_only = False
         self.received = False  # a byte of the answer arrived
+        self.head_bytes = 0  # bytes received before the final answer's head was complete (interim answers too)
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks.clear()
         self.buffered = 0
@@ -137,7 +153,14 @@ class Connection(asyncio.Protocol):
             self.close()  # nothing was asked: an upstream talking out of turn cannot be trusted with the next one
             return
         self.received = True
-        self.last_read = self.loop.time()
+        if self.response is None:
+            # Before the final head, the read timeout runs from the request's last byte, not from each byte that
+            # comes back: an upstream trickling its head, or sending interim answers (102 Processing, 103 Early
+            # Hints) one after another, must still answer within read_timeout, the longest the payment layer
+            # expects the upstream to take (docs/threat-model.md T32). And what it may send before that is bounded.
+            self.head_bytes += len(data)
+        else:
+            self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -145,6 +168,10 @@ class Connection(asyncio.Protocol):
             self.close()
         except httptools.HttpParserError:
             self._fail(ProtocolFailure("the upstream's answer is not valid HTTP/1.1"))
+            self.close()
+            return
+        if self.response is None and self.head_bytes > _HIGH_WATER and self.error is None:
+            self._fail(ProtocolFailure("the upstream's answer head is too large"))
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -166,6 +193,10 @@ class Connection(asyncio.Protocol):
             self.headers = []  # (the answer already handed out keeps its own list)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            # A chunked body's trailer fields (llhttp reports them here too) never become header fields of the
+            # answer that was handed out (RFC 9110 6.5.1): they are dropped, as the request side drops them.
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -179,6 +210,22 @@ class Connection(asyncio.Protocol):
         if self.head is None or self.head.done():
             self.spoiled = True  # a second answer to one request: the connection's framing is not to be trusted
             return
+        if not 200 <= status <= 599:
+            # Outside HTTP's status codes (RFC 9110 15): no server can relay it, and no client could read it.
+            self._fail(ProtocolFailure("the upstream answered with a status code HTTP does not define"))
+            self.close()
+            return
+        if (
+            not self.head_only
+            and status not in (204, 304)
+            and _transfer_codings(self.headers) not in ([], [b"chunked"], [b"identity"])
+        ):
+            # Only chunked is taken off (identity, still sent by some old servers, is no coding at all). Anything
+            # else (gzip, gzip under chunked, chunked twice) would be relayed still coded, without the
+            # Transfer-Encoding that says so (a hop-by-hop field): other bytes than the upstream meant.
+            self._fail(ProtocolFailure("the upstream's answer uses a transfer coding the gateway does not decode"))
+            self.close()
+            return
         # Read now: llhttp forgets the message's framing flags once it is complete. An answer without a body by
         # definition (to a HEAD; a 204 or 304) is complete at its headers, but an upstream may write the body it
         # declared all the same: read on this connection, it would be the next request's answer, another client's
@@ -189,6 +236,7 @@ class Connection(asyncio.Protocol):
             and not (status in (204, 304) and _declares_body(self.headers))
         )
         self.response = UpstreamResponse(self, status, self.headers)
+        self.last_read = self.loop.time()  # from here, the read timeout runs from each byte received
         self.head.set_result(self.response)
         if self.head_only:
             self._message_complete()
