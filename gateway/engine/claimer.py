@@ -6,8 +6,9 @@ Every ``claim_interval`` seconds, per network (docs/sessions.md):
    block ranges the node accepts: such a channel is refreshed from the chain and claimed on this pass, whatever
    its size (the payer can take the unclaimed balance once the delay ends);
 2. pick the channels that are due: more than ``max_unclaimed_per_channel`` owed, owed for longer than
-   ``claim_after``, withdrawing, or all of them when the total owed passes ``max_unclaimed_total``; a channel
-   whose request died after its answer left is folded first (its charge committed);
+   ``claim_after`` (since when, the channel store records: a restart does not start that clock again),
+   withdrawing, or all of them when the total owed passes ``max_unclaimed_total``; a channel whose request died
+   after its answer left is folded first (its charge committed);
 3. claim them with ``claimWithSignature`` (the receiver authorizer signs the batch), as many per transaction as
    fit ``max_claim_gas`` by the measured gas per voucher; a batch whose simulation fails is split and the
    channel that would revert (drained by a withdrawal, say) is dropped, never the whole batch;
@@ -24,7 +25,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from eth_utils.address import to_checksum_address
 
@@ -84,9 +85,10 @@ class Claimer:
         self._last_settle = 0.0
         self._lock = asyncio.Lock()  # one pass at a time (the loop, or an operator's "claim now")
         self._gas_per_voucher = config.claim_gas_per_voucher
-        # When this process first saw each channel owing (the age that ``claim_after`` bounds; a restart starts
-        # the clock again, so a charge waits at most one ``claim_after`` per restart).
+        # When this process first saw each channel owing, for a channel the store gave no such time (the store's
+        # ``owing_since`` is the age that ``claim_after`` bounds: kept across restarts).
         self._owing_since: dict[str, float] = {}
+        self._landed: set[str] = set()  # channels whose claim landed during this pass
         self._stuck: dict[str, tuple[int, float]] = {}  # channel -> (claims that would revert, next try at)
         # network -> how many channels of its last scan could not be claimed then (pausing after a claim that would
         # revert, or owing more than is left in them): the next scan reads that many more, so that such channels,
@@ -197,18 +199,26 @@ class Claimer:
             or ch.withdraw_requested_at > 0
             or ch.unclaimed >= cfg.max_unclaimed_per_channel
             or total >= cfg.max_unclaimed_total
-            or now - self._owing_since.setdefault(ch.channel_id, now) >= cfg.claim_after
+            or now - self._since(ch, now) >= cfg.claim_after
         )
+
+    def _since(self, ch: Channel, now: float) -> float:
+        """Since when ``ch`` has owed: the store's record, else when this process first saw it owing."""
+        if ch.owing_since is not None:
+            return ch.owing_since
+        return self._owing_since.setdefault(ch.channel_id, now)
 
     async def _claim(self, name: str, chain: ChannelChain, now: float, *, everything: bool) -> list[Channel]:
         """Claim what is due on one network; returns the channels still owing afterwards."""
         store = self.sessions.store
         chain_id = chain.rpc.chain_id
+        self._landed.clear()
         owed = await store.unclaimed(chain_id, now=now, limit=_SCAN + self._blocked.get(name, 0))
         folded: list[Channel] = []
         for owing in owed:
             lapsed = owing.holder is not None and owing.held_until <= now
-            folded.append((await store.fold(owing.channel_id, now=now) if lapsed else None) or owing)
+            refolded = await store.fold(owing.channel_id, now=now) if lapsed else None
+            folded.append(owing if refolded is None else replace(refolded, owing_since=owing.owing_since))
         total = sum(max(ch.unclaimed, 0) for ch in folded)
         urgent = self._urgent.get(name, set())
         for cid in urgent - {ch.channel_id for ch in folded}:  # withdrawing channels beyond the scan come too
@@ -235,8 +245,7 @@ class Claimer:
         )
         for ch in due:
             urgent.discard(ch.channel_id)
-        claimed = {ch.channel_id for ch in due if ch.channel_id not in self._owing_since}
-        return [ch for ch in folded if ch.unclaimed > 0 and ch.channel_id not in claimed]
+        return [ch for ch in folded if ch.unclaimed > 0 and ch.channel_id not in self._landed]
 
     @staticmethod
     def _claimable(ch: Channel) -> int:
@@ -314,6 +323,7 @@ class Claimer:
             except StoreUnavailable:
                 log.warning("a landed claim could not be recorded; the chain's totalClaimed is read next time")
             self._owing_since.pop(ch.channel_id, None)
+            self._landed.add(ch.channel_id)
             self._stuck.pop(ch.channel_id, None)
             self.stats.vouchers_claimed += 1
             self.stats.value_claimed += self._claimable(ch) - ch.total_claimed

@@ -6,6 +6,7 @@ and after the restart are all claimed, exactly once.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,25 @@ def test_a_restarted_gateway_resumes_the_channel_where_it_was(
     with running_gateway(base_chain, store_url=store_url, routes=ROUTES, sessions=FAST_CLAIMS, pay_to=pay_to) as gw:
         wait_for(lambda: gw.balance(pay_to) - paid_before == 6 * PRICE)
         assert gw.app.payments.engine.claimer.stats.vouchers_claimed == 1  # one claim covers both lives
+
+
+def test_a_debt_older_than_claim_after_is_claimed_by_a_restarted_gateway_at_once(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    """``claim_after`` bounds how long a charge waits for its claim, whatever restarts happen meanwhile: since when
+    a channel owes is the store's record, not the process's memory (a gateway restarted more often than
+    ``claim_after`` would otherwise never claim by age). The debt's age is set in the store: an hour and a half."""
+    store_url = sqlite_url(tmp_path)
+    payer = base_chain.new_payer(5_000_000)
+    client: x402Client = fresh_client(payer, base_chain.url)
+    with running_gateway(base_chain, store_url=store_url, routes=ROUTES, sessions=QUIET) as gw:
+        pay_to = gw.pay_to
+        served = asyncio.run(pay(client, gw.url + "/session", 2, []))
+    assert [cumulative(r) for r in served] == [PRICE, 2 * PRICE]
+    with sqlite3.connect(tmp_path / "receipts.db") as db:
+        aged = db.execute("UPDATE channels SET unclaimed_since = unclaimed_since - 5400").rowcount
+    assert aged == 1
+    hourly = {**QUIET, "claim_interval": 0.2, "claim_after": 3600, "settle_interval": 0.2}
+    paid_before = base_chain.balance(pay_to)
+    with running_gateway(base_chain, store_url=store_url, routes=ROUTES, sessions=hourly, pay_to=pay_to) as gw:
+        wait_for(lambda: gw.balance(pay_to) - paid_before == 2 * PRICE)

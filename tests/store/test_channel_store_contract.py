@@ -370,6 +370,25 @@ async def test_unclaimed_lists_what_is_owed_oldest_first(store: ChannelStore, no
     assert await store.unclaimed(CHAIN, now=now, limit=0) == []
 
 
+async def test_unclaimed_says_since_when_each_channel_owes_and_a_restart_keeps_it(
+    channel_backend: ChannelBackend, now: float
+) -> None:
+    """The age ``claim_after`` bounds is the store's (gateway/engine/claimer.py): more charges and a partial claim
+    keep it, a full claim ends it, and a new store object on the same storage (a restarted gateway) reads it."""
+    store = channel_backend.make()
+    ch = await store.open(new_channel(), now=now)
+    await charge(store, ch.channel_id, 5, now + 1)
+    await charge(store, ch.channel_id, 5, now + 7)
+    await store.record_claimed(ch.channel_id, 5, now=now + 8)
+    restarted = channel_backend.make()
+    [owed] = await restarted.unclaimed(CHAIN, now=now + 9, limit=10)
+    assert owed.owing_since == pytest.approx(now + 1)
+    await restarted.record_claimed(ch.channel_id, 10, now=now + 10)
+    await charge(restarted, ch.channel_id, 5, now + 20)
+    [again] = await restarted.unclaimed(CHAIN, now=now + 21, limit=10)
+    assert again.owing_since == pytest.approx(now + 20)
+
+
 async def test_unclaimed_shows_a_served_holder_only_once_it_lapsed(store: ChannelStore, now: float) -> None:
     ch = await store.open(new_channel(), now=now)
     await begin(store, ch, "dead", now, voucher=30)

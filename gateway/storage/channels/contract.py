@@ -97,6 +97,9 @@ class Channel:
     pending_max: int = 0
     pending_signature: str = ""
     pending_charge: int | None = None
+    # When the store saw the channel start owing (epoch seconds), as :meth:`ChannelStore.unclaimed` reports it;
+    # None from every other read. Kept while it owes, across restarts: the age ``claim_after`` bounds.
+    owing_since: float | None = None
 
     @property
     def unclaimed(self) -> int:
@@ -215,7 +218,8 @@ class ChannelStore(Protocol):
     async def unclaimed(self, chain_id: int, *, now: float, limit: int) -> list[Channel]:
         """Up to ``limit`` channels on ``chain_id`` with ``charged > total_claimed`` or a lapsed holder that reached
         ``served`` (with a charge above 0), the longest-unclaimed first (since the channel last went from fully
-        claimed to not). Read only: a lapsed holder's charge is in ``pending_charge``, folded by ``fold``."""
+        claimed to not), each with ``owing_since`` set to that moment. Read only: a lapsed holder's charge is in
+        ``pending_charge``, folded by ``fold``."""
         ...
 
     async def record_claimed(self, channel_id: str, total_claimed: int, *, now: float) -> Channel | None:

@@ -220,8 +220,13 @@ _UNCLAIMED = (
 local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, start, chunk = {}, 0, 200
 while #out < limit do
-  local ids = redis.call('ZRANGE', KEYS[1], start, start + chunk - 1)
-  if #ids == 0 then break end
+  local scored = redis.call('ZRANGE', KEYS[1], start, start + chunk - 1, 'WITHSCORES')
+  if #scored == 0 then break end
+  local ids, since = {}, {}
+  for i = 1, #scored, 2 do
+    ids[#ids + 1] = scored[i]
+    since[scored[i]] = scored[i + 1]
+  end
   local gone = 0
   for _, id in ipairs(ids) do
     local h = load(P .. 'c:' .. id)
@@ -230,6 +235,7 @@ while #out < limit do
       gone = gone + 1
     elseif tonumber(h.charged) > tonumber(h.total_claimed) or (lapsed(h, now) and h.pending_charge ~= ''
         and tonumber(h.pending_charge) > 0) then
+      h.owing_since = since[id]
       out[#out + 1] = flat(h)
       if #out >= limit then break end
     end
@@ -275,6 +281,7 @@ def _channel(reply: Any) -> Channel:
             pending_max=int(h["pending_max"]),
             pending_signature=h["pending_signature"],
             pending_charge=_opt_int(h["pending_charge"]),
+            owing_since=float(h["owing_since"]) if "owing_since" in h else None,
         )
     except (KeyError, ValueError) as exc:
         raise StoreUnavailable(f"redis channel store: malformed channel record ({type(exc).__name__})") from exc

@@ -140,6 +140,11 @@ def _channel(row: _Row) -> Channel:
     return Channel(*row[:-1])
 
 
+def _owing(row: _Row) -> Channel:
+    """A row of :meth:`SQLiteChannelStore.unclaimed`: with the moment it started owing."""
+    return Channel(*row[:-1], owing_since=row[-1])
+
+
 def _params(ch: Channel, since: float | None) -> dict[str, object]:
     return {
         "channel_id": ch.channel_id,
@@ -346,7 +351,7 @@ class SQLiteChannelStore:
         rows: list[_Row] = (
             self._db.connection().execute(_UNCLAIMED, {"chain_id": chain_id, "now": now, "limit": limit}).fetchall()
         )
-        return [_channel(row) for row in rows]
+        return [_owing(row) for row in rows]
 
     def _ping(self) -> None:
         self._db.connection().execute("SELECT 1 FROM channels LIMIT 1").fetchall()
