@@ -17,9 +17,10 @@ any of them is ``None`` where it does not apply::
     │                       ``poll_timeout``: the job may still finish; ``.job`` is the last one seen)
     └── TransientError      network errors, 429 or 5xx that outlasted every retry
 
-``PaymentRefused`` is the safe one: no money moved. After ``PaymentFailed`` with the ``exact`` scheme no money
-moved either (an unsettled authorization is worthless); with a tx-hash payment the transfer is on chain and its
-hash is in ``tx_hash``.
+``PaymentRefused`` is the safe one: no money moved. After ``PaymentFailed`` the server holds what was presented,
+whatever it answered: an ``exact`` authorization it can still settle until its ``validBefore`` (the budget keeps
+counting it), a session voucher it can claim; with a tx-hash payment the transfer is on chain and its hash is in
+``tx_hash``.
 """
 
 from __future__ import annotations

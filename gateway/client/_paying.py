@@ -14,11 +14,12 @@ Paying a 402, in order:
    at most once. A 402 to the paid request is :class:`PaymentFailed` (``transaction_not_final`` for a transfer
    is waited out first).
 
-The budget counts every payment presented, except one refused outright on its first presentation (an
-authorization that was never settled). A transfer counts from the moment its broadcast starts, whatever happens next
-(a broadcast with no answer may still be mined): it is given back only when the transfer is known not to have left,
-before the broadcast (refused by the estimate, the node refused it) or after a failed one, when the node knows no
-transaction with its hash and the wallet's nonce is unused (``transfer_not_sent``).
+The budget counts every payment presented, also one the server refused: an authorization it holds can be settled
+until its ``validBefore`` whatever it answered, and only the server's word says it was not. A transfer counts from
+the moment its broadcast starts, whatever happens next (a broadcast with no answer may still be mined): it is given
+back only when the transfer is known not to have left, before the broadcast (refused by the estimate, the node
+refused it) or after a failed one, when the node knows no transaction with its hash and the wallet's nonce is unused
+(``transfer_not_sent``).
 
 ``pay_with="session"`` pays a ``batch-settlement`` offer through a channel (:mod:`gateway.client._sessions`: a
 deposit once, then a voucher per request) and any other 402 as ``exact``. A URL whose 402 offered a session is
@@ -43,7 +44,7 @@ from gateway.client._channels import MemorySessionStore, SessionChannel, Session
 from gateway.client._config import RetryPolicy, SessionSettings, TxHashPayments
 from gateway.client._errors import ApiError, PaymentFailed, PaymentRefused, TransientError
 from gateway.client._models import payment_receipt
-from gateway.client._sessions import SessionPayer, SessionRefund, origin_of
+from gateway.client._sessions import SessionCall, SessionPayer, SessionRefund, origin_of
 from gateway.client._spend import Budget, SpendControls, atomic_amount
 from gateway.client._transfer import TransferSender, TxOption
 from gateway.client.exact import Option, sign_exact_payment
@@ -269,10 +270,11 @@ class PayingClient:
         # Also on GET: a paid GET retried after a lost answer must be replayed, not refused as a reused payment.
         sent.setdefault("Idempotency-Key", idempotency_key or str(uuid.uuid4()))
         known = self._session_urls.get((method, url)) if self.pay_with == "session" else None
+        call = SessionCall()  # one call: a preemptive voucher refused, then the 402 paid afresh, buy one request
         if known is not None and self._sessions is not None:
             offer, origin = known
             first, offer = await self._sessions.pay(
-                offer, origin, method, url, content=content, params=params, headers=sent, preemptive=True
+                offer, origin, method, url, content=content, params=params, headers=sent, preemptive=True, call=call
             )
             if first.status_code != 402:
                 self._session_urls[(method, url)] = (offer, origin)
@@ -282,7 +284,7 @@ class PayingClient:
             first, _ = await self._send(method, url, content=content, params=params, headers=sent)
             if first.status_code != 402:
                 return first
-        return await self._pay(first, method, url, content=content, params=params, headers=sent)
+        return await self._pay(first, method, url, content=content, params=params, headers=sent, call=call)
 
     async def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return await self.request("GET", url, **kwargs)
@@ -359,7 +361,11 @@ class PayingClient:
             for raw in raw_tx if isinstance(raw_tx, list) else []:
                 tx = TxOption.parse(raw)
                 if tx is not None and self._sender.rpc_url(tx) is not None:
-                    offers.append(_Offer("txhash", tx.network, tx.asset, tx.amount, tx=tx))
+                    # Judged by the chain the transfer goes to (its chainId), not by the name the 402 gives it: a
+                    # network named "base" with the chainId of another chain, or a name this client does not know
+                    # (any asset allowed) on a chain it does, must not send money the spend controls refuse.
+                    chain = f"eip155:{tx.chain_id}"
+                    offers.append(_Offer("txhash", chain, tx.asset, tx.amount, tx=tx))
         return offers
 
     def _choose(self, response: httpx.Response) -> _Offer:
@@ -391,13 +397,14 @@ class PayingClient:
         content: bytes | None,
         params: Mapping[str, str | int] | None,
         headers: dict[str, str],
+        call: SessionCall,
     ) -> httpx.Response:
         offer = self._choose(challenge)
         assert self.account is not None
         if offer.session is not None and self._sessions is not None:
             origin = origin_of(challenge.request.url)
             response, session = await self._sessions.pay(
-                offer.session, origin, method, url, content=content, params=params, headers=headers
+                offer.session, origin, method, url, content=content, params=params, headers=headers, call=call
             )
             self._session_urls[(method, url)] = (session, origin)
             while len(self._session_urls) > _KNOWN_SESSION_URLS:
@@ -430,10 +437,8 @@ class PayingClient:
                 self._budget.refund(offer.amount)
             raise
         paid_headers = {**headers, **proof}
-        attempts = 0
         while True:
-            response, uncertain = await self._send(method, url, content=content, params=params, headers=paid_headers)
-            attempts += 1
+            response, _ = await self._send(method, url, content=content, params=params, headers=paid_headers)
             if response.status_code != 402:
                 return response
             reason, message = error_of(response)
@@ -442,9 +447,8 @@ class PayingClient:
                 # The gateway wants more confirmations than we waited for: present the same proof again later.
                 await asyncio.sleep(waiting)
                 continue
-            if refundable and attempts == 1 and not uncertain:
-                # The first presentation of an authorization was refused outright: it was never settled.
-                self._budget.refund(offer.amount)
+            # No refund, whatever the 402 says: the server holds the signed authorization and can settle it until
+            # its validBefore (a server may settle it and answer 402); only its own word says it did not.
             raise PaymentFailed(
                 f"the server refused the payment: {message}", status=402, reason=reason, tx_hash=tx_hash
             )

@@ -10,9 +10,12 @@ For each (server origin, network, payTo, asset) this wallet keeps one channel in
    advances ``charged`` only when its ``chargedCumulativeAmount`` equals the previous one plus its
    ``chargedAmount``; otherwise ours is kept and the next request resynchronises.
 3. A corrective 402 (``…cumulative_amount_mismatch``) resynchronises to the server's cumulative only if this
-   wallet provably signed that much (its own record, the 402's ``voucherState`` whose signature recovers to this
-   wallet, or what the chain says was claimed) and, with an RPC, never below what was claimed on chain; then the
-   request is paid again. ``…channel_busy`` is retried after a short backoff. Every loop is bounded.
+   wallet provably owed that much *before the call began* (its record then, the 402's ``voucherState`` whose
+   signature recovers to this wallet for an amount this call did not sign itself, or what the chain says was
+   claimed) and, with an RPC, never below what was claimed on chain; then the request is paid again. A voucher
+   this call signed is no evidence that it was charged before: else a server could refuse it, call it charged,
+   and have the same request paid again on top of it, once per resynchronisation (:class:`SessionCall`).
+   ``…channel_busy`` is retried after a short backoff. Every loop is bounded.
 
 Requests on one channel go one at a time (the server takes one per channel): concurrent calls of this client
 wait for each other here instead of collecting busy 402s.
@@ -57,7 +60,7 @@ from gateway.x402 import reasons
 from gateway.x402.codec import decode_header
 from gateway.x402.sessions import channel_id
 
-__all__ = ["SessionPayer", "SessionRefund", "origin_of"]
+__all__ = ["SessionCall", "SessionPayer", "SessionRefund", "origin_of"]
 
 Send = Callable[..., Awaitable[tuple[httpx.Response, bool]]]
 ErrorOf = Callable[[httpx.Response], tuple[str | None, str]]
@@ -88,6 +91,30 @@ class SessionRefund:
     channel: SessionChannel
     amount: int
     tx_hash: str
+
+
+class SessionCall:
+    """What one logical call (one ``Idempotency-Key``, whatever number of 402s and presentations it takes) signed on
+    each channel, and what the channel's record said this wallet had signed when the call first used it.
+
+    One call buys one request, so it signs at most one price beyond what was owed before it: a corrective 402 is
+    believed only up to that (docs/sessions.md). Signatures are deterministic, so a ``voucherState`` for an amount
+    this call signed proves nothing another presentation did: it may be this call's own refused voucher, echoed."""
+
+    def __init__(self) -> None:
+        self._before: dict[str, int] = {}
+        self._signed: dict[str, set[int]] = {}
+
+    def signing(self, channel: SessionChannel, max_claimable: int) -> None:
+        self._before.setdefault(channel.channel_id, channel.signed_max)
+        self._signed.setdefault(channel.channel_id, set()).add(max_claimable)
+
+    def owed_before(self, channel: SessionChannel) -> int:
+        """The highest voucher this wallet had signed on the channel when the call began (its record)."""
+        return self._before.get(channel.channel_id, channel.signed_max)
+
+    def signed(self, channel_id: str, max_claimable: int) -> bool:
+        return max_claimable in self._signed.get(channel_id, ())
 
 
 class _Tries:
@@ -200,11 +227,14 @@ class SessionPayer:
         headers: Mapping[str, str],
         top_up: int | None = None,
         preemptive: bool = False,
+        call: SessionCall | None = None,
     ) -> tuple[httpx.Response, SessionOffer]:
         """Send the request paid through the offer's channel: (the answer, any status but 402; the offer as the
         server last stated it). Raises :class:`PaymentRefused` (spend controls) or :class:`PaymentFailed`.
         ``preemptive``: the offer comes from an earlier 402 of this URL; a 402 that is no session matter is
-        returned for the caller to pay afresh."""
+        returned for the caller to pay afresh. ``call``: the logical call this payment belongs to (a caller that
+        may pay one call twice, preemptively then afresh, passes the same one)."""
+        call = call if call is not None else SessionCall()
         async with self._lock(offer, origin):
             tries = _Tries(self.settings.busy_retries)
             first = True
@@ -215,25 +245,32 @@ class SessionPayer:
                 top_up = None
                 channel = channel or self._new_channel(offer, origin)
                 response, channel = await self._attempt(
-                    offer, channel, deposit, method, url, content=content, params=params, headers=headers
+                    offer, channel, deposit, call, method, url, content=content, params=params, headers=headers
                 )
                 if response.status_code != 402:
                     return response, offer
                 offer = self._current(offer, response)
                 reason, message = self._error_of(response)
-                if not await self._recover(reason, response, channel, tries):
+                if not await self._recover(reason, response, channel, tries, call):
                     if preemptive and first:
                         return response, offer
                     raise PaymentFailed(f"the server refused the session payment: {message}", status=402, reason=reason)
                 first = False
 
     async def _recover(
-        self, reason: str | None, response: httpx.Response, ch: SessionChannel, tries: _Tries, *, paying: bool = True
+        self,
+        reason: str | None,
+        response: httpx.Response,
+        ch: SessionChannel,
+        tries: _Tries,
+        call: SessionCall,
+        *,
+        paying: bool = True,
     ) -> bool:
         """Can the payment (or refund) go on after this 402? The channel's record is corrected as the 402 says."""
         if reason in _RESYNC and tries.take("resync"):
             state = corrective_state(_payment_required(response), ch.channel_id)
-            self.store.put(await self._resync(ch, state))
+            self.store.put(await self._resync(ch, state, call))
             return True
         if reason == reasons.SESSION_CHANNEL_BUSY and tries.take("busy"):
             wait = self.settings.busy_backoff * 2**tries.busy_waits
@@ -264,6 +301,7 @@ class SessionPayer:
         offer: SessionOffer,
         channel: SessionChannel,
         deposit: int,
+        call: SessionCall,
         method: str,
         url: str,
         *,
@@ -289,6 +327,7 @@ class SessionPayer:
         landed: bool | None = None  # did the deposit land? None: not known
         sent = False
         try:
+            call.signing(channel, voucher_max)
             voucher = sign_voucher(self.account, cid, voucher_max, offer.chain_id)
             dep = sign_deposit(self.account, offer, cid, deposit) if deposit else None
             channel = channel.replace(signed_max=max(channel.signed_max, voucher_max), updated_at=time.time())
@@ -347,20 +386,25 @@ class SessionPayer:
     async def _onchain(self, ch: SessionChannel) -> OnchainChannel | None:
         return None if self._reader is None else await self._reader.channel(ch.network, ch.chain_id, ch.channel_id)
 
-    async def _resync(self, ch: SessionChannel, state: CorrectiveState | None) -> SessionChannel:
-        """The channel as the corrective 402 says, if this wallet provably owes that much (docs/sessions.md)."""
+    async def _resync(self, ch: SessionChannel, state: CorrectiveState | None, call: SessionCall) -> SessionChannel:
+        """The channel as the corrective 402 says, if this wallet provably owed that much before ``call`` began
+        (docs/sessions.md)."""
         if state is None:
             raise PaymentFailed(
                 "the server's corrective 402 carries no state for this channel", status=402, reason="session_resync"
             )
-        trusted = ch.signed_max  # every voucher this wallet signed is claimable: owing up to it is no news
+        # Every voucher signed before this call is claimable: owing up to it is no news. One this call signed is
+        # not: the server that refused it may not count it as charged and have the call paid again on top.
+        trusted = call.owed_before(ch)
         signed = ch.signed_max
         if (
             state.signed_max is not None
             and state.signature is not None
             and signed_by(ch.config.payer_authorizer, ch.channel_id, state.signed_max, state.signature, ch.chain_id)
         ):
-            trusted = signed = max(signed, state.signed_max)
+            signed = max(signed, state.signed_max)
+            if not call.signed(ch.channel_id, state.signed_max):  # another process's, or one from before the call
+                trusted = max(trusted, state.signed_max)
         balance = state.balance if state.balance is not None else ch.balance
         onchain = await self._onchain(ch)
         if onchain is not None:
@@ -375,7 +419,7 @@ class SessionPayer:
         if state.charged > trusted:
             raise PaymentFailed(
                 f"the server says {state.charged} was charged on channel {ch.channel_id}, more than this wallet "
-                f"provably signed ({trusted}); not paying on from there",
+                f"provably owed before this request ({trusted}); not paying on from there",
                 status=402,
                 reason="session_resync",
             )
@@ -413,6 +457,7 @@ class SessionPayer:
         """Ask the server to return what the channel holds beyond what it charged (or ``amount`` of it)."""
         if amount is not None and amount <= 0:
             raise ValueError("a refund's amount must be positive")
+        call = SessionCall()
         async with self._lock(offer, origin):
             tries = _Tries(self.settings.busy_retries)
             while True:
@@ -421,6 +466,7 @@ class SessionPayer:
                     raise X402ClientError(
                         f"no channel with {origin} in this client's session store", reason="session_not_found"
                     )
+                call.signing(ch, ch.charged)
                 voucher = sign_voucher(self.account, ch.channel_id, ch.charged, ch.chain_id)
                 value = session_header(offer, "refund", ch.config, voucher, refund_amount=amount)
                 response, _ = await self._send(method, url, headers={**headers, "PAYMENT-SIGNATURE": value})
@@ -438,6 +484,6 @@ class SessionPayer:
                 reason, message = self._error_of(response)
                 if response.status_code == 402:
                     offer = self._current(offer, response)
-                    if await self._recover(reason, response, ch, tries, paying=False):
+                    if await self._recover(reason, response, ch, tries, call, paying=False):
                         continue
                 raise ApiError(f"the server refused the refund: {message}", status=response.status_code, reason=reason)
