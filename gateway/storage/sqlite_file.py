@@ -2,8 +2,9 @@
 
 Why each rule exists:
 
-* One dedicated worker thread owns the connection: the event loop never blocks on the file, and the calls of one
-  store object are serialised. A cancelled caller does not cancel the transaction already handed to that thread.
+* One dedicated worker thread owns the connection: the event loop never waits on the file (a lock, an fsync, a
+  checkpoint), and the calls of one store object are serialised. A cancelled caller does not cancel the transaction
+  already handed to that thread.
 * The connection is opened lazily (on the first call, on the worker thread) with ``isolation_level=None``: no
   implicit transactions; each transition issues its own ``BEGIN IMMEDIATE``.
 * ``busy_timeout``: a writer waits that long for another process's write lock, then fails closed.
@@ -33,6 +34,12 @@ Why each rule exists:
   transaction, and while a new connection is set up (the switch to WAL, the schema); never on the event loop.
 * On ``sqlite3.Error`` the connection may be left mid-transaction or broken (disk full, I/O error): it is dropped
   and the next call starts afresh, so the store recovers once the file is usable again.
+* A write that needs no fsync (``durable=False``) runs at once on the event loop, over a connection of its own, when
+  nothing waits for it: no call of this store is queued, no write of this process holds the file, and SQLite's lock
+  is free (asked with a timeout of 0). It commits without fsync, a WAL append of tens of microseconds, cheaper than
+  the hop to the worker thread and back (a session voucher's lock, a ledger entry). That connection never
+  checkpoints (``wal_autocheckpoint = 0``: the workers' connections do), so the loop never waits for a checkpoint's
+  fsync. Anything that would wait, or any SQLite error, sends the call to the worker thread, which gives the answer.
 * Point reads by primary key (:meth:`SQLiteFile.read`) run on the event loop over a second, read-only connection:
   a WAL reader never waits for the writer, and a lookup in the page cache costs microseconds, far less than the
   hop to the worker thread and back. Anything that would wait (a busy or locked file, a table not created yet, an
@@ -57,7 +64,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.request import pathname2url
 
 from gateway.errors import StoreUnavailable
@@ -137,12 +144,18 @@ class SQLiteFile:
         self._durable = True  # worker thread: the call(s) running now commit with fsync
         self._synced: str | None = None  # worker thread: the connection's synchronous pragma, as last set
         self._lock = _write_lock(path)
+        self._inline: sqlite3.Connection | None = None  # event-loop thread: writes without fsync (_try_inline)
+        self._inline_thread: int | None = None  # the thread in an inline write now (the loop's), else None
         self.groups = 0  # group transactions committed with more than one call (for tests and benchmarks)
 
     # -- worker-thread side ---------------------------------------------------------------------------------
 
     def connection(self) -> sqlite3.Connection:
-        """The connection, opened (with pragmas and schema) if there is none. Worker thread only."""
+        """The connection, opened (with pragmas and schema) if there is none. Worker thread only (or inside an
+        inline write, which has a connection of its own)."""
+        if self._inline_thread is not None and self._inline_thread == threading.get_ident():
+            assert self._inline is not None
+            return self._inline
         if self._conn is None:
             # isolation_level=None: no implicit transactions; each transition issues its own BEGIN IMMEDIATE.
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
@@ -202,8 +215,18 @@ class SQLiteFile:
 
     def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction (a savepoint inside a group); roll back if it
-        raises. Worker thread only."""
+        raises. Worker thread only (or inside an inline write: the process's write lock is held already)."""
         conn = self.connection()
+        if conn is self._inline:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # (a failed COMMIT may have ended the transaction)
+                    conn.execute("ROLLBACK")
+                raise
+            return result
         if self._grouped:
             conn.execute("SAVEPOINT call")
             try:
@@ -297,13 +320,67 @@ class SQLiteFile:
 
     # -- event-loop side ------------------------------------------------------------------------------------
 
+    def _try_inline(self, fn: Callable[..., T], args: tuple[object, ...]) -> tuple[bool, T | None]:
+        """(True, ``fn(*args)``) run on the event loop at once, or (False, None): the call must go to the worker
+        thread (see the module docstring). A domain error of ``fn`` is raised as the worker would deliver it."""
+        if self._pending or not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            conn = self._inline
+            if conn is None:
+                conn = self._inline = self._open_inline()
+                if conn is None:
+                    return False, None
+            self._inline_thread = threading.get_ident()
+            try:
+                return True, fn(*args)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    self._drop_inline()  # not a lock held elsewhere: the connection may be unusable
+                return False, None
+            except sqlite3.Error:
+                self._drop_inline()
+                return False, None
+            finally:
+                self._inline_thread = None
+        finally:
+            self._lock.release()
+
+    def _open_inline(self) -> sqlite3.Connection | None:
+        """The inline writer's connection, or None when the file is not ready for it (not in WAL mode yet: the
+        worker's first connection sets that up, with the schema)."""
+        try:
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return None
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                return conn
+        except sqlite3.Error:
+            pass
+        conn.close()
+        return None
+
+    def _drop_inline(self) -> None:
+        conn, self._inline = self._inline, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
     async def run(self, fn: Callable[..., T], *args: object, durable: bool = True) -> T:
         """``fn(*args)`` on the worker thread (grouped with whatever else is queued, see the module docstring);
         any ``sqlite3.Error`` becomes ``StoreUnavailable``. A cancelled caller does not cancel the call.
         ``durable=False``: its transaction may commit without fsync (module docstring: only for writes whose loss to
-        an OS crash, with everything after them that was not synced either, does no harm)."""
+        an OS crash, with everything after them that was not synced either, does no harm), and runs on the event
+        loop at once when nothing would wait (module docstring)."""
         if self._closed:
             raise StoreUnavailable(f"the {self._what} is closed")
+        if not durable:
+            inline, result = self._try_inline(fn, args)
+            if inline:
+                return cast(T, result)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         item = (fn, args, loop, fut, durable)
@@ -349,6 +426,7 @@ class SQLiteFile:
             return
         self._closed = True  # first: no call queued from here on can reopen what is being closed
         self._drop_reader()
+        self._drop_inline()
         loop = asyncio.get_running_loop()
         try:
             # Behind every call already queued (one worker, first in first out): those finish, then the close.

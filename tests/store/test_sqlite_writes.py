@@ -147,3 +147,62 @@ async def test_a_writer_fails_closed_when_another_of_its_process_holds_the_file_
         release.set()
         await first.aclose()
         await second.aclose()
+
+
+def where(db: SQLiteFile, key: str) -> Callable[[], tuple[int, int]]:
+    """A call that writes ``key`` and answers (the thread it ran on, its connection's wal_autocheckpoint)."""
+
+    def call() -> tuple[int, int]:
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            conn.execute("INSERT OR REPLACE INTO t (k, v) VALUES (?, 1)", (key,))
+            return threading.get_ident(), int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+        return db.transaction(body)
+
+    return call
+
+
+async def test_a_write_without_fsync_runs_on_the_event_loop_when_nothing_would_wait_and_never_checkpoints_there(
+    db: SQLiteFile,
+) -> None:
+    loop_thread = threading.get_ident()
+    worker, checkpoints = await db.run(where(db, "first"))  # durable: the worker (it also sets the file up)
+    assert worker != loop_thread and checkpoints > 0
+    assert await db.run(where(db, "lock"), durable=False) == (loop_thread, 0)
+    assert (await db.run(where(db, "charge")))[0] == worker
+    keys = await db.run(lambda: [k for (k,) in db.connection().execute("SELECT k FROM t ORDER BY k")])
+    assert keys == ["charge", "first", "lock"]
+
+
+async def test_a_write_without_fsync_goes_to_the_worker_when_another_process_holds_the_file(
+    db: SQLiteFile, tmp_path: Path
+) -> None:
+    worker, _ = await db.run(where(db, "first"))
+    other = sqlite3.connect(tmp_path / "writes.db", isolation_level=None)  # another process's writer, as SQLite sees it
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.ensure_future(db.run(where(db, "lock"), durable=False))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # on the worker, in SQLite's busy handler: the loop is not held meanwhile
+        other.execute("COMMIT")
+        assert (await waiting)[0] == worker
+    finally:
+        other.close()
+
+
+async def test_a_refusal_inside_a_write_on_the_event_loop_reaches_its_caller_and_writes_nothing(
+    db: SQLiteFile,
+) -> None:
+    await db.run(where(db, "first"))
+
+    def refused() -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (k, v) VALUES ('half', 1)")
+            raise LookupError("no such channel")
+
+        db.transaction(body)
+
+    with pytest.raises(LookupError):
+        await db.run(refused, durable=False)
+    keys = await db.run(lambda: [k for (k,) in db.connection().execute("SELECT k FROM t ORDER BY k")])
+    assert keys == ["first"]
