@@ -179,3 +179,26 @@ async def test_a_lock_outlives_the_process_that_died_with_it_and_its_successor_c
         await lock(reopened, ch.channel_id, "live.2", time.time(), base=10)  # and the channel goes on from it
     finally:
         await reopened.aclose()
+
+
+async def test_a_voucher_on_a_channel_that_already_owes_appends_one_page_for_its_lock_and_one_for_its_charge(
+    store: SQLiteChannelStore, tmp_path: Path
+) -> None:
+    """What a voucher costs the disk: every page a transaction changes is appended to the WAL, and the charge's
+    fsync flushes them all. The channel's row is one page; its index on when it started owing changes only when that
+    does, so a write leaving it as it was must not rewrite it (SQLite rewrites an index whose column an UPDATE names,
+    even to its own value)."""
+    now = time.time()
+    ch = await store.open(new_channel(), now=now)
+    await lock(store, ch.channel_id, "a", now)
+    assert await store.commit(ch.channel_id, "a", 10, now=now) is not None  # starts owing: the index changes
+    wal = tmp_path / "channels.db-wal"
+    page = 4096 + 24  # a WAL frame: the page and its header
+
+    async def frames(step: Callable[[], Any]) -> float:
+        before = wal.stat().st_size
+        await step()
+        return (wal.stat().st_size - before) / page
+
+    assert await frames(lambda: lock(store, ch.channel_id, "b", now + 1, base=10)) == 1
+    assert await frames(lambda: store.commit(ch.channel_id, "b", 10, now=now + 1)) == 1
