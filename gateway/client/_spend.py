@@ -55,7 +55,8 @@ class SpendControls:
     * ``max_per_payment``: the most one payment may cost (default $1.00, the official x402 client's cap);
       ``None``: no cap.
     * ``budget``: the most this client pays in total (``None``: unlimited). Tracked per client, concurrency-safe;
-      a refused payment (nothing moved) is given back.
+      a payment known not to have moved money (refused before it was signed, a transfer never sent) is given
+      back; one the server answered with a 402 is not (it holds the signed authorization).
     * ``networks``: allowed networks, by name or CAIP-2 (``{"base", "eip155:137"}``); ``None``: any.
     * ``assets``: allowed token contracts; ``None``: the canonical USDC of the networks this client knows (any
       asset on a network it does not know: pin it here).

@@ -19,6 +19,10 @@ from eth_account.signers.local import LocalAccount
 from gateway.networks import KNOWN_NETWORKS
 from gateway.x402.codec import decode_header, encode_header
 
+# The longest an authorization signed here stays valid, whatever a 402's maxTimeoutSeconds asks: a server may hold
+# a signed authorization and settle it at any time before its validBefore (gateways ask for minutes).
+MAX_VALIDITY_SECONDS = 3600
+
 
 @dataclass(frozen=True, slots=True)
 class Option:
@@ -68,7 +72,7 @@ def sign_exact_payment(
         "to": req["payTo"],
         "value": option.amount,
         "validAfter": now - 600 if valid_after is None else valid_after,
-        "validBefore": now + int(req["maxTimeoutSeconds"]),
+        "validBefore": now + min(int(req["maxTimeoutSeconds"]), MAX_VALIDITY_SECONDS),
         "nonce": "0x" + os.urandom(32).hex(),
     }
     extra = req.get("extra") or {}

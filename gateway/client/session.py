@@ -16,6 +16,7 @@ from typing import Any, Literal
 from eth_account.signers.local import LocalAccount
 from eth_typing import Hash32
 
+from gateway.client.exact import MAX_VALIDITY_SECONDS
 from gateway.networks import KNOWN_NETWORKS
 from gateway.x402.codec import decode_header, encode_header
 from gateway.x402.eip712 import recover_signer
@@ -160,7 +161,11 @@ def sign_deposit(
     collector, bound to this channel by its nonce and usable once (a fresh salt per deposit)."""
     now = int(time.time()) if now is None else now
     auth = DepositAuthorization(
-        amount=amount, valid_after=0, valid_before=now + offer.max_timeout, salt=new_salt(), signature=b""
+        amount=amount,
+        valid_after=0,
+        valid_before=now + min(offer.max_timeout, MAX_VALIDITY_SECONDS),  # capped as an exact authorization is
+        salt=new_salt(),
+        signature=b"",
     )
     digest = receive_authorization_digest(
         token=offer.asset,

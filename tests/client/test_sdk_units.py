@@ -322,3 +322,38 @@ async def test_a_402_without_an_option_this_client_can_pay_is_refused_unsigned()
         with pytest.raises(PaymentRefused) as caught:
             await client.get("/paid")
     assert (caught.value.status, caught.value.reason) == (402, "no_payable_option")
+
+
+def test_an_authorization_signed_here_is_valid_for_an_hour_at_most_whatever_the_402_asks() -> None:
+    """A server holding a signed authorization can settle it any time before its ``validBefore``: a 402 asking
+    for years must not get a payment it can take years later (exact, and a session's deposit)."""
+    from eth_account import Account
+
+    from gateway.client.exact import MAX_VALIDITY_SECONDS, Option, sign_exact_payment
+    from gateway.client.session import SessionOffer, sign_deposit
+
+    account, now, years = Account.create(), 1_800_000_000, 10 * 365 * 86400
+    req = {
+        "scheme": "exact", "network": "base", "amount": "1000", "asset": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913",
+        "payTo": "0x" + "11" * 20, "maxTimeoutSeconds": years, "extra": {"name": "USD Coin", "version": "2"},
+    }  # fmt: skip
+    _, value = sign_exact_payment(account, Option(2, req, None), now=now)
+    assert int(sdk_decode(value)["payload"]["authorization"]["validBefore"]) == now + MAX_VALIDITY_SECONDS
+    short = {**req, "maxTimeoutSeconds": 60}
+    _, value = sign_exact_payment(account, Option(2, short, None), now=now)
+    assert int(sdk_decode(value)["payload"]["authorization"]["validBefore"]) == now + 60
+    offer = SessionOffer.parse(
+        {
+            **req, "scheme": "batch-settlement",
+            "extra": {"receiverAuthorizer": "0x" + "22" * 20, "withdrawDelay": 900, "name": "USD Coin", "version": "2"},
+        }
+    )  # fmt: skip
+    assert offer is not None and offer.max_timeout == years
+    deposit = sign_deposit(account, offer, "0x" + "33" * 32, 5_000, now=now)
+    assert int(deposit["authorization"]["erc3009Authorization"]["validBefore"]) == now + MAX_VALIDITY_SECONDS
+
+
+def sdk_decode(value: str) -> Any:
+    from gateway.x402.codec import decode_header
+
+    return decode_header(value)
