@@ -468,6 +468,7 @@ class PaymentMiddleware:
         target: Send = wrapped_send
         if isinstance(paid, SessionRequest) and paid.reads_body:
             target = metering_send(paid, wrapped_send)  # the charge is in the body: hold the answer for it
+            info["charge_at_end"] = True  # ...and the proxy reads the answer to its end, the client gone or not
             # ...which must be readable: a client asking for gzip must not make its usage unreadable (and its
             # charge the fallback), so the upstream is asked for the identity encoding.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
@@ -483,7 +484,8 @@ class PaymentMiddleware:
             record.tx_hash = paid.tx_hash
             if self.ledger is not None:
                 # awaited once the request is over and observed (metrics and the access line do not wait for it),
-                # and before its handler returns: durable before the request ends
+                # and before its handler returns: recorded before the request ends (made durable at once, or by the
+                # next payment's synced commit: docs/operating.md, "Ledger")
                 scope.setdefault("state", {})["x402_ledger"] = state.get("ledger")
 
     async def _call_app(

@@ -284,6 +284,7 @@ class UpstreamProxy:
                 state=state,
                 send=send,
                 lease=lease,
+                to_the_end=_charged_at_the_end(scope),
             )
         except asyncio.CancelledError:
             if state.cancelled and task.uncancel() == 0:
@@ -306,7 +307,10 @@ class UpstreamProxy:
         state: _Exchange,
         send: Send,
         lease: Lease,
+        to_the_end: bool = False,
     ) -> None:
+        """``to_the_end``: the payment's charge is read from the answer's end (a metered session), so the answer is
+        read to its end even when the client left (docs/threat-model.md T11)."""
         await self.start()
         assert self._pool is not None
         try:
@@ -331,16 +335,21 @@ class UpstreamProxy:
                 state.started = True
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 streams = method != "HEAD" and held is None
-                chunk = held or b""
+                chunk = b""
+                if held:  # read whole already: relayed as it came, without one more copy of it joined
+                    *first, chunk = held
+                    for part in first if not silent else ():
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
                 if streams:
                     chunk = await resp.next_chunk()
                 while streams and not resp.at_eof:
                     if not silent:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if state.disconnected:
+                    if state.disconnected and not to_the_end:
                         # A paid request the client left runs on only until its status line is relayed (and its
                         # payment settled on it, docs/threat-model.md T11): the rest of the answer is for no one,
-                        # and an endless stream would hold its upstream connection for ever.
+                        # and an endless stream would hold its upstream connection for ever. Unless its charge is
+                        # read from the answer's end: stopping here would leave the work done and nothing charged.
                         return
                     chunk = await resp.next_chunk()
                 if silent:
@@ -420,6 +429,14 @@ def _start_watching(
     watcher.append(asyncio.ensure_future(UpstreamProxy._watch_disconnect(receive, state, task, lease)))
 
 
+def _charged_at_the_end(scope: Scope) -> bool:
+    """Does the payment layer read this request's charge from its answer's end (PaymentMiddleware says so in the
+    scope's state: a session on a route metered by the answer's JSON)?"""
+    state = scope.get("state")
+    paid = state.get("x402") if isinstance(state, dict) else None
+    return isinstance(paid, dict) and bool(paid.get("charge_at_end"))
+
+
 def _lease(scope: Scope) -> Lease:
     """Who holds the upstream connection for this request: a verified payment's payer (PaymentMiddleware put it in
     the scope's state), or else the client's address; an IPv6 client counts by its /64, the block one host gets."""
@@ -459,16 +476,16 @@ _CLIENT_KEYS: dict[str, str] = {}
 _CLIENT_KEYS_KEPT = 4096
 
 
-async def _whole_body(resp: UpstreamResponse) -> bytes | None:
-    """The whole body of an answer that declares a length up to :data:`WHOLE_BEFORE_START` (raises the upstream
-    client's error if it is cut short); None for any other answer, which streams."""
+async def _whole_body(resp: UpstreamResponse) -> list[bytes] | None:
+    """The whole body, as it came, of an answer that declares a length up to :data:`WHOLE_BEFORE_START` (raises
+    the upstream client's error if it is cut short); None for any other answer, which streams."""
     declared = next((v for k, v in resp.headers if k.lower() == b"content-length"), None)
     if declared is None or int(declared) > WHOLE_BEFORE_START:  # llhttp took it: one field, digits only
         return None
     parts: list[bytes] = []
     while not resp.at_eof:
         parts.append(await resp.next_chunk())
-    return b"".join(parts)
+    return parts
 
 
 async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool]:
