@@ -373,20 +373,39 @@ async def test_unclaimed_lists_what_is_owed_oldest_first(store: ChannelStore, no
 async def test_unclaimed_says_since_when_each_channel_owes_and_a_restart_keeps_it(
     channel_backend: ChannelBackend, now: float
 ) -> None:
-    """The age ``claim_after`` bounds is the store's (gateway/engine/claimer.py): more charges and a partial claim
-    keep it, a full claim ends it, and a new store object on the same storage (a restarted gateway) reads it."""
+    """The age ``claim_after`` bounds is the store's (gateway/engine/claimer.py): more charges keep it, a full claim
+    ends it, and a new store object on the same storage (a restarted gateway) reads it."""
     store = channel_backend.make()
     ch = await store.open(new_channel(), now=now)
     await charge(store, ch.channel_id, 5, now + 1)
     await charge(store, ch.channel_id, 5, now + 7)
-    await store.record_claimed(ch.channel_id, 5, now=now + 8)
     restarted = channel_backend.make()
     [owed] = await restarted.unclaimed(CHAIN, now=now + 9, limit=10)
-    assert owed.owing_since == pytest.approx(now + 1)
+    assert owed.owing_since == pytest.approx(now + 1, abs=0.001)
     await restarted.record_claimed(ch.channel_id, 10, now=now + 10)
+    assert await restarted.unclaimed(CHAIN, now=now + 11, limit=10) == []
     await charge(restarted, ch.channel_id, 5, now + 20)
     [again] = await restarted.unclaimed(CHAIN, now=now + 21, limit=10)
-    assert again.owing_since == pytest.approx(now + 20)
+    assert again.owing_since == pytest.approx(now + 20, abs=0.001)
+
+
+async def test_a_claim_that_leaves_a_debt_restarts_its_age(store: ChannelStore, now: float) -> None:
+    """What a claim took was owed since then; what it left (charges made meanwhile) owes from the claim on, or a
+    busy channel past ``claim_after`` once would be claimed on every pass from then on."""
+    ch = await store.open(new_channel(), now=now)
+    await charge(store, ch.channel_id, 5, now + 1)
+    await charge(store, ch.channel_id, 5, now + 50)
+    await store.record_claimed(ch.channel_id, 5, now=now + 60)  # the claim covered the first charge only
+    [left] = await store.unclaimed(CHAIN, now=now + 61, limit=10)
+    assert left.owing_since == pytest.approx(now + 60, abs=0.001)
+    await charge(store, ch.channel_id, 5, now + 70)
+    seen = await store.sync(ch.channel_id, OnChainState(balance=1_000, total_claimed=10), now=now + 80)
+    assert seen is not None and seen.unclaimed == 5  # another instance's claim, seen on the chain
+    [still] = await store.unclaimed(CHAIN, now=now + 81, limit=10)
+    assert still.owing_since == pytest.approx(now + 80, abs=0.001)
+    await store.sync(ch.channel_id, OnChainState(balance=1_000, total_claimed=10), now=now + 90)
+    [same] = await store.unclaimed(CHAIN, now=now + 91, limit=10)
+    assert same.owing_since == pytest.approx(now + 80, abs=0.001)  # nothing more claimed: the age goes on
 
 
 async def test_unclaimed_shows_a_served_holder_only_once_it_lapsed(store: ChannelStore, now: float) -> None:

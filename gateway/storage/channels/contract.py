@@ -97,8 +97,9 @@ class Channel:
     pending_max: int = 0
     pending_signature: str = ""
     pending_charge: int | None = None
-    # When the store saw the channel start owing (epoch seconds), as :meth:`ChannelStore.unclaimed` reports it;
-    # None from every other read. Kept while it owes, across restarts: the age ``claim_after`` bounds.
+    # Since when the channel owes what it owes (epoch seconds): when it started owing, or when a claim last left it
+    # owing; as :meth:`ChannelStore.unclaimed` reports it, None from every other read. Kept across restarts: the age
+    # ``claim_after`` bounds.
     owing_since: float | None = None
 
     @property
@@ -218,7 +219,8 @@ class ChannelStore(Protocol):
     async def unclaimed(self, chain_id: int, *, now: float, limit: int) -> list[Channel]:
         """Up to ``limit`` channels on ``chain_id`` with ``charged > total_claimed`` or a lapsed holder that reached
         ``served`` (with a charge above 0), the longest-unclaimed first (since the channel last went from fully
-        claimed to not), each with ``owing_since`` set to that moment. Read only: a lapsed holder's charge is in
+        claimed to not, or a claim, by ``record_claimed`` or seen by ``sync``, left it owing), each with
+        ``owing_since`` set to that moment. Read only: a lapsed holder's charge is in
         ``pending_charge``, folded by ``fold``."""
         ...
 

@@ -61,6 +61,10 @@ local function index(h, now)
   local z = P .. 'u:' .. h.chain_id
   if owes(h) then redis.call('ZADD', z, 'NX', now, h.channel_id) else redis.call('ZREM', z, h.channel_id) end
 end
+-- a claim took what was owed since the set's score: what is left owes from now (the age claim_after bounds)
+local function restart_owing(h)
+  redis.call('ZREM', P .. 'u:' .. h.chain_id, h.channel_id)
+end
 local function lapsed(h, now) return h.holder ~= '' and tonumber(h.held_until) <= tonumber(now) end
 local function unlock(h, now)
   h.holder, h.held_until, h.pending_max, h.pending_signature, h.pending_charge = '', '0.0', '0', '', ''
@@ -102,6 +106,7 @@ _SYNC = (
     + """
 local h = load(KEYS[1])
 if not h then return false end
+if tonumber(ARGV[4]) > tonumber(h.total_claimed) then restart_owing(h) end
 h.balance, h.total_claimed, h.withdraw_requested_at, h.refund_nonce = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if tonumber(h.total_claimed) > tonumber(h.charged) then h.charged = h.total_claimed end
 h.synced_at, h.updated_at = ARGV[2], ARGV[2]
@@ -204,7 +209,10 @@ _RECORD_CLAIMED = (
     + """
 local h = load(KEYS[1])
 if not h then return false end
-if tonumber(ARGV[3]) > tonumber(h.total_claimed) then h.total_claimed = ARGV[3] end
+if tonumber(ARGV[3]) > tonumber(h.total_claimed) then
+  restart_owing(h)
+  h.total_claimed = ARGV[3]
+end
 if tonumber(h.total_claimed) > tonumber(h.charged) then h.charged = h.total_claimed end
 h.updated_at = ARGV[2]
 save(KEYS[1], h)

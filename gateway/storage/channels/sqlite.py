@@ -200,6 +200,12 @@ def _save(conn: sqlite3.Connection, ch: Channel, since: float | None, now: float
     conn.execute(_UPDATE_KEEP_SINCE if since == stored else _UPDATE, _params(ch, since))
 
 
+def _after_claims(old: Channel, new: Channel, since: float | None) -> float | None:
+    """``unclaimed_since`` once the chain's claimed total went from ``old``'s to ``new``'s: a claim took what was owed
+    since then, so what is left owes from now (None: ``_save`` sets it), the age ``claim_after`` bounds."""
+    return None if new.total_claimed > old.total_claimed else since
+
+
 def _check_channel(ch: Channel) -> None:
     for name in ("chain_id", "withdraw_delay", "balance", "total_claimed", "withdraw_requested_at", "refund_nonce"):
         check_amount(name, getattr(ch, name))
@@ -246,7 +252,7 @@ class SQLiteChannelStore:
             if found is None:
                 return None
             ch = replace(found[0].with_onchain(state, now=now), updated_at=now)
-            _save(conn, ch, found[1], now)
+            _save(conn, ch, _after_claims(found[0], ch, found[1]), now)
             return ch
 
         return self._db.transaction(body)
@@ -353,8 +359,9 @@ class SQLiteChannelStore:
                 return None
             ch, since = found
             claimed = max(ch.total_claimed, total_claimed)
-            ch = replace(ch, total_claimed=claimed, charged=max(ch.charged, claimed), updated_at=now)
-            _save(conn, ch, since, now)
+            new = replace(ch, total_claimed=claimed, charged=max(ch.charged, claimed), updated_at=now)
+            _save(conn, new, _after_claims(ch, new, since), now)
+            ch = new
             return ch
 
         return self._db.transaction(body)
