@@ -331,8 +331,9 @@ class SessionPayer:
             voucher = sign_voucher(self.account, cid, voucher_max, offer.chain_id)
             dep = sign_deposit(self.account, offer, cid, deposit) if deposit else None
             channel = channel.replace(signed_max=max(channel.signed_max, voucher_max), updated_at=time.time())
-            if deposit:
-                self.store.put(channel)  # before the deposit leaves: the salt that names its money is kept
+            # Before it leaves: a deposit's salt names its money; and the server holds this voucher whatever becomes
+            # of its answer, so a call after a lost answer (or a crash) owes up to it (SessionCall trusts no more).
+            self.store.put(channel)
             value = session_header(
                 offer, "deposit" if dep is not None else "voucher", channel.config, voucher, deposit=dep
             )

@@ -28,6 +28,7 @@ from gateway.client import (
     SessionChannel,
     SessionSettings,
     SpendControls,
+    TransientError,
     X402Client,
     X402ClientError,
 )
@@ -479,3 +480,40 @@ def test_the_session_file_refuses_to_overwrite_a_damaged_file_and_settings_read_
         SessionSettings(deposit=1.5)  # type: ignore[arg-type]
     shown = repr(SessionSettings(deposit="1", rpc_urls={"base": "https://rpc.example/v2/SECRETKEY"}))
     assert "$1.00" in shown and "SECRETKEY" not in shown
+
+
+class _LosesPaidAnswers(httpx.AsyncBaseTransport):
+    """A real transport; while ``losing``, a paid request reaches the server but its answer never comes back."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.losing = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        if self.losing and "payment-signature" in request.headers:
+            raise httpx.ReadError("the answer was lost", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_call_after_a_lost_answer_pays_on_from_what_the_server_charged(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    """The server charged a voucher whose answer never reached us: it holds that voucher, so the next call owes up to
+    it and follows the corrective 402 (a voucher is recorded before it leaves). The same call's own refused voucher
+    is never taken as charged (test_sdk_against_a_malicious_server.py), but this one was sent by a call before."""
+    payer = base_chain.new_payer(1_000_000)
+    wire = _LosesPaidAnswers()
+    with running_gateway(base_chain, store_url=sqlite_url(tmp_path), routes=ROUTES, sessions=QUIET) as gw:
+        async with session_client(gw, payer, transport=wire) as client:
+            assert [cumulative(r) for r in await pay(client, 1)] == [PRICE]
+            wire.losing = True
+            with pytest.raises(TransientError):
+                await client.get("/session")
+            wire.losing = False
+            served = await client.get("/session")
+    assert served.status_code == 200 and cumulative(served) == 3 * PRICE
