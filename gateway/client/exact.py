@@ -20,8 +20,9 @@ from gateway.networks import KNOWN_NETWORKS
 from gateway.x402.codec import decode_header, encode_header
 
 # The longest an authorization signed here stays valid, whatever a 402's maxTimeoutSeconds asks: a server may hold
-# a signed authorization and settle it at any time before its validBefore (gateways ask for minutes).
-MAX_VALIDITY_SECONDS = 3600
+# a signed authorization and settle it at any time before its validBefore (gateways ask for minutes; a day leaves
+# room for upstreams that answer in hours, as this gateway's read_timeout may).
+MAX_VALIDITY_SECONDS = 86_400
 
 
 @dataclass(frozen=True, slots=True)

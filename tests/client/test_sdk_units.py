@@ -324,7 +324,7 @@ async def test_a_402_without_an_option_this_client_can_pay_is_refused_unsigned()
     assert (caught.value.status, caught.value.reason) == (402, "no_payable_option")
 
 
-def test_an_authorization_signed_here_is_valid_for_an_hour_at_most_whatever_the_402_asks() -> None:
+def test_an_authorization_signed_here_is_valid_for_a_day_at_most_whatever_the_402_asks() -> None:
     """A server holding a signed authorization can settle it any time before its ``validBefore``: a 402 asking
     for years must not get a payment it can take years later (exact, and a session's deposit)."""
     from eth_account import Account
