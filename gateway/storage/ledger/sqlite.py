@@ -13,9 +13,8 @@ holds up the record of a request being served.
 on ``refund_of`` makes a second refund of one payment a no-op in the same statement. The other indexes serve the
 queries: (``at``, ``key``) for time ranges, pages and exports, (``payer``, ...) and (``route``, ...) for the two
 filters an operator reaches for first, ``tx_hash`` for a transaction (one transaction may settle several
-payments; entries without one, session charges, are not in that index). Table ``ledger_lost`` holds the keys of
-payments whose settlement was counted lost (a row may come before its payment's entry), with when; the purge
-deletes the rows older than its cutoff with the entries.
+payments). Table ``ledger_lost`` holds the keys of payments whose settlement was counted lost (a row may come before
+its payment's entry), with when; the purge deletes the rows older than its cutoff with the entries.
 """
 
 from __future__ import annotations
@@ -59,10 +58,7 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at, key)",
     "CREATE INDEX IF NOT EXISTS ledger_payer ON ledger (payer, at, key)",
     "CREATE INDEX IF NOT EXISTS ledger_route ON ledger (route, at, key)",
-    # Entries without a transaction (session charges, most of a busy ledger) are left out: every index an insert
-    # touches is one more page written and synced per paid request. (Files made before it had a full index.)
-    "DROP INDEX IF EXISTS ledger_tx",
-    "CREATE INDEX IF NOT EXISTS ledger_tx_set ON ledger (tx_hash) WHERE tx_hash != ''",
+    "CREATE INDEX IF NOT EXISTS ledger_tx ON ledger (tx_hash)",
     "CREATE UNIQUE INDEX IF NOT EXISTS ledger_refund ON ledger (refund_of) WHERE refund_of IS NOT NULL",
 )
 _COLUMNS = (
@@ -111,8 +107,7 @@ def _where(query: LedgerQuery, *, descending: bool, after: tuple[float, str] | N
         clauses.append("route = ?")
         params.append(query.route)
     if query.tx_hash is not None:
-        # "!= ''" spelled out lets the planner use the partial index (it cannot tell a parameter from '').
-        clauses.append("tx_hash = ? AND tx_hash != ''" if query.tx_hash else "tx_hash = ?")
+        clauses.append("tx_hash = ?")
         params.append(query.tx_hash.lower())
     if query.since is not None:
         clauses.append("at >= ?")
