@@ -3,8 +3,8 @@
 Why each rule exists:
 
 * One dedicated worker thread owns the connection: the event loop never waits on the file (a lock, an fsync, a
-  checkpoint), and the calls of one store object are serialised. A cancelled caller does not cancel the transaction
-  already handed to that thread.
+  checkpoint; one exception below), and the calls of one store object are serialised. A cancelled caller does not
+  cancel the transaction already handed to that thread.
 * The connection is opened lazily (on the first call, on the worker thread) with ``isolation_level=None``: no
   implicit transactions; each transition issues its own ``BEGIN IMMEDIATE``.
 * ``busy_timeout``: a writer waits that long for another process's write lock, then fails closed.
@@ -35,11 +35,13 @@ Why each rule exists:
 * On ``sqlite3.Error`` the connection may be left mid-transaction or broken (disk full, I/O error): it is dropped
   and the next call starts afresh, so the store recovers once the file is usable again.
 * A write that needs no fsync (``durable=False``) runs at once on the event loop, over a connection of its own, when
-  nothing waits for it: no call of this store is queued, no write of this process holds the file, and SQLite's lock
-  is free (asked with a timeout of 0). It commits without fsync, a WAL append of tens of microseconds, cheaper than
-  the hop to the worker thread and back (a session voucher's lock, a ledger entry). That connection never
-  checkpoints (``wal_autocheckpoint = 0``: the workers' connections do), so the loop never waits for a checkpoint's
-  fsync. Anything that would wait, or any SQLite error, sends the call to the worker thread, which gives the answer.
+  nothing waits for it: no call of this store is queued or running on the worker, no write of this process holds
+  the file, and SQLite's lock is free (asked with a timeout of 0). It commits without fsync, a WAL append of tens of
+  microseconds, cheaper than the hop to the worker thread and back (a session voucher's lock, a ledger entry). That
+  connection never checkpoints (``wal_autocheckpoint = 0``: the workers' connections do), so the loop never waits
+  for a checkpoint's fsync; the exception: when its write is the first after a checkpoint that emptied the WAL, it
+  restarts the log, and SQLite syncs the WAL's header then (one fdatasync per WAL cycle, about a thousand pages).
+  Anything that would wait, or any SQLite error, sends the call to the worker thread, which gives the answer.
 * Point reads by primary key (:meth:`SQLiteFile.read`) run on the event loop over a second, read-only connection:
   a WAL reader never waits for the writer, and a lookup in the page cache costs microseconds, far less than the
   hop to the worker thread and back. Anything that would wait (a busy or locked file, a table not created yet, an
@@ -146,6 +148,7 @@ class SQLiteFile:
         self._lock = _write_lock(path)
         self._inline: sqlite3.Connection | None = None  # event-loop thread: writes without fsync (_try_inline)
         self._inline_thread: int | None = None  # the thread in an inline write now (the loop's), else None
+        self._queued = 0  # calls handed to the worker and not answered yet (event-loop thread)
         self.groups = 0  # group transactions committed with more than one call (for tests and benchmarks)
 
     # -- worker-thread side ---------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ class SQLiteFile:
     def _try_inline(self, fn: Callable[..., T], args: tuple[object, ...]) -> tuple[bool, T | None]:
         """(True, ``fn(*args)``) run on the event loop at once, or (False, None): the call must go to the worker
         thread (see the module docstring). A domain error of ``fn`` is raised as the worker would deliver it."""
-        if self._pending or not self._lock.acquire(blocking=False):
+        if self._queued or not self._lock.acquire(blocking=False):
             return False, None
         try:
             conn = self._inline
@@ -343,6 +346,8 @@ class SQLiteFile:
                 return False, None
             finally:
                 self._inline_thread = None
+                if self._inline is not None and self._inline.in_transaction:
+                    self._drop_inline()  # its ROLLBACK failed: closing it is what gives SQLite's lock back
         finally:
             self._lock.release()
 
@@ -385,16 +390,22 @@ class SQLiteFile:
         fut: asyncio.Future[T] = loop.create_future()
         item = (fn, args, loop, fut, durable)
         self._pending.append(item)
+        self._queued += 1
         try:
             self._executor.submit(self._drain)
         except RuntimeError as exc:  # the executor was shut down under us
+            self._queued -= 1
             with contextlib.suppress(ValueError):
                 self._pending.remove(item)  # never to run: its caller hears "closed"
             raise StoreUnavailable(f"the {self._what} is closed") from exc
+        fut.add_done_callback(self._answered)
         try:
             return await asyncio.shield(fut)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self._what}: {type(exc).__name__}: {exc}") from exc
+
+    def _answered(self, _fut: asyncio.Future[Any]) -> None:
+        self._queued -= 1
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(conn)``, a short read-only query (a lookup by key), answered on the event loop when the file
