@@ -8,6 +8,8 @@ route's fallback and then streams on. Only 2xx answers are held; anything else p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.engine.sessions import SessionRequest
 from gateway.http.asgi import Message, Send
 from gateway.schemes.batch.meter import MAX_METERED_BODY
@@ -15,7 +17,9 @@ from gateway.schemes.batch.meter import MAX_METERED_BODY
 __all__ = ["metering_send"]
 
 
-def metering_send(paid: SessionRequest, send: Send) -> Send:
+def metering_send(paid: SessionRequest, send: Send, known: Callable[[], None] = lambda: None) -> Send:
+    """``known`` is called once the charge is settled by what came so far (read, the fallback, or no charge: not a
+    2xx): from then on the rest of the answer changes nothing the payment layer owes or is owed."""
     held: Message | None = None
     body = bytearray()
     passing = False
@@ -28,6 +32,7 @@ def metering_send(paid: SessionRequest, send: Send) -> Send:
         if message["type"] == "http.response.start":
             if not 200 <= message["status"] < 300:
                 passing = True
+                known()
                 await send(message)
                 return
             held = message
@@ -41,6 +46,7 @@ def metering_send(paid: SessionRequest, send: Send) -> Send:
             return
         paid.charge_from_body(bytes(body), complete=not more)
         passing = True
+        known()
         await send(held)
         await send({"type": "http.response.body", "body": bytes(body), "more_body": more})
 

@@ -467,8 +467,10 @@ class PaymentMiddleware:
 
         target: Send = wrapped_send
         if isinstance(paid, SessionRequest) and paid.reads_body:
-            target = metering_send(paid, wrapped_send)  # the charge is in the body: hold the answer for it
-            info["charge_at_end"] = True  # ...and the proxy reads the answer to its end, the client gone or not
+            # the charge is in the body: hold the answer for it, and the proxy reads on until it is known, the
+            # client gone or not (an endless stream: until the meter gives up on it, MAX_METERED_BODY)
+            info["charge_at_end"] = True
+            target = metering_send(paid, wrapped_send, lambda: info.__setitem__("charge_at_end", False))
             # ...which must be readable: a client asking for gzip must not make its usage unreadable (and its
             # charge the fallback), so the upstream is asked for the identity encoding.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import ipaddress
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from yarl import URL
 
@@ -284,7 +285,7 @@ class UpstreamProxy:
                 state=state,
                 send=send,
                 lease=lease,
-                to_the_end=_charged_at_the_end(scope),
+                pending=_pending_charge(scope),
             )
         except asyncio.CancelledError:
             if state.cancelled and task.uncancel() == 0:
@@ -307,10 +308,10 @@ class UpstreamProxy:
         state: _Exchange,
         send: Send,
         lease: Lease,
-        to_the_end: bool = False,
+        pending: dict[str, Any] | None = None,
     ) -> None:
-        """``to_the_end``: the payment's charge is read from the answer's end (a metered session), so the answer is
-        read to its end even when the client left (docs/threat-model.md T11)."""
+        """``pending``: while its ``charge_at_end`` is set, the payment's charge is still to be read from the answer
+        (a metered session), so the answer is read on even when the client left (docs/threat-model.md T11)."""
         await self.start()
         assert self._pool is not None
         try:
@@ -345,7 +346,7 @@ class UpstreamProxy:
                 while streams and not resp.at_eof:
                     if not silent:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if state.disconnected and not to_the_end:
+                    if state.disconnected and not (pending is not None and pending.get("charge_at_end")):
                         # A paid request the client left runs on only until its status line is relayed (and its
                         # payment settled on it, docs/threat-model.md T11): the rest of the answer is for no one,
                         # and an endless stream would hold its upstream connection for ever. Unless its charge is
@@ -429,12 +430,13 @@ def _start_watching(
     watcher.append(asyncio.ensure_future(UpstreamProxy._watch_disconnect(receive, state, task, lease)))
 
 
-def _charged_at_the_end(scope: Scope) -> bool:
-    """Does the payment layer read this request's charge from its answer's end (PaymentMiddleware says so in the
-    scope's state: a session on a route metered by the answer's JSON)?"""
+def _pending_charge(scope: Scope) -> dict[str, Any] | None:
+    """The payment layer's record of this request (PaymentMiddleware puts it in the scope's state): its
+    ``charge_at_end`` says whether the charge is still to be read from the answer (a session on a route metered by
+    the answer's JSON, until the meter has what it needs)."""
     state = scope.get("state")
     paid = state.get("x402") if isinstance(state, dict) else None
-    return isinstance(paid, dict) and bool(paid.get("charge_at_end"))
+    return paid if isinstance(paid, dict) and "charge_at_end" in paid else None
 
 
 def _lease(scope: Scope) -> Lease:
