@@ -334,7 +334,8 @@ async def test_sync_mirrors_the_chain_and_raises_charged_to_total_claimed(store:
     # A reorganisation undid a claim: the chain's lower total is stored, charged never goes down.
     undone = await store.sync(ch.channel_id, OnChainState(balance=900, total_claimed=60), now=now + 3)
     assert undone is not None and (undone.total_claimed, undone.charged) == (60, 80)
-    assert [c.channel_id for c in await store.unclaimed(CHAIN, now=now + 3, limit=10)] == [ch.channel_id]
+    [owed] = await store.unclaimed(CHAIN, now=now + 3, limit=10)
+    assert owed.channel_id == ch.channel_id and owed.owing_since == 0  # owed since before that claim: due at once
 
 
 async def test_record_claimed_never_lowers_and_settles_the_debt(store: ChannelStore, now: float) -> None:

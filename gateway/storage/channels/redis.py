@@ -106,12 +106,14 @@ _SYNC = (
     + """
 local h = load(KEYS[1])
 if not h then return false end
+local undone = tonumber(ARGV[4]) < tonumber(h.total_claimed)  -- a reorganisation undid a claim
 if tonumber(ARGV[4]) > tonumber(h.total_claimed) then restart_owing(h) end
 h.balance, h.total_claimed, h.withdraw_requested_at, h.refund_nonce = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if tonumber(h.total_claimed) > tonumber(h.charged) then h.charged = h.total_claimed end
 h.synced_at, h.updated_at = ARGV[2], ARGV[2]
 save(KEYS[1], h)
 index(h, ARGV[2])
+if undone and owes(h) then redis.call('ZADD', P .. 'u:' .. h.chain_id, 0, h.channel_id) end  -- owed since before
 return flat(h)
 """
 )

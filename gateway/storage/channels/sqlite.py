@@ -15,6 +15,7 @@ and indexes :meth:`SQLiteChannelStore.unclaimed`; every write recomputes it from
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 from dataclasses import replace
 
@@ -190,9 +191,16 @@ def _load(conn: sqlite3.Connection, channel_id: str) -> tuple[Channel, float | N
     return None if row is None else (_channel(row), row[-1])
 
 
-def _save(conn: sqlite3.Connection, ch: Channel, since: float | None, now: float) -> None:
-    """Write ``ch`` with ``unclaimed_since`` kept (still owing, or still not), set (starts owing) or cleared."""
-    stored = since
+class _Since(enum.Enum):
+    STORED = "stored"  # _save's ``was`` when ``since`` is the row's stored value
+
+
+def _save(
+    conn: sqlite3.Connection, ch: Channel, since: float | None, now: float, was: float | _Since | None = _Since.STORED
+) -> None:
+    """Write ``ch`` with ``unclaimed_since`` kept (still owing, or still not), set (starts owing) or cleared. ``was``:
+    the row's stored value, when ``since`` is another one (by default it is the stored one)."""
+    stored = since if was is _Since.STORED else was
     if not _owes(ch):
         since = None
     elif since is None:
@@ -202,8 +210,11 @@ def _save(conn: sqlite3.Connection, ch: Channel, since: float | None, now: float
 
 def _after_claims(old: Channel, new: Channel, since: float | None) -> float | None:
     """``unclaimed_since`` once the chain's claimed total went from ``old``'s to ``new``'s: a claim took what was owed
-    since then, so what is left owes from now (None: ``_save`` sets it), the age ``claim_after`` bounds."""
-    return None if new.total_claimed > old.total_claimed else since
+    since then, so what is left owes from now (None: ``_save`` sets it), the age ``claim_after`` bounds; a claim a
+    reorganisation undid owes since before it: due at once (0)."""
+    if new.total_claimed > old.total_claimed:
+        return None
+    return 0.0 if new.total_claimed < old.total_claimed else since
 
 
 def _check_channel(ch: Channel) -> None:
@@ -252,7 +263,7 @@ class SQLiteChannelStore:
             if found is None:
                 return None
             ch = replace(found[0].with_onchain(state, now=now), updated_at=now)
-            _save(conn, ch, _after_claims(found[0], ch, found[1]), now)
+            _save(conn, ch, _after_claims(found[0], ch, found[1]), now, was=found[1])
             return ch
 
         return self._db.transaction(body)
@@ -360,7 +371,7 @@ class SQLiteChannelStore:
             ch, since = found
             claimed = max(ch.total_claimed, total_claimed)
             new = replace(ch, total_claimed=claimed, charged=max(ch.charged, claimed), updated_at=now)
-            _save(conn, new, _after_claims(ch, new, since), now)
+            _save(conn, new, _after_claims(ch, new, since), now, was=since)
             ch = new
             return ch
 
