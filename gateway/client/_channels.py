@@ -226,6 +226,11 @@ class FileSessionStore:
             records = self._read(cached=False)
             before = records.get(channel.channel_id)
             record = channel.wire()
+            if before is not None:
+                # Another process on this file may have sent a higher voucher since this one read the record: the
+                # highest ever signed is what the server may hold (gateway/client/_sessions.py, SessionCall).
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    record["signedMax"] = str(max(int(before["signedMax"]), channel.signed_max))
             records[channel.channel_id] = record
             # A new channel (its salt) and a money movement must survive a crash; a lost voucher update costs only
             # a corrective 402, so it skips the fsync (~2 ms a write on ext4).

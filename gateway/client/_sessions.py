@@ -28,6 +28,7 @@ this client's own deposits already covered it; a refund gives back what it retur
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +62,8 @@ from gateway.x402.codec import decode_header
 from gateway.x402.sessions import channel_id
 
 __all__ = ["SessionCall", "SessionPayer", "SessionRefund", "origin_of"]
+
+log = logging.getLogger("gateway.client")
 
 Send = Callable[..., Awaitable[tuple[httpx.Response, bool]]]
 ErrorOf = Callable[[httpx.Response], tuple[str | None, str]]
@@ -374,7 +377,12 @@ class SessionPayer:
             if onchain is not None:
                 channel = channel.replace(balance=onchain.balance)
         channel = channel.replace(updated_at=time.time())
-        self.store.put(channel)
+        try:
+            self.store.put(channel)
+        except OSError:
+            # The answer is paid for: it is the caller's whatever the file says. The voucher was recorded before it
+            # left, so the next call owes up to it and resynchronises from the server's state.
+            log.warning("could not record a session channel after its answer", exc_info=True)
         return response, channel
 
     def _give_back(self, cid: str, deposit: int) -> None:

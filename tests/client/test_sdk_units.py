@@ -357,3 +357,24 @@ def sdk_decode(value: str) -> Any:
     from gateway.x402.codec import decode_header
 
     return decode_header(value)
+
+
+def test_a_stale_record_written_by_another_process_never_lowers_the_highest_voucher_signed(tmp_path: Path) -> None:
+    """Two processes on one session file: the one that read the record before the other sent a higher voucher must
+    not write it back lower (a server may hold that voucher: the next call owes up to it)."""
+    from gateway.client import FileSessionStore, SessionChannel
+    from gateway.x402.sessions import ChannelConfig
+
+    addr = "0x" + "11" * 20
+    config = ChannelConfig(
+        payer=addr, payer_authorizer=addr, receiver=addr, receiver_authorizer=addr, token=addr,
+        withdraw_delay=900, salt="0x" + "22" * 32,
+    )  # fmt: skip
+    channel = SessionChannel(
+        channel_id="0x" + "33" * 32, origin="http://gw", network="eip155:8453", chain_id=8453, config=config
+    )
+    store = FileSessionStore(tmp_path / "sessions.json")
+    store.put(channel.replace(signed_max=3_000, charged=2_000))  # the other process: a voucher of 3,000 sent
+    store.put(channel.replace(signed_max=2_000, charged=2_000))  # this one, with what it read before
+    kept = store.get(channel.channel_id)
+    assert kept is not None and (kept.signed_max, kept.charged) == (3_000, 2_000)
