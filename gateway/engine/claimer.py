@@ -85,9 +85,6 @@ class Claimer:
         self._last_settle = 0.0
         self._lock = asyncio.Lock()  # one pass at a time (the loop, or an operator's "claim now")
         self._gas_per_voucher = config.claim_gas_per_voucher
-        # When this process first saw each channel owing, for a channel the store gave no such time (the store's
-        # ``owing_since`` is the age that ``claim_after`` bounds: kept across restarts).
-        self._owing_since: dict[str, float] = {}
         self._landed: set[str] = set()  # channels whose claim landed during this pass
         self._stuck: dict[str, tuple[int, float]] = {}  # channel -> (claims that would revert, next try at)
         # network -> how many channels of its last scan could not be claimed then (pausing after a claim that would
@@ -199,14 +196,9 @@ class Claimer:
             or ch.withdraw_requested_at > 0
             or ch.unclaimed >= cfg.max_unclaimed_per_channel
             or total >= cfg.max_unclaimed_total
-            or now - self._since(ch, now) >= cfg.claim_after
+            # the store's age (kept across restarts); a channel read without one is here as urgent, due anyway
+            or now - (now if ch.owing_since is None else ch.owing_since) >= cfg.claim_after
         )
-
-    def _since(self, ch: Channel, now: float) -> float:
-        """Since when ``ch`` has owed: the store's record, else when this process first saw it owing."""
-        if ch.owing_since is not None:
-            return ch.owing_since
-        return self._owing_since.setdefault(ch.channel_id, now)
 
     async def _claim(self, name: str, chain: ChannelChain, now: float, *, everything: bool) -> list[Channel]:
         """Claim what is due on one network; returns the channels still owing afterwards."""
@@ -322,7 +314,6 @@ class Claimer:
                 await self.sessions.store.record_claimed(ch.channel_id, self._claimable(ch), now=now)
             except StoreUnavailable:
                 log.warning("a landed claim could not be recorded; the chain's totalClaimed is read next time")
-            self._owing_since.pop(ch.channel_id, None)
             self._landed.add(ch.channel_id)
             self._stuck.pop(ch.channel_id, None)
             self.stats.vouchers_claimed += 1

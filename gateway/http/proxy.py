@@ -430,21 +430,25 @@ def _start_watching(
     watcher.append(asyncio.ensure_future(UpstreamProxy._watch_disconnect(receive, state, task, lease)))
 
 
-def _pending_charge(scope: Scope) -> dict[str, Any] | None:
-    """The payment layer's record of this request (PaymentMiddleware puts it in the scope's state): its
-    ``charge_at_end`` says whether the charge is still to be read from the answer (a session on a route metered by
-    the answer's JSON, until the meter has what it needs)."""
+def _payment(scope: Scope) -> dict[str, Any] | None:
+    """The payment layer's record of this request, which PaymentMiddleware puts in the scope's state (None: free)."""
     state = scope.get("state")
     paid = state.get("x402") if isinstance(state, dict) else None
-    return paid if isinstance(paid, dict) and "charge_at_end" in paid else None
+    return paid if isinstance(paid, dict) else None
+
+
+def _pending_charge(scope: Scope) -> dict[str, Any] | None:
+    """The payment's record when its ``charge_at_end`` says whether the charge is still to be read from the answer
+    (a session on a route metered by the answer's JSON, until the meter has what it needs)."""
+    paid = _payment(scope)
+    return paid if paid is not None and "charge_at_end" in paid else None
 
 
 def _lease(scope: Scope) -> Lease:
     """Who holds the upstream connection for this request: a verified payment's payer (PaymentMiddleware put it in
     the scope's state), or else the client's address; an IPv6 client counts by its /64, the block one host gets."""
-    state = scope.get("state")
-    paid = state.get("x402") if isinstance(state, dict) else None
-    if isinstance(paid, dict) and paid.get("payer"):
+    paid = _payment(scope)
+    if paid is not None and paid.get("payer"):
         return Lease(paid=True, client=f"payer:{str(paid['payer']).lower()}")
     client = scope.get("client")
     if not client:
