@@ -155,9 +155,15 @@ def cmd_store_acknowledge(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
 
-    async def run() -> tuple[str | None, str]:
+    async def run() -> tuple[str | None, str | None]:
         store = open_store(config.store.url.reveal())
         try:
+            before = await store.identity()
+            if before is not None and not before.startswith(LOST):
+                # A healthy marker stays: every running gateway would read a new one it never saw acknowledged as
+                # a loss and refuse payments (and so would a second acknowledgement after the gateways took the
+                # first one).
+                return before, None
             return await acknowledge(store)
         finally:
             await store.aclose()
@@ -166,10 +172,12 @@ def cmd_store_acknowledge(args: argparse.Namespace) -> int:
         before, after = asyncio.run(run())
     except ConfigError as exc:  # open_store: a store URL the loader let through but the store refuses
         _config_error(exc)
-    if before is not None and before.startswith(LOST):
+    if after is None:
+        print(f"nothing to acknowledge: the store is not marked lost (identity {before}); it was left unchanged")
+    elif before is not None:
         print(f"acknowledged: the store had lost its records (was {before}); new identity {after}")
     else:
-        print(f"new identity {after} (the store was not marked lost: {before or 'no identity'})")
+        print(f"new identity {after} (the store had no identity marker)")
     return 0
 
 
