@@ -26,7 +26,7 @@ demo: setup                ## one real payment end to end: local chain, SQLite s
 test: setup                ## the whole test suite (real anvil, real redis-server, real sockets)
 	$(BIN)/pytest -q
 
-bench: setup               ## benchmarks: upstream alone, gateway, official x402 stack; ~6 min (bench/RESULTS.md)
+bench: setup               ## benchmarks: upstream alone, gateway, official x402 stack; ~4-6 min (bench/RESULTS.md)
 	$(BIN)/python -m bench
 
 lint: setup

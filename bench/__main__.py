@@ -21,7 +21,7 @@ _HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests: about a minute instead of six")
+    parser.add_argument("--quick", action="store_true", help="fewer requests: a minute or two instead of four to six")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)} (default: all)")
     parser.add_argument(
         "--log-level",

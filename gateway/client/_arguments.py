@@ -59,7 +59,9 @@ def add_client_commands(sub: Any) -> None:
     prompt.add_argument("--no-wait", action="store_true", help="submit only: print the job id and exit")
     prompt.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
     prompt.add_argument("--timeout", type=float, default=300.0, help="give up waiting after this (default 300)")
-    status = sub.add_parser("status", parents=[common], help="show a job (exit 1 if it failed or was cancelled)")
+    status = sub.add_parser(
+        "status", parents=[common], help="show a job (exit 1 if it failed, was cancelled or timed out)"
+    )
     status.add_argument("job_id", metavar="JOB_ID")
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a pending or processing job")
     cancel.add_argument("job_id", metavar="JOB_ID")
