@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ from gateway.errors import BadGateway, ConfigError, ServiceUnavailable
 from gateway.networks import KNOWN_NETWORKS
 from gateway.secrets import env_var
 from gateway.x402 import reasons
-from gateway.x402.codec import dumps
+from gateway.x402.codec import dumps, loads
 
 log = logging.getLogger("gateway.facilitator")
 
@@ -388,8 +387,8 @@ class FacilitatorClient:
         if not 200 <= status < 500 or 300 <= status < 400:
             raise BadGateway(f"{what} answered HTTP {status}", reason=BAD_ANSWER)
         try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            doc = loads(raw)
+        except ValueError:
             if status in {401, 403}:
                 raise BadGateway(f"{what} refused our credentials (HTTP {status})", reason=BAD_ANSWER) from None
             raise BadGateway(f"{what} answered HTTP {status} with a body that is not JSON", reason=BAD_ANSWER) from None

@@ -45,6 +45,7 @@ from gateway.config import Secret
 from gateway.errors import ChainUnavailable
 from gateway.tasks import stop_all
 from gateway.x402 import reasons
+from gateway.x402.codec import loads
 
 log = logging.getLogger("gateway.chain")
 
@@ -240,7 +241,7 @@ class ChainRpc:
             async with self._session.post(url.reveal(), json=body, timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise ChainUnavailable(f"network {self.name}: RPC endpoint {index} answered HTTP {resp.status}")
-                return await resp.json(content_type=None)
+                return await resp.json(content_type=None, loads=loads)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # The exception text may contain the URL (and its key): log only the type.
             raise ChainUnavailable(

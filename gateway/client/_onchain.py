@@ -14,6 +14,7 @@ from gateway.client._errors import PaymentFailed, error_summary
 from gateway.client._logs import hide_urls
 from gateway.client._spend import chain_id_of
 from gateway.secrets import redact_url
+from gateway.x402.codec import loads
 from gateway.x402.sessions import SETTLEMENT_CONTRACT
 
 __all__ = ["ChannelReader", "OnchainChannel"]
@@ -47,7 +48,8 @@ class ChannelReader:
     async def _call(self, url: str, method: str, params: list[object]) -> str:
         response = await self._http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
         response.raise_for_status()
-        result = response.json().get("result")
+        doc = loads(response.content)
+        result = doc.get("result") if isinstance(doc, dict) else None
         if not isinstance(result, str):
             raise ValueError(f"{method}: no result")
         return result

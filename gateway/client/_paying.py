@@ -51,7 +51,7 @@ from gateway.client.exact import Option, sign_exact_payment
 from gateway.client.session import SessionOffer, session_offers
 from gateway.client.txhash import tx_proof_headers
 from gateway.x402 import reasons
-from gateway.x402.codec import decode_header
+from gateway.x402.codec import decode_header, loads
 
 __all__ = ["PayWith", "PayingClient", "error_of", "json_doc"]
 
@@ -76,8 +76,8 @@ class _Offer:
 
 def json_doc(response: httpx.Response) -> dict[str, Any] | None:
     try:
-        doc = response.json()
-    except (ValueError, UnicodeDecodeError):
+        doc = loads(response.content)
+    except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
 

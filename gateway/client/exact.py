@@ -7,7 +7,6 @@ from the JSON body otherwise.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 
 from gateway.networks import KNOWN_NETWORKS
-from gateway.x402.codec import decode_header, encode_header
+from gateway.x402.codec import decode_header, encode_header, loads
 
 # The longest an authorization signed here stays valid, whatever a 402's maxTimeoutSeconds asks: a server may hold
 # a signed authorization and settle it at any time before its validBefore (gateways ask for minutes; a day leaves
@@ -49,7 +48,7 @@ def parse_challenge(headers: Any, body: bytes) -> list[Option]:
     if raw:
         doc = decode_header(raw)
         return [Option(2, r, doc.get("resource")) for r in doc.get("accepts", [])]
-    doc = json.loads(body or b"{}")
+    doc = loads(body or b"{}")
     return [Option(1, r, None) for r in doc.get("accepts", [])]
 
 

@@ -18,7 +18,6 @@ The records kept here are bindings, not job state: the job's status lives upstre
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
@@ -32,6 +31,7 @@ from gateway.jobs.layer import _MAX_CACHED, JobsLayer, _Expiring, without_header
 from gateway.jobs.model import Job, JobStatus, now_ms
 from gateway.storage.jobs import JobStore
 from gateway.x402 import reasons
+from gateway.x402.codec import loads
 
 __all__ = ["FrontJobs", "find_job_id"]
 
@@ -111,8 +111,8 @@ def _json_answer(captured: _Captured) -> Any:
     if encoding not in (b"identity", b""):
         raise BadGateway("the upstream compressed its answer", reason=reasons.UPSTREAM_ANSWER_UNREADABLE)
     try:
-        return json.loads(captured.body)
-    except (ValueError, UnicodeDecodeError):
+        return loads(captured.body)
+    except ValueError:
         raise BadGateway("the upstream's answer is not JSON", reason=reasons.UPSTREAM_ANSWER_UNREADABLE) from None
 
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.x402.codec import loads
+
 __all__ = [
     "MAX_LINE_BYTES",
     "Failure",
@@ -81,8 +83,8 @@ def interpret(obj: Any) -> Event | None:
 
 def _loads(raw: bytes | str) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return loads(raw)
+    except ValueError:
         return None
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from gateway.jobs.auth import PAYER_AUTH_REQUIRED, AuthProblem
 from gateway.jobs.model import Job, JobStatus
 from gateway.storage.jobs import JobStats
+from gateway.x402.codec import loads
 
 Style = Literal["agent", "messaging"]
 
@@ -251,8 +252,8 @@ class NewJob:
 
 def _document(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError):
+        doc = loads(body) if body.strip() else None
+    except ValueError:
         raise invalid("The request body must be a JSON object") from None
     if not isinstance(doc, dict):
         raise invalid("The request body must be a JSON object")

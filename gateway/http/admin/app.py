@@ -33,7 +33,7 @@ from gateway.http.app import Gateway
 from gateway.http.asgi import Message, Receive, Scope, Send, error_body, header
 from gateway.ops.logs import REDACTOR
 from gateway.x402 import reasons
-from gateway.x402.codec import dumps
+from gateway.x402.codec import dumps, loads
 
 __all__ = ["AdminApp"]
 
@@ -278,8 +278,8 @@ async def _json_body(receive: Receive) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's limit
+        body = loads(raw)
+    except ValueError:  # (also: nested too deep to read, gateway/x402/codec.py)
         raise BadRequest("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")

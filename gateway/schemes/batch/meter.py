@@ -9,7 +9,6 @@ and both are logged (docs/sessions.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 from gateway.config import MeterConfig
 from gateway.networks import USDC_DECIMALS
-from gateway.x402.codec import RawHeaders
+from gateway.x402.codec import RawHeaders, loads
 
 log = logging.getLogger("gateway.sessions")
 
@@ -70,9 +69,11 @@ class Meter:
         value: Any = doc
         for part in cfg.json.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             return self._bounded(None)
-        return self._bounded(math.ceil(Decimal(str(value)) * cfg.unit_price))
+        if isinstance(value, float) and not math.isfinite(value):  # (an int is never: JSON's have no bound)
+            return self._bounded(None)
+        return self._bounded(math.ceil(Decimal(value if isinstance(value, int) else str(value)) * cfg.unit_price))
 
 
 _PLAIN_NUMBER = re.compile(r"\$?[0-9]{1,30}(\.[0-9]{1,30})?")  # no exponent: "1e7000000" would take seconds
@@ -97,7 +98,7 @@ def _amount(text: str, unit: str) -> int | None:
 def _last_json(body: bytes) -> Any:
     """The whole body as JSON, or else the last line (SSE ``data:`` prefix removed) that parses as JSON."""
     try:
-        return json.loads(body)
+        return loads(body)
     except ValueError:
         pass
     for line in reversed(body.splitlines()):
@@ -107,7 +108,7 @@ def _last_json(body: bytes) -> Any:
         if not text or text == b"[DONE]":
             continue
         try:
-            return json.loads(text)
+            return loads(text)
         except ValueError:
             continue
     return None
