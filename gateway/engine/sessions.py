@@ -189,7 +189,7 @@ class Sessions:
         request = SessionRequest(self, checked, route, locked, holder)
         try:
             if payment.kind == "deposit":
-                await request.deposit(chain)
+                await request.deposit(chain, self.config.sessions.withdraw_margin)
             if payment.kind == "refund":
                 await request.refund(chain)
             else:
@@ -340,17 +340,21 @@ class SessionRequest:
 
     # ------------------------------------------------------------------------------------------------- begin
 
-    async def deposit(self, chain: ChannelChain) -> None:
-        """Execute the deposit this payment carries (the lock is held: no voucher on this channel meanwhile)."""
+    async def deposit(self, chain: ChannelChain, margin: float) -> None:
+        """Execute the deposit this payment carries (the lock is held: no voucher on this channel meanwhile).
+
+        Only for a request that the channel, with this deposit, would serve: checked on the chain's word before any
+        transaction, so that a deposit whose request is refused anyway (a voucher it does not cover, a channel
+        whose withdrawal ends within ``margin``) costs us no gas. Otherwise a payer could have us send deposits and
+        then refund them cooperatively, over and over, without ever being charged (docs/threat-model.md T48)."""
         dep = self._checked.payment.deposit
         assert dep is not None
         before = await chain.state(self.channel_id)
-        if self._checked.payment.voucher.max_claimable > before.balance + dep.amount:
-            # Checked before any transaction: a deposit that would not cover its own voucher costs us no gas.
-            raise PaymentRequired(
-                "the voucher exceeds the channel's balance with this deposit",
-                reason=reasons.SESSION_CUMULATIVE_EXCEEDS_BALANCE,
-            )
+        now = time.time()
+        self.channel = await self.store.sync(self.channel_id, before, now=now) or self.channel
+        if before.withdraw_requested_at:
+            now = max(now, await chain.latest_time())  # when a withdrawal may end is the chain's clock's to say
+        self._cover(margin, now, replace(self.channel, balance=before.balance + dep.amount))
         self.tx_hash = await chain.deposit(self._checked.payment.config, dep)
         self.deposited = dep.amount
         self._sessions.watch_deposit(self._checked, self.tx_hash, dep.amount)
@@ -381,8 +385,8 @@ class SessionRequest:
         synced = await self.store.sync(self.channel_id, await chain.state(self.channel_id), now=now)
         self.channel = synced or self.channel
 
-    def _cover(self, margin: float, now: float) -> None:
-        ch = self.channel
+    def _cover(self, margin: float, now: float, channel: Channel | None = None) -> None:
+        ch = channel or self.channel
         voucher_max = self._checked.payment.voucher.max_claimable
         if voucher_max > ch.balance:
             raise PaymentRequired(

@@ -81,6 +81,9 @@ class Gateway:
             public_url=server.public_url,
             inject_on=up.inject_headers_on,
             strip_method_override=up.strip_method_override,
+            # A client's own copy of a meter's header never reaches the upstream: one that echoes request headers
+            # into its answer would let the client name its own charge (docs/sessions.md, "Metered prices").
+            strip_headers=sorted({r.meter.header for r in config.routes if r.meter and r.meter.header}),
         )
         self.metrics = PrometheusMetrics()
         self.observers: list[Observer] = [self.metrics, AccessLog(), *observers]

@@ -78,10 +78,13 @@ def check_session_payment(
             f"no batch-settlement offer on network {payment.network[:40]!r}", reason=reasons.NETWORK_MISMATCH
         )
     cfg = payment.config
-    amounts = [payment.voucher.max_claimable] + ([payment.deposit.amount] if payment.deposit else [])
-    if max(amounts) > MAX_AMOUNT:
+    if payment.voucher.max_claimable > MAX_AMOUNT:
         raise PaymentRequired(
-            "an amount is beyond what a channel can hold here", reason=reasons.SESSION_VOUCHER_PAYLOAD
+            "the voucher's amount is beyond what a channel can hold here", reason=reasons.SESSION_VOUCHER_PAYLOAD
+        )
+    if payment.deposit is not None and payment.deposit.amount > MAX_AMOUNT:
+        raise PaymentRequired(
+            "the deposit's amount is beyond what a channel can hold here", reason=reasons.SESSION_DEPOSIT_PAYLOAD
         )
     if cfg.receiver != req.pay_to.lower():
         raise PaymentRequired("the channel's receiver is not this server's", reason=reasons.SESSION_RECEIVER_MISMATCH)
