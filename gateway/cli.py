@@ -62,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     configure_logging(args.log_level, json=args.log_format == "json")
+    for warning in config_warnings(config):  # what ``check`` prints, for operators who never ran it
+        logging.getLogger("gateway.config").warning("config: %s", warning)
     host = args.host or config.server.listen_host
     port = args.port or config.server.listen_port
     server = config.server
@@ -84,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lifespan="on",
         proxy_headers=False,  # forwarded headers are trusted only through server.trust_forwarded_headers
         server_header=False,
-        date_header=False,  # the upstream's own Date header passes through; two would confuse clients
+        date_header=False,  # the upstream's own Date passes through (gateway/http/server.py adds one where none is)
     )
     if config.admin is None:
         uvicorn.run(app, host=host, port=port, **options)
@@ -137,6 +139,10 @@ def config_warnings(config: GatewayConfig) -> list[str]:
         from gateway.config.jobs import jobs_warnings
 
         warnings.extend(jobs_warnings(config.jobs, config.routes))
+    if any("batch-settlement" in route.schemes for route in config.routes):
+        from gateway.config.sessions import sessions_warnings
+
+        warnings.extend(sessions_warnings(config.sessions))
     return warnings
 
 
@@ -150,7 +156,7 @@ def cmd_store_acknowledge(args: argparse.Namespace) -> int:
     """docs/threat-model.md T30: payments stay refused after a store lost its records until this is run."""
     import asyncio
 
-    from gateway.engine.identity import LOST, acknowledge
+    from gateway.engine.identity import acknowledge
     from gateway.storage import open_store
 
     config = _load(args.config)
@@ -158,13 +164,7 @@ def cmd_store_acknowledge(args: argparse.Namespace) -> int:
     async def run() -> tuple[str | None, str | None]:
         store = open_store(config.store.url.reveal())
         try:
-            before = await store.identity()
-            if before is not None and not before.startswith(LOST):
-                # A healthy marker stays: every running gateway would read a new one it never saw acknowledged as
-                # a loss and refuse payments (and so would a second acknowledgement after the gateways took the
-                # first one).
-                return before, None
-            return await acknowledge(store)
+            return await acknowledge(store)  # a healthy marker is left alone (after is None)
         finally:
             await store.aclose()
 

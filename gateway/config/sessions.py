@@ -17,7 +17,7 @@ from gateway.errors import ConfigError
 from gateway.money import parse_usd
 from gateway.secrets import Secret, env_var
 
-__all__ = ["AUTHORIZER_KEY_ENV", "MeterConfig", "SessionsConfig", "parse_meter", "parse_sessions"]
+__all__ = ["AUTHORIZER_KEY_ENV", "MeterConfig", "SessionsConfig", "parse_meter", "parse_sessions", "sessions_warnings"]
 
 AUTHORIZER_KEY_ENV = "X402_AUTHORIZER_KEY"  # default name of the variable holding the receiver authorizer's key
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
@@ -97,6 +97,18 @@ def parse_sessions(t: Table, env: Mapping[str, str], *, relayer_key: Secret | No
     )
     t.done()
     return cfg
+
+
+def sessions_warnings(cfg: SessionsConfig) -> list[str]:
+    """Settings that are valid but put session charges at risk (``check`` prints them, ``serve`` logs them)."""
+    if cfg.claim_interval >= cfg.withdraw_margin:
+        return [
+            f"sessions.claim_interval ({cfg.claim_interval:g} s) is not shorter than sessions.withdraw_margin "
+            f"({cfg.withdraw_margin:g} s): a charge taken just before a withdrawal's last {cfg.withdraw_margin:g} s "
+            "may still be unclaimed when the withdrawal ends, and the payer takes it back; keep claim_interval well "
+            'below withdraw_margin (docs/sessions.md, "Withdrawals")'
+        ]
+    return []
 
 
 def _same_key(a: str, b: str) -> bool:

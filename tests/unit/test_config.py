@@ -114,3 +114,36 @@ def test_cli_check_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "payment.pay_to" in proc.stderr
+
+
+def test_a_claimer_slower_than_the_withdrawal_margin_is_warned_about(tmp_path: Path) -> None:
+    # A withdrawing channel takes charges until withdraw_margin before the withdrawal can end; each must be claimed
+    # by then, by a claimer pass that comes every claim_interval. Valid (tests use it to keep the claimer quiet),
+    # but an operator who sets it so should hear what it risks, whether or not they run `check`.
+    from gateway.cli import config_warnings
+
+    env = {**ENV, "X402_AUTHORIZER_KEY": "0x" + "cd" * 32}
+    session_route = [{"route": "POST /agent/prompt", "price": "0.10", "schemes": ["exact", "batch-settlement"]}]
+    slow = parse_config(
+        minimal(routes=session_route, sessions={"claim_interval": 900, "withdraw_margin": 600}), env=env
+    )
+    assert any("sessions.claim_interval (900 s) is not shorter than" in w for w in config_warnings(slow))
+    assert not config_warnings(parse_config(minimal(routes=session_route), env=env))  # 30 s against 600 s
+    assert not config_warnings(parse_config(minimal(sessions={"claim_interval": 900}), env=env))  # no session route
+
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[upstream]\nurl = "http://127.0.0.1:9"\n[payment]\npay_to = "' + PAY_TO + '"\n'
+        '[networks.base]\nrpc_urls = ["http://127.0.0.1:9"]\n[sessions]\nclaim_interval = 900\nwithdraw_margin = 600\n'
+        '[[routes]]\nroute = "POST /agent/prompt"\nprice = "0.10"\nschemes = ["exact", "batch-settlement"]\n'
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", "-c", str(path)],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: sessions.claim_interval (900 s)" in checked.stderr
