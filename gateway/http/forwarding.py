@@ -27,9 +27,15 @@ HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer transfer-encoding upgrade "
     b"proxy-connection expect".split()
 )
-# Answered by our own server: the upstream's copy would be a second Date / Server field in the answer (Date is a
-# singleton, RFC 9110 6.6.1), which strict clients refuse. nginx drops the same two by default.
+# Stamped by a server that writes its own (plain uvicorn, embedded): the upstream's copy would be a second Date /
+# Server field in the answer (Date is a singleton, RFC 9110 6.6.1), which strict clients refuse. So both are dropped,
+# unless the scope carries SERVER_KEEPS_DATE: the server ``x402-gateway serve`` runs (gateway/http/server.py) stamps
+# no Date of its own and adds one only to an answer that has none, so there the upstream's Date is relayed as the
+# end-to-end field it is (a cache downstream computes ages from the origin's Date). Dropped under a server that
+# stamps nothing, an answer went out with no Date at all (RFC 9110 6.6.1: MUST). The upstream's Server is dropped
+# either way, as nginx does: it names the software behind the gateway to anyone who asks.
 UPSTREAM_OWN = frozenset({b"date", b"server"})
+SERVER_KEEPS_DATE = "gateway.server_keeps_date"
 PAYMENT_HEADERS = frozenset(b"x-payment payment-signature x-payment-network x-payment-auth x-payment-binding".split())
 # A host as DNS and IP addresses spell it (letters, digits, '-', '.', '_'; an IPv6 literal in brackets) and a port:
 # RFC 3986 also allows sub-delimiters (quotes, parentheses, ...) in a name, which no real host has and an upstream
@@ -41,10 +47,15 @@ FORWARDING_HEADERS = frozenset(
     b"forwarded x-forwarded-for x-forwarded-proto x-forwarded-host x-forwarded-port x-real-ip".split()
 )
 RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_OWN
-# Everything that may appear unescaped in a path or query; anything else (raw non-ASCII, '#', '\\', space) is
+_RESPONSE_DROP_KEEPING_DATE = HOP_BY_HOP | {b"server"}
+# Everything that may appear unescaped in a path (or a query, below); anything else (raw non-ASCII, '#', '\\', space) is
 # percent-encoded so no upstream parser can re-read or truncate it. '%' is safe: existing escapes pass untouched.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
+# A query is not priced (its path is): every visible ASCII character but '#' goes up as the client sent it, so an
+# upstream reads the query the client wrote, byte for byte (``ids[]=1``, ``where={"a":1}``, ``a|b``: signatures over
+# the raw URL, and parsers that treat ``%5B`` and ``[`` apart, see what was sent). Control characters, a space and
+# raw non-ASCII bytes (which only a lax client sends) are still percent-encoded, and '#' would end the target.
+_QUERY_SAFE = _PATH_SAFE + '?"<>[\\]^`{|}'
 _DOT_SEGMENTS = frozenset({".", ".."})
 # A path that upstream_path returns as it is (after the base): only characters quote() keeps with _PATH_SAFE, no '%'.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
@@ -188,11 +199,14 @@ class Forwarding:
         target = upstream_path(self._base, path)
         return f"{target}?{query}" if query else target
 
-    def response_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
-        """The upstream's answer headers as relayed (hop-by-hop and our server's own dropped, URLs on the upstream's
-        origin made public), and whether a URL was rewritten."""
+    def response_headers(
+        self, headers: Iterable[tuple[bytes, bytes]], *, keep_date: bool = False
+    ) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The upstream's answer headers as relayed (hop-by-hop and Server dropped, and Date unless ``keep_date``:
+        the server keeps an answer's own, see SERVER_KEEPS_DATE; URLs on the upstream's origin made public), and
+        whether a URL was rewritten."""
         headers = list(headers)
-        drop = RESPONSE_DROP
+        drop = _RESPONSE_DROP_KEEPING_DATE if keep_date else RESPONSE_DROP
         for k, v in headers:
             if k.lower() == b"connection":
                 drop = drop | {t.strip().lower() for t in v.split(b",")}
@@ -244,6 +258,7 @@ __all__ = [
     "HOP_BY_HOP",
     "PAYMENT_HEADERS",
     "RESPONSE_DROP",
+    "SERVER_KEEPS_DATE",
     "UPSTREAM_OWN",
     "Forwarding",
     "upstream_path",

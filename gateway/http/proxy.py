@@ -51,7 +51,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.http.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
-from gateway.http.forwarding import CREDENTIALS_KEY, Forwarding, upstream_path
+from gateway.http.forwarding import CREDENTIALS_KEY, SERVER_KEEPS_DATE, Forwarding, upstream_path
 from gateway.http.upstream import (
     ClientBusy,
     ConnectFailed,
@@ -286,6 +286,7 @@ class UpstreamProxy:
                 send=send,
                 lease=lease,
                 pending=_pending_charge(scope),
+                keep_date=scope.get(SERVER_KEEPS_DATE) is True,
             )
         except asyncio.CancelledError:
             if state.cancelled and task.uncancel() == 0:
@@ -309,9 +310,11 @@ class UpstreamProxy:
         send: Send,
         lease: Lease,
         pending: dict[str, Any] | None = None,
+        keep_date: bool = False,
     ) -> None:
         """``pending``: while its ``charge_at_end`` is set, the payment's charge is still to be read from the answer
-        (a metered session), so the answer is read on even when the client left (docs/threat-model.md T11)."""
+        (a metered session), so the answer is read on even when the client left (docs/threat-model.md T11).
+        ``keep_date``: the server keeps the answer's own Date and Server (see ``Forwarding.response_headers``)."""
         await self.start()
         assert self._pool is not None
         try:
@@ -323,7 +326,7 @@ class UpstreamProxy:
                 held = await _whole_body(resp) if lease.paid and method != "HEAD" else None
                 if resp.error is not None:  # already known to be cut short or garbled: a 502, not a truncated answer
                     raise resp.error
-                out, rewritten = self._forwarding.response_headers(resp.headers)
+                out, rewritten = self._forwarding.response_headers(resp.headers, keep_date=keep_date)
                 # A redirect's body is a note repeating its Location (Express: "Redirecting to http://..."): when
                 # that named the upstream's origin, the note goes too, so the origin is not shown there instead.
                 silent = rewritten and 300 <= resp.status < 400

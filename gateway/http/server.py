@@ -35,6 +35,11 @@ went upstream with no bytes behind it. Such a request with a body is a 400 and t
 other framing the gateway cannot read one way; one without a body is answered as a plain request, and the
 connection closes after it (what followed it in the same read was never parsed).
 
+Date (RFC 9110 6.6.1). ``serve`` runs uvicorn without a Date (or Server) field of its own, so that a relayed answer
+does not carry two; an answer's own Date (the upstream's, relayed: the scope's ``SERVER_KEEPS_DATE`` tells the proxy
+to keep it) goes out as it is, and an answer with none (the gateway's own 402s, 5xx, health answers; the head
+refusals here) gets one.
+
 One more change, for speed: uvicorn writes a response's status line and headers, then its body, in two writes
 (two system calls, each waking the client). The head is held until the body's first write in the same turn of the
 event loop and both leave in one write (:class:`_OneWrite`); a head whose body is not ready by the end of that turn
@@ -47,10 +52,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.http.asgi import Message
+from gateway.http.forwarding import SERVER_KEEPS_DATE
 from gateway.x402 import reasons
 
 __all__ = ["HEAD_SLACK_BYTES", "guarded_protocol"]
@@ -130,6 +140,32 @@ class _OneWrite:
 
 
 _MAX_HELD = 16 * 1024  # a head (or a first write) larger than this is written at once
+
+
+_date: list[Any] = [0, b""]  # the second it was made for, and the Date value
+
+
+def _http_date() -> bytes:
+    """Now as an HTTP date (RFC 9110 5.6.7), made once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, formatdate(now, usegmt=True).encode("ascii")
+    value: bytes = _date[1]
+    return value
+
+
+def _dated(send: Callable[[Message], Awaitable[None]]) -> Callable[[Message], Awaitable[None]]:
+    """``send``, adding a Date to an answer that has none (RFC 9110 6.6.1): ``serve`` stamps no Date of its own, so
+    that a relayed upstream's (an end-to-end field) is the only one."""
+
+    async def dated(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers") or ()
+            if not any(name.lower() == b"date" for name, _ in headers):
+                message = {**message, "headers": [(b"date", _http_date()), *headers]}
+        await send(message)
+
+    return dated
 
 
 class _UpgradeWithBody(Exception):
@@ -234,10 +270,12 @@ class _GuardedHttpTools(HttpToolsProtocol):
             self._upgrade_refused = True
             raise _UpgradeWithBody  # the parser fails: a 400 (send_400_response) and close, nothing after it parsed
         before = self.cycle
+        self.scope[SERVER_KEEPS_DATE] = True  # type: ignore[literal-required]  # the proxy relays the upstream's
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle is not before:  # a new request's cycle (not an upgrade)
             cycle.transport = _OneWrite(self.transport, self.loop)  # type: ignore[assignment]
+            cycle.send = _dated(cycle.send)  # type: ignore[method-assign,assignment,arg-type]
             if ignored_upgrade:
                 cycle.keep_alive = False  # what followed it in its read is gone: nothing more is read as a request
 
@@ -327,7 +365,9 @@ class _GuardedHttpTools(HttpToolsProtocol):
         self._cancel_head_timer()
         log.debug("request head refused", extra={"client": self.client[0] if self.client else None})
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(answer)  # never in the middle of another response on this connection
+            status, _, rest = answer.partition(b"\r\n")
+            # never in the middle of another response on this connection
+            self.transport.write(b"%s\r\ndate: %s\r\n%s" % (status, _http_date(), rest))
         self.transport.close()
 
 
