@@ -8,11 +8,20 @@ heartbeat, and when the marker is gone or replaced it writes ``lost:<old marker>
 sharing the store then refuses payments (503 ``store_identity_lost``; free routes and 402 challenges still work)
 until ``x402-gateway store acknowledge`` writes a new marker. What stays refused even after an acknowledgement is
 what the chain itself shows: authorizations and transfers this gateway's own relayer settled (T27).
+
+The marker an acknowledgement writes is derived from the loss it acknowledges (:func:`acknowledged_identity` of
+``lost:<old marker>``), never drawn at random. The store offers no compare-and-set of the marker, only "set" and "set
+unless there is one", so two operators acknowledging one loss at the same moment both write: with random markers a
+gateway that took the first one read the second as a replaced marker, a new loss, and every instance refused payments
+again. Derived, both write the same marker. And a gateway whose heartbeat did not come round between the loss being
+marked and its acknowledgement (it never saw ``lost:``) recognises the acknowledgement of the loss of its own marker
+instead of reading it as another loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import uuid
@@ -29,6 +38,12 @@ LOST = "lost:"
 
 def new_identity() -> str:
     return uuid.uuid4().hex
+
+
+def acknowledged_identity(lost: str) -> str:
+    """The marker that acknowledges the loss marked ``lost`` (``lost:<old marker>``): the same for every operator
+    acknowledging that loss, a new one for every loss (module docstring)."""
+    return hashlib.sha256(b"x402-gateway store acknowledged\n" + lost.encode()).hexdigest()[:32]
 
 
 class StoreIdentity:
@@ -59,6 +74,11 @@ class StoreIdentity:
                 await self.store.set_identity(LOST + (self.known or "unknown"), only_if_absent=True)
             return
         if value == self.known:
+            return
+        if self.known is not None and value == acknowledged_identity(LOST + self.known):
+            # Marked lost and acknowledged between two of our heartbeats: the loss of our own marker, acknowledged.
+            log.warning("the receipt store lost its records and an operator acknowledged it: taking payments again")
+            self._adopt(value)
             return
         if value is None or not value.startswith(LOST):
             # Gone, or replaced by a marker this process never saw being acknowledged: the records went with it.
@@ -101,11 +121,17 @@ class StoreIdentity:
             log.warning("could not write store.identity_file; a wiped store is then noticed only while running")
 
 
-async def acknowledge(store: ReceiptStore) -> tuple[str | None, str]:
-    """The operator's word that the store's loss is understood: a new marker; instances take payments again."""
+async def acknowledge(store: ReceiptStore) -> tuple[str | None, str | None]:
+    """The operator's word that the store's loss is understood: ``(marker before, marker now)``; instances take
+    payments again. A healthy marker is left alone (``None`` after it): a new one would read as another loss to every
+    running gateway. A missing one is written only if still missing; a loss gets the marker derived from it, so that
+    operators acknowledging it at the same moment write one marker (module docstring)."""
     before = await store.identity()
-    after = await store.set_identity(new_identity(), only_if_absent=False)
-    return before, after
+    if before is not None and not before.startswith(LOST):
+        return before, None
+    if before is None:
+        return before, await store.set_identity(new_identity(), only_if_absent=True)
+    return before, await store.set_identity(acknowledged_identity(before), only_if_absent=False)
 
 
-__all__ = ["LOST", "StoreIdentity", "acknowledge"]
+__all__ = ["LOST", "StoreIdentity", "acknowledge", "acknowledged_identity"]

@@ -6,6 +6,7 @@ people. Pages of payments are newest first; ``next`` holds the ``before`` / ``be
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -89,21 +90,26 @@ class Queries:
 
     async def export_csv(self, call: Call) -> Answer:
         """``GET /admin/payments.csv?payer=&route=&tx=&since=&until=``: every match, oldest first."""
-        return self._export(call, "text/csv; charset=utf-8", "payments.csv", csv_header(), csv_row)
+        return await self._export(call, "text/csv; charset=utf-8", "payments.csv", csv_header(), csv_row)
 
     async def export_jsonl(self, call: Call) -> Answer:
         """``GET /admin/payments.jsonl?...``: one JSON object per line, oldest first."""
-        return self._export(call, "application/jsonl; charset=utf-8", "payments.jsonl", "", jsonl_line)
+        return await self._export(call, "application/jsonl; charset=utf-8", "payments.jsonl", "", jsonl_line)
 
-    def _export(
+    async def _export(
         self, call: Call, content_type: str, filename: str, head: str, line: Callable[[LedgerEntry], str]
     ) -> Answer:
         call.only(_FILTERS)
-        entries = self._stores.ledger.export(self._query(call))
+        entries = aiter(self._stores.ledger.export(self._query(call)))
+        # The first read is made before the answer's status: a ledger that cannot answer is a 503 with its reason
+        # (and so in the audit log), not a 200 whose body breaks off. A failure later on can only cut the body short.
+        first: list[LedgerEntry] = []
+        with contextlib.suppress(StopAsyncIteration):
+            first.append(await anext(entries))
 
         async def chunks() -> AsyncIterator[bytes]:
-            pending = [head] if head else []
-            size = len(head)
+            pending = [text for text in (head, *map(line, first)) if text]
+            size = sum(map(len, pending))
             async for entry in entries:
                 text = line(entry)
                 pending.append(text)
