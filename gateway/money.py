@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation, localcontext
 
 from gateway.networks import USDC_DECIMALS
@@ -14,6 +15,7 @@ from gateway.networks import USDC_DECIMALS
 # doubles; SQLite's INTEGER is 64-bit): ~9 billion USDC. No price or limit is ever larger.
 MAX_ATOMIC = 2**53 - 1
 _MAX_DIGITS = 64  # characters of a price as written: far more than any real one
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
@@ -24,6 +26,12 @@ def parse_usd(text: str | int | Decimal, *, decimals: int = USDC_DECIMALS) -> in
     raw = str(text).strip().removeprefix("$").strip()
     if len(raw) > _MAX_DIGITS:  # every digit below is then kept exactly (the context's precision)
         raise ValueError(f"not a price: {raw[:20]!r}... is {len(raw)} characters long")
+    if raw.startswith("-"):
+        raise ValueError(f"not a non-negative amount: {raw!r}")
+    if not _DECIMAL.fullmatch(raw):
+        # Decimal() also reads other scripts' digits ("٣" is 3), underscores ("1_000") and "+": a price is
+        # written in ASCII digits, so what a person reads is what is charged.
+        raise ValueError(f"not a decimal amount: {raw!r} (ASCII digits, one '.', an optional exponent)")
     try:
         value = Decimal(raw)
     except InvalidOperation:

@@ -30,6 +30,12 @@ def test_a_price_is_read_exactly(text: str, atomic: int) -> None:
         "NaN",
         "Infinity",
         "0.1.0",
+        "\u0663",  # ARABIC-INDIC DIGIT THREE: Decimal() reads it as 3
+        "\uff11",  # FULLWIDTH DIGIT ONE
+        "1_000",  # Decimal() reads it as 1000
+        "+1",
+        "0x10",
+        "1 0",
     ],
 )
 def test_a_price_that_is_not_a_whole_number_of_atomic_units_in_range_is_refused(text: str) -> None:
