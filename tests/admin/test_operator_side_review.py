@@ -162,3 +162,17 @@ def test_an_export_the_ledger_cannot_answer_is_a_503_not_a_broken_200(
         exports = [line for line in admin.audit() if line.get("path", "").startswith("/admin/payments.")]
         audited = [(line["path"], line["status"]) for line in exports]
         assert audited == [("/admin/payments.csv", 503), ("/admin/payments.jsonl", 503)]
+
+
+def test_the_dashboards_security_fields_stand_once_each(
+    base_chain: DevChain, tmp_path: Path, admin_env: LocalAccount
+) -> None:
+    """The page's own fields (its policy, nosniff, no-store) are not sent a second time beside the API's defaults:
+    a field twice is at best noise, and for some (a second policy) browsers combine the values."""
+    with running_admin(base_chain, sqlite_url(tmp_path), tmp_path, admin_env) as admin, admin.client(READ_TOKEN) as api:
+        page = api.get("/admin/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    names = [name.lower() for name, _ in page.headers.raw]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    assert repeated == []
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["cache-control"] == "no-store"

@@ -335,7 +335,9 @@ async def _send(send: Send, answer: Answer, *, unauthorized: bool) -> None:
     if unauthorized:
         headers.append((b"www-authenticate", b'Bearer realm="x402-gateway admin"'))
     if answer.page is not None:
-        headers = [*headers, *answer.headers, (b"content-length", str(len(answer.page)).encode())]
+        own = {name for name, _ in answer.headers}  # a page's own fields stand once, not beside ours
+        headers = [*(h for h in headers if h[0] not in own), *answer.headers]
+        headers.append((b"content-length", str(len(answer.page)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.page})
         return
