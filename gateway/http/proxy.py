@@ -2,7 +2,10 @@
 
 One keep-alive connection pool per proxy (:mod:`gateway.http.upstream`: asyncio protocols and the llhttp parser,
 about 3x less CPU per request than aiohttp, itself 4-8x httpx's throughput in this role, see docs/development.md).
-Nothing is buffered: the request body streams up, the response body streams down chunk by chunk.
+Little is buffered: a request body's first 64 KiB are read before a connection is taken (a chunked body that ends
+within them goes up with a Content-Length, which many upstreams need), the rest streams up; a paid answer declaring
+up to 1 MiB is read whole before its status line (docs/threat-model.md T11); any other answer streams down chunk by
+chunk.
 
 Guarantees (docs/threat-model.md T14-T16, T19): scheme, host and port come from the constructor only, the request adds a
 path (never above the base path) and a query; hop-by-hop, payment and client-sent forwarding headers never go upstream,
@@ -319,8 +322,12 @@ class UpstreamProxy:
         assert self._pool is not None
         try:
             if body is not None:  # a connection is taken only once there is something to send
-                body, whole = await _prefetch(body)
+                body, whole, size = await _prefetch(body)
                 lease.uploading = not whole
+                if whole and length is None:
+                    # A chunked body that is all here goes up with its length: many upstreams (uWSGI, PHP-FPM,
+                    # HTTP/1.0 servers) take no chunked request body, and would work on an empty one or refuse it.
+                    length = size
             resp = await self._pool.request(method, target, headers, body, content_length=length, lease=lease)
             try:
                 held = await _whole_body(resp) if lease.paid and method != "HEAD" else None
@@ -497,18 +504,19 @@ async def _whole_body(resp: UpstreamResponse) -> list[bytes] | None:
     return parts
 
 
-async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool]:
-    """Read up to :data:`PREFETCH_BYTES` of ``body``; the same body to send, and whether it is all there."""
+async def _prefetch(body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], bool, int]:
+    """Read up to :data:`PREFETCH_BYTES` of ``body``; the same body to send, whether it is all there, and the
+    bytes read."""
     parts: list[bytes] = []
     size = 0
     while size < PREFETCH_BYTES:
         try:
             chunk = await anext(body)
         except StopAsyncIteration:
-            return _replay(parts, None), True
+            return _replay(parts, None), True, size
         parts.append(chunk)
         size += len(chunk)
-    return _replay(parts, body), False
+    return _replay(parts, body), False, size
 
 
 async def _replay(parts: list[bytes], rest: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:

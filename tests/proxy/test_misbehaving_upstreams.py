@@ -537,3 +537,57 @@ def test_a_paid_stream_the_client_left_stops_holding_its_upstream_connection(
     assert charged(gw, payer) == PRICE  # the status line was relayed: settled, as for any hang-up after it
     upstream.reset(answer(OK))
     assert gw.get("/free/after").body == b"the content."  # the one upstream connection is free again
+
+
+# --- upstreams that take no chunked request body -----------------------------------------------------------------
+
+
+def length_only(request: bytes) -> bytes:
+    """What an upstream that takes no chunked request body (uWSGI, PHP-FPM, an HTTP/1.0 server) answers: 411 to a
+    chunked body, else 200 with the body it read."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        return b"HTTP/1.1 411 Length Required\r\ncontent-length: 0\r\n\r\n"
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_a_small_chunked_upload_reaches_an_upstream_that_takes_only_lengths_and_is_paid_for_once(
+    gw: Gateway, upstream: RawUpstream
+) -> None:
+    """Failed before: a chunked request body (curl -T -, a fetch() with a stream, Node's http) went up chunked, and an
+    upstream that takes none refused it (411) or read an empty body. A body that ends within the first 64 KiB the
+    gateway reads before it takes a connection now goes up with its Content-Length, the same bytes."""
+
+    async def script(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(length_only(request))
+        await writer.drain()
+        return True
+
+    upstream.reset(script)
+    payer = gw.chain.new_payer(1_000_000)
+    challenge = httpx.post(gw.url + "/paid", timeout=10)
+    assert challenge.status_code == 402
+    name, value = sign_exact_payment(payer, choose_requirement(parse_challenge(challenge.headers, challenge.content)))
+    body = b'{"prompt": "hello"}' * 100
+
+    def chunked(path: str, extra: str = "") -> tuple[int, bytes]:
+        host, port = gw.url.removeprefix("http://").split(":")
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:700], body[700:]))
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: gw.test\r\n{extra}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=4 * READ_TIMEOUT) as sock:
+            sock.sendall(head.encode() + chunks + b"0\r\n\r\n")
+            raw = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := sock.recv(65536):
+                    raw += data
+        status = int(raw.split(b" ", 2)[1])
+        return status, raw.partition(b"\r\n\r\n")[2]
+
+    assert chunked("/free/upload") == (200, body)
+    status, answered = chunked("/paid", f"{name}: {value}\r\n")
+    assert (status, answered) == (200, body)
+    assert charged(gw, payer) == PAID_PRICE
+    sent = upstream.requests[-1].lower()
+    assert b"content-length: %d\r\n" % len(body) in sent and b"transfer-encoding" not in sent
