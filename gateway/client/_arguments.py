@@ -55,7 +55,9 @@ def add_client_commands(sub: Any) -> None:
     prompt = sub.add_parser("prompt", parents=[common], help="pay, submit a prompt, show its progress and answer")
     prompt.add_argument("text", help="the prompt")
     prompt.add_argument("--thread", metavar="ID", help="continue this thread (style agent)")
-    prompt.add_argument("--user-id", metavar="ID", help="userId (style messaging; default: the wallet address)")
+    prompt.add_argument(
+        "--user-id", metavar="ID", help="userId (style messaging; default: a UUID derived from the wallet address)"
+    )
     prompt.add_argument("--no-wait", action="store_true", help="submit only: print the job id and exit")
     prompt.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
     prompt.add_argument("--timeout", type=float, default=300.0, help="give up waiting after this (default 300)")

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import inspect
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -75,7 +76,8 @@ class AsyncX402Client(PayingClient):
     * ``style`` / ``paths``: the job API (``"agent"``: ``/agent/prompt``…, ``"messaging"``:
       ``/api/messaging/jobs``…), or explicit :class:`JobPaths`.
     * ``tokens``: where job access tokens are kept (:class:`MemoryTokenStore` by default); ``token_header``: the
-      submit's token header; ``user_id``: style B's ``userId`` (default: the wallet address).
+      submit's token header; ``user_id``: style B's ``userId`` (default: a UUID derived from the wallet address,
+      the same for every job of that wallet: seed 004's API types ``userId`` as a UUID).
     * ``transport``: an httpx transport (tests: ``httpx.MockTransport``).
     """
 
@@ -162,7 +164,7 @@ class AsyncX402Client(PayingClient):
             if thread_id is not None:
                 body["threadId"] = thread_id
         else:
-            who = user_id or self.user_id or (self.account.address.lower() if self.account else "x402-client")
+            who = user_id or self.user_id or wallet_user_id(self.account)
             body = {"userId": who, "content": text}
             if agent_id is not None:
                 body["agentId"] = agent_id
@@ -419,6 +421,14 @@ class AsyncX402Client(PayingClient):
                 return exc
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def wallet_user_id(account: LocalAccount | None) -> str:
+    """Style B's default ``userId``: a UUID (seed 004's API types it ``UUID``, and one that checks refuses an
+    address), derived from the wallet's address so that every job of a wallet names the same user."""
+    if account is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "x402-gateway:wallet:" + account.address.lower()))
 
 
 def _no_such_call(response: httpx.Response) -> bool:

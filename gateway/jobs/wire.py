@@ -20,6 +20,7 @@ counts include ``cancelled``.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -36,6 +37,9 @@ MAX_CONTENT_CHARS = 50_000  # style B
 MAX_METADATA_BYTES = 10_000
 MAX_ID_CHARS = 200
 MIN_TIMEOUT_MS = 1_000
+# Style B's agentId when the submit names none: seed 004 types it as a UUID that is always there (the reference
+# "uses the first agent"), and the runner's one agent is its upstream. Also the result message's authorId.
+RUNNER_AGENT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "x402-gateway:jobs-runner-agent"))
 
 
 class WireError(Exception):
@@ -175,7 +179,7 @@ def messaging_details(job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {
         "jobId": job.job_id,
         "status": shown_status("messaging", job),
-        "agentId": job.agent_id,
+        "agentId": job.agent_id or RUNNER_AGENT_ID,
         "userId": job.user_id,
         "prompt": job.prompt,
         "createdAt": job.created_at,
@@ -185,7 +189,7 @@ def messaging_details(job: Job) -> dict[str, Any]:
         message: dict[str, Any] = {
             "id": job.result_id,
             "content": job.response or "",
-            "authorId": job.agent_id or "agent",
+            "authorId": job.agent_id or RUNNER_AGENT_ID,
             "createdAt": job.completed_at,
         }
         if job.result_metadata:
@@ -288,7 +292,7 @@ def parse_submit(style: Style, body: bytes, *, default_timeout_ms: int, max_time
             raise invalid("prompt is required and must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise WireError(400, "Prompt too long", f"Prompt must be at most {MAX_PROMPT_CHARS:,} characters")
-        return NewJob(prompt=prompt, timeout_ms=timeout_ms, thread_id=_optional_id(doc, "threadId"))
+        return _storable(NewJob(prompt=prompt, timeout_ms=timeout_ms, thread_id=_optional_id(doc, "threadId")))
     user_id, content = doc.get("userId"), doc.get("content")
     if not isinstance(user_id, str) or not user_id or not isinstance(content, str) or not content:
         raise invalid("Required fields: userId, content")
@@ -300,12 +304,43 @@ def parse_submit(style: Style, body: bytes, *, default_timeout_ms: int, max_time
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise invalid("metadata must be a JSON object")
-        if len(json.dumps(metadata, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+        # Bytes of the JSON as UTF-8 (as the client sent it), not of Python's \uXXXX escapes of every non-ASCII
+        # character, which would count an "é" as 6 bytes.
+        if len(_utf8("metadata", json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))) > MAX_METADATA_BYTES:
             raise invalid(f"metadata must be at most {MAX_METADATA_BYTES:,} bytes of JSON")
-    return NewJob(
-        prompt=content,
-        timeout_ms=timeout_ms,
-        user_id=user_id,
-        agent_id=_optional_id(doc, "agentId"),
-        metadata=metadata,
+    return _storable(
+        NewJob(
+            prompt=content,
+            timeout_ms=timeout_ms,
+            user_id=user_id,
+            agent_id=_optional_id(doc, "agentId"),
+            metadata=metadata,
+        )
     )
+
+
+def _utf8(name: str, text: str) -> bytes:
+    """``text`` as UTF-8; a 400 if it holds an unpaired surrogate. JSON lets a client escape one (``"\\ud83d"``:
+    a JavaScript client that cut a prompt at 10,000 UTF-16 units may split an emoji so), Python decodes it, and
+    no store, upstream or answer can encode it: it must be refused here, before the payment settles, not found
+    once the job is being recorded."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(
+            f"{name} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff, e.g. half of an emoji): "
+            "send valid Unicode text"
+        ) from None
+
+
+def _storable(new: NewJob) -> NewJob:
+    """``new`` if every text it keeps (and shows, and sends upstream) is valid Unicode, else a 400 (:func:`_utf8`)."""
+    for name, text in (
+        ("prompt" if new.user_id is None else "content", new.prompt),
+        ("threadId", new.thread_id),
+        ("userId", new.user_id),
+        ("agentId", new.agent_id),
+    ):
+        if text is not None:
+            _utf8(name, text)
+    return new  # metadata: checked with its size
