@@ -21,6 +21,9 @@ _AUTH_TYPEHASH = keccak(
     b"TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,"
     b"bytes32 nonce)"
 )
+# ERC-1271: a contract approves a signature by returning isValidSignature's own selector as a bytes4, i.e. one ABI
+# word holding the selector followed by 28 zero bytes.
+_ERC1271_APPROVED = keccak(b"isValidSignature(bytes32,bytes)")[:4] + bytes(28)
 
 
 def word(n: int) -> bytes:
@@ -85,3 +88,11 @@ def recover_signer(digest: bytes, signature: bytes) -> str | None:
     except (ValueError, Exception):  # coincurve raises a bare Exception for an unrecoverable point
         return None
     return "0x" + keccak(public.format(compressed=False)[1:])[-20:].hex()
+
+
+def erc1271_approves(answer: bytes) -> bool:
+    """Whether ``answer``, what an ``isValidSignature`` call returned, approves the signature: its first word is the
+    magic value, zero-padded, as the USDC contract's ``SignatureChecker`` (and OpenZeppelin's) compare it. Comparing
+    only the first four bytes would take the answer of a contract whose fallback echoes its call (the call starts
+    with the same selector) for an approval no contract gave."""
+    return len(answer) >= 32 and answer[:32] == _ERC1271_APPROVED

@@ -17,7 +17,7 @@ from gateway.errors import ChainUnavailable, PaymentRequired
 from gateway.schemes.exact.check import SignatureKind
 from gateway.x402 import reasons
 from gateway.x402.challenge import Requirement
-from gateway.x402.eip712 import authorization_digest, split_signature
+from gateway.x402.eip712 import authorization_digest, erc1271_approves, split_signature
 from gateway.x402.payload import Authorization, ExactPayment
 
 
@@ -36,6 +36,14 @@ def settlement_calldata(payment: ExactPayment) -> bytes:
         v, r, s = parts
         return abi.TRANSFER_WITH_AUTHORIZATION_VRS.encode(*args, v, r, s)
     return abi.TRANSFER_WITH_AUTHORIZATION_BYTES.encode(*args, payment.signature)
+
+
+def _hex_bytes(text: str) -> bytes:
+    """The bytes of an RPC's 0x-hex answer (empty when it is not hex)."""
+    try:
+        return bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        return b""
 
 
 def _word_bool(result: Any) -> bool:
@@ -89,8 +97,7 @@ async def preflight_exact(
         raise ChainUnavailable(f"network {rpc.name}: the USDC contract did not answer a view call")
     if kind is SignatureKind.CONTRACT:
         verdict = results[-1]
-        magic_ok = isinstance(verdict, str) and verdict[2:10].lower() == abi.ERC1271_MAGIC.hex()
-        if not magic_ok:
+        if not (isinstance(verdict, str) and erc1271_approves(_hex_bytes(verdict))):
             raise PaymentRequired("the signature is not by the payer", reason=reasons.INVALID_SIGNATURE)
     if _word_bool(state):
         return Preflight(gas=0, nonce_used=True)

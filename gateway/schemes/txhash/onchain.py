@@ -14,6 +14,7 @@ from gateway.config import PaymentConfig
 from gateway.errors import ChainUnavailable, PaymentRequired
 from gateway.schemes.txhash.check import FoundTransfer
 from gateway.x402 import reasons
+from gateway.x402.eip712 import erc1271_approves
 
 
 def receipt_view(receipt: Any) -> Any:
@@ -60,7 +61,7 @@ async def contract_vouches(rpc: ChainRpc, address: str, digest: bytes, signature
         out = await rpc.eth_call(address, abi.IS_VALID_SIGNATURE.encode(digest, signature))
     except RpcError:
         return False
-    return out[:4] == abi.ERC1271_MAGIC
+    return erc1271_approves(out)
 
 
 async def check_final_and_fresh(
