@@ -44,6 +44,15 @@ class Network:
     settlement_lost: list[Callable[[str, str], None]] = field(default_factory=list)
     # Called with (network, channel id) while a session deposit is off the chain (a reorg), and when it is lost.
     deposit_gone: list[Callable[[str, str], Awaitable[None]]] = field(default_factory=list)
+    # Whether an address is a relayer of the deployment (every gateway sharing the store): the engine's registry
+    # (gateway/engine/relayers.py); None: this network's own relayer only.
+    deployment_relayers: Callable[[str], Awaitable[bool]] | None = None
+
+    async def settled_by_us(self, sender: str) -> bool:
+        """Whether a transaction from ``sender`` settled a payment a gateway of this deployment collected."""
+        if self.deployment_relayers is not None:
+            return await self.deployment_relayers(sender)
+        return self.relayer is not None and sender.lower() == self.relayer.address.lower()
 
     def track_settlement(self, key: str, asset: str, calldata: bytes, valid_before: int, tx_hash: str) -> None:
         """A local settlement was confirmed and its request is served: watch it until final (T28). Never waits."""

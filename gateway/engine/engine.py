@@ -25,6 +25,7 @@ from gateway.engine.claim import Claims, PaidRequest
 from gateway.engine.claimer import Claimer
 from gateway.engine.deferred import DeferredOutcomes
 from gateway.engine.identity import StoreIdentity
+from gateway.engine.relayers import DeploymentRelayers
 from gateway.engine.sessions import SessionRequest, Sessions
 from gateway.errors import PaymentRequired, Resynchronise
 from gateway.routes import RouteTable
@@ -34,7 +35,7 @@ from gateway.schemes.batch.check import session_requirements
 from gateway.schemes.batch.scheme import BatchSettlementScheme
 from gateway.schemes.prices import EarlierPrice
 from gateway.storage.channels import open_channel_store
-from gateway.storage.receipts import ReceiptStore
+from gateway.storage.receipts import ClaimState, ReceiptStore
 from gateway.storage.settlements import open_settlement_journal
 from gateway.tasks import stop
 from gateway.x402 import reasons
@@ -60,6 +61,11 @@ class PaymentEngine:
         lease = max(config.store.lease_seconds, pay.settle_timeout + config.upstream.read_timeout + 30.0)
         self.claims = Claims(store, lease, DeferredOutcomes())
         self.identity = StoreIdentity(store, config.store.identity_file)
+        # Every instance sharing the store records its relayers there: a peer's settlement is never a third party's.
+        self.relayers = DeploymentRelayers(store, {n.relayer.address for n in self.networks.values() if n.relayer})
+        for net in self.networks.values():
+            net.deployment_relayers = self.relayers.settled_by_us
+        self._store_may_forget = store.may_forget
         self._watch: asyncio.Task[None] | None = None
         # Sessions (batch-settlement channels) when a route offers them: a channel store beside the receipts.
         self.sessions: Sessions | None = None
@@ -127,6 +133,7 @@ class PaymentEngine:
 
     async def _beat(self) -> None:
         await self.store.heartbeat(self.claims.instance, now=time.time(), ttl=self.config.store.heartbeat_seconds)
+        await self.relayers.register()
 
     async def _watch_store(self) -> None:
         """Every third of ``store.heartbeat_seconds``: prove this process alive (docs/threat-model.md T31) and
@@ -207,6 +214,12 @@ class PaymentEngine:
         record = await self.claims.claim(key, owner, now=now, expires_at=expires_at)
         paid = PaidRequest(self.claims, scheme, payment, key, owner, expires_at)
         try:
+            if self._store_may_forget and record.state is ClaimState.PENDING and not record.resumed:
+                # A fresh claim: new money, or money a store that restarted empty has forgotten. The heartbeat's
+                # identity check would notice that only at its next beat; a payment presented again in between
+                # must not be taken for new (docs/threat-model.md T30).
+                await self.identity.check()
+                self.identity.require()
             await scheme.confirm(paid, record, now=now)
         except Exception:
             await paid.release_quietly()

@@ -220,19 +220,19 @@ class ExactScheme:
     async def _paid_by_someone_else(self, claim: ExactClaim) -> bool:
         """Was this authorization already executed to us? Then the money arrived and the payment counts, once.
 
-        Not when this gateway's own relayer executed it in a transaction this claim does not know, and the claim
-        is new (not taken over from an earlier owner of the same record): then an earlier claim collected it, and
-        only a lost or expired record could make it look new
-        (docs/threat-model.md T27, T30). Not when the execution is older than a transfer may be to pay: its
-        effect key may no longer be kept."""
+        Not when a relayer of this deployment (this gateway's, or a peer's sharing the store) executed it in a
+        transaction this claim does not know, and the claim is new (not taken over from an earlier owner of the same
+        record): then an earlier claim collected it, and only a lost or expired record could make it look new
+        (docs/threat-model.md T27, T30; gateway/engine/relayers.py). Not when the execution is older than a transfer
+        may be to pay: its effect key may no longer be kept."""
         attempt = claim.payment
         req, auth = attempt.requirement, attempt.authorization.authorization
         net = self.networks[req.network]
         prior = await find_prior_settlement(net.rpc, req, auth)
         if prior is None:
             return False
-        own = net.relayer.address.lower() if net.relayer is not None else None
-        if prior.sender == own and prior.tx_hash != (attempt.own_tx or "").lower() and not attempt.resumed:
+        mine = prior.tx_hash == (attempt.own_tx or "").lower() or attempt.resumed
+        if not mine and await net.settled_by_us(prior.sender):  # (a peer instance's relayer too)
             log.warning(
                 "an authorization this gateway settled before was presented again", extra={"tx_hash": prior.tx_hash}
             )

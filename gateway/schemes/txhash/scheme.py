@@ -109,10 +109,10 @@ class TxHashScheme:
         # A binding that is sent must be the sender's, on every route (T3).
         if proof.binding is not None:
             await self._check_binding(net, payment, proof.binding, found)
-        if net.relayer is not None and str(receipt.get("from", "")).lower() == net.relayer.address.lower():
-            # A transfer our own relayer sent is an ``exact`` settlement this gateway already collected (a payer's
-            # proof is a transfer the payer sent): it never pays again, even if its records were lost
-            # (docs/threat-model.md T26, T30).
+        if await net.settled_by_us(str(receipt.get("from", ""))):
+            # A transfer a relayer of this deployment sent is an ``exact`` settlement a gateway of it already
+            # collected (a payer's proof is a transfer the payer sent): it never pays again, even if its records
+            # were lost (docs/threat-model.md T26, T30; gateway/engine/relayers.py).
             raise PaymentReplayed("this transfer settled a payment this gateway already collected")
         if found.payer in _SESSION_CONTRACTS:
             # A sweep of session charges to pay_to (anyone may call ``settle``): money collected as sessions, never

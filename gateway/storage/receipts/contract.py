@@ -28,6 +28,7 @@ cannot tell a first presentation from a replay.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -68,6 +69,10 @@ def link_owner(key: str, owner: str) -> str:
 @runtime_checkable
 class ReceiptStore(Protocol):
     """Atomic claims on payments. Every method raises ``StoreUnavailable`` when the backend cannot answer."""
+
+    # Whether the store can lose its records under a running gateway (a Redis restarted empty, or failed over to a
+    # replica without the last writes); an open SQLite file cannot (docs/threat-model.md T30).
+    may_forget: bool
 
     async def claim(
         self,
@@ -158,6 +163,14 @@ class ReceiptStore(Protocol):
 
     async def alive(self, instance: str, *, now: float) -> bool:
         """Whether ``instance`` proved it is alive recently (its last heartbeat has not lapsed)."""
+        ...
+
+    async def add_relayers(self, addresses: Iterable[str]) -> None:
+        """Record ``addresses`` (lowercase) as relayers of the gateways sharing this store (never removed)."""
+        ...
+
+    async def relayers(self) -> frozenset[str]:
+        """Every relayer address recorded by :meth:`add_relayers` (gateway/engine/relayers.py)."""
         ...
 
     async def ping(self) -> None:

@@ -22,6 +22,7 @@ transitions are idempotent for the owner that holds the claim.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 from redis.commands.core import AsyncScript
@@ -225,6 +226,8 @@ def _opt(value: float | None) -> str:
 class RedisReceiptStore(RedisStore):
     """:class:`gateway.storage.receipts.ReceiptStore` on Redis (see the module docstring)."""
 
+    may_forget = True  # restarted empty, or failed over without the last writes (see ReceiptStore)
+
     WHAT = "receipt store"
     PREFIX = PREFIX
     CLUSTER_PREFIX = CLUSTER_PREFIX
@@ -410,6 +413,17 @@ class RedisReceiptStore(RedisStore):
             await self._client.redis.set(key, value, nx=only_if_absent)
             stored = await self._client.redis.get(key)
         return str(stored) if stored is not None else value
+
+    async def add_relayers(self, addresses: Iterable[str]) -> None:
+        members = [address.lower() for address in addresses]
+        if members:
+            with self._client.guard():
+                await self._client.redis.sadd(f"{self._prefix}meta:relayers", *members)
+
+    async def relayers(self) -> frozenset[str]:
+        with self._client.guard():
+            members = await self._client.redis.smembers(f"{self._prefix}meta:relayers")
+        return frozenset(str(m) for m in members)
 
     async def heartbeat(self, instance: str, *, now: float, ttl: float) -> None:
         # Liveness only: the Redis server's own clock expires it, which is all a heartbeat needs.

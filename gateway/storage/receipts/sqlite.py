@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Iterable
 
 from gateway.errors import PaymentInFlight, PaymentReplayed, StoreUnavailable
 from gateway.storage.liveness import ProcessLocks
@@ -99,6 +100,8 @@ def _later(a: float | None, b: float | None) -> float | None:
 
 class SQLiteReceiptStore:
     """:class:`gateway.storage.receipts.ReceiptStore` on one SQLite file (see the module docstring)."""
+
+    may_forget = False  # an open file keeps its rows (see ReceiptStore)
 
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self._db = SQLiteFile(
@@ -271,6 +274,19 @@ class SQLiteReceiptStore:
 
     async def identity(self) -> str | None:
         return await self._db.run(self._identity)
+
+    async def add_relayers(self, addresses: Iterable[str]) -> None:
+        rows = [(f"relayer:{address.lower()}",) for address in addresses]
+        await self._db.run(
+            self._db.transaction,
+            lambda conn: conn.executemany("INSERT OR IGNORE INTO meta (name, value) VALUES (?, '1')", rows),
+        )
+
+    async def relayers(self) -> frozenset[str]:
+        rows = await self._db.read(
+            lambda conn: conn.execute("SELECT name FROM meta WHERE name LIKE 'relayer:%'").fetchall()
+        )
+        return frozenset(str(name).removeprefix("relayer:") for (name,) in rows)
 
     async def set_identity(self, value: str, *, only_if_absent: bool) -> str:
         return await self._db.run(self._set_identity, value, only_if_absent)
