@@ -129,6 +129,7 @@ class Gateway:
                 max_body_bytes=server.max_body_bytes,
                 max_stored_body_bytes=idem.max_stored_body_bytes,
                 body_read_timeout=server.body_read_timeout,
+                secret_headers=(config.jobs.token_header,) if config.jobs is not None else (),
             )
             paid = self.idempotency
         self._app: ASGIApp = self.jobs.outer(paid) if self.jobs else paid

@@ -150,17 +150,20 @@ def fingerprint(scope: Scope, body: bytes) -> str:
     )
 
 
-def _storable_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _storable_headers(
+    headers: Iterable[tuple[bytes, bytes]], not_stored: frozenset[bytes] = _NOT_STORED
+) -> list[tuple[bytes, bytes]]:
     pairs = [(bytes(k).lower(), bytes(v)) for k, v in headers]
     listed = {t.strip() for k, v in pairs if k == b"connection" for t in v.lower().split(b",")}
-    return [(k, v) for k, v in pairs if k not in _NOT_STORED and k not in listed]
+    return [(k, v) for k, v in pairs if k not in not_stored and k not in listed]
 
 
 class _Capture:
     """The inner app's answer as it passes: status, headers, and as much body as may be stored."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, not_stored: frozenset[bytes] = _NOT_STORED) -> None:
         self.limit = limit
+        self.not_stored = not_stored
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
@@ -172,7 +175,7 @@ class _Capture:
         kind = message["type"]
         if kind == "http.response.start" and self.status is None:
             self.status = int(message["status"])
-            self.headers = _storable_headers(message.get("headers", ()))
+            self.headers = _storable_headers(message.get("headers", ()), self.not_stored)
             if self.status >= 400 or message.get("trailers", False):
                 self.storable = False
         elif kind == "http.response.body" and self.status is not None and not self.complete:
@@ -212,6 +215,7 @@ class IdempotencyLayer:
         max_body_bytes: int = _SERVER.max_body_bytes,
         max_stored_body_bytes: int = _IDEMPOTENCY.max_stored_body_bytes,
         body_read_timeout: float = _SERVER.body_read_timeout,
+        secret_headers: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl <= 0 or lease <= 0 or max_body_bytes < 0 or max_stored_body_bytes < 0 or body_read_timeout <= 0:
@@ -224,6 +228,9 @@ class IdempotencyLayer:
         self.max_body_bytes = max_body_bytes
         self.max_stored_body_bytes = max_stored_body_bytes
         self.body_read_timeout = body_read_timeout
+        # Answer fields that are credentials (a job's access token): never written to the store, so a replayed
+        # answer goes without them (docs/jobs.md, "Payer auth").
+        self.not_stored = _NOT_STORED | {name.lower().encode("latin-1") for name in secret_headers}
         self.clock = clock
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -328,7 +335,7 @@ class IdempotencyLayer:
         await send({"type": "http.response.body", "body": stored.body, "more_body": False})
 
     async def _serve(self, scope: Scope, body: bytes, rkey: str, owner: str, receive: Receive, send: Send) -> None:
-        capture = _Capture(self.max_stored_body_bytes)
+        capture = _Capture(self.max_stored_body_bytes, self.not_stored)
         release = asyncio.Event()  # set: tell the inner app the client is gone
         gone = False
         body_given = False

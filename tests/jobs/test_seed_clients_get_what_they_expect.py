@@ -6,6 +6,8 @@ get."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -163,3 +165,42 @@ async def test_the_sdks_default_style_b_user_id_is_a_uuid_the_same_for_every_job
     assert second.user_id == first.user_id
     sent = [json.loads(call.body)["userId"] for call in agent.calls]
     assert sent == [first.user_id, first.user_id]
+
+
+def test_a_job_token_is_never_kept_by_the_idempotency_store_and_its_replay_opens_with_the_wallet(
+    base_chain: DevChain, tmp_path: Path
+) -> None:
+    """Failed before: the submit's answer, its X-Job-Token among its headers, was kept whole for 24 h in the
+    idempotency store (the SDK sends an Idempotency-Key with every submit), where docs/jobs.md promises that only
+    the token's SHA-256 is stored. Now the token header is not stored; the replayed answer has none, and the
+    payer opens the job with its wallet signature."""
+    store_url = sqlite_url(tmp_path)
+    payer = base_chain.new_payer(1_000_000)
+    body = json.dumps({"prompt": "price of ETH"})
+    with (
+        jobs_gateway(base_chain, store_url=store_url, upstream=SlowAgent(), mode="runner", style="agent") as gw,
+        gw.client() as c,
+    ):
+        keyed = {**JSON, "Idempotency-Key": "submit-" + uuid.uuid4().hex}
+        first = c.post("/agent/prompt", content=body, headers=keyed)
+        name, value = gw.sign(payer, first)
+        paid = {**keyed, name: value}
+        submitted = c.post("/agent/prompt", content=body, headers=paid)
+        assert submitted.status_code == 202, submitted.text
+        token = submitted.headers["x-job-token"]
+        job_id = submitted.json()["jobId"]
+        for _ in range(50):  # the answer is stored once it has gone out: until then, 409 and Retry-After
+            replayed = c.post("/agent/prompt", content=body, headers=paid)
+            if replayed.status_code != 409:
+                break
+            time.sleep(0.1)
+        assert replayed.headers.get("idempotent-replayed") == "true", replayed.text
+        assert replayed.json()["jobId"] == job_id and "x-job-token" not in replayed.headers
+        status = c.get(STATUS["agent"].format(job_id), headers=signed(payer, "GET", STATUS["agent"].format(job_id)))
+        assert status.status_code == 200, status.text
+    path = store_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        kept = b"".join(str(row).encode() for table in tables for row in conn.execute(f"SELECT * FROM {table}"))
+    assert b"content-type" in kept  # the answer was stored (the check below is not vacuous)
+    assert token.encode() not in kept
