@@ -21,8 +21,14 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, the encoding every x402 implementation produces and expects."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON, the encoding every x402 implementation produces and expects. A string holding an
+    unpaired UTF-16 surrogate (which JSON read from the other side may escape, ``"\\ud83d"``: half an emoji) has
+    no UTF-8 form: such a document is written with ``\\u`` escapes instead, valid JSON that reads back the same."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def encode_header(obj: Any) -> str:

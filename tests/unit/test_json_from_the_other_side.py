@@ -110,3 +110,14 @@ def test_what_the_sdk_reads_goes_through_the_bounded_reader() -> None:
     deep = httpx.Response(402, content=b"[" * (MAX_NESTING + 1) + b"]" * (MAX_NESTING + 1))
     assert json_doc(deep) is None
     assert json_doc(httpx.Response(402, content=b'{"error": "x"}')) == {"error": "x"}
+
+
+def test_a_document_holding_an_unpaired_surrogate_is_written_as_json_that_reads_back_the_same() -> None:
+    # JSON lets the other side escape half an emoji; Python reads it, and writing it as UTF-8 raised (a 500 in
+    # whatever answer echoed it).
+    from gateway.x402.codec import dumps
+
+    doc = loads(b'{"prompt": "price of ETH \\ud83d", "ok": "caf\\u00e9"}')
+    written = dumps(doc)
+    assert loads(written) == doc
+    assert dumps({"ok": "café"}) == '{"ok":"café"}'.encode()  # UTF-8 as before when it can be
