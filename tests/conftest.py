@@ -65,6 +65,15 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL, once per backend: a SQLite file of this test's, or the session Redis, flushed for it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'receipts.db'}"  # as tests.support.gateway.sqlite_url
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
 # --------------------------------------------------------------------------------------------------------- chains
 
 

@@ -28,20 +28,12 @@ from gateway.dev.chain import DevChain
 from gateway.http.admin.app import AdminApp
 from gateway.http.admin.listener import serve_both
 from gateway.http.app import Gateway, build_app
-from tests.support.gateway import GatewayUnderTest, gateway_config, network_name, sqlite_url
+from tests.support.gateway import GatewayUnderTest, gateway_config, network_name
 from tests.support.servers import RecordingUpstream, ThreadedServer, serve_asgi, stop_server_thread
 
 READ_TOKEN = "read-token-" + "r" * 24
 WRITE_TOKEN = "write-token-" + "w" * 24
 TOKENS = [{"env": "TEST_ADMIN_READ", "access": "read"}, {"env": "TEST_ADMIN_WRITE", "access": "write"}]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
 
 
 @pytest.fixture

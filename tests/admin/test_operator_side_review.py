@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 from eth_account.signers.local import LocalAccount
 
 from gateway.dev.chain import DevChain, RedisServer
@@ -23,14 +22,6 @@ from tests.admin.conftest import READ_TOKEN, running_admin
 from tests.support.gateway import sqlite_url
 
 # ------------------------------------------------------------------------------------------- store acknowledge
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def receipt_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
 
 
 async def _wipe(url: str, store: ReceiptStore) -> None:
@@ -76,15 +67,15 @@ async def _stores(url: str, n: int) -> AsyncIterator[list[ReceiptStore]]:
 
 
 async def test_two_operators_acknowledging_one_loss_at_once_leave_the_gateways_taking_payments(
-    receipt_store_url: str,
+    store_url: str,
 ) -> None:
     """Two operators run ``store acknowledge`` at the same moment: both read ``lost:<marker>``, then both write. A
     gateway whose heartbeat came round between the two writes took the first one; the second must not read to it as
     another loss (503 ``store_identity_lost`` on every instance until someone acknowledges once more)."""
-    async with _stores(receipt_store_url, 3) as (gateway_conn, first_conn, second_conn):
+    async with _stores(store_url, 3) as (gateway_conn, first_conn, second_conn):
         gateway = StoreIdentity(gateway_conn, None)
         await gateway.start()
-        await _wipe(receipt_store_url, gateway_conn)
+        await _wipe(store_url, gateway_conn)
         await gateway.check()
         assert gateway.lost and (await gateway_conn.identity() or "").startswith(LOST)
 
@@ -106,15 +97,15 @@ async def test_two_operators_acknowledging_one_loss_at_once_leave_the_gateways_t
         assert marker is not None and not marker.startswith(LOST)
 
 
-async def test_a_gateway_that_never_saw_the_loss_marked_takes_its_acknowledgement(receipt_store_url: str) -> None:
+async def test_a_gateway_that_never_saw_the_loss_marked_takes_its_acknowledgement(store_url: str) -> None:
     """Gateway one's heartbeat marks the loss and an operator acknowledges it before gateway two's heartbeat comes
     round (heartbeats are 15 s apart by default). Gateway two then finds a marker it never saw, where its own was:
     the acknowledgement of the loss of its own marker, not another loss that takes every instance down again."""
-    async with _stores(receipt_store_url, 3) as (one_conn, two_conn, operator):
+    async with _stores(store_url, 3) as (one_conn, two_conn, operator):
         one, two = StoreIdentity(one_conn, None), StoreIdentity(two_conn, None)
         await one.start()
         await two.start()
-        await _wipe(receipt_store_url, one_conn)
+        await _wipe(store_url, one_conn)
         await one.check()  # marks the loss
         assert one.lost
         before, after = await acknowledge(operator)
@@ -127,10 +118,10 @@ async def test_a_gateway_that_never_saw_the_loss_marked_takes_its_acknowledgemen
         assert await operator.identity() == after
 
 
-async def test_acknowledging_a_store_already_acknowledged_changes_nothing(receipt_store_url: str) -> None:
+async def test_acknowledging_a_store_already_acknowledged_changes_nothing(store_url: str) -> None:
     """``acknowledge`` itself (not only the CLI around it) leaves a healthy marker alone: whoever calls it late, the
     gateways that took the first acknowledgement keep taking payments."""
-    async with _stores(receipt_store_url, 2) as (gateway_conn, operator):
+    async with _stores(store_url, 2) as (gateway_conn, operator):
         gateway = StoreIdentity(gateway_conn, None)
         await gateway.start()
         healthy = await operator.identity()

@@ -17,7 +17,6 @@ from gateway.config import Secret
 from gateway.dev.chain import DevChain, set_eth_balance
 from gateway.storage.settlements import SettlementJournal, SQLiteSettlementJournal, open_settlement_journal
 from tests.chain.test_reorged_settlements import Rig
-from tests.support.gateway import sqlite_url
 
 
 @pytest.fixture
@@ -39,14 +38,6 @@ async def rig(chain: DevChain, tmp_path: Path) -> AsyncIterator[Rig]:
             yield Rig(chain, rpc, key, journal)
         finally:
             await journal.aclose()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +25,7 @@ from gateway.dev.contracts import deploy_contract
 from gateway.x402 import reasons
 from tests.e2e import craft
 from tests.e2e.helpers import Balances, assert_402, decode_payment, error_of, receipt_of
-from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
+from tests.support.gateway import GatewayUnderTest, running_gateway
 from tests.support.processes import funded_relayer_keys
 from tests.support.servers import raw_http
 from tests.txhash.helpers import TRANSFER_SELECTOR, erc20_transfer, key_of, new_tx_payer, proof
@@ -39,14 +38,6 @@ ROUTES: list[dict[str, Any]] = [
     {"route": "POST /paid-before", "price": "0.10", "settlement": "before", "tx_hash": True},
     {"route": "GET /item", "price": "0.10", "tx_hash": True},
 ]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 @pytest.fixture

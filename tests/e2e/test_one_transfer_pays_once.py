@@ -31,14 +31,6 @@ PRICE = 100_000
 THIRD_PARTY_KEY = DEV_KEYS[5]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 @pytest.fixture
 def gw(base_chain: DevChain, store_url: str) -> Iterator[GatewayUnderTest]:
     with running_gateway(base_chain, store_url=store_url) as gw:

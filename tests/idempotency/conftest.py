@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from gateway.dev.chain import DevChain
 from gateway.http.app import Gateway
-from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
+from tests.support.gateway import GatewayUnderTest, running_gateway
 
 PRICE = 100_000  # POST /paid and POST /paid-before (tests/support/gateway.py DEFAULT_ROUTES)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
 
 
 @contextlib.contextmanager

@@ -42,12 +42,3 @@ async def job_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 @pytest.fixture
 def job_store(job_backend: JobBackend) -> JobStore:
     return job_backend.make()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A receipt/job store URL, once per backend."""
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")
-    return url

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from x402.http.clients import x402HttpxClient
 
 from gateway.dev.chain import DevChain, RedisServer
@@ -38,14 +37,6 @@ ROUTES: list[dict[str, Any]] = [
     {"route": "POST /paid-before", "price": "0.10", "settlement": "before"},
     {"route": "GET /session", "price": "0.001", "schemes": ["exact", "batch-settlement"]},
 ]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
 
 
 def ledger_entries(url: str, query: LedgerQuery | None = None) -> list[LedgerEntry]:

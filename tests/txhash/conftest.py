@@ -12,14 +12,6 @@ from gateway.dev.chain import BASE_USDC, Anvil, DevChain, deploy_test_usdc, find
 from tests.support.gateway import GatewayUnderTest, running_gateway, sqlite_url
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    url: str = request.getfixturevalue("redis_url")  # the session redis-server, flushed for this test
-    return url
-
-
 @pytest.fixture
 def gw(base_chain: DevChain, tmp_path: Path) -> Iterator[GatewayUnderTest]:
     """A Base-only gateway with the default routes on a SQLite file."""
