@@ -144,8 +144,10 @@ class PaidRequest(Generic[P]):
             return self.tx_hash or ""
         try:
             return await self._scheme.settle(self, simulate_again=simulate_again)
-        except SettlementFailed as exc:
-            if exc.unknown:
+        except GatewayError as exc:
+            # Unknown outcome, or any fault of ours (the chain did not answer a re-check): this request ends with a
+            # 5xx, and a settlement hash it holds must not keep the payer's retry out for the claim's whole lease.
+            if exc.status >= 500 or (isinstance(exc, SettlementFailed) and exc.unknown):
                 await self.hand_over()
             raise
 
